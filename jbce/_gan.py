@@ -1,0 +1,62 @@
+"""GAN losses on discriminator logits (Goodfellow et al., 2014), via exact sigmoid BCE."""
+
+from __future__ import annotations
+
+import jax
+from jax.typing import ArrayLike
+
+from jbce._binary import sigmoid_binary_cross_entropy
+
+
+def discriminator_loss(real_logits: ArrayLike, fake_logits: ArrayLike) -> jax.Array:
+    r"""Discriminator loss: real samples labelled 1, generated samples labelled 0.
+
+    .. math::
+        L_D = \operatorname{mean}\, \mathrm{BCE}(x_\mathrm{real}, 1)
+            + \operatorname{mean}\, \mathrm{BCE}(x_\mathrm{fake}, 0)
+            = \operatorname{mean} \log(1 + e^{-x_\mathrm{real}})
+            + \operatorname{mean} \log(1 + e^{x_\mathrm{fake}})
+
+    Exact for any logit (no ``log(sigmoid)`` underflow) with finite gradients.
+
+    Args:
+      real_logits: discriminator logits on real data, any shape.
+      fake_logits: discriminator logits on generated data, any shape.
+
+    Returns:
+      A float32 scalar.
+
+    References:
+      Goodfellow et al., "Generative Adversarial Nets", NeurIPS 2014.
+
+    Example:
+      >>> import jax.numpy as jnp, jbce
+      >>> jbce.discriminator_loss(jnp.array([0.0]), jnp.array([0.0]))
+      Array(1.386294..., dtype=float32)
+    """
+    real = sigmoid_binary_cross_entropy(real_logits, 1.0)
+    fake = sigmoid_binary_cross_entropy(fake_logits, 0.0)
+    return real + fake
+
+
+def generator_loss(fake_logits: ArrayLike) -> jax.Array:
+    r"""Non-saturating generator loss: generated samples labelled 1.
+
+    .. math:: L_G = \operatorname{mean}\, \mathrm{BCE}(x_\mathrm{fake}, 1)
+                  = \operatorname{mean} \log(1 + e^{-x_\mathrm{fake}})
+
+    Its gradient stays large while the discriminator confidently rejects fakes, unlike
+    the saturating :math:`-\mathrm{BCE}(x_\mathrm{fake}, 0)`.
+
+    Args:
+      fake_logits: discriminator logits on generated data, any shape.
+
+    Returns:
+      A float32 scalar.
+
+    Example:
+      >>> import jax.numpy as jnp, jbce
+      >>> jbce.generator_loss(jnp.array([0.0]))
+      Array(0.693147..., dtype=float32)
+    """
+    return sigmoid_binary_cross_entropy(fake_logits, 1.0)

@@ -1,0 +1,416 @@
+"""Softmax cross-entropy with probability targets and with integer class labels.
+
+Both losses reduce the logits to a few per-example statistics inside a
+``jax.custom_vjp`` whose only residuals are the logits (in their own dtype) and one
+log-sum-exp per example; softmax probabilities are recomputed in the backward pass.
+Options (smoothing, z-loss, class weights, reductions) are assembled from those
+statistics in plain ``jnp``, so they differentiate for free and the fused linear and
+vocabulary-parallel losses can share the assembly (:func:`loss_from_stats`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from jbce import _checks
+from jbce._reduce import reduce_loss
+
+
+# --- layout: move the class axes last and flatten them -----------------------------------------
+def _to_rows(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """[..batch.., ..classes..] with the class axes flattened into one last axis."""
+    batch = tuple(i for i in range(x.ndim) if i not in axes)
+    if axes != (x.ndim - 1,):
+        x = jnp.transpose(x, batch + axes)
+    return x.reshape(tuple(x.shape[: len(batch)]) + (-1,))
+
+
+def _batch_shape(shape: Sequence[int], axes: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(n for i, n in enumerate(shape) if i not in axes)
+
+
+def _split_where(where, shape, axes, batch_shape):
+    """Returns (per-logit mask in row layout or None, per-example mask or None)."""
+    if where is None:
+        return None, None
+    where = jnp.asarray(where, bool)
+    if where.ndim == len(shape):
+        _checks.check_broadcastable("where", where, "logits", shape)
+        logit_mask = _to_rows(jnp.broadcast_to(where, shape), axes)
+        return logit_mask, None
+    _checks.check_broadcastable("where", where, "the logits' batch shape", batch_shape)
+    return None, jnp.broadcast_to(where, batch_shape)
+
+
+def _included(x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Classes that take part in the softmax: not masked out and logit > -inf."""
+    inc = x > -jnp.inf
+    return inc if mask is None else inc & mask
+
+
+def _masked_lse(x: jax.Array, inc: jax.Array) -> jax.Array:
+    """log sum_{c included} exp(x_c) over the last axis; -inf for a row with no class."""
+    xm = jnp.where(inc, x, -jnp.inf)
+    m = jnp.max(xm, axis=-1, keepdims=True, initial=-jnp.inf)
+    m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0))
+    return m[..., 0] + jnp.log(jnp.sum(jnp.exp(xm - m), axis=-1))
+
+
+def _softmax_from_lse(x: jax.Array, lse: jax.Array, inc: jax.Array) -> jax.Array:
+    z = jnp.where(inc, x - lse[..., None], -jnp.inf)
+    return jnp.exp(z)
+
+
+def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def _softcap_grad(x: jax.Array, cap: float | None) -> jax.Array | None:
+    if cap is None:
+        return None
+    t = jnp.tanh(x / cap)
+    return 1 - t * t
+
+
+# --- integer labels: per-example statistics with a custom VJP ----------------------------------
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _int_stats(logits, labels, class_weights, mask, cap, dtype):
+    """(lse, target logit, sum_c w_c x_c) over included classes; logits [B, K] any float dtype."""
+    x = _softcap(logits.astype(dtype), cap)
+    inc = _included(x, mask)
+    lse = _masked_lse(x, inc)
+    xt = jnp.take_along_axis(x, labels[..., None], axis=-1)[..., 0]
+    w = jnp.ones((), dtype) if class_weights is None else class_weights
+    s = jnp.sum(jnp.where(inc, x * w, 0), axis=-1)
+    return lse, xt, s
+
+
+def _int_stats_fwd(logits, labels, class_weights, mask, cap, dtype):
+    out = _int_stats(logits, labels, class_weights, mask, cap, dtype)
+    # Residuals: the logits as given (bf16 stays bf16) and one lse per example; the softmax
+    # is recomputed in the backward pass rather than stored.
+    return out, (logits, labels, class_weights, mask, out[0])
+
+
+def _int_stats_bwd(cap, dtype, res, g):
+    logits, labels, class_weights, mask, lse = res
+    g_lse, g_xt, g_s = g
+    x = _softcap(logits.astype(dtype), cap)
+    inc = _included(x, mask)
+    p = _softmax_from_lse(x, lse, inc)
+    onehot = labels[..., None] == jnp.arange(x.shape[-1])
+    w = jnp.ones((), dtype) if class_weights is None else class_weights
+    dx = g_lse[..., None] * p + jnp.where(onehot, g_xt[..., None], 0)
+    dx = dx + jnp.where(inc, g_s[..., None] * w, 0)
+    dcap = _softcap_grad(logits.astype(dtype), cap)
+    if dcap is not None:
+        dx = dx * dcap
+    dw = None
+    if class_weights is not None:
+        dw = jnp.sum(jnp.where(inc, g_s[..., None] * x, 0).reshape(-1, x.shape[-1]), axis=0)
+        dw = dw.astype(class_weights.dtype)
+    dmask = None if mask is None else jnp.zeros(mask.shape, jax.dtypes.float0)
+    dlabels = jnp.zeros(labels.shape, jax.dtypes.float0)
+    return dx.astype(logits.dtype), dlabels, dw, dmask
+
+
+_int_stats.defvjp(_int_stats_fwd, _int_stats_bwd)
+
+
+def loss_from_stats(
+    lse: jax.Array,
+    target_logit: jax.Array,
+    weighted_logit_sum: jax.Array,
+    labels: jax.Array,
+    *,
+    num_classes: int,
+    num_included: jax.Array | int,
+    included_weight_sum: jax.Array | int,
+    target_weight: jax.Array | None,
+    ignore_index: int | None,
+    label_smoothing: float,
+    z_loss: float,
+    weights: jax.Array | None,
+    where: jax.Array | None,
+    reduction: str,
+) -> jax.Array:
+    """Assembles the integer-label loss from per-example softmax statistics.
+
+    ``loss = (1-e) w_y (lse - x_y) + (e / K_eff) (W lse - sum_c w_c x_c) + z lse^2``, then
+    ignore_index, out-of-range labels (NaN), ``where``, ``weights`` and the reduction.
+    Shared by the materialised, fused-linear and vocabulary-parallel losses.
+    """
+    has_classes = (jnp.asarray(num_included) > 0) & (lse > -jnp.inf)
+    keep = has_classes
+    if ignore_index is not None:
+        keep = keep & (labels != ignore_index)
+    if where is not None:
+        keep = keep & where
+    in_range = (labels >= 0) & (labels < num_classes)
+    # Rows with no class have lse = -inf: replace before any arithmetic so that their
+    # (zero) cotangent never meets an infinity.
+    lse = jnp.where(has_classes, lse, 0)
+    tw = jnp.ones((), lse.dtype) if target_weight is None else target_weight
+    loss = (1 - label_smoothing) * tw * (lse - target_logit) if label_smoothing != 1 else 0.0
+    if label_smoothing:
+        k = jnp.where(has_classes, num_included, 1).astype(lse.dtype)
+        smooth = (included_weight_sum * lse - weighted_logit_sum) / k
+        loss = loss + label_smoothing * smooth
+    if z_loss:
+        loss = loss + z_loss * lse * lse
+    loss = jnp.where(keep, loss, 0)
+    nan = jnp.asarray(jnp.nan, lse.dtype)
+    loss = jnp.where(in_range | ~keep, loss, nan)
+    return reduce_loss(
+        loss,
+        reduction=reduction,
+        weights=weights,
+        where=keep,
+        denominator_weights=target_weight,
+    )
+
+
+def _check_logits_labels(logits, labels, axes, integer: bool):
+    shape = jnp.shape(logits)
+    axis_txt = axes[0] if len(axes) == 1 else axes
+    if integer:
+        bshape = _batch_shape(shape, axes)
+        _checks.check_shape(
+            "labels", labels, bshape, f"to match logits {tuple(shape)} without axis {axis_txt}"
+        )
+    else:
+        _checks.check_shape("labels", labels, shape, f"to match logits {tuple(shape)}")
+
+
+def softmax_cross_entropy_with_integer_labels(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    axis: int | Sequence[int] = -1,
+    weights: ArrayLike | None = None,
+    class_weights: ArrayLike | None = None,
+    ignore_index: int | None = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    where: ArrayLike | None = None,
+    reduction: str = "mean",
+    axis_name: str | None = None,
+) -> jax.Array:
+    r"""Softmax cross-entropy with integer class labels, as ``torch.nn.functional.cross_entropy``.
+
+    With :math:`\ell_n = \log\sum_c e^{x_{nc}}` (the log-sum-exp), :math:`w` the class
+    weights and :math:`e` the label smoothing over :math:`K` classes:
+
+    .. math::
+        L_n = (1 - e)\, w_{y_n} (\ell_n - x_{n y_n})
+              + \frac{e}{K} \sum_c w_c (\ell_n - x_{nc}) + z\, \ell_n^2
+
+    ``reduction="mean"`` divides the sum by the number of non-ignored examples, or by
+    :math:`\sum_n w_{y_n}` with ``class_weights``, exactly as PyTorch does. With
+    ``logit_softcap=c`` the logits are first replaced by :math:`c \tanh(x / c)`.
+
+    A logit of ``-inf`` (or False in a logits-shaped ``where``) removes that class from
+    the softmax and from the smoothing term (K counts the remaining classes); its
+    gradient is exactly 0. An example with no class left has loss 0 and zero gradient.
+    A label outside ``[0, K)`` that is not ``ignore_index`` makes that example's loss NaN;
+    under ``jax.experimental.checkify`` it is reported as an error.
+
+    The backward pass saves only the logits and one log-sum-exp per example.
+
+    Args:
+      logits: float array ``[..., K, ...]``; bf16/fp16 computed in float32.
+      labels: integer array of the logits' shape without the class axes.
+      axis: the class axis, or a tuple of axes flattened (row-major) into one class axis.
+      weights: optional per-example multiplier, broadcastable to ``labels``.
+      class_weights: optional ``[K]`` weight per class (PyTorch's ``weight``).
+      ignore_index: label value whose examples are excluded (``None`` for none).
+      label_smoothing: e in [0, 1].
+      z_loss: coefficient of the :math:`\ell^2` auxiliary loss (PaLM).
+      logit_softcap: optional c > 0 for Gemma-style soft-capping.
+      where: optional boolean mask, per example (labels' shape) or per logit (logits' shape).
+      reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-example losses).
+      axis_name: mesh axis over which the class axis is sharded (vocabulary parallel).
+
+    Returns:
+      A float32 scalar, or the per-example losses for ``"none"``.
+
+    Example:
+      >>> import jax.numpy as jnp, jbce
+      >>> logits = jnp.array([[2.0, 0.0, -jnp.inf], [0.0, 1.0, 0.0]])
+      >>> jbce.softmax_cross_entropy_with_integer_labels(logits, jnp.array([0, -100]))
+      Array(0.126928..., dtype=float32)
+    """
+    _checks.check_float("logits", logits)
+    _checks.check_integer_labels("labels", labels)
+    logits = jnp.asarray(logits)
+    labels = jnp.asarray(labels)
+    axes = _checks.canonical_axes(axis, logits.ndim)
+    _check_logits_labels(logits, labels, axes, integer=True)
+    bshape = labels.shape
+    dt = _checks.compute_dtype(logits, weights, class_weights)
+    logit_mask, ex_where = _split_where(where, logits.shape, axes, bshape)
+    x = _to_rows(logits, axes)
+    k = x.shape[-1]
+    if weights is not None:
+        _checks.check_broadcastable("weights", weights, "labels", bshape)
+        weights = _checks.as_float(weights, dt)
+    cw = None
+    if class_weights is not None:
+        _checks.check_shape("class_weights", class_weights, (k,), "(one weight per class)")
+        cw = _checks.as_float(class_weights, dt)
+    _checks.debug_check_labels("labels", labels, k, ignore_index)
+    safe_labels = jnp.clip(labels, 0, max(k - 1, 0))
+    if axis_name is not None:
+        from jbce import _parallel
+
+        return _parallel.sharded_integer_ce(
+            x, labels, axis_name=axis_name, class_weights=cw, mask=logit_mask,
+            cap=logit_softcap, dtype=dt, ignore_index=ignore_index,
+            label_smoothing=label_smoothing, z_loss=z_loss, weights=weights,
+            where=ex_where, reduction=reduction,
+        )  # fmt: skip
+    lse, xt, s = _int_stats(x, safe_labels, cw, logit_mask, logit_softcap, dt)
+    num_inc, w_sum = _included_counts(x, logit_mask, cw, label_smoothing, dt)
+    target_w = None if cw is None else cw[safe_labels]
+    ex_mask = ex_where
+    if logit_mask is not None:
+        has = jnp.any(logit_mask, axis=-1)
+        ex_mask = has if ex_mask is None else ex_mask & has
+    return loss_from_stats(
+        lse, xt, s, labels,
+        num_classes=k, num_included=num_inc, included_weight_sum=w_sum,
+        target_weight=target_w, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, z_loss=z_loss, weights=weights,
+        where=ex_mask, reduction=reduction,
+    )  # fmt: skip
+
+
+def _included_counts(x, mask, cw, label_smoothing, dt):
+    """(K_eff, W) per example: classes left after masking, and their summed class weight."""
+    k = x.shape[-1]
+    if not label_smoothing and mask is None:
+        # Only needed to tell rows with no class left; -inf logits alone cannot empty a row
+        # unless every logit is -inf, which the lse already reports.
+        return jnp.full(x.shape[:-1], k), k
+    inc = _included(x.astype(dt), mask)
+    num = jnp.sum(inc, axis=-1)
+    if cw is None:
+        return num, num.astype(dt)
+    return num, jnp.sum(jnp.where(inc, cw, 0), axis=-1)
+
+
+# --- probability targets -----------------------------------------------------------------------
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _soft_ce(logits, labels, mask, dtype):
+    """sum_c y_c (lse - x_c) over included classes; logits [B, K], labels [B, K]."""
+    x = logits.astype(dtype)
+    inc = _included(x, mask)
+    lse = _masked_lse(x, inc)
+    return _soft_ce_from_lse(x, labels, mask, inc, lse)
+
+
+def _soft_ce_from_lse(x, y, mask, inc, lse):
+    # Included classes: y (lse - x). A -inf logit that is not masked contributes 0 when its
+    # label is 0 and +inf otherwise (a target on an impossible class).
+    term = jnp.where(inc, y * (lse[..., None] - x), 0)
+    impossible = (x == -jnp.inf) & (y != 0)
+    if mask is not None:
+        impossible = impossible & mask
+    loss = jnp.sum(term, axis=-1)
+    return jnp.where(jnp.any(impossible, axis=-1), jnp.inf, loss)
+
+
+def _soft_ce_fwd(logits, labels, mask, dtype):
+    x = logits.astype(dtype)
+    inc = _included(x, mask)
+    lse = _masked_lse(x, inc)
+    # Residuals: the logits, the labels (inputs) and one lse per example.
+    return _soft_ce_from_lse(x, labels, mask, inc, lse), (logits, labels, mask, lse)
+
+
+def _soft_ce_bwd(dtype, res, g):
+    logits, y, mask, lse = res
+    x = logits.astype(dtype)
+    inc = _included(x, mask)
+    p = _softmax_from_lse(x, lse, inc)
+    ysum = jnp.sum(jnp.where(inc, y, 0), axis=-1, keepdims=True)
+    gx = g[..., None]
+    dx = jnp.where(inc, gx * (ysum * p - y), 0)
+    has = jnp.isfinite(lse)[..., None]
+    dy = jnp.where(inc & has, gx * (jnp.where(has, lse[..., None], 0) - x), 0)
+    dmask = None if mask is None else jnp.zeros(mask.shape, jax.dtypes.float0)
+    return dx.astype(logits.dtype), dy.astype(y.dtype), dmask
+
+
+_soft_ce.defvjp(_soft_ce_fwd, _soft_ce_bwd)
+
+
+def softmax_cross_entropy(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    axis: int | Sequence[int] = -1,
+    weights: ArrayLike | None = None,
+    label_smoothing: float = 0.0,
+    where: ArrayLike | None = None,
+    reduction: str = "mean",
+) -> jax.Array:
+    r"""Softmax cross-entropy against probability targets (soft labels).
+
+    .. math::
+        L_n = -\sum_c \tilde y_{nc} \log \mathrm{softmax}(x_n)_c, \qquad
+        \tilde y = (1 - e)\, y + e / K
+
+    Equals ``torch.nn.functional.cross_entropy`` with probability targets (and its
+    ``label_smoothing``), and with ``reduction="none"`` optax's
+    ``softmax_cross_entropy`` (including ``axis`` tuples and a logits-shaped ``where``,
+    which takes classes out of the softmax). A ``-inf`` logit whose label is 0 contributes
+    nothing and gets exactly zero gradient. ``"mean"`` divides by the number of included
+    examples.
+
+    Args:
+      logits: float array ``[..., K, ...]``; bf16/fp16 computed in float32.
+      labels: target distributions, same shape as ``logits``.
+      axis: class axis or tuple of class axes.
+      weights: optional per-example multiplier (the logits' batch shape).
+      label_smoothing: e in [0, 1], spread uniformly over the included classes.
+      where: optional boolean mask, per example or per logit.
+      reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+
+    Returns:
+      A float32 scalar, or the per-example losses for ``"none"``.
+
+    Example:
+      >>> import jax.numpy as jnp, jbce
+      >>> jbce.softmax_cross_entropy(jnp.array([[2.0, 0.0]]), jnp.array([[0.75, 0.25]]))
+      Array(0.626928..., dtype=float32)
+    """
+    _checks.check_float("logits", logits)
+    logits = jnp.asarray(logits)
+    labels = jnp.asarray(labels)
+    axes = _checks.canonical_axes(axis, logits.ndim)
+    _check_logits_labels(logits, labels, axes, integer=False)
+    bshape = _batch_shape(logits.shape, axes)
+    dt = _checks.compute_dtype(logits, labels, weights)
+    logit_mask, ex_where = _split_where(where, logits.shape, axes, bshape)
+    x = _to_rows(logits, axes)
+    y = _to_rows(_checks.as_float(labels, dt), axes)
+    _checks.debug_check_unit_interval("labels", y)
+    if weights is not None:
+        _checks.check_broadcastable("weights", weights, "the logits' batch shape", bshape)
+        weights = _checks.as_float(weights, dt)
+    if label_smoothing:
+        inc = _included(x.astype(dt), logit_mask)
+        k = jnp.maximum(jnp.sum(inc, axis=-1, keepdims=True), 1).astype(dt)
+        y = jnp.where(inc, y * (1 - label_smoothing) + label_smoothing / k, y)
+    loss = _soft_ce(x, y, logit_mask, dt).reshape(bshape)
+    if logit_mask is not None:
+        has = jnp.any(logit_mask, axis=-1).reshape(bshape)
+        ex_where = has if ex_where is None else ex_where & has
+    return reduce_loss(loss, reduction=reduction, weights=weights, where=ex_where)
