@@ -39,18 +39,22 @@ def check_reduction(reduction: str) -> None:
 
 
 def check_float(name: str, x: ArrayLike) -> None:
-    dt = jnp.result_type(x)
-    if not jnp.issubdtype(dt, jnp.floating):
-        raise TypeError(f"{name} must be a floating-point array; got dtype {dt}")
+    try:
+        chex.assert_type(x, float)
+    except AssertionError:
+        dt = jnp.result_type(x)
+        raise TypeError(f"{name} must be a floating-point array; got dtype {dt}") from None
 
 
 def check_integer_labels(name: str, x: ArrayLike) -> None:
-    dt = jnp.result_type(x)
-    if not jnp.issubdtype(dt, jnp.integer):
+    try:
+        chex.assert_type(x, int)
+    except AssertionError:
+        dt = jnp.result_type(x)
         raise TypeError(
             f"{name} must be integer class indices (got dtype {dt}); for probability "
             "targets use softmax_cross_entropy, or cast with labels.astype(jnp.int32)"
-        )
+        ) from None
 
 
 def check_same_shape(name: str, x: ArrayLike, ref_name: str, ref: ArrayLike) -> None:
@@ -74,9 +78,12 @@ def check_broadcastable(name: str, x: ArrayLike, ref_name: str, ref_shape: Seque
 
 
 def check_shape(name: str, x: ArrayLike, expected: Sequence[int], why: str) -> None:
-    xs = jnp.shape(x)
-    if tuple(xs) != tuple(expected):
-        raise ValueError(f"{name} must have shape {tuple(expected)} {why}; got {xs}")
+    try:
+        chex.assert_shape(x, tuple(expected))
+    except AssertionError:
+        raise ValueError(
+            f"{name} must have shape {tuple(expected)} {why}; got {jnp.shape(x)}"
+        ) from None
 
 
 def canonical_axes(axis: int | Sequence[int], ndim: int, name: str = "logits") -> tuple[int, ...]:

@@ -11,6 +11,7 @@ vocabulary-parallel losses can share the assembly (:func:`loss_from_stats`).
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 import jax
@@ -27,7 +28,8 @@ def _to_rows(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     batch = tuple(i for i in range(x.ndim) if i not in axes)
     if axes != (x.ndim - 1,):
         x = jnp.transpose(x, batch + axes)
-    return x.reshape(tuple(x.shape[: len(batch)]) + (-1,))
+    k = math.prod(x.shape[len(batch) :])
+    return x.reshape(tuple(x.shape[: len(batch)]) + (k,))
 
 
 def _batch_shape(shape: Sequence[int], axes: tuple[int, ...]) -> tuple[int, ...]:
@@ -175,9 +177,9 @@ def loss_from_stats(
     )
 
 
-def _check_logits_labels(logits, labels, axes, integer: bool):
+def _check_logits_labels(logits, labels, axes, integer: bool, axis):
     shape = jnp.shape(logits)
-    axis_txt = axes[0] if len(axes) == 1 else axes
+    axis_txt = axis if isinstance(axis, int) else tuple(axis)
     if integer:
         bshape = _batch_shape(shape, axes)
         _checks.check_shape(
@@ -251,7 +253,7 @@ def softmax_cross_entropy_with_integer_labels(
     logits = jnp.asarray(logits)
     labels = jnp.asarray(labels)
     axes = _checks.canonical_axes(axis, logits.ndim)
-    _check_logits_labels(logits, labels, axes, integer=True)
+    _check_logits_labels(logits, labels, axes, integer=True, axis=axis)
     bshape = labels.shape
     dt = _checks.compute_dtype(logits, weights, class_weights)
     logit_mask, ex_where = _split_where(where, logits.shape, axes, bshape)
@@ -395,7 +397,7 @@ def softmax_cross_entropy(
     logits = jnp.asarray(logits)
     labels = jnp.asarray(labels)
     axes = _checks.canonical_axes(axis, logits.ndim)
-    _check_logits_labels(logits, labels, axes, integer=False)
+    _check_logits_labels(logits, labels, axes, integer=False, axis=axis)
     bshape = _batch_shape(logits.shape, axes)
     dt = _checks.compute_dtype(logits, labels, weights)
     logit_mask, ex_where = _split_where(where, logits.shape, axes, bshape)
