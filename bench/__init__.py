@@ -1,0 +1,1 @@
+"""Benchmarks of jbce against optax and PyTorch (``python -m bench --help``)."""

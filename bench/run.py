@@ -1,0 +1,355 @@
+"""Speed and memory of jbce against optax and PyTorch, with a floor measured in the same run.
+
+Usage (from the repository root)::
+
+    python -m bench                      # full run (every shape, float32 and bfloat16)
+    python -m bench --quick              # smoke run of a few seconds
+    python bench/run.py --json out.json --markdown out.md
+    python -m bench --only ce_int --dtypes float32 --modes vag
+
+For every case (shape x dtype x mode) jbce, optax, PyTorch (CPU threads matched to XLA's,
+when installed) and the floor kernels are timed interleaved in one process after warm-up;
+the table shows medians, ``optax/jbce`` and ``torch/jbce`` speedups (> 1: jbce is faster),
+``jbce/floor`` (>= 1; 1 is as fast as touching the bytes allows) and XLA's temp bytes.
+
+Typical output (2-core CPU dev box, jax 0.10.2, ``python -m bench --quick``)::
+
+    (pasted once the core losses land; see bench/NOTES.md)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python bench/run.py`: make `bench` and `jbce` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from bench import impls, shapes, timing  # noqa: E402
+
+# Issue 5's targets, checked on every run that includes the shapes they name.
+TARGETS = {
+    ("bce_2^24", "float32", "fwd"): {"vs_optax": 5.0, "over_floor": 1.5},
+    ("bce_2^24", "float32", "vag"): {"vs_optax": 3.0, "over_floor": 1.5},
+    ("ce_int_4096x32768", "float32", "fwd"): {"vs_optax": 1.0, "over_floor": 1.2},
+    ("ce_int_4096x32768", "float32", "vag"): {"vs_optax": 1.0, "over_floor": 1.2},
+    ("ce_soft_4096x32768", "float32", "fwd"): {"vs_optax": 1.0, "over_floor": 1.2},
+    ("ce_soft_4096x32768", "float32", "vag"): {"vs_optax": 1.0, "over_floor": 1.2},
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: 'quick' shapes, few rounds")
+    p.add_argument("--json", metavar="PATH", help="write machine-readable results here")
+    p.add_argument("--markdown", metavar="PATH", help="write the Markdown table here")
+    p.add_argument("--only", action="append", default=[], help="keep shapes whose name contains")
+    p.add_argument("--dtypes", nargs="+", default=list(shapes.DTYPES), choices=shapes.DTYPES)
+    p.add_argument("--modes", nargs="+", default=list(shapes.MODES), choices=shapes.MODES)
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch peers")
+    p.add_argument("--no-donate", action="store_true", help="skip the donate_argnums experiment")
+    p.add_argument("--budget", type=float, help="seconds of timed rounds per case")
+    return p.parse_args(argv)
+
+
+def environment(args) -> dict:
+    dev = jax.devices()[0]
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    env = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": "python -m bench " + " ".join(sys.argv[1:]),
+        "device": f"{dev.platform}: {dev.device_kind}",
+        "cpu": cpu,
+        "cpu_threads": impls.cpu_threads(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+    }
+    import optax
+
+    env["optax"] = optax.__version__
+    if impls.torch_device() is not None and not args.no_torch:
+        import torch
+
+        env["torch"] = torch.__version__
+        env["torch_device"] = impls.torch_device()
+        if env["torch_device"] == "cpu":
+            torch.set_num_threads(env["cpu_threads"])
+        env["torch_threads"] = torch.get_num_threads()
+    return env
+
+
+def _ratio(a, b):
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def run_case(shape, dtype, mode, x, y, ref, *, use_torch, measure_kw) -> dict:
+    """Times one case; returns its result row."""
+    losses = impls.jax_losses(shape.kind)
+    fns = {name: impls.jitted(f, mode) for name, f in losses.items()}
+    floors = {f"floor_{k}": jax.jit(f) for k, f in impls.floors(shape.kind, mode).items()}
+    temp = {name: impls.memory_stats(fn, x, y).get("temp") for name, fn in fns.items()}
+    runners = {
+        name: timing.simple_runner(lambda fn=fn: fn(x, y), jax.block_until_ready)
+        for name, fn in {**fns, **floors}.items()
+    }
+    if use_torch:
+        tfn, tsync = impls.torch_case(shape.kind, mode, x, y, impls.torch_device())
+        runners["torch"] = timing.simple_runner(tfn, tsync)
+    res = timing.measure(runners, **measure_kw)
+    med = {name: r["median"] for name, r in res.items()}
+    floor_name = max((n for n in med if n.startswith("floor_")), key=med.get)
+    out = fns["jbce"](x, y)
+    value = float(out if mode == "fwd" else out[0])
+    return {
+        "case": shape.name,
+        "kind": shape.kind,
+        "dims": list(shape.dims),
+        "dtype": dtype,
+        "mode": mode,
+        "median_s": med,
+        "spread_s": {n: [r["p25"], r["p75"]] for n, r in res.items()},
+        "rounds": {n: r["n"] for n, r in res.items()},
+        "floor": floor_name.removeprefix("floor_"),
+        "vs_optax": _ratio(med["optax"], med["jbce"]),
+        "vs_torch": _ratio(med.get("torch"), med["jbce"]),
+        "over_floor": _ratio(med["jbce"], med[floor_name]),
+        "temp_bytes": temp,
+        "rel_err": abs(value - ref) / max(abs(ref), 1e-30),
+    }
+
+
+def run_donation(shape, x, y, measure_kw) -> list[dict]:
+    """value_and_grad with and without ``donate_argnums=0`` (float32); returns result rows.
+
+    Every call gets a fresh copy of the logits made outside the timed region, donated or not,
+    so both variants start from the same freshly written buffer (as a training step's logits).
+    """
+    losses = impls.jax_losses(shape.kind)
+    variants = {
+        "jbce": impls.jitted(losses["jbce"], "vag"),
+        "jbce+donate": impls.jitted(losses["jbce"], "vag", donate=True),
+        "optax+donate": impls.jitted(losses["optax"], "vag", donate=True),
+    }
+    mem = {n: impls.memory_stats(fn, x, y) for n, fn in variants.items()}
+    runners = {
+        n: timing.prepared_runner(lambda: x + 0, lambda xc, fn=fn: fn(xc, y), jax.block_until_ready)
+        for n, fn in variants.items()
+    }
+    res = timing.measure(runners, **measure_kw)
+    return [
+        {
+            "case": shape.name,
+            "variant": n,
+            "median_s": res[n]["median"],
+            "temp_bytes": mem[n].get("temp"),
+            "alias_bytes": mem[n].get("alias"),
+            "output_bytes": mem[n].get("output"),
+        }
+        for n in variants
+    ]
+
+
+def select(args) -> list:
+    chosen = shapes.shapes("quick" if args.quick else "full")
+    if args.only:
+        chosen = [s for s in chosen if any(o in s.name for o in args.only)]
+    return list(chosen)
+
+
+HEADER = (
+    "case",
+    "dtype",
+    "mode",
+    "jbce",
+    "optax",
+    "torch",
+    "floor",
+    "optax/jbce",
+    "torch/jbce",
+    "jbce/floor",
+    "temp jbce",
+    "temp optax",
+)
+
+
+def row_cells(r: dict) -> list[str]:
+    med = r["median_s"]
+    f = lambda v: "-" if v is None else f"{v:.2f}"
+    return [
+        r["case"],
+        r["dtype"],
+        r["mode"],
+        timing.fmt_time(med["jbce"]),
+        timing.fmt_time(med["optax"]),
+        timing.fmt_time(med.get("torch")),
+        f"{timing.fmt_time(med['floor_' + r['floor']])} ({r['floor']})",
+        f(r["vs_optax"]),
+        f(r["vs_torch"]),
+        f(r["over_floor"]),
+        timing.fmt_bytes(r["temp_bytes"]["jbce"]),
+        timing.fmt_bytes(r["temp_bytes"]["optax"]),
+    ]
+
+
+def text_table(rows: list[list[str]], header=HEADER) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def markdown_table(rows: list[list[str]], header=HEADER) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+DONATION_HEADER = ("case (float32, value_and_grad)", "variant", "median", "temp", "aliased")
+
+
+def donation_cells(d: dict) -> list[str]:
+    return [
+        d["case"],
+        d["variant"],
+        timing.fmt_time(d["median_s"]),
+        timing.fmt_bytes(d["temp_bytes"]),
+        timing.fmt_bytes(d["alias_bytes"]),
+    ]
+
+
+def check_targets(results: list[dict]) -> list[str]:
+    """Issue 5's targets, as lines "ok"/"MISSED" for the cases this run measured."""
+    lines = []
+    for r in results:
+        key = (r["case"], r["dtype"], r["mode"])
+        if key in TARGETS:
+            t = TARGETS[key]
+            ok = r["vs_optax"] >= t["vs_optax"] and r["over_floor"] <= t["over_floor"]
+            lines.append(
+                f"{'ok    ' if ok else 'MISSED'} {' '.join(key)}: optax/jbce {r['vs_optax']:.2f}"
+                f" (want >= {t['vs_optax']}), jbce/floor {r['over_floor']:.2f}"
+                f" (want <= {t['over_floor']})"
+            )
+    slower = [r for r in results if r["vs_optax"] < 1.0]
+    lines.append(
+        f"{'ok    ' if not slower else 'MISSED'} no case slower than optax"
+        + "".join(
+            f"\n         {r['case']} {r['dtype']} {r['mode']}: {r['vs_optax']:.2f}" for r in slower
+        )
+    )
+    fat = [
+        r
+        for r in results
+        if None not in r["temp_bytes"].values()
+        and r["temp_bytes"]["jbce"] > r["temp_bytes"]["optax"]
+    ]
+    lines.append(
+        f"{'ok    ' if not fat else 'MISSED'} temp bytes never above optax's"
+        + "".join(f"\n         {r['case']} {r['dtype']} {r['mode']}" for r in fat)
+    )
+    return lines
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    env = environment(args)
+    use_torch = "torch" in env
+    if args.quick:
+        measure_kw = dict(warmup=1, min_rounds=3, max_rounds=15, budget_s=args.budget or 0.05)
+    else:
+        measure_kw = dict(warmup=2, min_rounds=5, max_rounds=41, budget_s=args.budget or 2.0)
+    print(
+        f"# {env['device']} ({env['cpu']}, {env['cpu_threads']} threads); jax {env['jax']},"
+        f" optax {env['optax']}"
+        + (f", torch {env['torch']} ({env['torch_threads']} threads)" if use_torch else "")
+    )
+    t_start = time.perf_counter()
+    results, skipped, donation = [], [], []
+    for shape in select(args):
+        for dtype in args.dtypes:
+            x, y = impls.make_inputs(shape, dtype)
+            ref = None
+            for mode in args.modes:
+                try:
+                    if ref is None:
+                        f_ref = impls.jax_losses(shape.kind)["optax"]
+                        ref = float(jax.jit(f_ref)(x.astype(jnp.float32), y))
+                    r = run_case(
+                        shape, dtype, mode, x, y, ref, use_torch=use_torch, measure_kw=measure_kw
+                    )
+                except AttributeError as e:  # a loss jbce does not have (yet)
+                    skipped.append(f"{shape.name} {dtype} {mode}: {e}")
+                    continue
+                results.append(r)
+                print(text_table([row_cells(r)]).splitlines()[-1], flush=True)
+            if (
+                not args.no_donate
+                and dtype == "float32"
+                and "vag" in args.modes
+                and shape.kind != shapes.BINARY
+                and ("target" in shape.tags or args.quick)
+            ):
+                try:
+                    donation += run_donation(shape, x, y, measure_kw)
+                except AttributeError as e:
+                    skipped.append(f"{shape.name} donation: {e}")
+            del x, y
+    elapsed = time.perf_counter() - t_start
+    table = [row_cells(r) for r in results]
+    print()
+    print(text_table(table))
+    if donation:
+        print()
+        print(text_table([donation_cells(d) for d in donation], DONATION_HEADER))
+    targets = check_targets(results) if results else []
+    if targets:
+        print()
+        print("\n".join(targets))
+    for s in skipped:
+        print(f"skipped {s}")
+    print(
+        f"# {len(results)} cases in {elapsed:.0f}s; max rel. error vs optax(float32):"
+        f" {max((r['rel_err'] for r in results), default=0):.2g}"
+    )
+    if args.json:
+        payload = {
+            "env": env,
+            "cases": results,
+            "donation": donation,
+            "targets": targets,
+            "skipped": skipped,
+            "elapsed_s": elapsed,
+        }
+        Path(args.json).write_text(json.dumps(payload, indent=1) + "\n")
+    if args.markdown:
+        md = [
+            f"Measured on {env['device']} ({env['cpu']}, {env['cpu_threads']} threads),"
+            f" {env['date']}; jax {env['jax']}, optax {env['optax']}"
+            + (f", torch {env['torch']} ({env['torch_threads']} threads)" if use_torch else "")
+            + f".\nCommand: `{env['command']}`.\n",
+            markdown_table(table),
+        ]
+        if donation:
+            md += ["", markdown_table([donation_cells(d) for d in donation], DONATION_HEADER)]
+        if targets:
+            md += ["", "```", *targets, "```"]
+        Path(args.markdown).write_text("\n".join(md) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

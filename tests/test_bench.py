@@ -1,0 +1,81 @@
+"""The benchmark harness runs (``--quick``) and reports what it claims to measure."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import shapes, timing
+from bench.run import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_shape_table_names_are_unique_and_tagged():
+    names = [s.name for s in shapes.SHAPES]
+    assert len(names) == len(set(names))
+    assert shapes.shapes("quick"), "the smoke run needs at least one shape"
+    assert {s.kind for s in shapes.shapes("quick")} == set(shapes.KINDS)
+    assert all("full" in s.tags for s in shapes.SHAPES)
+    assert shapes.by_name("bce_2^24").dims == (2**24,)
+
+
+def test_measure_interleaves_and_takes_medians():
+    calls = []
+
+    def runner(name, seconds):
+        def run(k):
+            calls.extend([name] * k)
+            return seconds
+
+        return run
+
+    res = timing.measure(
+        {"a": runner("a", 1e-3), "b": runner("b", 3e-3)},
+        warmup=1,
+        min_rounds=4,
+        max_rounds=4,
+        budget_s=0.0,
+    )
+    assert res["a"]["median"] == 1e-3 and res["b"]["median"] == 3e-3
+    assert res["a"]["n"] == res["b"]["n"] == 4
+    # Rounds alternate the order: a b | b a | a b | b a after warm-up and calibration.
+    timed = [c for c in calls[4:] if c in "ab"]
+    reps = {n: res[n]["reps"] for n in "ab"}
+    assert timed[: reps["a"]] == ["a"] * reps["a"]
+    assert "b" in timed[reps["a"] : reps["a"] + reps["b"]]
+
+
+def test_quick_run_writes_json_and_markdown(tmp_path):
+    out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
+    assert (
+        main(["--quick", "--dtypes", "float32", "--json", str(out_json), "--markdown", str(out_md)])
+        == 0
+    )
+    data = json.loads(out_json.read_text())
+    measured = {(r["case"], r["mode"]) for r in data["cases"]}
+    assert measured == {(s.name, m) for s in shapes.shapes("quick") for m in shapes.MODES}
+    for r in data["cases"]:
+        med = r["median_s"]
+        assert med["jbce"] > 0 and med["optax"] > 0
+        assert r["vs_optax"] == pytest.approx(med["optax"] / med["jbce"])
+        assert r["over_floor"] == pytest.approx(med["jbce"] / med["floor_" + r["floor"]])
+        assert r["temp_bytes"]["jbce"] is not None
+        # every benchmarked case is also a correctness check against optax in float32
+        assert r["rel_err"] < 1e-5, r
+    assert data["donation"], "the donate_argnums experiment must run in the smoke run"
+    assert data["env"]["device"] and data["env"]["jax"]
+    md = out_md.read_text()
+    assert "| case | dtype | mode | jbce |" in md and "Command: `" in md
+
+
+def test_script_entry_point_runs_from_the_repository_root():
+    proc = subprocess.run(
+        [sys.executable, "bench/run.py", "--help"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "--quick" in proc.stdout and "--markdown" in proc.stdout
