@@ -54,7 +54,7 @@ def reduce_loss(
     """
     check_reduction(reduction)
     if weights is not None:
-        values = values * weights
+        values = values * jnp.broadcast_to(weights, values.shape)
     mask = None if where is None else jnp.broadcast_to(where, values.shape)
     values = apply_mask(values, mask)
     if reduction == "none":
