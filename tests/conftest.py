@@ -1,0 +1,60 @@
+"""Shared pytest configuration for jbce's tests.
+
+* Every test under ``tests/`` runs with ``jax_enable_x64`` on (as a per-test context,
+  so the doctests in ``jbce/`` keep jax's default float32 behaviour). Float64 checks
+  need it; float32 tests must therefore create float32 arrays explicitly
+  (``jnp.asarray(x, jnp.float32)``), never rely on the default dtype. A module can opt
+  out with ``pytestmark = pytest.mark.no_x64``.
+* Modules marked ``pytest.mark.jax_strict`` (the core loss tests) additionally run with
+  ``jax_numpy_dtype_promotion="strict"`` and ``jax_numpy_rank_promotion="raise"``,
+  which turn silent dtype drift and implicit broadcasting into errors
+  (``JBCE_TEST_LENIENT=1`` switches that off, to tell such failures from others).
+* Hypothesis uses a deterministic, small profile (``jbce``) so the suite stays fast;
+  ``HYPOTHESIS_PROFILE=thorough`` runs more examples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import jax
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "jbce",
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+settings.register_profile(
+    "thorough",
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "jbce"))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "no_x64: run this test without jax_enable_x64")
+    config.addinivalue_line(
+        "markers",
+        "jax_strict: strict dtype promotion and rank promotion 'raise' for this test",
+    )
+
+
+@pytest.fixture(autouse=True)
+def _jax_config(request):
+    """x64 on (unless ``no_x64``), strict promotion for ``jax_strict`` tests."""
+    with contextlib.ExitStack() as stack:
+        if request.node.get_closest_marker("no_x64") is None:
+            stack.enter_context(jax.enable_x64(True))
+        strict = request.node.get_closest_marker("jax_strict") is not None
+        if strict and os.environ.get("JBCE_TEST_LENIENT") != "1":
+            stack.enter_context(jax.numpy_dtype_promotion("strict"))
+            stack.enter_context(jax.numpy_rank_promotion("raise"))
+        yield

@@ -1,0 +1,576 @@
+"""sigmoid_binary_cross_entropy and binary_cross_entropy against float64 references,
+PyTorch, optax, numerical gradients, and the edge cases of the spec (issue 6)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import chex
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+from hypothesis import given
+from hypothesis import strategies as st
+from jax.experimental import checkify
+from jax.test_util import check_grads
+
+import jbce
+from tests import reference as ref
+from tests.reference import saved_residuals
+
+pytestmark = pytest.mark.jax_strict
+
+REDUCTIONS = ("none", "sum", "mean")
+F64 = jnp.float64
+
+
+def _data(shape=(4, 5), seed=0, soft=True):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=shape) * 3
+    y = rng.uniform(size=shape) if soft else rng.integers(0, 2, size=shape).astype(float)
+    w = rng.uniform(0.2, 2.0, size=shape)
+    pw = rng.uniform(0.5, 3.0, size=shape[-1:])
+    where = rng.uniform(size=shape) < 0.7
+    return x, y, w, pw, where
+
+
+OPTION_SETS = {
+    "plain": {},
+    "weights": {"weights": True},
+    "weights_row": {"weights_row": True},
+    "pos_weight": {"pos_weight": True},
+    "smoothing": {"label_smoothing": 0.1},
+    "where": {"where": True},
+    "all": {"weights": True, "pos_weight": True, "label_smoothing": 0.2, "where": True},
+}
+
+
+def _kwargs(opts, w, pw, where, pos_weight_ok=True):
+    kw = {}
+    if opts.get("weights"):
+        kw["weights"] = w
+    if opts.get("weights_row"):
+        kw["weights"] = w[0]  # broadcast along the leading axis, as torch's weight allows
+    if opts.get("pos_weight") and pos_weight_ok:
+        kw["pos_weight"] = pw
+    if "label_smoothing" in opts:
+        kw["label_smoothing"] = opts["label_smoothing"]
+    if opts.get("where"):
+        kw["where"] = where
+    return kw
+
+
+# Core bug 2 (/work/notes/core_bugs.md): broadcast (lower-rank) weights / pos_weight rely on
+# implicit rank promotion inside jbce. Set to True once fixed, so every test runs strict.
+STRICT_BROADCAST_FIXED = False
+
+
+def _maybe_allow_rank_promotion(opts=None):
+    """Allows implicit rank promotion for option sets with broadcast arrays (core bug 2)."""
+    if STRICT_BROADCAST_FIXED or opts in ("plain", "weights", "smoothing", "where"):
+        return contextlib.nullcontext()
+    return jax.numpy_rank_promotion("allow")
+
+
+def _j(kw):
+    return {k: (jnp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
+
+
+# ----------------------------------------------------------------------------- references
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("opts", list(OPTION_SETS), ids=list(OPTION_SETS))
+def test_sigmoid_bce_matches_float64_reference(opts, reduction):
+    x, y, w, pw, where = _data()
+    kw = _kwargs(OPTION_SETS[opts], w, pw, where)
+    with _maybe_allow_rank_promotion(opts):
+        got = jbce.sigmoid_binary_cross_entropy(
+            jnp.asarray(x), jnp.asarray(y), reduction=reduction, **_j(kw)
+        )
+    want = ref.ref_sigmoid_binary_cross_entropy(x, y, reduction=reduction, **kw)
+    assert got.dtype == F64
+    ref.assert_close(got, want)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("opts", list(OPTION_SETS), ids=list(OPTION_SETS))
+def test_bce_from_probs_matches_float64_reference(opts, reduction):
+    x, y, w, pw, where = _data(seed=1)
+    p = ref.sigmoid(x)
+    kw = _kwargs(OPTION_SETS[opts], w, pw, where, pos_weight_ok=False)
+    with _maybe_allow_rank_promotion(opts):
+        got = jbce.binary_cross_entropy(
+            jnp.asarray(p), jnp.asarray(y), reduction=reduction, **_j(kw)
+        )
+    want = ref.ref_binary_cross_entropy(p, y, reduction=reduction, **kw)
+    ref.assert_close(got, want)
+
+
+def test_default_reduction_is_mean():
+    x, y, *_ = _data()
+    got = jbce.sigmoid_binary_cross_entropy(jnp.asarray(x), jnp.asarray(y))
+    ref.assert_close(got, np.mean(ref.ref_sigmoid_binary_cross_entropy(x, y, reduction="none")))
+
+
+def test_binary_label_smoothing_maps_y_to_y_times_one_minus_e_plus_half_e():
+    x, y, *_ = _data(soft=False)
+    e = 0.3
+    a = jbce.sigmoid_binary_cross_entropy(jnp.asarray(x), jnp.asarray(y), label_smoothing=e)
+    b = jbce.sigmoid_binary_cross_entropy(jnp.asarray(x), jnp.asarray(y * (1 - e) + e / 2))
+    ref.assert_close(a, np.asarray(b))
+
+
+def test_weights_scale_terms_but_not_the_mean_denominator():
+    x, y, w, *_ = _data()
+    per = ref.ref_sigmoid_binary_cross_entropy(x, y, reduction="none")
+    got = jbce.sigmoid_binary_cross_entropy(jnp.asarray(x), jnp.asarray(y), weights=jnp.asarray(w))
+    ref.assert_close(got, np.sum(per * w) / per.size)
+
+
+def test_where_excludes_elements_from_numerator_and_denominator():
+    x, y, _, _, where = _data()
+    per = ref.ref_sigmoid_binary_cross_entropy(x, y, reduction="none")
+    got = jbce.sigmoid_binary_cross_entropy(
+        jnp.asarray(x), jnp.asarray(y), where=jnp.asarray(where)
+    )
+    ref.assert_close(got, per[where].mean())
+    none = jbce.sigmoid_binary_cross_entropy(
+        jnp.asarray(x), jnp.asarray(y), where=jnp.asarray(where), reduction="none"
+    )
+    assert np.all(np.asarray(none)[~where] == 0)
+
+
+@pytest.mark.parametrize("fn", ["sigmoid", "probs"])
+def test_mean_over_nothing_is_zero_with_zero_gradient(fn):
+    x, y, *_ = _data()
+    nowhere = jnp.zeros(x.shape, bool)
+    if fn == "sigmoid":
+        f = lambda a: jbce.sigmoid_binary_cross_entropy(a, jnp.asarray(y), where=nowhere)
+        arg = jnp.asarray(x)
+    else:
+        f = lambda a: jbce.binary_cross_entropy(a, jnp.asarray(y), where=nowhere)
+        arg = jnp.asarray(ref.sigmoid(x))
+    val, g = jax.value_and_grad(f)(arg)
+    assert float(val) == 0.0
+    assert np.all(np.asarray(g) == 0)
+
+
+# ----------------------------------------------------------------------------- torch oracle
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("opts", ["plain", "weights", "weights_row", "pos_weight"])
+def test_sigmoid_bce_equals_torch_values_and_gradients(opts, reduction):
+    pytest.importorskip("torch")
+    x, y, w, pw, _ = _data(seed=3)
+    kw = _kwargs({**OPTION_SETS[opts], "weights": opts in ("weights",)}, w, pw, None)
+    if opts == "pos_weight":
+        kw["weights"] = w  # weight and pos_weight together
+    names = ("logits",) + tuple(kw)
+
+    def f(*args):
+        d = dict(zip(names, args))
+        return jbce.sigmoid_binary_cross_entropy(
+            d.pop("logits"), jnp.asarray(y), reduction=reduction, **d
+        )
+
+    args = [jnp.asarray(x)] + [jnp.asarray(v) for v in kw.values()]
+    with _maybe_allow_rank_promotion(opts):
+        got = f(*args)
+        grads = jax.grad(lambda *a: jnp.sum(f(*a)), argnums=tuple(range(len(args))))(*args)
+    # torch differentiates only w.r.t. the logits; weight / pos_weight gradients are checked
+    # against jax.grad of the float64 reference
+    want, (tg,) = ref.torch_sigmoid_binary_cross_entropy(
+        x, y, reduction=reduction, grad_of=("logits",), **kw
+    )
+    ref.assert_close(got, want, rtol=1e-12)
+    ref.assert_close(grads[0], tg, rtol=1e-10, atol=1e-15)
+
+    def r(*args):
+        d = dict(zip(names, args))
+        return jnp.sum(
+            ref.ref_sigmoid_binary_cross_entropy(
+                d.pop("logits"), y, reduction=reduction, xp=jnp, **d
+            )
+        )
+
+    rgrads = jax.grad(r, argnums=tuple(range(len(args))))(*args)
+    for g, rg in zip(grads, rgrads):
+        ref.assert_close(g, np.asarray(rg), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.xfail(strict=True, reason="core bug 1: d loss / d labels has the wrong sign")
+@pytest.mark.parametrize("use_pw", [False, True])
+def test_sigmoid_bce_label_gradient_equals_torch(use_pw):
+    pytest.importorskip("torch")
+    x, y, w, pw, _ = _data(shape=(5,), seed=15)
+    kw = {"pos_weight": pw} if use_pw else {}
+    g = jax.grad(
+        lambda b: jbce.sigmoid_binary_cross_entropy(jnp.asarray(x), b, reduction="sum", **_j(kw))
+    )(jnp.asarray(y))
+    _, (tg,) = ref.torch_sigmoid_binary_cross_entropy(
+        x, y, reduction="sum", grad_of=("labels",), **kw
+    )
+    ref.assert_close(g, tg, rtol=1e-12)
+
+
+@pytest.mark.xfail(strict=True, reason="core bug 2: implicit rank promotion of broadcast weights")
+@pytest.mark.parametrize("fn", ["sigmoid", "probs"])
+def test_broadcast_weights_work_under_strict_rank_promotion(fn):
+    x, y, w, *_ = _data()
+    loss = jbce.sigmoid_binary_cross_entropy if fn == "sigmoid" else jbce.binary_cross_entropy
+    a = jnp.asarray(x) if fn == "sigmoid" else jnp.asarray(ref.sigmoid(x))
+    rfn = ref.ref_sigmoid_binary_cross_entropy if fn == "sigmoid" else ref.ref_binary_cross_entropy
+    got = loss(a, jnp.asarray(y), weights=jnp.asarray(w[0]))
+    ref.assert_close(got, rfn(np.asarray(a), y, weights=w[0]))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_bce_from_probs_equals_torch_including_clamped_logs(weighted, reduction):
+    pytest.importorskip("torch")
+    x, y, w, *_ = _data(seed=4)
+    p = ref.sigmoid(x)
+    p[0, :3] = [0.0, 1.0, 1e-50]  # log clamped at -100 by torch
+    y[0, :3] = [0.7, 0.2, 0.5]
+    kw = {"weights": w} if weighted else {}
+    got = jbce.binary_cross_entropy(jnp.asarray(p), jnp.asarray(y), reduction=reduction, **_j(kw))
+    want = ref.torch_binary_cross_entropy(p, y, reduction=reduction, **kw)
+    ref.assert_close(got, want, rtol=1e-12)
+    ref.assert_close(got, ref.ref_binary_cross_entropy(p, y, reduction=reduction, **kw))
+
+
+def test_bce_from_probs_gradient_equals_torch_in_the_interior():
+    pytest.importorskip("torch")
+    x, y, w, *_ = _data(seed=5)
+    p = ref.sigmoid(x)
+    g = jax.grad(
+        lambda a, b, c: jbce.binary_cross_entropy(a, b, weights=c, reduction="sum"), (0, 1, 2)
+    )(jnp.asarray(p), jnp.asarray(y), jnp.asarray(w))
+    _, tg = ref.torch_binary_cross_entropy(p, y, weights=w, reduction="sum", grad_of=("probs",))
+    ref.assert_close(g[0], tg[0], rtol=1e-9)
+    # torch cannot differentiate w.r.t. labels/weight here: use the float64 reference
+    rg = jax.grad(
+        lambda a, b, c: ref.ref_binary_cross_entropy(a, b, weights=c, reduction="sum", xp=jnp),
+        (0, 1, 2),
+    )(jnp.asarray(p), jnp.asarray(y), jnp.asarray(w))
+    for a, b in zip(g, rg):
+        ref.assert_close(a, np.asarray(b), rtol=1e-12)
+
+
+def test_bce_from_probs_gradient_is_finite_at_zero_and_one():
+    p = jnp.asarray([0.0, 1.0, 0.0, 1.0, 0.5])
+    y = jnp.asarray([0.0, 1.0, 1.0, 0.0, 0.3])
+    val, g = jax.value_and_grad(lambda a: jbce.binary_cross_entropy(a, y, reduction="sum"))(p)
+    assert np.isfinite(float(val))
+    ref.assert_close(
+        val, ref.ref_binary_cross_entropy(np.asarray(p), np.asarray(y), reduction="sum")
+    )
+    assert np.all(np.isfinite(np.asarray(g)))
+
+
+# ----------------------------------------------------------------------------- optax
+
+
+def test_sigmoid_bce_none_is_a_drop_in_for_optax():
+    optax = pytest.importorskip("optax")
+    x, y, *_ = _data(shape=(3, 4, 5), seed=6)
+    got = jbce.sigmoid_binary_cross_entropy(jnp.asarray(x), jnp.asarray(y), reduction="none")
+    ref.assert_close(got, np.asarray(optax.sigmoid_binary_cross_entropy(x, y)), rtol=1e-12)
+
+
+# ----------------------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize("opts", ["plain", "all"])
+def test_sigmoid_bce_gradients_check_numerically_to_second_order(opts):
+    x, y, w, pw, where = _data(shape=(3, 4), seed=7)
+    smoothing = OPTION_SETS[opts].get("label_smoothing", 0.0)
+    m = jnp.asarray(where) if opts == "all" else None
+
+    yj = jnp.asarray(y)
+
+    def f(a, c, d):
+        return jbce.sigmoid_binary_cross_entropy(
+            a, yj, weights=c, pos_weight=d, label_smoothing=smoothing, where=m, reduction="mean"
+        )
+
+    with _maybe_allow_rank_promotion():
+        check_grads(jax.jit(f), tuple(map(jnp.asarray, (x, w, pw))), order=2, modes=["rev"])
+
+
+@pytest.mark.xfail(strict=True, reason="core bug 1: d loss / d labels has the wrong sign")
+def test_sigmoid_bce_label_gradient_checks_numerically_to_second_order():
+    x, y, *_ = _data(shape=(3, 4), seed=7)
+    f = lambda a, b: jbce.sigmoid_binary_cross_entropy(a, b, label_smoothing=0.1)
+    check_grads(jax.jit(f), (jnp.asarray(x), jnp.asarray(np.clip(y, 0.05, 0.95))), 2, ["rev"])
+
+
+def test_bce_from_probs_gradients_check_numerically_to_second_order():
+    x, y, w, *_ = _data(shape=(3, 4), seed=8)
+    p = np.clip(ref.sigmoid(x), 0.05, 0.95)
+    f = lambda a, b, c: jbce.binary_cross_entropy(a, b, weights=c, label_smoothing=0.1)
+    check_grads(jax.jit(f), tuple(map(jnp.asarray, (p, y, w))), order=2, modes=["rev"])
+
+
+def test_sigmoid_bce_hessian_equals_reference_reverse_over_reverse():
+    x, y, w, pw, _ = _data(shape=(6,), seed=9)
+    kw = {"weights": w, "pos_weight": pw, "label_smoothing": 0.1, "reduction": "sum"}
+
+    def f(a):
+        return jbce.sigmoid_binary_cross_entropy(a, jnp.asarray(y), **_j(kw))
+
+    def r(a):
+        return ref.ref_sigmoid_binary_cross_entropy(a, jnp.asarray(y), xp=jnp, **_j(kw))
+
+    h = jax.jit(jax.jacrev(jax.grad(f)))(jnp.asarray(x))
+    hr = jax.jit(jax.jacrev(jax.grad(r)))(jnp.asarray(x))
+    ref.assert_close(h, np.asarray(hr), rtol=1e-12, atol=1e-15)
+    # mixed second derivative d2/(dx dpos_weight)
+    g2 = jax.jit(
+        jax.jacrev(
+            jax.grad(
+                lambda a, b: jbce.sigmoid_binary_cross_entropy(a, jnp.asarray(y), pos_weight=b)
+            ),
+            argnums=1,
+        )
+    )(jnp.asarray(x), jnp.asarray(pw))
+    g2r = jax.jit(
+        jax.jacrev(
+            jax.grad(
+                lambda a, b: ref.ref_sigmoid_binary_cross_entropy(
+                    a, jnp.asarray(y), pos_weight=b, xp=jnp
+                )
+            ),
+            argnums=1,
+        )
+    )(jnp.asarray(x), jnp.asarray(pw))
+    ref.assert_close(g2, np.asarray(g2r), rtol=1e-12, atol=1e-15)
+
+
+def test_sigmoid_bce_saves_no_residual_larger_than_its_inputs():
+    x, y, *_ = _data(shape=(64, 32), seed=10)
+    f = lambda a: jbce.sigmoid_binary_cross_entropy(a, jnp.asarray(y))
+    res = saved_residuals(f, jnp.asarray(x))
+    # at most logits and labels (the inputs) are kept at full size; nothing else
+    full = [r for r in res if np.prod(r[0].shape) >= x.size]
+    assert len(full) <= 2, res
+
+
+# ----------------------------------------------------------------------------- numerics
+
+
+EXTREME = np.array([-1e30, -1e4, -100.0, -20.0, -1.0, 0.0, 1.0, 20.0, 100.0, 1e4, 1e30])
+
+
+@pytest.mark.parametrize("label", [0.0, 1.0, 0.3])
+def test_float32_extreme_logits_within_a_few_ulps_of_float64(label):
+    x32 = EXTREME.astype(np.float32)
+    y32 = np.full_like(x32, label)
+    got = jbce.sigmoid_binary_cross_entropy(
+        jnp.asarray(x32),
+        jnp.asarray(y32),
+        pos_weight=jnp.asarray(2.0, jnp.float32),
+        reduction="none",
+    )
+    assert got.dtype == jnp.float32
+    want = ref.ref_sigmoid_binary_cross_entropy(
+        x32.astype(np.float64), y32.astype(np.float64), pos_weight=2.0, reduction="none"
+    )
+    tiny = float(np.finfo(np.float32).tiny)
+    ref.assert_close(got, want, atol=tiny)
+
+
+def test_float32_gradient_at_extreme_logits_is_sigmoid_minus_label():
+    x32 = EXTREME.astype(np.float32)
+    y32 = np.tile(np.float32([0.0, 1.0, 0.3]), 4)[: x32.size]
+    g = jax.grad(lambda a: jbce.sigmoid_binary_cross_entropy(a, jnp.asarray(y32), reduction="sum"))(
+        jnp.asarray(x32)
+    )
+    assert g.dtype == jnp.float32
+    want = ref.sigmoid(x32.astype(np.float64)) - y32.astype(np.float64)
+    ref.assert_close(g, want, atol=float(np.finfo(np.float32).tiny))
+
+
+def test_infinite_logits_give_zero_or_inf_loss_and_finite_gradient():
+    x = jnp.asarray([np.inf, -np.inf, np.inf, -np.inf, np.inf, -np.inf])
+    y = jnp.asarray([1.0, 0.0, 0.0, 1.0, 0.25, 0.25])
+    loss = jbce.sigmoid_binary_cross_entropy(x, y, reduction="none")
+    np.testing.assert_array_equal(np.asarray(loss), [0, 0, np.inf, np.inf, np.inf, np.inf])
+    g = jax.grad(lambda a: jbce.sigmoid_binary_cross_entropy(a, y, reduction="sum"))(x)
+    np.testing.assert_array_equal(np.asarray(g), [0.0, 0.0, 1.0, -1.0, 0.75, -0.25])
+    gp = jax.grad(
+        lambda a: jbce.sigmoid_binary_cross_entropy(
+            a, y, pos_weight=jnp.asarray(3.0), reduction="sum"
+        )
+    )(x)
+    # d/dx = (1 - y) sigmoid(x) - pw y sigmoid(-x)
+    np.testing.assert_array_equal(np.asarray(gp), [0.0, 0.0, 1.0, -3.0, 0.75, -0.75])
+
+
+def test_infinite_logits_agreeing_with_hard_labels_keep_the_mean_finite():
+    x = jnp.asarray([np.inf, -np.inf, 0.5])
+    y = jnp.asarray([1.0, 0.0, 1.0])
+    val, g = jax.value_and_grad(lambda a: jbce.sigmoid_binary_cross_entropy(a, y))(x)
+    ref.assert_close(val, ref.ref_sigmoid_binary_cross_entropy(np.asarray(x), np.asarray(y)))
+    assert np.all(np.isfinite(np.asarray(g)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("fn", ["sigmoid", "probs"])
+def test_half_precision_inputs_compute_in_float32_and_return_input_dtype_grads(dtype, fn):
+    x, y, w, *_ = _data(seed=11)
+    if fn == "probs":
+        x = np.clip(ref.sigmoid(x), 0.01, 0.99)
+        loss = jbce.binary_cross_entropy
+        rfn = ref.ref_binary_cross_entropy
+    else:
+        loss = jbce.sigmoid_binary_cross_entropy
+        rfn = ref.ref_sigmoid_binary_cross_entropy
+    xl, yl = jnp.asarray(x, dtype), jnp.asarray(y, dtype)
+    val, g = jax.value_and_grad(lambda a: loss(a, yl))(xl)
+    assert val.dtype == jnp.float32
+    assert g.dtype == dtype
+    want = rfn(np.asarray(xl, np.float64), np.asarray(yl, np.float64))
+    ref.assert_close(val, want, rtol=1e-6)
+    gref = jax.jit(jax.grad(lambda a: rfn(a, jnp.asarray(yl, F64), xp=jnp)))(jnp.asarray(xl, F64))
+    ref.assert_close(g, np.asarray(gref), rtol=1e-2, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- shapes
+
+
+@pytest.mark.parametrize("fn", [jbce.sigmoid_binary_cross_entropy, jbce.binary_cross_entropy])
+def test_empty_inputs_give_empty_none_zero_sum_and_zero_mean(fn):
+    x = jnp.zeros((0, 3))
+    y = jnp.zeros((0, 3))
+    assert fn(x, y, reduction="none").shape == (0, 3)
+    assert float(fn(x, y, reduction="sum")) == 0.0
+    val, g = jax.value_and_grad(lambda a: fn(a, y))(x)
+    assert float(val) == 0.0 and g.shape == (0, 3)
+
+
+def test_rank0_inputs():
+    x, y = 0.7, 0.2
+    want = ref.ref_sigmoid_binary_cross_entropy(np.float64(x), np.float64(y), reduction="none")
+    for red in REDUCTIONS:
+        got = jbce.sigmoid_binary_cross_entropy(jnp.asarray(x), jnp.asarray(y), reduction=red)
+        assert got.shape == ()
+        ref.assert_close(got, want)
+
+
+def test_vmap_of_mean_equals_per_row_means():
+    x, y, w, *_ = _data(shape=(5, 7), seed=12)
+    f = lambda a, b, c: jbce.sigmoid_binary_cross_entropy(a, b, weights=c)
+    got = jax.vmap(f)(jnp.asarray(x), jnp.asarray(y), jnp.asarray(w))
+    want = [ref.ref_sigmoid_binary_cross_entropy(x[i], y[i], weights=w[i]) for i in range(5)]
+    ref.assert_close(got, np.asarray(want))
+    gp = jax.vmap(lambda a, b: jbce.binary_cross_entropy(a, b, reduction="sum"))(
+        jnp.asarray(ref.sigmoid(x)), jnp.asarray(y)
+    )
+    ref.assert_close(gp, ref.ref_binary_cross_entropy(ref.sigmoid(x), y, reduction="none").sum(1))
+
+
+# ----------------------------------------------------------------------------- checkify
+
+
+def test_checkify_reports_soft_labels_outside_unit_interval():
+    f = checkify.checkify(
+        jax.jit(lambda a, b: jbce.sigmoid_binary_cross_entropy(a, b)), errors=checkify.user_checks
+    )
+    err, _ = f(jnp.zeros(3), jnp.asarray([0.0, 1.5, 1.0]))
+    assert err.get() is not None and "labels" in err.get()
+    err, _ = f(jnp.zeros(3), jnp.asarray([0.0, 0.5, 1.0]))
+    assert err.get() is None
+
+
+def test_checkify_reports_probabilities_outside_unit_interval():
+    f = checkify.checkify(lambda a, b: jbce.binary_cross_entropy(a, b))
+    err, _ = f(jnp.asarray([0.2, -0.1]), jnp.asarray([0.0, 1.0]))
+    assert err.get() is not None and "probs" in err.get()
+    err, _ = f(jnp.asarray([0.2, 0.9]), jnp.asarray([0.0, 1.0]))
+    assert err.get() is None
+
+
+# ----------------------------------------------------------------------------- variants
+
+
+class JitVariantsTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters(*REDUCTIONS)
+    def test_sigmoid_bce_same_with_and_without_jit(self, reduction):
+        x, y, w, pw, where = _data(seed=13)
+        f = self.variant(
+            lambda a, b, c, d, m: jbce.sigmoid_binary_cross_entropy(
+                a, b, weights=c, pos_weight=d, where=m, label_smoothing=0.1, reduction=reduction
+            )
+        )
+        with _maybe_allow_rank_promotion():
+            got = f(*map(jnp.asarray, (x, y, w, pw, where)))
+        want = ref.ref_sigmoid_binary_cross_entropy(
+            x, y, weights=w, pos_weight=pw, where=where, label_smoothing=0.1, reduction=reduction
+        )
+        ref.assert_close(got, want)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_bce_from_probs_same_with_and_without_jit(self):
+        x, y, w, *_ = _data(seed=14)
+        p = ref.sigmoid(x)
+        f = self.variant(lambda a, b, c: jbce.binary_cross_entropy(a, b, weights=c))
+        ref.assert_close(
+            f(*map(jnp.asarray, (p, y, w))), ref.ref_binary_cross_entropy(p, y, weights=w)
+        )
+
+
+# ----------------------------------------------------------------------------- properties
+
+_shapes = hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=5)
+_logit = st.one_of(
+    st.floats(-50, 50),
+    st.sampled_from([-1e30, -1e4, -88.0, 0.0, 88.0, 1e4, 1e30]),
+)
+
+
+@given(
+    shape=_shapes,
+    dtype=st.sampled_from([np.float32, np.float64]),
+    smoothing=st.sampled_from([0.0, 0.1]),
+    use_pw=st.booleans(),
+    use_w=st.booleans(),
+    use_where=st.booleans(),
+    reduction=st.sampled_from(REDUCTIONS),
+    data=st.data(),
+)
+def test_property_sigmoid_bce_matches_reference(
+    shape, dtype, smoothing, use_pw, use_w, use_where, reduction, data
+):
+    x = data.draw(hnp.arrays(dtype, shape, elements=_logit))
+    y = data.draw(hnp.arrays(dtype, shape, elements=st.sampled_from([0.0, 1.0, 0.25, 0.5])))
+    kw = {}
+    if use_pw:
+        kw["pos_weight"] = np.asarray(2.0, dtype)
+    if use_w:
+        kw["weights"] = data.draw(hnp.arrays(dtype, shape, elements=st.sampled_from([0.5, 1.0])))
+    if use_where:
+        kw["where"] = data.draw(hnp.arrays(np.bool_, shape))
+    got = jax.jit(
+        lambda a, b, k: jbce.sigmoid_binary_cross_entropy(
+            a, b, label_smoothing=smoothing, reduction=reduction, **k
+        )
+    )(jnp.asarray(x), jnp.asarray(y), _j(kw))
+    assert got.dtype == dtype
+    want = ref.ref_sigmoid_binary_cross_entropy(
+        x,
+        y,
+        label_smoothing=smoothing,
+        reduction=reduction,
+        **{k: (np.asarray(v, np.float64) if k != "where" else v) for k, v in kw.items()},
+    )
+    # float32 smoothing constants are rounded: compare to a few ulps of the result scale
+    rtol = 1e-12 if dtype == np.float64 else 2e-6
+    ref.assert_close(got, want, rtol=rtol, atol=float(np.finfo(dtype).tiny))
+    assert not np.any(np.isnan(np.asarray(got)))
