@@ -37,10 +37,31 @@ def _sigmoid_pair(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 # --- sigmoid BCE core: l = pw * y * softplus(-x) + (1 - y) * softplus(x) -----------------------
+# With t = log1p(exp(-|x|)) and softplus(+-x) = relu(+-x) + t this is
+#   l = c |x| + (pw y + 1 - y) t,   c = (1 - y) for x > 0 and pw y for x < 0,
+# one exp/log1p pair per element. The cores use no compare/select: XLA:CPU then fuses the
+# whole elementwise chain with the reduction into one YNNPACK kernel (a select splits it
+# into several kernels and materialises N-element temporaries). Branches are blended with
+# h = step(x) in {0, 1/2, 1}, and 0 * inf = 0 (an infinite logit whose hard label agrees)
+# is obtained by multiplying a clamped |x| and adding u / (1 - u), which is +inf exactly
+# where |x| = inf and c > 0 (u = 1) and 0 elsewhere (u = 0).
+def _step(x: jax.Array) -> jax.Array:
+    """1 for x > 0, 0 for x < 0, 1/2 at 0 (without a select)."""
+    return 0.5 + 0.5 * jnp.sign(x)
+
+
 @jax.custom_vjp
-def _bce_logits(x: jax.Array, y: jax.Array, pw: jax.Array) -> jax.Array:
-    sp_pos, sp_neg = _softplus_pair(x)
-    return _xmul(pw * y, sp_neg) + _xmul(1 - y, sp_pos)
+def _bce_logits(x: jax.Array, y: jax.Array, pw: jax.Array | None) -> jax.Array:
+    ax = jnp.abs(x)
+    t = jnp.log1p(jnp.exp(-ax))
+    a = y if pw is None else pw * y
+    b = 1 - y
+    h = _step(x)
+    c = h * b + (1 - h) * a  # exactly b for x > 0 and a for x < 0
+    fmax = jnp.finfo(x.dtype).max
+    u = jnp.sign(c) * jnp.sign(jnp.maximum(ax - fmax, 0))
+    lin = c * jnp.minimum(ax, fmax) + u / (1 - u)
+    return lin + (t if pw is None else (a + b) * t)
 
 
 def _bce_logits_fwd(x, y, pw):
@@ -49,18 +70,17 @@ def _bce_logits_fwd(x, y, pw):
 
 
 def _bce_logits_bwd(res, g):
-    x, y, pw = res
-    s_pos, s_neg = _sigmoid_pair(x)
+    # The barrier keeps XLA from sharing subexpressions between this pass and the forward
+    # pass in value_and_grad (shared ones would be materialised as N-element temporaries).
+    x, y, pw = jax.lax.optimization_barrier(res)
+    # d/dx = (1 - y) sigmoid(x) - pw y sigmoid(-x), each sigmoid as 1 / (1 + exp(-+x)):
+    # accurate in its own tail, and exactly 0 or 1 for x = +-inf.
+    a = y if pw is None else pw * y
+    dx = g * ((1 - y) / (1 + jnp.exp(-x)) - a / (1 + jnp.exp(x)))
     sp_pos, sp_neg = _softplus_pair(x)
-    # d/dx = (1 - y) sigmoid(x) - pw y sigmoid(-x): finite for x = +-inf.
-    dx = g * ((1 - y) * s_pos - pw * y * s_neg)
-    dy = g * (sp_pos - pw * sp_neg)
-    dpw = g * _xmul(y, sp_neg)
-    return (
-        dx.astype(x.dtype),
-        _unbroadcast(dy, y),
-        _unbroadcast(dpw, pw),
-    )
+    dy = g * (sp_pos - (sp_neg if pw is None else pw * sp_neg))
+    dpw = None if pw is None else _unbroadcast(g * _xmul(y, sp_neg), pw)
+    return dx.astype(x.dtype), _unbroadcast(dy, y), dpw
 
 
 _bce_logits.defvjp(_bce_logits_fwd, _bce_logits_bwd)
@@ -144,10 +164,10 @@ def sigmoid_binary_cross_entropy(
     _checks.debug_check_unit_interval("labels", y)
     y = jnp.broadcast_to(_smooth(y, label_smoothing), x.shape)
     if pos_weight is None:
-        pw = jnp.ones((), dt)
+        pw = None
     else:
         _checks.check_broadcastable("pos_weight", pos_weight, "logits", x.shape)
-        pw = _checks.as_float(pos_weight, dt)
+        pw = jnp.broadcast_to(_checks.as_float(pos_weight, dt), x.shape)
     loss = _bce_logits(x, y, pw)
     return reduce_loss(loss, reduction=reduction, weights=weights, where=where)
 
@@ -257,10 +277,10 @@ def _focal_bwd(res, g):
     ratio = jnp.where(m > 0, dm / jnp.where(m > 0, m, 1), jnp.zeros((), m.dtype))
     dce = (1 - y) * s_pos - y * s_neg
     dx = g * (dce * mg + _xmul(gamma * ratio, _xmul(ce, mg)))
-    # d/dy: ce' = softplus(x) - softplus(-x) = x, m' = sigmoid(-x) - sigmoid(x).
+    # d/dy: ce' = softplus(-x) - softplus(x) = -x, m' = sigmoid(-x) - sigmoid(x).
     dmy = s_neg - s_pos
     ratio_y = jnp.where(m > 0, dmy / jnp.where(m > 0, m, 1), jnp.zeros((), m.dtype))
-    dy = g * (_xmul(mg, x) + _xmul(gamma * ratio_y, _xmul(ce, mg)))
+    dy = g * (_xmul(mg, -x) + _xmul(gamma * ratio_y, _xmul(ce, mg)))
     log_m = jnp.log(jnp.where(m > 0, m, 1))
     dgamma = g * _xmul(_xmul(ce, mg), log_m)
     return dx.astype(x.dtype), dy.astype(y.dtype), _unbroadcast(dgamma, gamma)

@@ -65,7 +65,7 @@ def _kwargs(opts, w, pw, where, pos_weight_ok=True):
 
 # Core bug 2 (/work/notes/core_bugs.md): broadcast (lower-rank) weights / pos_weight rely on
 # implicit rank promotion inside jbce. Set to True once fixed, so every test runs strict.
-STRICT_BROADCAST_FIXED = False
+STRICT_BROADCAST_FIXED = True
 
 
 def _maybe_allow_rank_promotion(opts=None):
@@ -203,7 +203,6 @@ def test_sigmoid_bce_equals_torch_values_and_gradients(opts, reduction):
         ref.assert_close(g, np.asarray(rg), rtol=1e-12, atol=1e-15)
 
 
-@pytest.mark.xfail(strict=True, reason="core bug 1: d loss / d labels has the wrong sign")
 @pytest.mark.parametrize("use_pw", [False, True])
 def test_sigmoid_bce_label_gradient_equals_torch(use_pw):
     pytest.importorskip("torch")
@@ -218,7 +217,6 @@ def test_sigmoid_bce_label_gradient_equals_torch(use_pw):
     ref.assert_close(g, tg, rtol=1e-12)
 
 
-@pytest.mark.xfail(strict=True, reason="core bug 2: implicit rank promotion of broadcast weights")
 @pytest.mark.parametrize("fn", ["sigmoid", "probs"])
 def test_broadcast_weights_work_under_strict_rank_promotion(fn):
     x, y, w, *_ = _data()
@@ -303,7 +301,6 @@ def test_sigmoid_bce_gradients_check_numerically_to_second_order(opts):
         check_grads(jax.jit(f), tuple(map(jnp.asarray, (x, w, pw))), order=2, modes=["rev"])
 
 
-@pytest.mark.xfail(strict=True, reason="core bug 1: d loss / d labels has the wrong sign")
 def test_sigmoid_bce_label_gradient_checks_numerically_to_second_order():
     x, y, *_ = _data(shape=(3, 4), seed=7)
     f = lambda a, b: jbce.sigmoid_binary_cross_entropy(a, b, label_smoothing=0.1)
