@@ -78,7 +78,7 @@ def _bce_logits_bwd(res, g):
     a = y if pw is None else pw * y
     dx = g * ((1 - y) / (1 + jnp.exp(-x)) - a / (1 + jnp.exp(x)))
     sp_pos, sp_neg = _softplus_pair(x)
-    dy = g * (sp_pos - (sp_neg if pw is None else pw * sp_neg))
+    dy = g * ((sp_neg if pw is None else pw * sp_neg) - sp_pos)  # pw softplus(-x) - softplus(x)
     dpw = None if pw is None else _unbroadcast(g * _xmul(y, sp_neg), pw)
     return dx.astype(x.dtype), _unbroadcast(dy, y), dpw
 
