@@ -52,15 +52,18 @@ def _step(x: jax.Array) -> jax.Array:
 
 @jax.custom_vjp
 def _bce_logits(x: jax.Array, y: jax.Array, pw: jax.Array | None) -> jax.Array:
+    # `one` is 1 hidden from XLA's CSE: a literal 1 here would be shared with the backward
+    # pass of value_and_grad and materialised as an N-element broadcast.
+    one = jax.lax.optimization_barrier(jnp.ones((), x.dtype))
     ax = jnp.abs(x)
     t = jnp.log1p(jnp.exp(-ax))
     a = y if pw is None else pw * y
-    b = 1 - y
+    b = one - y
     h = _step(x)
-    c = h * b + (1 - h) * a  # exactly b for x > 0 and a for x < 0
+    c = h * b + (one - h) * a  # exactly b for x > 0 and a for x < 0
     fmax = jnp.finfo(x.dtype).max
     u = jnp.sign(c) * jnp.sign(jnp.maximum(ax - fmax, 0))
-    lin = c * jnp.minimum(ax, fmax) + u / (1 - u)
+    lin = c * jnp.minimum(ax, fmax) + u / (one - u)
     return lin + (t if pw is None else (a + b) * t)
 
 
@@ -73,10 +76,12 @@ def _bce_logits_bwd(res, g):
     # The barrier keeps XLA from sharing subexpressions between this pass and the forward
     # pass in value_and_grad (shared ones would be materialised as N-element temporaries).
     x, y, pw = jax.lax.optimization_barrier(res)
-    # d/dx = (1 - y) sigmoid(x) - pw y sigmoid(-x), each sigmoid as 1 / (1 + exp(-+x)):
-    # accurate in its own tail, and exactly 0 or 1 for x = +-inf.
+    # d/dx = (1 - y) sigmoid(x) - pw y sigmoid(-x), written s - y s - pw y s' with
+    # s = sigmoid(x), s' = sigmoid(-x): each sigmoid accurate in its own tail, exactly 0 or 1
+    # for x = +-inf, and no literal constant that XLA would share with the forward pass.
+    s_pos, s_neg = jax.nn.sigmoid(x), jax.nn.sigmoid(-x)
     a = y if pw is None else pw * y
-    dx = g * ((1 - y) / (1 + jnp.exp(-x)) - a / (1 + jnp.exp(x)))
+    dx = g * (s_pos - y * s_pos - a * s_neg)
     sp_pos, sp_neg = _softplus_pair(x)
     dy = g * ((sp_neg if pw is None else pw * sp_neg) - sp_pos)  # pw softplus(-x) - softplus(x)
     dpw = None if pw is None else _unbroadcast(g * _xmul(y, sp_neg), pw)
