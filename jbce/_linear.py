@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from jbce import _checks
+from jbce import _checks, _parallel
 from jbce._softmax import _softcap, loss_from_stats
 
 # Elements in one tile of logits when the token chunk is picked automatically: 2**20 float32
@@ -62,19 +62,34 @@ def _tile_logits(h, w, b, dtype, cap):
     return z, _softcap(z, cap)
 
 
+def _varying_like(*refs):
+    """Makes a loop's initial carry vary over the mesh axes its inputs vary over.
+
+    Inside ``shard_map`` a loop carry must keep its type; the zeros a loop starts from are
+    replicated while the tiles of a sharded ``weight`` are not. A no-op elsewhere.
+    """
+    axes = frozenset().union(*(_parallel._varying_axes(r) for r in refs if r is not None))
+
+    def vary(x):
+        extra = tuple(sorted(axes - _parallel._varying_axes(x)))
+        return lax.pcast(x, extra, to="varying") if extra else x
+
+    return vary
+
+
 def _slice_cols(a, start, size):
     return None if a is None else lax.dynamic_slice_in_dim(a, start, size, a.ndim - 1)
 
 
-# --- per-token statistics with a custom VJP ----------------------------------------------------
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _linear_stats(hidden, weight, bias, labels, cap, dtype, tn, tv):
-    """(lse, target logit, sum of included logits) per token of ``hidden @ weight + bias``.
+# --- the two tile walks ------------------------------------------------------------------------
+def _tiled_forward(hidden, weight, bias, labels, cap, dtype, tn, tv):
+    """Per token: (max, sum exp(x - max), target logit, sum of included logits).
 
-    hidden [N, D], weight [D, V], bias [V] or None, labels [N] (a label outside [0, V)
-    gives a target logit of 0). Classes whose logit is -inf are left out of all three.
+    hidden [N, D], weight [D, V], bias [V] or None, labels [N]. A label outside [0, V)
+    gives a target logit of 0. Classes whose logit is -inf are left out of all four.
     """
     n, v = hidden.shape[0], weight.shape[1]
+    vary = _varying_like(hidden, weight, bias, labels)
 
     def token_chunk(i, out):
         r0 = _chunk_start(i, tn, n)
@@ -100,31 +115,27 @@ def _linear_stats(hidden, weight, bias, labels, cap, dtype, tn, tv):
             return m_new, se, xt, s
 
         zero = jnp.zeros((tn,), dtype)
-        init = (jnp.full((tn,), -jnp.inf, dtype), zero, zero, zero)
-        m, se, xt, s = lax.fori_loop(0, -(-v // tv), vocab_chunk, init)
-        lse = jnp.where(se > 0, m + jnp.log(jnp.where(se > 0, se, 1)), -jnp.inf)
+        init = tuple(map(vary, (jnp.full((tn,), -jnp.inf, dtype), zero, zero, zero)))
+        stats = lax.fori_loop(0, -(-v // tv), vocab_chunk, init)
         # Rows of an overlapping last chunk are recomputed identically, so writing is safe.
-        return tuple(
-            lax.dynamic_update_slice_in_dim(o, t, r0, 0) for o, t in zip(out, (lse, xt, s))
-        )
+        return tuple(lax.dynamic_update_slice_in_dim(o, t, r0, 0) for o, t in zip(out, stats))
 
     zeros = jnp.zeros((n,), dtype)
-    return lax.fori_loop(0, -(-n // tn), token_chunk, (zeros, zeros, zeros))
+    init = tuple(map(vary, (jnp.full((n,), -jnp.inf, dtype), zeros, zeros, zeros)))
+    return lax.fori_loop(0, -(-n // tn), token_chunk, init)
 
 
-def _linear_stats_fwd(hidden, weight, bias, labels, cap, dtype, tn, tv):
-    out = _linear_stats(hidden, weight, bias, labels, cap, dtype, tn, tv)
-    # Residuals: the inputs and one lse per token; no logits are kept, each tile is
-    # recomputed in the backward pass.
-    return out, (hidden, weight, bias, labels, out[0])
+def _tiled_backward(hidden, weight, bias, labels, lse, g, cap, dtype, tn, tv):
+    """(d hidden, d weight, d bias) in ``dtype`` for cotangents ``g`` of (lse, x_y, sum x).
 
-
-def _linear_stats_bwd(cap, dtype, tn, tv, res, g):
-    hidden, weight, bias, labels, lse = res
+    Per tile: d x = g_lse softmax(x) + g_xt [c = y] + g_s (times the soft-cap derivative),
+    then d hidden += d x W^T, d W += h^T d x, d b += sum_rows d x.
+    """
     g_lse, g_xt, g_s = g
     n, d = hidden.shape
     v = weight.shape[1]
     lse = jnp.where(lse > -jnp.inf, lse, 0)  # a row with no class has p = 0 everywhere
+    vary = _varying_like(hidden, weight, bias, labels, lse, *g)
 
     def vocab_chunk(j, carry):
         dh, dw, db = carry
@@ -160,7 +171,7 @@ def _linear_stats_bwd(cap, dtype, tn, tv, res, g):
             db_j = db_j + jnp.sum(dx, axis=0)
             return dh, dw_j, db_j
 
-        init = (dh, jnp.zeros((d, tv), dtype), jnp.zeros((tv,), dtype))
+        init = (dh, vary(jnp.zeros((d, tv), dtype)), vary(jnp.zeros((tv,), dtype)))
         dh, dw_j, db_j = lax.fori_loop(0, -(-n // tn), token_chunk, init)
         # The columns an overlapping last chunk shares with the previous one are kept as they
         # were (the chunk computed zeros there).
@@ -170,14 +181,76 @@ def _linear_stats_bwd(cap, dtype, tn, tv, res, g):
         db = lax.dynamic_update_slice_in_dim(db, db_j, c0, 0)
         return dh, dw, db
 
-    init = (jnp.zeros((n, d), dtype), jnp.zeros((d, v), dtype), jnp.zeros((v,), dtype))
-    dh, dw, db = lax.fori_loop(0, -(-v // tv), vocab_chunk, init)
+    init = tuple(map(vary, (jnp.zeros((n, d), dtype), jnp.zeros((d, v), dtype),
+                            jnp.zeros((v,), dtype))))  # fmt: skip
+    return lax.fori_loop(0, -(-v // tv), vocab_chunk, init)
+
+
+def _lse(m, se):
+    return jnp.where(se > 0, m + jnp.log(jnp.where(se > 0, se, 1)), -jnp.inf)
+
+
+def _cotangents(hidden, weight, bias, labels, dh, dw, db):
     dbias = None if bias is None else db.astype(bias.dtype)
     dlabels = jnp.zeros(labels.shape, jax.dtypes.float0)
     return dh.astype(hidden.dtype), dw.astype(weight.dtype), dbias, dlabels
 
 
+# --- per-token statistics with a custom VJP ----------------------------------------------------
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _linear_stats(hidden, weight, bias, labels, cap, dtype, tn, tv):
+    """(lse, target logit, sum of included logits) per token of ``hidden @ weight + bias``."""
+    m, se, xt, s = _tiled_forward(hidden, weight, bias, labels, cap, dtype, tn, tv)
+    return _lse(m, se), xt, s
+
+
+def _linear_stats_fwd(hidden, weight, bias, labels, cap, dtype, tn, tv):
+    out = _linear_stats(hidden, weight, bias, labels, cap, dtype, tn, tv)
+    # Residuals: the inputs and one lse per token; no logits are kept, each tile is
+    # recomputed in the backward pass.
+    return out, (hidden, weight, bias, labels, out[0])
+
+
+def _linear_stats_bwd(cap, dtype, tn, tv, res, g):
+    hidden, weight, bias, labels, lse = res
+    grads = _tiled_backward(hidden, weight, bias, labels, lse, g, cap, dtype, tn, tv)
+    return _cotangents(hidden, weight, bias, labels, *grads)
+
+
 _linear_stats.defvjp(_linear_stats_fwd, _linear_stats_bwd)
+
+
+# --- the same with weight's vocabulary axis sharded over a mesh axis ---------------------------
+def _shard_labels(labels, v_local, axis_name):
+    """Global labels as this shard's column indices (outside [0, V_local) if not owned)."""
+    return labels - lax.axis_index(axis_name) * v_local
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _sharded_linear_stats(hidden, weight, bias, labels, cap, dtype, tn, tv, axis_name):
+    """Global (lse, x_y, sum x) from this shard's ``weight`` [D, V_local] (and bias)."""
+    y = _shard_labels(labels, weight.shape[1], axis_name)
+    m, se, xt, s = _tiled_forward(hidden, weight, bias, y, cap, dtype, tn, tv)
+    return _parallel.combine_stats(m, se, xt, s, axis_name=axis_name)
+
+
+def _sharded_linear_stats_fwd(hidden, weight, bias, labels, cap, dtype, tn, tv, axis_name):
+    out = _sharded_linear_stats(hidden, weight, bias, labels, cap, dtype, tn, tv, axis_name)
+    # Residuals: the inputs and the global lse per token (no communication in the backward).
+    return out, (hidden, weight, bias, labels, out[0])
+
+
+def _sharded_linear_stats_bwd(cap, dtype, tn, tv, axis_name, res, g):
+    hidden, weight, bias, labels, lse = res
+    y = _shard_labels(labels, weight.shape[1], axis_name)
+    dh, dw, db = _tiled_backward(hidden, weight, bias, y, lse, g, cap, dtype, tn, tv)
+    # This shard's d hidden is its classes' share; a hidden replicated over the axis (as
+    # under shard_map) collects the sum of the shares.
+    dh = _parallel.psum_to_like(dh.astype(hidden.dtype), hidden)
+    return _cotangents(hidden, weight, bias, labels, dh, dw, db)
+
+
+_sharded_linear_stats.defvjp(_sharded_linear_stats_fwd, _sharded_linear_stats_bwd)
 
 
 def linear_softmax_cross_entropy(
@@ -277,31 +350,31 @@ def linear_softmax_cross_entropy(
     if weights is not None:
         _checks.check_broadcastable("weights", weights, "labels", bshape)
         weights = _checks.as_float(weights, dt)
-    if axis_name is not None:
-        from jbce import _parallel
-
-        return _parallel.sharded_linear_ce(
-            hidden, weight, labels, axis_name=axis_name, bias=bias, weights=weights,
-            ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
-            logit_softcap=logit_softcap, reduction=reduction, chunk_size=chunk_size,
-        )  # fmt: skip
-    _checks.debug_check_labels("labels", labels, v, ignore_index)
-    lse, xt, s = linear_stats(hidden, weight, bias, labels, dtype=dt, cap=logit_softcap,
-                              chunk_size=chunk_size)  # fmt: skip
-    num_inc = num_included(bias, v, logit_softcap)
+    if axis_name is None:
+        _checks.debug_check_labels("labels", labels, v, ignore_index)
+        num_classes = v
+    else:
+        num_classes = v * lax.axis_size(axis_name)
+    lse, xt, s = linear_stats(
+        hidden, weight, bias, labels, dtype=dt, cap=logit_softcap, chunk_size=chunk_size,
+        axis_name=axis_name,
+    )  # fmt: skip
+    num_inc = num_included(bias, num_classes, logit_softcap, axis_name)
     return loss_from_stats(
         lse, xt, s, labels,
-        num_classes=v, num_included=num_inc, included_weight_sum=jnp.asarray(num_inc, dt),
-        target_weight=None, ignore_index=ignore_index, label_smoothing=label_smoothing,
-        z_loss=z_loss, weights=weights, where=None, reduction=reduction,
+        num_classes=num_classes, num_included=num_inc,
+        included_weight_sum=jnp.asarray(num_inc, dt), target_weight=None,
+        ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
+        weights=weights, where=None, reduction=reduction,
     )  # fmt: skip
 
 
-def linear_stats(hidden, weight, bias, labels, *, dtype, cap, chunk_size):
-    """Per-token (lse, target logit, logit sum) in ``labels``' shape; see :func:`_linear_stats`.
+def linear_stats(hidden, weight, bias, labels, *, dtype, cap, chunk_size, axis_name=None):
+    """Per-token (lse, target logit, logit sum) of ``hidden @ weight + bias``, labels' shape.
 
-    A label outside ``[0, V)`` has a target logit of 0 (the vocabulary-parallel loss relies
-    on this: a shard that does not own the label contributes 0).
+    With ``axis_name``, ``weight`` [D, V_local] (and ``bias``) are this shard's columns of
+    the vocabulary, the labels global ids, and the statistics are global (replicated).
+    Without, a label outside ``[0, V)`` has a target logit of 0.
     """
     bshape = labels.shape
     h2 = hidden.reshape(-1, hidden.shape[-1])
@@ -311,12 +384,20 @@ def linear_stats(hidden, weight, bias, labels, *, dtype, cap, chunk_size):
         empty = jnp.zeros(bshape, dtype)
         return empty, empty, empty
     tn, tv = _tile_sizes(n, v, chunk_size)
-    stats = _linear_stats(h2, weight, bias, y, cap, jnp.dtype(dtype), tn, tv)
+    if axis_name is None:
+        stats = _linear_stats(h2, weight, bias, y, cap, jnp.dtype(dtype), tn, tv)
+    else:
+        stats = _sharded_linear_stats(h2, weight, bias, y, cap, jnp.dtype(dtype), tn, tv,
+                                      axis_name)  # fmt: skip
     return tuple(t.reshape(bshape) for t in stats)
 
 
-def num_included(bias, v: int, cap: float | None):
-    """Classes taking part in the softmax: those whose (soft-capped) logit can be finite."""
+def num_included(bias, v: int, cap: float | None, axis_name=None):
+    """Classes taking part in the softmax: those whose (soft-capped) logit can be finite.
+
+    ``v`` is the global vocabulary size; with ``axis_name`` the bias is this shard's slice.
+    """
     if bias is None or cap is not None:
         return v
-    return jnp.sum(bias > -jnp.inf)
+    count = jnp.sum(bias > -jnp.inf)
+    return count if axis_name is None else lax.psum(count, axis_name)
