@@ -68,6 +68,20 @@ def _softmax_from_lse(x: jax.Array, lse: jax.Array, inc: jax.Array) -> jax.Array
     return jnp.exp(z)
 
 
+# Without a mask the compare/select of _masked_lse is not needed (exp(-inf - m) is already 0)
+# and is expensive: on XLA:CPU it splits the max and the exp-sum into separate kernels with
+# an N x K temporary between them. These two keep every pass select-free.
+def _lse_unmasked(x: jax.Array) -> jax.Array:
+    """log sum_c exp(x_c) over the last axis; -inf logits drop out, -inf for an all -inf row."""
+    m = jnp.max(x, axis=-1, keepdims=True)
+    m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, jnp.zeros((), m.dtype)))
+    return m[..., 0] + jnp.log(jnp.sum(jnp.exp(x - m), axis=-1))
+
+
+def _softmax_unmasked(x: jax.Array, lse: jax.Array) -> jax.Array:
+    return jnp.exp(x - lse[..., None])
+
+
 def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
     return x if cap is None else cap * jnp.tanh(x / cap)
 
@@ -85,7 +99,7 @@ def _int_stats(logits, labels, class_weights, mask, cap, dtype):
     """(lse, target logit, sum_c w_c x_c) over included classes; logits [B, K] any float dtype."""
     x = _softcap(logits.astype(dtype), cap)
     inc = _included(x, mask)
-    lse = _masked_lse(x, inc)
+    lse = _lse_unmasked(x) if mask is None else _masked_lse(x, inc)
     xt = jnp.take_along_axis(x, labels[..., None], axis=-1)[..., 0]
     w = jnp.ones((), dtype) if class_weights is None else class_weights
     s = jnp.sum(jnp.where(inc, x * w, 0), axis=-1)
@@ -104,8 +118,8 @@ def _int_stats_bwd(cap, dtype, res, g):
     g_lse, g_xt, g_s = g
     x = _softcap(logits.astype(dtype), cap)
     inc = _included(x, mask)
-    p = _softmax_from_lse(x, lse, inc)
-    onehot = labels[..., None] == jnp.arange(x.shape[-1])
+    p = _softmax_unmasked(x, lse) if mask is None else _softmax_from_lse(x, lse, inc)
+    onehot = jax.lax.broadcasted_iota(labels.dtype, x.shape, x.ndim - 1) == labels[..., None]
     w = jnp.ones((), dtype) if class_weights is None else class_weights
     dx = g_lse[..., None] * p + jnp.where(onehot, g_xt[..., None], 0)
     dx = dx + jnp.where(inc, g_s[..., None] * w, 0)
