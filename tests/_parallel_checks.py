@@ -1,0 +1,464 @@
+"""Checks that need 8 devices, run in a subprocess by tests/test_parallel.py.
+
+The XLA flag forcing 8 host devices must be set before jax is imported, and the main
+pytest process must keep its single device, hence a separate interpreter. Prints one JSON
+object ``{check name: {"ok": bool, "detail": str}}`` on its last stdout line; the pytest
+side turns each entry into a test. Run by hand: ``python tests/_parallel_checks.py``.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+from functools import partial  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import jbce  # noqa: E402
+
+N_DEV = 8
+RESULTS: dict[str, dict] = {}
+
+
+def record(name, fn, *args):
+    """Runs ``fn(*args)``; an exception marks the check failed with its traceback."""
+    t0 = time.perf_counter()
+    try:
+        fn(*args)
+        RESULTS[name] = {"ok": True, "detail": ""}
+    except Exception:  # noqa: BLE001 - every failure is reported, not raised
+        RESULTS[name] = {"ok": False, "detail": traceback.format_exc()[-3000:]}
+    RESULTS[name]["seconds"] = round(time.perf_counter() - t0, 2)
+
+
+def check(fn):
+    """Registers and runs a check named after the function."""
+    record(fn.__name__, fn)
+    return fn
+
+
+def check_each_loss(fn):
+    """Runs ``fn(name, case)`` once per public loss, as checks ``fn_name[loss]``."""
+    for name, case in loss_cases().items():
+        record(f"{fn.__name__}[{name}]", fn, name, case)
+    return fn
+
+
+def close(got, ref, rtol=1e-5, what=""):
+    """float32 closeness: rtol per entry, atol relative to the largest reference entry."""
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+        g, r = np.asarray(g, np.float64), np.asarray(r, np.float64)
+        scale = max(1.0, float(np.max(np.abs(r), initial=0.0)))
+        np.testing.assert_allclose(g, r, rtol=rtol, atol=rtol * scale, err_msg=what)
+
+
+RNG = np.random.default_rng(0)
+B, K = 16, 64  # K_local = 8 on 8 shards
+
+
+def int_ce_case(*, ignore=True, neg_inf=False):
+    logits = RNG.normal(size=(B, K)).astype(np.float32) * 3
+    labels = RNG.integers(0, K, size=B).astype(np.int32)
+    if ignore:
+        labels[[1, 5, 6]] = -100
+    if neg_inf:
+        logits[2, 10:50] = -np.inf
+        labels[2] = 60  # its target stays possible
+    cw = RNG.uniform(0.5, 2.0, size=K).astype(np.float32)
+    return jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(cw)
+
+
+# ---------------------------------------------------------------------------------------
+# 1. Vocabulary-parallel integer CE: value and gradients equal the unsharded loss.
+# ---------------------------------------------------------------------------------------
+VOCAB_MESH = Mesh(np.array(jax.devices()), ("vocab",))
+OPTION_SETS = {
+    "plain": {},
+    "smoothing_class_weights": {"label_smoothing": 0.1, "class_weights": True},
+    "z_loss_softcap": {"z_loss": 1e-2, "logit_softcap": 4.0},
+    "everything": {
+        "label_smoothing": 0.2,
+        "z_loss": 1e-3,
+        "logit_softcap": 5.0,
+        "class_weights": True,
+    },
+    "no_ignore_index": {"ignore_index": None},
+}
+
+
+def vocab_parallel_vs_unsharded(opts, reduction, *, where_kind=None, neg_inf=False):
+    logits, labels, cw = int_ce_case(
+        neg_inf=neg_inf, ignore=opts.get("ignore_index", 0) is not None
+    )
+    opts = dict(opts)
+    use_cw = opts.pop("class_weights", False)
+    weights = jnp.asarray(RNG.uniform(0.5, 1.5, size=B).astype(np.float32))
+    ex_where = jnp.asarray(RNG.uniform(size=B) > 0.2)
+    logit_where = jnp.asarray(RNG.uniform(size=(B, K)) > 0.3)
+    extra = {}
+    if where_kind == "example":
+        extra = {"where": ex_where, "weights": weights}
+    elif where_kind == "logit":
+        extra = {"where": logit_where}
+
+    def ref_loss(x, w):
+        return jbce.softmax_cross_entropy_with_integer_labels(
+            x, labels, class_weights=w if use_cw else None, reduction=reduction, **opts, **extra
+        )
+
+    logit_spec = P(None, "vocab")
+    where_spec = logit_spec if where_kind == "logit" else P()
+
+    @partial(
+        jax.shard_map,
+        mesh=VOCAB_MESH,
+        in_specs=(logit_spec, P("vocab"), P(), where_spec, P()),
+        out_specs=P(),
+    )
+    def sharded(x, w, y, where, wts):
+        kw = dict(opts)
+        if where_kind is not None:
+            kw["where"] = where
+        if where_kind == "example":
+            kw["weights"] = wts
+        return jbce.softmax_cross_entropy_with_integer_labels(
+            x, y, class_weights=w if use_cw else None, reduction=reduction,
+            axis_name="vocab", **kw,
+        )  # fmt: skip
+
+    where_arg = logit_where if where_kind == "logit" else ex_where
+
+    def sh_loss(x, w):
+        return sharded(x, w, labels, where_arg, weights)
+
+    def total(f):
+        return lambda x, w: jnp.sum(f(x, w))
+
+    argnums = (0, 1) if use_cw else 0
+    ref = jax.jit(jax.value_and_grad(total(ref_loss), argnums=argnums))(logits, cw)
+    got = jax.jit(jax.value_and_grad(total(sh_loss), argnums=argnums))(logits, cw)
+    close(got, ref, what=f"{opts} {reduction} {where_kind}")
+    assert np.all(np.isfinite(np.asarray(got[0]))), got[0]
+    if reduction == "none":
+        close(jax.jit(sh_loss)(logits, cw), ref_loss(logits, cw), what="per-example")
+
+
+@check
+def vocab_parallel_options_match_unsharded():
+    for name, opts in OPTION_SETS.items():
+        for reduction in ("mean", "none") if name == "everything" else ("mean",):
+            try:
+                vocab_parallel_vs_unsharded(opts, reduction)
+            except AssertionError as e:
+                raise AssertionError(f"option set {name}, reduction {reduction}") from e
+
+
+@check
+def vocab_parallel_masks_and_weights_match_unsharded():
+    vocab_parallel_vs_unsharded({}, "mean", where_kind="example", neg_inf=True)
+    opts = {"label_smoothing": 0.1, "class_weights": True}
+    vocab_parallel_vs_unsharded(opts, "sum", where_kind="logit", neg_inf=True)
+
+
+@check
+def vocab_parallel_row_without_classes_has_zero_loss_and_gradient():
+    # Checked against the documented behaviour rather than the unsharded path.
+    logits, labels, _ = int_ce_case()
+    logits = logits.at[3].set(-jnp.inf)
+    where = jnp.ones((B, K), bool).at[4].set(False)  # row 4: every class masked out
+
+    def loss(x, reduction):
+        f = jax.shard_map(
+            lambda x, m: jbce.softmax_cross_entropy_with_integer_labels(
+                x, labels, where=m, label_smoothing=0.1, reduction=reduction, axis_name="vocab"
+            ),
+            mesh=VOCAB_MESH, in_specs=(P(None, "vocab"), P(None, "vocab")), out_specs=P(),
+        )  # fmt: skip
+        return f(x, where)
+
+    per = np.asarray(jax.jit(loss, static_argnums=1)(logits, "none"))
+    g = np.asarray(jax.jit(jax.grad(loss), static_argnums=1)(logits, "mean"))
+    assert per[3] == 0 and per[4] == 0, per
+    assert np.all(g[3:5] == 0), g[3:5]
+    assert np.all(np.isfinite(per)) and np.all(np.isfinite(g))
+    kept = np.asarray((labels != -100).at[3].set(False).at[4].set(False))
+    rows = np.flatnonzero(kept)
+    ref = jbce.softmax_cross_entropy_with_integer_labels(
+        logits[rows], labels[rows], label_smoothing=0.1, reduction="none"
+    )
+    close(per[rows], ref)
+
+
+@check
+def vocab_parallel_out_of_range_label_is_nan_like_unsharded():
+    logits, labels, _ = int_ce_case()
+    labels = labels.at[0].set(K)  # out of the global range: NaN for that example
+    f = jax.shard_map(
+        lambda x, y: jbce.softmax_cross_entropy_with_integer_labels(
+            x, y, reduction="none", axis_name="vocab"
+        ),
+        mesh=VOCAB_MESH, in_specs=(P(None, "vocab"), P()), out_specs=P(),
+    )  # fmt: skip
+    got = np.asarray(jax.jit(f)(logits, labels))
+    ref = np.asarray(
+        jbce.softmax_cross_entropy_with_integer_labels(logits, labels, reduction="none")
+    )
+    assert np.isnan(got[0]) and np.isnan(ref[0]), (got[0], ref[0])
+    close(got[1:], ref[1:])
+
+
+@check
+def vocab_parallel_never_gathers_logits():
+    logits, labels, _ = int_ce_case()
+
+    def loss(x):
+        f = jax.shard_map(
+            lambda x, y: jbce.softmax_cross_entropy_with_integer_labels(x, y, axis_name="vocab"),
+            mesh=VOCAB_MESH, in_specs=(P(None, "vocab"), P()), out_specs=P(),
+        )  # fmt: skip
+        return f(x, labels)
+
+    hlo = jax.jit(jax.value_and_grad(loss)).lower(logits).compile().as_text()
+    assert "all-gather" not in hlo, "the vocabulary-parallel loss gathers something"
+    assert "all-reduce" in hlo, "expected the statistics to be all-reduced"
+
+
+@check
+def vocab_parallel_under_pmap_gives_unsharded_gradients():
+    # pmap transposes psum differently from shard_map; the custom VJP must not care.
+    logits, labels, cw = int_ce_case()
+    opts = {"label_smoothing": 0.1, "z_loss": 1e-3}
+    shards = logits.reshape(B, N_DEV, K // N_DEV).transpose(1, 0, 2)
+    cw_shards = cw.reshape(N_DEV, K // N_DEV)
+
+    def local(x, w):
+        return jbce.softmax_cross_entropy_with_integer_labels(
+            x, labels, class_weights=w, axis_name="vocab", **opts
+        )
+
+    val, (gx, gw) = jax.pmap(jax.value_and_grad(local, argnums=(0, 1)), axis_name="vocab")(
+        shards, cw_shards
+    )
+    ref, (rx, rw) = jax.jit(
+        jax.value_and_grad(
+            lambda x, w: jbce.softmax_cross_entropy_with_integer_labels(
+                x, labels, class_weights=w, **opts
+            ),
+            argnums=(0, 1),
+        )
+    )(logits, cw)
+    close(val, np.full(N_DEV, ref))
+    close(gx.transpose(1, 0, 2).reshape(B, K), rx)
+    close(gw.reshape(K), rw)
+
+
+@check
+def vocab_parallel_bf16_logits_keep_dtype():
+    logits, labels, _ = int_ce_case()
+    x16 = logits.astype(jnp.bfloat16)
+    f = jax.shard_map(
+        lambda x: jbce.softmax_cross_entropy_with_integer_labels(x, labels, axis_name="vocab"),
+        mesh=VOCAB_MESH, in_specs=P(None, "vocab"), out_specs=P(),
+    )  # fmt: skip
+    val, g = jax.jit(jax.value_and_grad(f))(x16)
+    ref, rg = jax.jit(jax.value_and_grad(jbce.softmax_cross_entropy_with_integer_labels))(
+        x16, labels
+    )
+    assert val.dtype == jnp.float32 and g.dtype == jnp.bfloat16, (val.dtype, g.dtype)
+    close(val, ref, rtol=1e-5)
+    close(g.astype(jnp.float32), rg.astype(jnp.float32), rtol=1e-2)
+
+
+@check
+def linear_vocab_parallel_matches_unsharded():
+    # The fused linear loss with the weight's vocabulary axis sharded: value and the
+    # gradients of hidden (replicated over "vocab") and of the weight shards.
+    rng = np.random.default_rng(3)
+    h = jnp.asarray(rng.normal(size=(B, 12)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(12, K)) / 3, jnp.float32)
+    _, labels, _ = int_ce_case()
+    kw = {"label_smoothing": 0.1, "z_loss": 1e-3, "logit_softcap": 6.0}
+    f = jax.shard_map(
+        lambda h, w: jbce.linear_softmax_cross_entropy(h, w, labels, axis_name="vocab", **kw),
+        mesh=VOCAB_MESH, in_specs=(P(), P(None, "vocab")), out_specs=P(),
+    )  # fmt: skip
+    got = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(h, w)
+    ref = jax.jit(
+        jax.value_and_grad(
+            lambda h, w: jbce.softmax_cross_entropy_with_integer_labels(h @ w, labels, **kw),
+            argnums=(0, 1),
+        )
+    )(h, w)
+    close(got, ref)
+
+
+@check
+def data_and_vocab_parallel_2d_mesh_gives_global_mean():
+    # Batch over "data" (2), classes over "vocab" (4): per-shard sums and counts are
+    # psum-ed over "data"; ignored tokens are counted globally.
+    logits, labels, cw = int_ce_case()
+    labels = labels.at[: B // 2].set(-100).at[B // 2].set(3)  # first data shard: 1 token
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "vocab"))
+
+    @partial(
+        jax.shard_map, mesh=mesh,
+        in_specs=(P("data", "vocab"), P("data"), P("vocab")), out_specs=P(),
+    )  # fmt: skip
+    def loss(x, y, w):
+        total = jbce.softmax_cross_entropy_with_integer_labels(
+            x, y, class_weights=w, reduction="sum", axis_name="vocab"
+        )
+        # The mean's denominator: the summed class weight of the kept targets; each
+        # "vocab" shard holds a slice of the weights, so psum over both axes.
+        local = jnp.clip(y - jax.lax.axis_index("vocab") * w.shape[0], 0, w.shape[0] - 1)
+        on = (y != -100) & (y - jax.lax.axis_index("vocab") * w.shape[0] == local)
+        den = jax.lax.psum(jnp.sum(jnp.where(on, w[local], 0)), ("data", "vocab"))
+        return jax.lax.psum(total, "data") / den
+
+    got = jax.jit(jax.value_and_grad(loss, argnums=(0, 2)))(logits, labels, cw)
+    ref = jax.jit(
+        jax.value_and_grad(
+            lambda x, w: jbce.softmax_cross_entropy_with_integer_labels(x, labels, class_weights=w),
+            argnums=(0, 1),
+        )
+    )(logits, cw)
+    close(got, ref)
+
+
+# ---------------------------------------------------------------------------------------
+# 2. Every public loss, data parallel: pmap, jit + NamedSharding, shard_map + psum.
+# ---------------------------------------------------------------------------------------
+def loss_cases():
+    """name -> (loss(*args, **kw), args with batch axis 0, kwargs, where for the count or None).
+
+    ``args[0]`` is differentiated. ``where`` masks (unevenly spread over the 8 shards) are
+    passed only to losses that take them; the list below is every public loss.
+    """
+    n = B
+    x = RNG.normal(size=(n, 5)).astype(np.float32) * 2
+    y = (RNG.uniform(size=(n, 5)) > 0.5).astype(np.float32)
+    probs = RNG.uniform(0.01, 0.99, size=(n, 5)).astype(np.float32)
+    where = RNG.uniform(size=(n, 5)) > 0.3
+    where[:4] = False  # two whole shards contribute nothing
+    logits = RNG.normal(size=(n, 7)).astype(np.float32)
+    soft = RNG.dirichlet(np.ones(7), size=n).astype(np.float32)
+    ex_where = RNG.uniform(size=n) > 0.3
+    ex_where[:2] = False
+    labels = RNG.integers(0, 7, size=n).astype(np.int32)
+    labels[[0, 1, 2, 3, 5, 9]] = -100  # uneven: shards 0 and 1 are fully ignored
+    cases = {
+        "sigmoid_binary_cross_entropy": (
+            jbce.sigmoid_binary_cross_entropy, (x, y), {"label_smoothing": 0.1}, where),
+        "binary_cross_entropy": (jbce.binary_cross_entropy, (probs, y), {}, where),
+        "sigmoid_focal_loss": (jbce.sigmoid_focal_loss, (x, y), {"alpha": 0.25}, where),
+        "softmax_cross_entropy": (jbce.softmax_cross_entropy, (logits, soft), {}, ex_where),
+        "softmax_cross_entropy_with_integer_labels": (
+            jbce.softmax_cross_entropy_with_integer_labels, (logits, labels),
+            {"label_smoothing": 0.1}, labels != -100),
+        "discriminator_loss": (jbce.discriminator_loss, (x[:, 0], x[:, 1]), None, None),
+        "generator_loss": (jbce.generator_loss, (x[:, 0],), None, None),
+        "entropy": (jbce.entropy, (soft,), None, None),
+        "kl_divergence": (lambda lg, lb: jbce.kl_divergence(lb, lg), (logits, soft), None, None),
+    }  # fmt: skip
+    if hasattr(jbce, "linear_softmax_cross_entropy"):
+        h = RNG.normal(size=(n, 6)).astype(np.float32)
+        w = RNG.normal(size=(6, 7)).astype(np.float32)
+        cases["linear_softmax_cross_entropy"] = (
+            lambda hh, yy, **kw: jbce.linear_softmax_cross_entropy(hh, jnp.asarray(w), yy, **kw),
+            (h, labels), {"label_smoothing": 0.1}, labels != -100,
+        )  # fmt: skip
+    assert set(jbce.__all__) <= set(cases), set(jbce.__all__) - set(cases)
+    return {
+        k: (f, tuple(jnp.asarray(a) for a in args), kw, wh)
+        for k, (f, args, kw, wh) in cases.items()
+    }
+
+
+def per_example_sum(f, kw):
+    """A loss whose value is the sum over the batch (so shards add up exactly)."""
+    if kw is None:  # losses without a reduction option: a mean, or per-example values
+        return lambda *a: jnp.sum(f(*a)) * (a[0].shape[0] if jnp.ndim(f(*a)) == 0 else 1)
+    return lambda *a: f(*a, reduction="sum", **kw)
+
+
+@check_each_loss
+def loss_under_pmap_matches_unsharded(name, case):
+    f, args, kw, _ = case
+    total = per_example_sum(f, kw)
+    ref, rg = jax.jit(jax.value_and_grad(total))(*args)
+    split = [a.reshape((N_DEV, -1) + a.shape[1:]) for a in args]
+    val, g = jax.pmap(jax.value_and_grad(total), axis_name="d")(*split)
+    close(jnp.sum(val), ref, what=name)
+    close(g.reshape(rg.shape), rg, what=name)
+
+
+DATA_MESH = Mesh(np.array(jax.devices()), ("data",))
+
+
+@check_each_loss
+def loss_under_jit_with_batch_sharding_matches_unsharded(name, case):
+    f, args, kw, _ = case
+    loss = (lambda *a: jnp.mean(f(*a))) if kw is None else partial(f, **kw)
+    ref, rg = jax.jit(jax.value_and_grad(loss))(*args)
+    sharded = [
+        jax.device_put(a, NamedSharding(DATA_MESH, P("data", *([None] * (a.ndim - 1)))))
+        for a in args
+    ]
+    val, g = jax.jit(jax.value_and_grad(loss))(*sharded)
+    assert len(sharded[0].sharding.device_set) == N_DEV
+    close(val, ref, what=name)
+    close(g, rg, what=name)
+    assert g.sharding.is_equivalent_to(sharded[0].sharding, g.ndim), (name, g.sharding)
+
+
+@check_each_loss
+def shard_map_psum_of_partial_sums_gives_global_mean(name, case):
+    # Each shard returns (sum, count); psum of both gives the global "mean", with masked
+    # and ignored terms counted globally. The mean of per-shard means does not.
+    f, args, kw, where = case
+    integer = "integer" in name or "linear" in name  # the ignored labels are the mask
+    if kw is None:  # no reduction option: per-example values or a mean of equal shards
+        loss = lambda *a: jnp.mean(f(*a))
+        sm = jax.shard_map(
+            lambda *a: jax.lax.pmean(loss(*a), "data"),
+            mesh=DATA_MESH, in_specs=tuple(P("data") for _ in args), out_specs=P(),
+        )  # fmt: skip
+        got = jax.jit(jax.value_and_grad(sm))(*args)
+        close(got, jax.jit(jax.value_and_grad(loss))(*args), what=name)
+        return
+    where = jnp.asarray(where)
+
+    def local_mean(*a):
+        *a, wh = a
+        extra = {} if integer else {"where": wh}
+        s = f(*a, reduction="sum", **kw, **extra)
+        c = jnp.sum(jnp.broadcast_to(wh, a[0].shape[: wh.ndim]).astype(jnp.float32))
+        naive = jax.lax.pmean(f(*a, reduction="mean", **kw, **extra), "data")
+        return jax.lax.psum(s, "data") / jax.lax.psum(c, "data"), naive
+
+    specs = tuple(P("data") for _ in (*args, where))
+    sm = jax.shard_map(local_mean, mesh=DATA_MESH, in_specs=specs, out_specs=(P(), P()))
+    wkw = {} if integer else {"where": where}
+    ref, rg = jax.jit(jax.value_and_grad(lambda *a: f(*a, **kw, **wkw)))(*args)
+    (got, naive), g = jax.jit(jax.value_and_grad(lambda *a: sm(*a, where), has_aux=True))(*args)
+    close(got, ref, what=name)
+    close(g, rg, what=name)
+    assert abs(float(naive) - float(ref)) > 1e-3, (name, "uneven masks should matter")
+
+
+if __name__ == "__main__":
+    assert jax.device_count() == N_DEV, jax.devices()
+    sys.stdout.flush()
+    print(json.dumps(RESULTS))

@@ -1,0 +1,252 @@
+"""Vocabulary-parallel, data-parallel and multi-host behaviour of the losses.
+
+Three kinds of tests:
+
+* in this process (one device): the vocabulary-parallel loss simulated with
+  ``jax.vmap(..., axis_name=...)`` over shards, its residuals, and its argument checks;
+* on 8 forced host devices: ``tests/_parallel_checks.py`` runs once in a subprocess (the
+  XLA flag must be set before jax starts, and this process must keep one device); each of
+  its checks (shard_map, pmap, jit with NamedSharding, 2-D meshes) becomes one test here;
+* multi-host: ``examples/multihost.py`` launched as 2 processes x 4 CPU devices talking over
+  gloo on 127.0.0.1, compared with the same training run on one device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jbce
+from jbce._parallel import combine_stats, psum_to_like
+
+pytestmark = pytest.mark.no_x64
+
+
+def strict():
+    """Strict dtype and rank promotion, for the sharded code path only (see the report on
+    the unsharded reference path, which does not pass it yet with class weights)."""
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.numpy_rank_promotion("raise"))
+    stack.enter_context(jax.numpy_dtype_promotion("strict"))
+    return stack
+
+
+ROOT = Path(__file__).resolve().parent.parent
+CE = jbce.softmax_cross_entropy_with_integer_labels
+SHARDS, B, K = 4, 6, 20
+
+
+def rtol_close(got, ref, rtol=1e-5):
+    """float32 closeness: rtol per entry, atol relative to the largest reference entry."""
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+        g, r = np.asarray(g, np.float64), np.asarray(r, np.float64)
+        scale = max(1.0, float(np.max(np.abs(r), initial=0.0)))
+        np.testing.assert_allclose(g, r, rtol=rtol, atol=rtol * scale)
+
+
+def to_shards(x):
+    """[..., K] -> [SHARDS, ..., K / SHARDS]: shard i holds classes [i K_l, (i+1) K_l)."""
+    return jnp.moveaxis(x.reshape(x.shape[:-1] + (SHARDS, -1)), -2, 0)
+
+
+def from_shards(x):
+    return jnp.moveaxis(x, 0, -2).reshape(x.shape[1:-1] + (-1,))
+
+
+def problem(seed=0):
+    rng = np.random.default_rng(seed)
+    logits = jnp.asarray(rng.normal(size=(B, K)) * 3, jnp.float32)
+    labels = jnp.asarray(rng.integers(0, K, size=B), jnp.int32).at[1].set(-100)
+    cw = jnp.asarray(rng.uniform(0.5, 2, size=K), jnp.float32)
+    return logits, labels, cw
+
+
+def vmapped(labels, **kw):
+    """The loss with logits [SHARDS, B, K_l] and class weights [SHARDS, K_l], via vmap."""
+
+    def f(x, w):
+        return CE(x, labels, class_weights=w, axis_name="v", **kw)
+
+    return jax.vmap(f, axis_name="v")
+
+
+OPTIONS = [
+    {},
+    {"label_smoothing": 0.1, "z_loss": 1e-3, "logit_softcap": 5.0, "reduction": "sum"},
+]
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(o) or "plain")
+def test_simulated_shards_match_unsharded_value_and_grads(opts):
+    logits, labels, cw = problem()
+    f = vmapped(labels, **opts)
+    with strict():
+        val, (gx, gw) = jax.value_and_grad(lambda x, w: jnp.sum(f(x, w)), argnums=(0, 1))(
+            to_shards(logits), to_shards(cw)
+        )
+        values = f(to_shards(logits), to_shards(cw))
+    ref, (rx, rw) = jax.value_and_grad(
+        lambda x, w: CE(x, labels, class_weights=w, **opts), argnums=(0, 1)
+    )(logits, cw)
+    rtol_close(values, jnp.full((SHARDS,), ref))  # replicated: every shard holds the loss
+    rtol_close(val / SHARDS, ref)
+    # Each shard's loss is the whole loss; its gradient reaches only that shard's logits,
+    # so the gradient of the sum over shards' (identical) losses is SHARDS times the true one.
+    rtol_close(from_shards(gx) / SHARDS, rx)
+    rtol_close(from_shards(gw) / SHARDS, rw)
+
+
+def test_per_logit_where_and_empty_shard_match_unsharded():
+    logits, labels, _ = problem(1)
+    labels = labels.at[0].set(7)
+    logits = logits.at[0, 10:].set(-jnp.inf)  # shards 2 and 3 have nothing for example 0
+    where = jnp.asarray(np.random.default_rng(2).uniform(size=(B, K)) > 0.3).at[0].set(True)
+    kw = {"label_smoothing": 0.2, "reduction": "none"}
+
+    def f(x, m):
+        return CE(x, labels, where=m, axis_name="v", **kw)
+
+    with strict():
+        got = jax.vmap(f, axis_name="v")(to_shards(logits), to_shards(where))
+    ref = CE(logits, labels, where=where, **kw)
+    rtol_close(got, jnp.broadcast_to(ref, got.shape))
+    assert np.all(np.isfinite(np.asarray(got)))
+
+
+def test_combine_stats_gives_neg_inf_for_rows_without_classes():
+    x = jnp.array([[[-jnp.inf, -jnp.inf]], [[-jnp.inf, -jnp.inf]]], jnp.float32)
+    m = jnp.max(x, axis=-1)
+    s = jnp.zeros_like(m)
+    lse, n = jax.vmap(lambda m, s: combine_stats(m, s, s + 1, axis_name="v"), axis_name="v")(m, s)
+    assert np.all(np.isneginf(np.asarray(lse))), lse
+    np.testing.assert_array_equal(np.asarray(n), 2.0)
+
+
+def test_backward_saves_only_logits_and_one_lse_per_example():
+    from tests.reference import saved_residuals
+
+    logits, labels, _ = problem()
+
+    def loss(x):
+        return jnp.sum(jax.vmap(lambda x: CE(x, labels, axis_name="v"), axis_name="v")(x))
+
+    shapes = [r[0].shape for r in saved_residuals(loss, to_shards(logits))]
+    big = [s for s in shapes if len(s) and np.prod(s) >= B * K // SHARDS]
+    assert big == [(SHARDS, B, K // SHARDS)], shapes  # the logits, nothing else of that size
+
+
+def test_class_weights_are_the_local_shard():
+    logits, labels, cw = problem()
+    with pytest.raises(ValueError, match=r"class_weights must have shape \(5,\)"):
+        jax.vmap(lambda x: CE(x, labels, class_weights=cw, axis_name="v"), axis_name="v")(
+            to_shards(logits)
+        )
+
+
+def test_psum_to_like_is_identity_outside_shard_map():
+    g = jnp.arange(3.0, dtype=jnp.float32)
+    assert psum_to_like(g, g) is g
+
+
+# --- 8 forced host devices, in a subprocess --------------------------------------------------
+VOCAB_CHECKS = [
+    "vocab_parallel_options_match_unsharded",
+    "vocab_parallel_masks_and_weights_match_unsharded",
+    "vocab_parallel_row_without_classes_has_zero_loss_and_gradient",
+    "vocab_parallel_out_of_range_label_is_nan_like_unsharded",
+    "vocab_parallel_never_gathers_logits",
+    "vocab_parallel_under_pmap_gives_unsharded_gradients",
+    "vocab_parallel_bf16_logits_keep_dtype",
+    "linear_vocab_parallel_matches_unsharded",
+    "data_and_vocab_parallel_2d_mesh_gives_global_mean",
+]
+DATA_CHECKS = [
+    f"{check}[{loss}]"
+    for check in (
+        "loss_under_pmap_matches_unsharded",
+        "loss_under_jit_with_batch_sharding_matches_unsharded",
+        "shard_map_psum_of_partial_sums_gives_global_mean",
+    )
+    for loss in jbce.__all__
+]
+
+
+@pytest.fixture(scope="module")
+def eight_devices():
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "_parallel_checks.py")],
+        capture_output=True, text=True, timeout=900, env=env, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_eight_device_checks_are_all_reported(eight_devices):
+    assert set(eight_devices) == set(VOCAB_CHECKS) | set(DATA_CHECKS)
+
+
+@pytest.mark.parametrize("name", VOCAB_CHECKS)
+def test_vocab_parallel_on_eight_devices(eight_devices, name):
+    result = eight_devices[name]
+    assert result["ok"], result["detail"]
+
+
+# Known bugs outside this issue's files (reported to the lead; see /work/notes): a custom_vjp
+# backward pass inside shard_map returns a cotangent varying over "data" for an input that
+# is replicated over it (a scalar gamma/alpha, the GAN's constant labels, the fused linear
+# weight). Fix: sum it with jbce._parallel.psum_to_like(ct, primal). Strict: once fixed,
+# these pass and the xfail must go.
+_VMA_BUG = "custom_vjp bwd returns a data-varying cotangent for a replicated input"
+KNOWN_BUGS = {
+    f"shard_map_psum_of_partial_sums_gives_global_mean[{loss}]": _VMA_BUG
+    for loss in ("sigmoid_focal_loss", "discriminator_loss", "generator_loss",
+                 "linear_softmax_cross_entropy")
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[n]))
+        if n in KNOWN_BUGS
+        else n
+        for n in DATA_CHECKS
+    ],
+)
+def test_data_parallel_on_eight_devices(eight_devices, name):
+    result = eight_devices[name]
+    assert result["ok"], result["detail"]
+
+
+# --- two processes on 127.0.0.1 ---------------------------------------------------------------
+def test_two_process_run_matches_single_process(tmp_path):
+    from examples import multihost
+
+    steps, lr = 3, 0.5
+    out = tmp_path / "result.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "examples.multihost", "--local-processes", "2",
+         "--cpu-devices", "4", "--steps", str(steps), "--lr", str(lr), "--out", str(out),
+         "--timeout", "240"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    result = json.loads(out.read_text())
+    assert result["mesh"] == {"data": 2, "vocab": 4}
+    h, labels, w0 = multihost.make_problem()
+    losses, grad0 = multihost.reference_losses(h, labels, w0, steps=steps, lr=lr)
+    rtol_close(result["losses"], losses)
+    rtol_close(np.asarray(result["grad0"]), grad0)
+    assert losses[-1] < losses[0]
