@@ -229,6 +229,22 @@ def test_data_parallel_on_eight_devices(eight_devices, name):
     assert result["ok"], result["detail"]
 
 
+def test_data_parallel_example_matches_single_device(tmp_path):
+    out = tmp_path / "metrics.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "examples.data_parallel", "--cpu-devices", "8", "--steps", "20",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    metrics = json.loads(out.read_text())
+    assert metrics["devices"] == 8
+    rtol_close(metrics["losses"], metrics["single_device_losses"])
+    assert metrics["max_param_difference"] < 1e-5
+    assert metrics["losses"][-1] < metrics["losses"][0]
+
+
 # --- two processes on 127.0.0.1 ---------------------------------------------------------------
 def test_two_process_run_matches_single_process(tmp_path):
     from examples import multihost
