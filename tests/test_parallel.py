@@ -245,6 +245,24 @@ def test_data_parallel_example_matches_single_device(tmp_path):
     assert metrics["losses"][-1] < metrics["losses"][0]
 
 
+def test_parallel_bench_runs_and_vocab_parallel_does_not_gather(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.parallel", "--tokens", "64", "--vocab", "512",
+         "--budget", "0.05", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"vocab_parallel", "all_gather", "gspmd"}
+    assert "all-gather" not in rows["vocab_parallel"]["collectives"]
+    assert "all-gather" in rows["all_gather"]["collectives"]
+    gathered = rows["all_gather"]["temp_bytes_per_device"]
+    assert rows["vocab_parallel"]["temp_bytes_per_device"] < gathered / 4
+    assert all(r["max_grad_diff_vs_vocab_parallel"] < 1e-6 for r in rows.values())
+
+
 # --- two processes on 127.0.0.1 ---------------------------------------------------------------
 def test_two_process_run_matches_single_process(tmp_path):
     from examples import multihost
