@@ -1,0 +1,30 @@
+"""``python -m examples [--out DIR]``: runs both examples with their default settings.
+
+Logistic regression writes to ``DIR/logistic_regression`` and the GAN to ``DIR/gan``
+(``DIR`` defaults to ``runs/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from examples import gan, logistic_regression
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m examples", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=Path("runs"), help="output directory (runs/)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    args = p.parse_args(argv)
+    common = ["--seed", str(args.seed)] + (["--no-progress"] if args.no_progress else [])
+    print("== logistic regression ==")
+    lr = logistic_regression.main(["--out", str(args.out / "logistic_regression"), *common])
+    print("\n== GAN ==")
+    g = gan.main(["--out", str(args.out / "gan"), *common])
+    return {"logistic_regression": lr, "gan": g}
+
+
+if __name__ == "__main__":
+    main()
