@@ -79,7 +79,15 @@ def _lse_unmasked(x: jax.Array) -> jax.Array:
 
 
 def _softmax_unmasked(x: jax.Array, lse: jax.Array) -> jax.Array:
+    # A row of -inf logits has lse = -inf; use 0 there so its probabilities are exp(-inf) = 0
+    # rather than exp(nan) (that row's cotangent is 0 and must stay 0).
+    lse = jnp.where(lse > -jnp.inf, lse, jnp.zeros((), lse.dtype))
     return jnp.exp(x - lse[..., None])
+
+
+def _class_row(w: jax.Array, x: jax.Array) -> jax.Array:
+    """Per-class weights [K] shaped to broadcast against [..., K] without rank promotion."""
+    return w if w.ndim == 0 else w.reshape((1,) * (x.ndim - 1) + w.shape)
 
 
 def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
@@ -94,42 +102,49 @@ def _softcap_grad(x: jax.Array, cap: float | None) -> jax.Array | None:
 
 
 # --- integer labels: per-example statistics with a custom VJP ----------------------------------
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _int_stats(logits, labels, class_weights, mask, cap, dtype):
-    """(lse, target logit, sum_c w_c x_c) over included classes; logits [B, K] any float dtype."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _int_stats(logits, labels, class_weights, mask, cap, dtype, with_s=True):
+    """(lse, target logit, sum_c w_c x_c) over included classes; logits [B, K] any float dtype.
+
+    With ``with_s=False`` (no label smoothing) the third statistic is a constant 0 and the
+    backward pass skips its term, which XLA cannot drop by itself (0 * x is not 0 for IEEE).
+    """
     x = _softcap(logits.astype(dtype), cap)
     inc = _included(x, mask)
     lse = _lse_unmasked(x) if mask is None else _masked_lse(x, inc)
     xt = jnp.take_along_axis(x, labels[..., None], axis=-1)[..., 0]
-    w = jnp.ones((), dtype) if class_weights is None else class_weights
+    if not with_s:
+        return lse, xt, jnp.zeros_like(lse)
+    w = jnp.ones((), dtype) if class_weights is None else _class_row(class_weights, x)
     s = jnp.sum(jnp.where(inc, x * w, 0), axis=-1)
     return lse, xt, s
 
 
-def _int_stats_fwd(logits, labels, class_weights, mask, cap, dtype):
-    out = _int_stats(logits, labels, class_weights, mask, cap, dtype)
+def _int_stats_fwd(logits, labels, class_weights, mask, cap, dtype, with_s):
+    out = _int_stats(logits, labels, class_weights, mask, cap, dtype, with_s)
     # Residuals: the logits as given (bf16 stays bf16) and one lse per example; the softmax
     # is recomputed in the backward pass rather than stored.
     return out, (logits, labels, class_weights, mask, out[0])
 
 
-def _int_stats_bwd(cap, dtype, res, g):
+def _int_stats_bwd(cap, dtype, with_s, res, g):
     logits, labels, class_weights, mask, lse = res
     g_lse, g_xt, g_s = g
     x = _softcap(logits.astype(dtype), cap)
     inc = _included(x, mask)
     p = _softmax_unmasked(x, lse) if mask is None else _softmax_from_lse(x, lse, inc)
     onehot = jax.lax.broadcasted_iota(labels.dtype, x.shape, x.ndim - 1) == labels[..., None]
-    w = jnp.ones((), dtype) if class_weights is None else class_weights
+    w = jnp.ones((), dtype) if class_weights is None else _class_row(class_weights, x)
     dx = g_lse[..., None] * p + jnp.where(onehot, g_xt[..., None], 0)
-    dx = dx + jnp.where(inc, g_s[..., None] * w, 0)
+    if with_s:
+        dx = dx + jnp.where(inc, g_s[..., None] * w, 0)
     dcap = _softcap_grad(logits.astype(dtype), cap)
     if dcap is not None:
         dx = dx * dcap
     dw = None
     if class_weights is not None:
         dw = jnp.sum(jnp.where(inc, g_s[..., None] * x, 0).reshape(-1, x.shape[-1]), axis=0)
-        dw = dw.astype(class_weights.dtype)
+        dw = (dw if with_s else jnp.zeros_like(dw)).astype(class_weights.dtype)
     dmask = None if mask is None else jnp.zeros(mask.shape, jax.dtypes.float0)
     dlabels = jnp.zeros(labels.shape, jax.dtypes.float0)
     return dx.astype(logits.dtype), dlabels, dw, dmask
@@ -291,7 +306,9 @@ def softmax_cross_entropy_with_integer_labels(
             label_smoothing=label_smoothing, z_loss=z_loss, weights=weights,
             where=ex_where, reduction=reduction,
         )  # fmt: skip
-    lse, xt, s = _int_stats(x, safe_labels, cw, logit_mask, logit_softcap, dt)
+    lse, xt, s = _int_stats(
+        x, safe_labels, cw, logit_mask, logit_softcap, dt, bool(label_smoothing)
+    )
     num_inc, w_sum = _included_counts(x, logit_mask, cw, label_smoothing, dt)
     target_w = None if cw is None else cw[safe_labels]
     ex_mask = ex_where
@@ -318,7 +335,7 @@ def _included_counts(x, mask, cw, label_smoothing, dt):
     num = jnp.sum(inc, axis=-1)
     if cw is None:
         return num, num.astype(dt)
-    return num, jnp.sum(jnp.where(inc, cw, 0), axis=-1)
+    return num, jnp.sum(jnp.where(inc, _class_row(cw, x), 0), axis=-1)
 
 
 # --- probability targets -----------------------------------------------------------------------
