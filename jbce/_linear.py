@@ -18,6 +18,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
@@ -58,7 +59,7 @@ def _tile_logits(h, w, b, dtype, cap):
     else:
         z = jnp.dot(h.astype(dtype), w.astype(dtype))
     if b is not None:
-        z = z + b.astype(dtype)
+        z = z + b.astype(dtype)[None, :]
     return z, _softcap(z, cap)
 
 
@@ -75,6 +76,12 @@ def _varying_like(*refs):
         return lax.pcast(x, extra, to="varying") if extra else x
 
     return vary
+
+
+def _same_class(cols, labels):
+    """[tn, tv] mask of ``labels[:, None] == cols`` (compared in a common integer type)."""
+    it = np.promote_types(cols.dtype, labels.dtype)
+    return cols.astype(it) == labels.astype(it)[:, None]
 
 
 def _slice_cols(a, start, size):
@@ -102,14 +109,14 @@ def _tiled_forward(hidden, weight, bias, labels, cap, dtype, tn, tv):
             _, x = _tile_logits(
                 h, _slice_cols(weight, c0, tv), _slice_cols(bias, c0, tv), dtype, cap
             )
-            cols = c0 + jnp.arange(tv)
+            cols = (c0 + jnp.arange(tv))[None, :]
             fresh = cols >= j * tv  # columns not already seen in the previous chunk
             inc = fresh & (x > -jnp.inf)
             xm = jnp.where(inc, x, -jnp.inf)
             m_new = jnp.maximum(m, jnp.max(xm, axis=1))
             m_safe = jnp.where(m_new > -jnp.inf, m_new, 0)
             se = se * jnp.exp(m - m_safe) + jnp.sum(jnp.exp(xm - m_safe[:, None]), axis=1)
-            hit = (cols == y[:, None]) & fresh
+            hit = _same_class(cols, y) & fresh
             xt = xt + jnp.sum(jnp.where(hit, x, 0), axis=1)
             s = s + jnp.sum(jnp.where(inc, x, 0), axis=1)
             return m_new, se, xt, s
@@ -142,7 +149,7 @@ def _tiled_backward(hidden, weight, bias, labels, lse, g, cap, dtype, tn, tv):
         c0 = _chunk_start(j, tv, v)
         w = _slice_cols(weight, c0, tv)
         b = _slice_cols(bias, c0, tv)
-        cols = c0 + jnp.arange(tv)
+        cols = (c0 + jnp.arange(tv))[None, :]
         fresh = cols >= j * tv
         w_dt = w.astype(dtype)
 
@@ -159,7 +166,7 @@ def _tiled_backward(hidden, weight, bias, labels, lse, g, cap, dtype, tn, tv):
             z, x = _tile_logits(h, w, b, dtype, cap)
             inc = fresh & (x > -jnp.inf)
             p = jnp.exp(jnp.where(inc, x - lse_i, -jnp.inf))
-            hit = (cols == y[:, None]) & fresh
+            hit = _same_class(cols, y) & fresh
             dx = gl * p + jnp.where(hit, gx, 0) + jnp.where(inc, gs, 0)
             if cap is not None:
                 t = jnp.tanh(z / cap)
@@ -177,7 +184,7 @@ def _tiled_backward(hidden, weight, bias, labels, lse, g, cap, dtype, tn, tv):
         # were (the chunk computed zeros there).
         dw_j = jnp.where(fresh, dw_j, _slice_cols(dw, c0, tv))
         dw = lax.dynamic_update_slice_in_dim(dw, dw_j, c0, 1)
-        db_j = jnp.where(fresh, db_j, _slice_cols(db, c0, tv))
+        db_j = jnp.where(fresh[0], db_j, _slice_cols(db, c0, tv))
         db = lax.dynamic_update_slice_in_dim(db, db_j, c0, 0)
         return dh, dw, db
 
@@ -223,7 +230,7 @@ _linear_stats.defvjp(_linear_stats_fwd, _linear_stats_bwd)
 # --- the same with weight's vocabulary axis sharded over a mesh axis ---------------------------
 def _shard_labels(labels, v_local, axis_name):
     """Global labels as this shard's column indices (outside [0, V_local) if not owned)."""
-    return labels - lax.axis_index(axis_name) * v_local
+    return labels - lax.axis_index(axis_name).astype(labels.dtype) * v_local
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))

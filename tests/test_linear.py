@@ -1,0 +1,281 @@
+"""Fused linear + softmax cross-entropy against the materialised jbce loss.
+
+The reference is ``jbce.softmax_cross_entropy_with_integer_labels(hidden @ weight + bias)``
+(itself checked against the float64 oracle in tests/reference.py); the fused loss must
+agree with it, value and gradients w.r.t. hidden, weight and bias, for every option, tile
+shape and odd size. Float64 unless a test says otherwise (conftest turns x64 on).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jbce
+from jbce import _linear
+from tests import reference
+
+pytestmark = pytest.mark.jax_strict
+
+F64 = jnp.float64
+
+
+def make(n, d, v, *, dtype=F64, seed=0, ignore=(), bias=True):
+    kh, kw, kb, ky = jax.random.split(jax.random.key(seed), 4)
+    h = jax.random.normal(kh, (n, d), F64).astype(dtype)
+    w = (jax.random.normal(kw, (d, v), F64) * 1.5).astype(dtype)
+    b = jax.random.normal(kb, (v,), F64).astype(dtype) if bias else None
+    y = jax.random.randint(ky, (n,), 0, v, jnp.int32)
+    for i in ignore:
+        y = y.at[i].set(-100)
+    return h, w, b, y
+
+
+def fused_and_ref(y, **opts):
+    """(fused, materialised) as functions of (hidden, weight, bias), summed to a scalar."""
+    cs = opts.pop("chunk_size", None)
+
+    def fused(h, w, b):
+        out = jbce.linear_softmax_cross_entropy(h, w, y, bias=b, chunk_size=cs, **opts)
+        return jnp.sum(out)
+
+    def ref(h, w, b):
+        logits = h @ w if b is None else h @ w + b[None, :]
+        return jnp.sum(jbce.softmax_cross_entropy_with_integer_labels(logits, y, **opts))
+
+    return fused, ref
+
+
+def assert_tree_close(got, want, rtol):
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert g.dtype == r.dtype or rtol > 1e-6
+        scale = float(np.max(np.abs(np.asarray(r, np.float64)), initial=0.0))
+        np.testing.assert_allclose(
+            np.asarray(g, np.float64), np.asarray(r, np.float64), rtol=rtol, atol=rtol * scale
+        )
+
+
+def value_and_grads(f, h, w, b):
+    argnums = (0, 1) if b is None else (0, 1, 2)
+    return jax.jit(jax.value_and_grad(f, argnums))(h, w, b)
+
+
+OPTIONS = {
+    "plain": {},
+    "smoothing": {"label_smoothing": 0.2},
+    "z_loss": {"z_loss": 1e-2},
+    "softcap": {"logit_softcap": 2.5},
+    "all": {"label_smoothing": 0.1, "z_loss": 1e-3, "logit_softcap": 4.0},
+    "full_smoothing": {"label_smoothing": 1.0},
+    "sum": {"reduction": "sum", "label_smoothing": 0.1},
+    "none": {"reduction": "none", "z_loss": 1e-3},
+    "weights": {"weights": np.linspace(0.0, 2.0, 37)},
+    "no_ignore_index": {"ignore_index": None},
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIONS))
+@pytest.mark.parametrize("chunk_size", [None, 5])
+def test_every_option_matches_materialised_loss_float64(name, chunk_size):
+    h, w, b, y = make(37, 6, 23, ignore=(3, 30))
+    fused, ref = fused_and_ref(y, chunk_size=chunk_size, **OPTIONS[name])
+    assert_tree_close(value_and_grads(fused, h, w, b), value_and_grads(ref, h, w, b), 1e-12)
+
+
+@pytest.mark.parametrize("tile_elements", [1, 7 * 5, 64])
+def test_token_chunks_with_an_overlapping_last_chunk_count_each_token_once(
+    monkeypatch, tile_elements
+):
+    # 2**20-logit tiles hold all of a small batch; shrink them so N=37 spans several token
+    # chunks (7 rows for chunk_size=5), the last one overlapping its predecessor.
+    monkeypatch.setattr(_linear, "_TILE_ELEMENTS", tile_elements)
+    h, w, b, y = make(37, 6, 23, ignore=(0, 36))
+    fused, ref = fused_and_ref(y, chunk_size=5, label_smoothing=0.1, logit_softcap=3.0)
+    assert_tree_close(value_and_grads(fused, h, w, b), value_and_grads(ref, h, w, b), 1e-12)
+
+
+@pytest.mark.parametrize(
+    "n,v,chunk_size",
+    [(1, 23, 5), (1, 1, None), (5, 7, 1), (4, 7, 7), (4, 7, 100), (3, 64, 16)],
+)
+def test_odd_sizes_match_materialised_loss(n, v, chunk_size):
+    h, w, b, y = make(n, 4, v)
+    fused, ref = fused_and_ref(y, chunk_size=chunk_size, label_smoothing=0.1)
+    assert_tree_close(value_and_grads(fused, h, w, b), value_and_grads(ref, h, w, b), 1e-12)
+
+
+def test_without_bias_matches_materialised_loss():
+    h, w, _, y = make(9, 5, 11, bias=False)
+    fused, ref = fused_and_ref(y, chunk_size=4, z_loss=1e-2)
+    assert_tree_close(value_and_grads(fused, h, w, None), value_and_grads(ref, h, w, None), 1e-12)
+
+
+def test_matches_independent_float64_reference():
+    h, w, b, y = make(10, 3, 9, ignore=(2,))
+    opts = {"label_smoothing": 0.15, "z_loss": 1e-2, "logit_softcap": 3.0}
+    got = jbce.linear_softmax_cross_entropy(h, w, y, bias=b, chunk_size=4, **opts)
+    want = reference.ref_softmax_cross_entropy_with_integer_labels(
+        np.asarray(h @ w + b[None, :]), np.asarray(y), **opts
+    )
+    reference.assert_close(got, want, rtol=1e-12)
+
+
+def test_leading_batch_dims_and_per_token_losses():
+    h, w, b, y = make(12, 4, 9, ignore=(5,))
+    h3, y3 = h.reshape(3, 4, 4), y.reshape(3, 4)
+    got = jbce.linear_softmax_cross_entropy(h3, w, y3, bias=b, reduction="none", chunk_size=4)
+    want = jbce.softmax_cross_entropy_with_integer_labels(
+        h3 @ w + b[None, None, :], y3, reduction="none"
+    )
+    assert got.shape == (3, 4)
+    assert float(got[1, 1]) == 0.0  # the ignored token
+    reference.assert_close(got, np.asarray(want), rtol=1e-12)
+
+
+def test_all_ignored_tokens_give_zero_loss_and_zero_gradient():
+    h, w, b, y = make(6, 4, 9)
+    y = jnp.full_like(y, -100)
+    f = lambda h, w, b: jbce.linear_softmax_cross_entropy(h, w, y, bias=b, chunk_size=4)
+    loss, grads = value_and_grads(f, h, w, b)
+    assert float(loss) == 0.0
+    for g in grads:
+        assert not np.any(np.asarray(g))
+
+
+def test_empty_batch_gives_zero_mean():
+    h, w, b, _ = make(1, 4, 9)
+    loss = jbce.linear_softmax_cross_entropy(h[:0], w, jnp.zeros((0,), jnp.int32), bias=b)
+    assert float(loss) == 0.0
+
+
+def test_minus_inf_bias_removes_classes_like_minus_inf_logits():
+    # Vocabulary padding: classes with a -inf bias leave the softmax and the smoothing term.
+    h, w, b, y = make(8, 4, 10)
+    b = b.at[jnp.array([2, 7, 9])].set(-jnp.inf)
+    y = jnp.where((y == 2) | (y == 7) | (y == 9), 0, y)
+    fused, ref = fused_and_ref(y, chunk_size=3, label_smoothing=0.2)
+    (v1, g1), (v2, g2) = value_and_grads(fused, h, w, b), value_and_grads(ref, h, w, b)
+    assert_tree_close((v1, g1[:2]), (v2, g2[:2]), 1e-12)
+    assert_tree_close(g1[2][jnp.isfinite(b)], g2[2][jnp.isfinite(b)], 1e-12)
+    assert not np.any(np.asarray(g1[2])[~np.isfinite(np.asarray(b))])
+
+
+def test_out_of_range_label_gives_nan_like_materialised_loss():
+    h, w, b, y = make(4, 3, 5)
+    y = y.at[1].set(5)
+    got = jbce.linear_softmax_cross_entropy(h, w, y, bias=b, reduction="none")
+    assert np.isnan(np.asarray(got)[1]) and np.all(np.isfinite(np.asarray(got)[[0, 2, 3]]))
+
+
+@pytest.mark.no_x64
+def test_float32_gradients_within_1e_5_of_float64():
+    h, w, b, y = make(64, 16, 300, dtype=jnp.float32, ignore=(1,))
+    fused, _ = fused_and_ref(y, chunk_size=128, label_smoothing=0.1)
+    got = value_and_grads(fused, h, w, b)
+    with jax.enable_x64(True):
+        h64, w64, b64 = (a.astype(F64) for a in (h, w, b))
+        _, ref = fused_and_ref(y.astype(jnp.int32), label_smoothing=0.1)
+        want = value_and_grads(ref, h64, w64, b64)
+        assert [g.dtype for g in got[1]] == [jnp.float32] * 3
+        assert got[0].dtype == jnp.float32
+        assert_tree_close(got, want, 1e-5)
+
+
+@pytest.mark.no_x64
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_inputs_accumulate_in_float32(dtype):
+    h, w, b, y = make(64, 16, 300, dtype=dtype)
+    fused, _ = fused_and_ref(y, chunk_size=128, z_loss=1e-3)
+    loss, grads = value_and_grads(fused, h, w, b)
+    assert loss.dtype == jnp.float32
+    assert [g.dtype for g in grads] == [jnp.dtype(dtype)] * 3
+    with jax.enable_x64(True):
+        # The float64 result of the same (rounded) inputs: within 1e-2 relative.
+        h64, w64, b64 = (a.astype(F64) for a in (h, w, b))
+        _, ref = fused_and_ref(y, z_loss=1e-3)
+        want = value_and_grads(ref, h64, w64, b64)
+        assert_tree_close((loss, grads), want, 1e-2)
+
+
+def test_grad_composes_with_vmap_over_batches():
+    h, w, b, y = make(11, 4, 13, ignore=(4,))
+    fused, _ = fused_and_ref(y, chunk_size=4, label_smoothing=0.1)
+    _, (gh, gw, gb) = value_and_grads(fused, h, w, b)
+    hs = jnp.stack([h, 2 * h])
+    batched = jax.jit(jax.vmap(jax.grad(fused, (0, 1)), in_axes=(0, None, None)))(hs, w, b)
+    assert_tree_close((batched[0][0], batched[1][0]), (gh, gw), 1e-13)
+    _, (gh2, _, _) = value_and_grads(fused, 2 * h, w, b)
+    assert_tree_close(batched[0][1], gh2, 1e-13)
+
+
+def test_backward_saves_inputs_and_one_lse_per_token_only():
+    n, d, v = 16, 4, 40
+    h, w, b, y = make(n, d, v)
+    fused, ref = fused_and_ref(y, chunk_size=8)
+    shapes = [aval.shape for aval, _ in reference.saved_residuals(fused, h, w, b)]
+    assert (n, v) not in shapes, shapes  # the materialised loss keeps these logits
+    assert (n, v) in [aval.shape for aval, _ in reference.saved_residuals(ref, h, w, b)]
+    assert all(int(np.prod(s)) <= d * v for s in shapes), shapes
+    assert (n,) in shapes  # the per-token log-sum-exp
+
+
+@pytest.mark.no_x64
+def test_compiled_temp_memory_is_far_below_the_logits():
+    n, d, v = 1024, 32, 8192
+    spec = (
+        jax.ShapeDtypeStruct((n, d), jnp.float32),
+        jax.ShapeDtypeStruct((d, v), jnp.float32),
+        jax.ShapeDtypeStruct((n,), jnp.int32),
+    )
+    f = lambda h, w, y: jbce.linear_softmax_cross_entropy(h, w, y, chunk_size=256)
+    c = jax.jit(jax.value_and_grad(f, (0, 1))).lower(*spec).compile()
+    logits_bytes = n * v * 4
+    assert c.memory_analysis().temp_size_in_bytes < logits_bytes / 8
+
+
+def test_vocabulary_parallel_under_vmap_matches_unsharded():
+    shards, n, d, v = 3, 7, 4, 12
+    h, w, b, y = make(n, d, v, ignore=(2,))
+    b = b.at[5].set(-jnp.inf)
+    y = jnp.where(y == 5, 0, y)
+    opts = {"label_smoothing": 0.1, "z_loss": 1e-3}
+    fused, ref = fused_and_ref(y, **opts)
+    want_v, (gh, gw, gb) = value_and_grads(ref, h, w, b)
+
+    def sharded(h, w_local, b_local):
+        out = jbce.linear_softmax_cross_entropy(
+            h, w_local, y, bias=b_local, chunk_size=3, axis_name="v", **opts
+        )
+        return jnp.sum(out)
+
+    w_sh = jnp.moveaxis(w.reshape(d, shards, v // shards), 1, 0)
+    b_sh = b.reshape(shards, v // shards)
+    vag = jax.vmap(jax.value_and_grad(sharded, (0, 1, 2)), in_axes=(None, 0, 0), axis_name="v")
+    val, (dh, dw, db) = jax.jit(vag)(h, w_sh, b_sh)
+    assert_tree_close(val, jnp.full((shards,), want_v), 1e-12)
+    assert_tree_close(jnp.sum(dh, axis=0), gh, 1e-12)  # each shard's share of d hidden
+    assert_tree_close(jnp.moveaxis(dw, 0, 1).reshape(d, v), gw, 1e-12)
+    fin = np.isfinite(np.asarray(b))
+    assert_tree_close(db.reshape(v)[fin], gb[fin], 1e-12)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"weight": jnp.zeros((5, 9))}, r"weight must have shape \(4, V\)"),
+        ({"labels": jnp.zeros((3,), jnp.int32)}, r"labels must have shape \(6,\)"),
+        ({"labels": jnp.zeros((6,))}, "labels must be integer"),
+        ({"bias": jnp.zeros((8,))}, r"bias must have shape \(9,\)"),
+        ({"chunk_size": 0}, "chunk_size must be a positive int"),
+        ({"logit_softcap": 0.0}, "logit_softcap must be > 0"),
+        ({"reduction": "avg"}, "reduction must be one of"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, match):
+    args = {"hidden": jnp.zeros((6, 4)), "weight": jnp.zeros((4, 9)),
+            "labels": jnp.zeros((6,), jnp.int32)}  # fmt: skip
+    args.update({k: kwargs.pop(k) for k in list(kwargs) if k in args})
+    with pytest.raises((ValueError, TypeError), match=match):
+        jbce.linear_softmax_cross_entropy(args["hidden"], args["weight"], args["labels"], **kwargs)
