@@ -20,6 +20,9 @@ recomputes its own softmax slice from its logits and the global log-sum-exp. Thi
 the unsharded gradient under ``shard_map`` and under ``pmap`` alike (a plain ``psum``
 would transpose differently in the two).
 
+``axis_name`` may be a tuple of mesh axes (classes sharded as ``P(None, ("x", "y"))``);
+shards are then numbered in that order, as ``jax.lax.axis_index`` does.
+
 ``class_weights`` are passed *sharded*, ``[K_local]`` per shard, laid out like the
 logits' class axis (``in_specs=P(axis_name)`` for a ``[K]`` array); labels are *global*
 class ids, replicated over ``axis_name``.

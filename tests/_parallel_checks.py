@@ -282,6 +282,31 @@ def vocab_parallel_bf16_logits_keep_dtype():
 
 
 @check
+def vocab_parallel_over_a_tuple_of_axes_matches_unsharded():
+    # Classes sharded over two mesh axes at once: P(None, ("x", "y")), axis_name=("x", "y").
+    logits, labels, cw = int_ce_case()
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("x", "y"))
+    axes = ("x", "y")
+    kw = {"label_smoothing": 0.1, "z_loss": 1e-3}
+    f = jax.shard_map(
+        lambda x, w: jbce.softmax_cross_entropy_with_integer_labels(
+            x, labels, class_weights=w, axis_name=axes, **kw
+        ),
+        mesh=mesh, in_specs=(P(None, axes), P(axes)), out_specs=P(),
+    )  # fmt: skip
+    got = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(logits, cw)
+    ref = jax.jit(
+        jax.value_and_grad(
+            lambda x, w: jbce.softmax_cross_entropy_with_integer_labels(
+                x, labels, class_weights=w, **kw
+            ),
+            argnums=(0, 1),
+        )
+    )(logits, cw)
+    close(got, ref)
+
+
+@check
 def linear_vocab_parallel_matches_unsharded():
     # The fused linear loss with the weight's vocabulary axis sharded: value and the
     # gradients of hidden (replicated over "vocab") and of the weight shards.

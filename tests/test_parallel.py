@@ -167,6 +167,7 @@ VOCAB_CHECKS = [
     "vocab_parallel_never_gathers_logits",
     "vocab_parallel_under_pmap_gives_unsharded_gradients",
     "vocab_parallel_bf16_logits_keep_dtype",
+    "vocab_parallel_over_a_tuple_of_axes_matches_unsharded",
     "linear_vocab_parallel_matches_unsharded",
     "data_and_vocab_parallel_2d_mesh_gives_global_mean",
 ]
