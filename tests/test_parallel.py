@@ -123,6 +123,24 @@ def test_per_logit_where_and_empty_shard_match_unsharded():
     assert np.all(np.isfinite(np.asarray(got)))
 
 
+def test_class_axis_not_last_and_batch_of_rank_two():
+    rng = np.random.default_rng(4)
+    logits = jnp.asarray(rng.normal(size=(2, K, 3)), jnp.float32)  # classes on axis 1
+    labels = jnp.asarray(rng.integers(0, K, size=(2, 3)), jnp.int32).at[0, 1].set(-100)
+    shards = jnp.stack(jnp.split(logits, SHARDS, axis=1))  # [SHARDS, 2, K_l, 3]
+
+    def f(x):
+        return CE(x, labels, axis=1, z_loss=1e-2, reduction="none", axis_name="v")
+
+    with strict():
+        got, vjp = jax.vjp(jax.vmap(f, axis_name="v"), shards)
+        (g,) = vjp(jnp.ones_like(got))
+    ref, rvjp = jax.vjp(lambda x: CE(x, labels, axis=1, z_loss=1e-2, reduction="none"), logits)
+    (rg,) = rvjp(jnp.ones_like(ref))
+    rtol_close(got, jnp.broadcast_to(ref, got.shape))
+    rtol_close(jnp.concatenate(list(g), axis=1) / SHARDS, rg)
+
+
 def test_combine_stats_gives_neg_inf_for_rows_without_classes():
     x = jnp.array([[[-jnp.inf, -jnp.inf]], [[-jnp.inf, -jnp.inf]]], jnp.float32)
     m = jnp.max(x, axis=-1)
