@@ -71,9 +71,13 @@ def _softmax_from_lse(x: jax.Array, lse: jax.Array, inc: jax.Array) -> jax.Array
 # Without a mask the compare/select of _masked_lse is not needed (exp(-inf - m) is already 0)
 # and is expensive: on XLA:CPU it splits the max and the exp-sum into separate kernels with
 # an N x K temporary between them. These two keep every pass select-free.
-def _lse_unmasked(x: jax.Array) -> jax.Array:
-    """log sum_c exp(x_c) over the last axis; -inf logits drop out, -inf for an all -inf row."""
-    m = jnp.max(x, axis=-1, keepdims=True)
+def _lse_unmasked(x: jax.Array, raw: jax.Array | None = None) -> jax.Array:
+    """log sum_c exp(x_c) over the last axis; -inf logits drop out, -inf for an all -inf row.
+
+    ``raw``: the logits before their (exact) cast to ``x.dtype``; the max is taken on them so
+    that the cast copy is read by one pass only and never materialised (bf16 inputs).
+    """
+    m = jnp.max(x if raw is None else raw, axis=-1, keepdims=True).astype(x.dtype)
     m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, jnp.zeros((), m.dtype)))
     return m[..., 0] + jnp.log(jnp.sum(jnp.exp(x - m), axis=-1))
 
@@ -111,8 +115,13 @@ def _int_stats(logits, labels, class_weights, mask, cap, dtype, with_s=True):
     """
     x = _softcap(logits.astype(dtype), cap)
     inc = _included(x, mask)
-    lse = _lse_unmasked(x) if mask is None else _masked_lse(x, inc)
-    xt = jnp.take_along_axis(x, labels[..., None], axis=-1)[..., 0]
+    if mask is None:
+        lse = _lse_unmasked(x, logits if cap is None else None)
+    else:
+        lse = _masked_lse(x, inc)
+    # The target logit is gathered before the cast (exact), so the cast copy has one reader.
+    src = logits if cap is None else x
+    xt = jnp.take_along_axis(src, labels[..., None], axis=-1)[..., 0].astype(dtype)
     if not with_s:
         return lse, xt, jnp.zeros_like(lse)
     w = jnp.ones((), dtype) if class_weights is None else _class_row(class_weights, x)
