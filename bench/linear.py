@@ -20,9 +20,23 @@ and outputs, the gradients included, are not temp). Time is the median of interl
 rounds (``bench/timing.py``), plus the process CPU seconds per call, which is steadier than
 wall time when other work shares the machine.
 
-Typical output (2-core CPU dev box, jax 0.10.2, ``python -m bench.linear``)::
+Typical output (2-core CPU dev box, jax 0.10.2, ``python -m bench.linear --modes vag``,
+measured while other jobs kept the load average near 8, so wall times are inflated about
+4x; ``cpu_s`` is the steadier figure)::
 
-    (filled in from the measured run; see /work/notes/readme_linear.md)
+    shape              dtype    mode  impl   temp_bytes  output_bytes  time_s  cpu_s
+    lm_4096x512x32768  float32  vag   optax  1GiB        72MiB         27.5s   5.74s
+    lm_4096x512x32768  float32  vag   jbce   1GiB        72MiB         24.3s   6.16s
+    lm_4096x512x32768  float32  vag   fused  18.1MiB     72MiB         31.6s   6.27s
+    memory: optax temp / fused temp = 56.7 (target >= 16): PASS
+    time: fused / optax = 1.15 wall, 1.09 CPU (target <= 1.25): PASS
+
+``--big --big-compile-only`` (compile-time memory of value_and_grad, nothing run)::
+
+    shape                impl   mode  temp_bytes  argument_bytes  output_bytes
+    lm_32768x256x131072  optax  vag   32GiB       160MiB          160MiB
+    lm_32768x256x131072  jbce   vag   16GiB       160MiB          160MiB
+    lm_32768x256x131072  fused  vag   11.5MiB     160MiB          160MiB
 """
 
 from __future__ import annotations
