@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 
@@ -60,7 +59,3 @@ class Discriminator(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.net(x)[:, 0]
-
-
-def count_params(model: nnx.Module) -> int:
-    return sum(int(jnp.size(p)) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
