@@ -2,7 +2,10 @@
 
 The discriminator minimises ``jbce.discriminator_loss`` (binary cross-entropy on logits: real
 → 1, fake → 0) and the generator the non-saturating ``jbce.generator_loss`` (fake → 1). Both are
-small MLPs; pixels are scaled to [0, 1] and the generator ends in a sigmoid.
+small MLPs; pixels are scaled to [0, 1] and the generator ends in a sigmoid. Two standard
+stabilisers keep 8000 steps on 1347 images from overfitting or dropping digits: dropout in
+the discriminator, and samples drawn from an exponential moving average of the generator's
+weights.
 
 Sample quality is measured, not eyeballed: a digits classifier (an MLP trained with
 ``jbce.softmax_cross_entropy_with_integer_labels`` on the same train split) scores generated
