@@ -88,7 +88,8 @@ def move_classes_last(x, axis, xp=np):
     axes = canonical_axes(axis, nd)
     batch = tuple(i for i in range(nd) if i not in axes)
     xt = xp.transpose(x, batch + axes)
-    return xp.reshape(xt, tuple(x.shape[i] for i in batch) + (-1,))
+    k = int(np.prod([x.shape[i] for i in axes]))
+    return xp.reshape(xt, tuple(x.shape[i] for i in batch) + (k,))
 
 
 def reduce(values, reduction: str, *, where=None, den=None, xp=np):
@@ -104,7 +105,7 @@ def reduce(values, reduction: str, *, where=None, den=None, xp=np):
     if reduction != "mean":
         raise ValueError(reduction)
     if den is None:
-        den = values.size if where is None else xp.sum(where)
+        den = float(values.size) if where is None else xp.sum(where, dtype=xp.float64)
     return xp.where(den == 0, 0.0 * total, total / xp.where(den == 0, 1.0, den))
 
 
@@ -248,7 +249,7 @@ def ref_softmax_cross_entropy(
     ex_mask, cls_mask = _split_where(where, np.shape(logits), axis, xp)
     include = x > -np.inf if cls_mask is None else cls_mask & (x > -np.inf)
     if label_smoothing:
-        k_eff = xp.sum(include, axis=-1, keepdims=True)
+        k_eff = xp.sum(include, axis=-1, keepdims=True, dtype=xp.float64)
         y = (1 - label_smoothing) * y + label_smoothing / k_eff
     lse = _logsumexp_masked(x, include, xp)
     logp = x - lse[..., None]
@@ -317,12 +318,12 @@ def ref_softmax_cross_entropy_with_integer_labels(
     xt = xp.take_along_axis(x, safe[..., None], axis=-1)[..., 0]
     w_t = cw[safe]
     nll = w_t * (lse - xt)
-    k_eff = xp.sum(include, axis=-1)
+    k_eff = xp.sum(include, axis=-1, dtype=xp.float64)
     cwb = xp.broadcast_to(cw, x.shape)
     # sum_c w_c (lse - x_c) over included classes, written without inf - inf
     diff = xp.where(include, lse[..., None] - xp.where(include, x, xp.zeros_like(x)), 0.0 * x)
     smooth = xp.sum(xp.where(include, cwb * diff, xp.zeros_like(x)), axis=-1)
-    smooth = smooth / xp.where(k_eff == 0, 1, k_eff)
+    smooth = smooth / xp.where(k_eff == 0, 1.0, k_eff)
     loss = (1 - label_smoothing) * nll + label_smoothing * smooth + z_loss * lse**2
     loss = xp.where(valid | ignored, loss, xp.full_like(loss, np.nan))
     if weights is not None:
@@ -506,3 +507,13 @@ def saved_residuals(f, *args):
     except ImportError:  # jax >= 0.8 keeps it private; print_saved_residuals is public
         from jax._src.ad_checkpoint import saved_residuals as impl
     return impl(f, *args)
+
+
+def move_classes_back(flat, shape, axis, xp=np):
+    """Inverse of :func:`move_classes_last`: (..., K) back to ``shape`` with classes at ``axis``."""
+    nd = len(shape)
+    axes = canonical_axes(axis, nd)
+    batch = tuple(i for i in range(nd) if i not in axes)
+    perm = batch + axes
+    x = xp.reshape(flat, tuple(shape[i] for i in perm))
+    return xp.transpose(x, tuple(int(i) for i in np.argsort(perm)))

@@ -1,0 +1,701 @@
+"""softmax_cross_entropy (probability labels) and softmax_cross_entropy_with_integer_labels
+against float64 references, PyTorch, optax, numerical gradients and the spec's edge cases."""
+
+from __future__ import annotations
+
+import chex
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.experimental import checkify
+from jax.test_util import check_grads
+
+import jbce
+from tests import reference as ref
+
+pytestmark = pytest.mark.jax_strict
+
+REDUCTIONS = ("none", "sum", "mean")
+ce_int = jbce.softmax_cross_entropy_with_integer_labels
+ce_soft = jbce.softmax_cross_entropy
+
+# (logits shape, axis): class axis last, torch-style (N, C, d), and a tuple of class axes
+LAYOUTS = {
+    "last": ((6, 5), -1),
+    "torch_nc_d": ((3, 5, 2), 1),
+    "tuple": ((4, 2, 3), (1, 2)),
+}
+
+
+def _classes(shape, axis):
+    axes = ref.canonical_axes(axis, len(shape))
+    batch = tuple(s for i, s in enumerate(shape) if i not in axes)
+    k = int(np.prod([shape[a] for a in axes]))
+    return batch, k
+
+
+def _data(layout="last", seed=0, ignore=True):
+    shape, axis = LAYOUTS[layout]
+    batch, k = _classes(shape, axis)
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=shape) * 2
+    labels = rng.integers(0, k, size=batch)
+    if ignore:
+        labels.reshape(-1)[1] = -100
+    soft = ref.move_classes_back(rng.dirichlet(np.ones(k), size=batch), shape, axis)
+    w = rng.uniform(0.2, 2.0, size=batch)
+    cw = rng.uniform(0.3, 3.0, size=k)
+    where_ex = rng.uniform(size=batch) < 0.7
+    where_ex.reshape(-1)[0] = True
+    where_logit = rng.uniform(size=shape) < 0.7
+    return x, labels, soft, w, cw, where_ex, where_logit, axis
+
+
+def _target_included(where_logit, labels, axis):
+    """Makes every non-ignored target class included in a per-logit mask."""
+    wl = ref.move_classes_last(where_logit, axis).copy()
+    lab = labels.reshape(-1)
+    flat = wl.reshape(lab.size, -1)
+    for i, c in enumerate(lab):
+        if c >= 0:
+            flat[i, c] = True
+    return flat.reshape(wl.shape)
+
+
+INT_OPTIONS = {
+    "plain": {},
+    "weights": {"weights": True},
+    "class_weights": {"class_weights": True},
+    "smoothing": {"label_smoothing": 0.1},
+    "smoothing_class_weights": {"label_smoothing": 0.2, "class_weights": True},
+    "z_loss": {"z_loss": 1e-2},
+    "softcap": {"logit_softcap": 3.0},
+    "where_example": {"where": "example"},
+    "where_logit": {"where": "logit"},
+    "no_ignore_index": {"ignore_index": None},
+    "all": {
+        "weights": True,
+        "class_weights": True,
+        "label_smoothing": 0.1,
+        "z_loss": 1e-3,
+        "logit_softcap": 4.0,
+        "where": "example",
+    },
+}
+
+
+def _int_kwargs(opts, labels, w, cw, where_ex, where_logit, axis):
+    kw = {}
+    for k, v in opts.items():
+        if k == "weights":
+            kw["weights"] = w
+        elif k == "class_weights":
+            kw["class_weights"] = cw
+        elif k == "where":
+            kw["where"] = where_ex if v == "example" else where_logit
+        elif k == "ignore_index":
+            kw["ignore_index"] = v
+        else:
+            kw[k] = v
+    return kw
+
+
+def _j(kw):
+    return {k: (jnp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
+
+
+# ----------------------------------------------------------------------------- references
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("opts", list(INT_OPTIONS))
+def test_integer_label_ce_matches_float64_reference(opts, layout):
+    x, labels, _, w, cw, where_ex, where_logit, axis = _data(layout)
+    if opts == "where_logit":
+        # a per-logit mask in the classes-last layout of the logits
+        where_logit = _target_included(where_logit, labels, axis)
+        where_logit = np.asarray(where_logit).reshape(ref.move_classes_last(x, axis).shape)
+        x = ref.move_classes_last(x, axis)
+        axis = -1
+    if opts == "no_ignore_index":
+        labels = np.where(labels < 0, 0, labels)
+    kw = _int_kwargs(INT_OPTIONS[opts], labels, w, cw, where_ex, where_logit, axis)
+    static = {k: v for k, v in kw.items() if not isinstance(v, np.ndarray)}
+    arrays = {k: v for k, v in kw.items() if isinstance(v, np.ndarray)}
+    gots = jax.jit(
+        lambda a, b, k: [ce_int(a, b, axis=axis, reduction=r, **static, **k) for r in REDUCTIONS]
+    )(jnp.asarray(x), jnp.asarray(labels), _j(arrays))
+    for reduction, got in zip(REDUCTIONS, gots):
+        want = ref.ref_softmax_cross_entropy_with_integer_labels(
+            x, labels, axis=axis, reduction=reduction, **kw
+        )
+        assert got.dtype == jnp.float64
+        ref.assert_close(got, want, atol=1e-15)
+
+
+SOFT_OPTIONS = {
+    "plain": {},
+    "weights": {"weights": True},
+    "smoothing": {"label_smoothing": 0.1},
+    "where_example": {"where": "example"},
+    "where_logit": {"where": "logit"},
+    "all": {"weights": True, "label_smoothing": 0.2, "where": "example"},
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("opts", list(SOFT_OPTIONS))
+def test_soft_label_ce_matches_float64_reference(opts, layout):
+    x, _, soft, w, _, where_ex, where_logit, axis = _data(layout, seed=1)
+    arrays, static = {}, {}
+    for k, v in SOFT_OPTIONS[opts].items():
+        if k == "weights":
+            arrays["weights"] = w
+        elif k == "where":
+            arrays["where"] = where_ex if v == "example" else where_logit
+        else:
+            static[k] = v
+    gots = jax.jit(
+        lambda a, b, k: [ce_soft(a, b, axis=axis, reduction=r, **static, **k) for r in REDUCTIONS]
+    )(jnp.asarray(x), jnp.asarray(soft), _j(arrays))
+    for reduction, got in zip(REDUCTIONS, gots):
+        want = ref.ref_softmax_cross_entropy(
+            x, soft, axis=axis, reduction=reduction, **static, **arrays
+        )
+        ref.assert_close(got, want, atol=1e-15)
+
+
+def test_default_reduction_is_mean():
+    x, labels, soft, *_ = _data(ignore=False)
+    ref.assert_close(
+        ce_int(jnp.asarray(x), jnp.asarray(labels)),
+        ref.ref_softmax_cross_entropy_with_integer_labels(x, labels, reduction="none").mean(),
+    )
+    ref.assert_close(
+        ce_soft(jnp.asarray(x), jnp.asarray(soft)),
+        ref.ref_softmax_cross_entropy(x, soft, reduction="none").mean(),
+    )
+
+
+def test_one_hot_soft_labels_equal_integer_labels():
+    x, labels, *_ = _data(ignore=False)
+    one_hot = np.eye(x.shape[-1])[labels]
+    a = ce_soft(jnp.asarray(x), jnp.asarray(one_hot), label_smoothing=0.1, reduction="none")
+    b = ce_int(jnp.asarray(x), jnp.asarray(labels), label_smoothing=0.1, reduction="none")
+    ref.assert_close(a, np.asarray(b))
+
+
+def test_ignored_tokens_do_not_count_in_mean():
+    x, labels, *_ = _data()
+    per = ref.ref_softmax_cross_entropy_with_integer_labels(x, labels, reduction="none")
+    got = ce_int(jnp.asarray(x), jnp.asarray(labels))
+    keep = labels != -100
+    ref.assert_close(got, per[keep].mean())
+    none = ce_int(jnp.asarray(x), jnp.asarray(labels), reduction="none")
+    assert np.all(np.asarray(none)[~keep] == 0)
+
+
+def test_class_weighted_mean_divides_by_summed_target_class_weights():
+    x, labels, _, _, cw, *_ = _data()
+    keep = labels != -100
+    per = ref.ref_softmax_cross_entropy_with_integer_labels(x, labels, reduction="none")
+    got = ce_int(jnp.asarray(x), jnp.asarray(labels), class_weights=jnp.asarray(cw))
+    wt = cw[np.where(keep, labels, 0)]
+    ref.assert_close(got, np.sum((wt * per)[keep]) / np.sum(wt[keep]))
+
+
+def test_example_weights_scale_terms_but_not_the_mean_denominator():
+    x, labels, _, w, *_ = _data(ignore=False)
+    per = ref.ref_softmax_cross_entropy_with_integer_labels(x, labels, reduction="none")
+    got = ce_int(jnp.asarray(x), jnp.asarray(labels), weights=jnp.asarray(w))
+    ref.assert_close(got, np.sum(w * per) / per.size)
+
+
+def test_z_loss_adds_z_times_logsumexp_squared():
+    x, labels, *_ = _data(ignore=False)
+    lse = np.log(np.sum(np.exp(x), -1))
+    a = ce_int(jnp.asarray(x), jnp.asarray(labels), z_loss=0.5, reduction="none")
+    b = ce_int(jnp.asarray(x), jnp.asarray(labels), reduction="none")
+    ref.assert_close(np.asarray(a) - np.asarray(b), 0.5 * lse**2, rtol=1e-12, atol=1e-14)
+
+
+def test_logit_softcap_equals_loss_of_capped_logits():
+    x, labels, *_ = _data(ignore=False)
+    capped = 2.0 * np.tanh(x * 10 / 2.0)
+    a = ce_int(jnp.asarray(x * 10), jnp.asarray(labels), logit_softcap=2.0, reduction="none")
+    b = ce_int(jnp.asarray(capped), jnp.asarray(labels), reduction="none")
+    ref.assert_close(a, np.asarray(b))
+
+
+# ----------------------------------------------------------------------------- torch oracle
+
+TORCH_INT = {
+    "plain": {},
+    "weight": {"class_weights": True},
+    "smoothing": {"label_smoothing": 0.15},
+    "weight_smoothing": {"class_weights": True, "label_smoothing": 0.15},
+    "ignore_other": {"ignore_index": 2},
+}
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])  # "sum" = sum of "none"
+@pytest.mark.parametrize("layout", ["last", "torch_nc_d"])
+@pytest.mark.parametrize("opts", list(TORCH_INT))
+def test_integer_label_ce_equals_torch_values_and_logit_gradients(opts, layout, reduction):
+    pytest.importorskip("torch")
+    x, labels, _, _, cw, _, _, axis = _data(layout, seed=2)
+    o = TORCH_INT[opts]
+    ignore_index = o.get("ignore_index", -100)
+    smoothing = o.get("label_smoothing", 0.0)
+    weight = cw if o.get("class_weights") else None
+    torch_labels = labels.copy()
+    if ignore_index != -100:
+        torch_labels = np.where(labels < 0, ignore_index, labels)
+
+    def f(a):
+        return ce_int(
+            a,
+            jnp.asarray(torch_labels),
+            axis=axis,
+            class_weights=None if weight is None else jnp.asarray(weight),
+            ignore_index=ignore_index,
+            label_smoothing=smoothing,
+            reduction=reduction,
+        )
+
+    got, g = jax.jit(lambda a: (f(a), jax.grad(lambda b: jnp.sum(f(b)))(a)))(jnp.asarray(x))
+    want, (tg,) = ref.torch_cross_entropy(
+        x,
+        torch_labels,
+        axis=axis,
+        weight=weight,
+        ignore_index=ignore_index,
+        label_smoothing=smoothing,
+        reduction=reduction,
+        grad_of=("logits",),
+    )
+    ref.assert_close(got, want, rtol=1e-12, atol=1e-15)
+    ref.assert_close(g, tg, rtol=1e-10, atol=1e-15)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("layout", ["last", "torch_nc_d"])
+def test_soft_label_ce_equals_torch_probability_targets(layout, smoothing, reduction):
+    pytest.importorskip("torch")
+    x, _, soft, *_, axis = _data(layout, seed=3)
+    f = lambda a: ce_soft(
+        a, jnp.asarray(soft), axis=axis, label_smoothing=smoothing, reduction=reduction
+    )
+    got, g = jax.jit(lambda a: (f(a), jax.grad(lambda b: jnp.sum(f(b)))(a)))(jnp.asarray(x))
+    want, (tg,) = ref.torch_cross_entropy(
+        x, soft, axis=axis, label_smoothing=smoothing, reduction=reduction, grad_of=("logits",)
+    )
+    ref.assert_close(got, want, rtol=1e-12, atol=1e-15)
+    ref.assert_close(g, tg, rtol=1e-10, atol=1e-15)
+
+
+# ----------------------------------------------------------------------------- optax
+
+
+@pytest.mark.parametrize("where", [None, "example", "logit"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_none_reduction_is_a_drop_in_for_optax(layout, where):
+    optax = pytest.importorskip("optax")
+    x, labels, soft, _, _, where_ex, where_logit, axis = _data(layout, seed=4, ignore=False)
+    if where == "logit":
+        wl = _target_included(where_logit, labels, axis)
+        if layout == "tuple":
+            pytest.skip("optax needs the per-logit mask in the logits layout; see 'last'")
+        wl = np.moveaxis(wl, -1, axis)
+        wl.reshape(-1, *wl.shape[1:])[-1] = False  # one example with every class masked
+        m = wl
+    else:
+        m = None if where is None else where_ex
+    jm = None if m is None else jnp.asarray(m)
+    got_i = ce_int(jnp.asarray(x), jnp.asarray(labels), axis=axis, where=jm, reduction="none")
+    want_i = optax.softmax_cross_entropy_with_integer_labels(
+        jnp.asarray(x), jnp.asarray(labels), axis=axis, where=jm
+    )
+    ref.assert_close(got_i, np.asarray(want_i), rtol=1e-12, atol=1e-15)
+    if where == "logit":
+        # optax's soft-label CE needs the labels' mass inside the mask to be well defined
+        soft = np.where(m, soft, 0.0)
+    got_s = ce_soft(jnp.asarray(x), jnp.asarray(soft), axis=axis, where=jm, reduction="none")
+    want_s = optax.softmax_cross_entropy(jnp.asarray(x), jnp.asarray(soft), axis=axis, where=jm)
+    ref.assert_close(got_s, np.asarray(want_s), rtol=1e-12, atol=1e-15)
+
+
+def test_optax_positional_order_logits_then_labels():
+    optax = pytest.importorskip("optax")
+    x, labels, *_ = _data(ignore=False)
+    ref.assert_close(
+        ce_int(jnp.asarray(x), jnp.asarray(labels), reduction="none"),
+        np.asarray(optax.softmax_cross_entropy_with_integer_labels(x, labels)),
+        rtol=1e-12,
+    )
+
+
+# ----------------------------------------------------------------------------- gradients
+
+
+def test_integer_label_ce_gradients_check_numerically_to_second_order():
+    x, labels, _, w, cw, where_ex, *_ = _data(seed=5)
+
+    def f(a, c):
+        return ce_int(
+            a,
+            jnp.asarray(labels),
+            weights=c,
+            class_weights=jnp.asarray(cw),
+            label_smoothing=0.1,
+            z_loss=1e-2,
+            logit_softcap=5.0,
+            where=jnp.asarray(where_ex),
+        )
+
+    check_grads(jax.jit(f), (jnp.asarray(x), jnp.asarray(w)), order=2, modes=["rev"])
+
+
+def test_soft_label_ce_gradients_check_numerically_to_second_order():
+    x, _, soft, w, _, where_ex, where_logit, _ = _data(seed=6)
+
+    def f(a, b, c):
+        return ce_soft(a, b, weights=c, label_smoothing=0.1, where=jnp.asarray(where_ex))
+
+    args = (jnp.asarray(x), jnp.asarray(soft), jnp.asarray(w))
+    check_grads(jax.jit(f), args, order=2, modes=["rev"])
+    g = lambda a, b: ce_soft(a, b, where=jnp.asarray(where_logit), reduction="sum")
+    check_grads(jax.jit(g), args[:2], order=2, modes=["rev"])
+
+
+@pytest.mark.parametrize("kind", ["int", "soft"])
+def test_hessian_equals_reference_reverse_over_reverse(kind):
+    x, labels, soft, _, cw, *_ = _data(seed=7)
+    x = x[:3]
+    if kind == "int":
+        kw = dict(
+            class_weights=jnp.asarray(cw),
+            label_smoothing=0.1,
+            z_loss=1e-2,
+            logit_softcap=4.0,
+            reduction="mean",
+        )
+        lab = jnp.asarray(labels[:3])
+        f = lambda a: ce_int(a, lab, **kw)
+        r = lambda a: ref.ref_softmax_cross_entropy_with_integer_labels(a, lab, xp=jnp, **kw)
+    else:
+        lab = jnp.asarray(soft[:3])
+        f = lambda a: ce_soft(a, lab, label_smoothing=0.1, reduction="sum")
+        r = lambda a: ref.ref_softmax_cross_entropy(
+            a, lab, label_smoothing=0.1, reduction="sum", xp=jnp
+        )
+    h = jax.jit(jax.jacrev(jax.grad(f)))(jnp.asarray(x))
+    hr = jax.jit(jax.jacrev(jax.grad(r)))(jnp.asarray(x))
+    ref.assert_close(h, np.asarray(hr), rtol=1e-11, atol=1e-14)
+
+
+def test_soft_label_gradient_w_r_t_labels_equals_reference():
+    x, _, soft, *_ = _data(seed=8)
+    g = jax.grad(
+        lambda b: ce_soft(jnp.asarray(x), b, label_smoothing=0.1),
+    )(jnp.asarray(soft))
+    gr = jax.grad(
+        lambda b: ref.ref_softmax_cross_entropy(jnp.asarray(x), b, label_smoothing=0.1, xp=jnp)
+    )(jnp.asarray(soft))
+    ref.assert_close(g, np.asarray(gr), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("kind", ["int", "soft"])
+def test_residuals_are_the_logits_and_per_example_values_only(kind):
+    n, k = 64, 48
+    rng = np.random.default_rng(9)
+    x = jnp.asarray(rng.normal(size=(n, k)))
+    if kind == "int":
+        lab = jnp.asarray(rng.integers(0, k, size=n))
+        f = lambda a: ce_int(a, lab, label_smoothing=0.1, z_loss=1e-3)
+    else:
+        lab = jnp.asarray(rng.dirichlet(np.ones(k), size=n))
+        f = lambda a: ce_soft(a, lab)
+    res = ref.saved_residuals(f, x)
+    big = [r for r in res if np.prod(r[0].shape) >= n * k]
+    # the logits (the argument) and, for soft labels, the labels; nothing else N x K
+    assert len(big) == (1 if kind == "int" else 2), res
+    assert any("argument" in r[1] for r in big), res
+    small = [r for r in res if np.prod(r[0].shape) < n * k]
+    assert all(np.prod(r[0].shape) <= n for r in small), res
+
+
+# ----------------------------------------------------------------------------- edge cases
+
+
+def test_minus_inf_non_target_logits_give_finite_loss_and_exactly_zero_gradient():
+    x = np.array([[2.0, -np.inf, 0.5, -np.inf], [-np.inf, 1.0, -np.inf, 3.0]])
+    labels = np.array([0, 3])
+    for kw in ({}, {"label_smoothing": 0.2}, {"class_weights": np.array([1.0, 2.0, 0.5, 1.5])}):
+        f = lambda a, kw=kw: ce_int(a, jnp.asarray(labels), reduction="sum", **_j(kw))
+        val, g = jax.value_and_grad(f)(jnp.asarray(x))
+        assert np.isfinite(float(val))
+        ref.assert_close(
+            val, ref.ref_softmax_cross_entropy_with_integer_labels(x, labels, reduction="sum", **kw)
+        )
+        g = np.asarray(g)
+        assert np.all(g[np.isinf(x)] == 0) and np.all(np.isfinite(g))
+    soft = np.array([[0.7, 0.0, 0.3, 0.0], [0.0, 0.4, 0.0, 0.6]])
+    val, g = jax.value_and_grad(lambda a: ce_soft(a, jnp.asarray(soft), reduction="sum"))(
+        jnp.asarray(x)
+    )
+    ref.assert_close(val, ref.ref_softmax_cross_entropy(x, soft, reduction="sum"))
+    g = np.asarray(g)
+    assert np.all(g[np.isinf(x)] == 0) and np.all(np.isfinite(g))
+
+
+@pytest.mark.parametrize("class_weights", [False, True])
+def test_all_ignored_batch_has_zero_mean_and_zero_gradient(class_weights):
+    x, _, _, _, cw, *_ = _data()
+    labels = jnp.full(x.shape[:1], -100)
+    kw = {"class_weights": jnp.asarray(cw)} if class_weights else {}
+    val, g = jax.value_and_grad(lambda a: ce_int(a, labels, label_smoothing=0.1, **kw))(
+        jnp.asarray(x)
+    )
+    assert float(val) == 0.0
+    assert np.all(np.asarray(g) == 0)
+
+
+def test_all_masked_examples_have_zero_mean_and_zero_gradient():
+    x, labels, soft, *_ = _data(ignore=False)
+    for where in (np.zeros(x.shape[:1], bool), np.zeros(x.shape, bool)):
+        for f in (
+            lambda a, m=where: ce_int(a, jnp.asarray(labels), where=jnp.asarray(m)),
+            lambda a, m=where: ce_soft(a, jnp.asarray(soft), where=jnp.asarray(m)),
+        ):
+            val, g = jax.value_and_grad(f)(jnp.asarray(x))
+            assert float(val) == 0.0
+            assert np.all(np.asarray(g) == 0)
+
+
+def test_fully_masked_example_under_per_logit_where_has_zero_loss_and_finite_zero_grad():
+    x, labels, soft, *_ = _data(ignore=False)
+    where = np.ones(x.shape, bool)
+    where[2] = False
+    g = jax.grad(
+        lambda a: ce_int(a, jnp.asarray(labels), where=jnp.asarray(where), reduction="sum")
+    )(jnp.asarray(x))
+    none = ce_int(jnp.asarray(x), jnp.asarray(labels), where=jnp.asarray(where), reduction="none")
+    assert float(none[2]) == 0.0 and np.all(np.asarray(g)[2] == 0)
+    assert np.all(np.isfinite(np.asarray(g)))
+
+
+@pytest.mark.parametrize("bad", [-1, 5, 7])
+def test_out_of_range_label_gives_nan_for_that_example_only(bad):
+    x, labels, *_ = _data(ignore=False)
+    labels = labels.copy()
+    labels[3] = bad
+    got = np.asarray(ce_int(jnp.asarray(x), jnp.asarray(labels), reduction="none"))
+    assert np.isnan(got[3])
+    ok = np.arange(len(labels)) != 3
+    ref.assert_close(
+        got[ok], ref.ref_softmax_cross_entropy_with_integer_labels(x, labels, reduction="none")[ok]
+    )
+    assert np.isnan(float(ce_int(jnp.asarray(x), jnp.asarray(labels))))
+
+
+def test_checkify_reports_out_of_range_labels():
+    x, labels, *_ = _data(ignore=True)
+    f = checkify.checkify(jax.jit(lambda a, b: ce_int(a, b)), errors=checkify.user_checks)
+    err, _ = f(jnp.asarray(x), jnp.asarray(labels))
+    assert err.get() is None  # ignore_index is in range
+    bad = labels.copy()
+    bad[0] = 5
+    err, _ = f(jnp.asarray(x), jnp.asarray(bad))
+    assert err.get() is not None and "labels" in err.get()
+
+
+def test_checkify_reports_soft_labels_outside_unit_interval():
+    x, _, soft, *_ = _data()
+    f = checkify.checkify(lambda a, b: ce_soft(a, b))
+    bad = soft.copy()
+    bad[0, 0] = -0.5
+    err, _ = f(jnp.asarray(x), jnp.asarray(bad))
+    assert err.get() is not None and "labels" in err.get()
+    err, _ = f(jnp.asarray(x), jnp.asarray(soft))
+    assert err.get() is None
+
+
+ROWS = np.array(
+    [[1e4, 0.0, -1e4], [-1e4, 1e4, 0.0], [1e30, -1e30, 0.0], [-1e30, 0.0, 1e30], [3.0, 2.0, 1.0]]
+)
+
+
+@pytest.mark.parametrize("target", [0, 1, 2])
+def test_float32_extreme_logits_within_a_few_ulps_of_float64(target):
+    x32 = ROWS.astype(np.float32)
+    labels = np.full(len(ROWS), target)
+    got = ce_int(jnp.asarray(x32), jnp.asarray(labels), reduction="none")
+    assert got.dtype == jnp.float32
+    want = ref.ref_softmax_cross_entropy_with_integer_labels(
+        x32.astype(np.float64), labels, reduction="none"
+    )
+    ref.assert_close(got, want, atol=float(np.finfo(np.float32).tiny))
+    soft = np.eye(3, dtype=np.float32)[labels]
+    got_s = ce_soft(jnp.asarray(x32), jnp.asarray(soft), reduction="none")
+    ref.assert_close(got_s, want, atol=float(np.finfo(np.float32).tiny))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_computes_in_float32_and_returns_input_dtype_grads(dtype):
+    x, labels, soft, *_ = _data(ignore=True)
+    xl = jnp.asarray(x, dtype)
+    for f, r in (
+        (
+            lambda a: ce_int(a, jnp.asarray(labels), label_smoothing=0.1),
+            lambda a: ref.ref_softmax_cross_entropy_with_integer_labels(
+                a, jnp.asarray(labels), label_smoothing=0.1, xp=jnp
+            ),
+        ),
+        (
+            lambda a: ce_soft(a, jnp.asarray(soft, dtype)),
+            lambda a: ref.ref_softmax_cross_entropy(
+                a, jnp.asarray(jnp.asarray(soft, dtype), jnp.float64), xp=jnp
+            ),
+        ),
+    ):
+        val, g = jax.value_and_grad(f)(xl)
+        assert val.dtype == jnp.float32 and g.dtype == dtype
+        xf = jnp.asarray(xl, jnp.float64)
+        ref.assert_close(val, np.asarray(r(xf)), rtol=1e-6)
+        ref.assert_close(g, np.asarray(jax.grad(r)(xf)), rtol=2e-2, atol=2e-3)
+
+
+def test_empty_batch_and_rank1_logits():
+    x = jnp.zeros((0, 4))
+    lab = jnp.zeros((0,), jnp.int32)
+    assert ce_int(x, lab, reduction="none").shape == (0,)
+    assert float(ce_int(x, lab)) == 0.0 and float(ce_int(x, lab, reduction="sum")) == 0.0
+    assert float(ce_soft(x, jnp.zeros((0, 4)))) == 0.0
+    # a single example: rank-1 logits, rank-0 label
+    x1 = np.array([0.3, -1.0, 2.0])
+    want = ref.ref_softmax_cross_entropy_with_integer_labels(
+        x1[None], np.array([2]), reduction="none"
+    )[0]
+    got = ce_int(jnp.asarray(x1), jnp.asarray(2), reduction="none")
+    assert got.shape == ()
+    ref.assert_close(got, want)
+
+
+def test_vmap_equals_per_row_calls():
+    x, labels, soft, w, cw, *_ = _data(layout="torch_nc_d", seed=10, ignore=False)
+    f = lambda a, b: ce_int(a, b, axis=0, class_weights=jnp.asarray(cw))
+    got = jax.vmap(f)(jnp.asarray(x), jnp.asarray(labels))
+    want = [
+        ref.ref_softmax_cross_entropy_with_integer_labels(x[i], labels[i], axis=0, class_weights=cw)
+        for i in range(x.shape[0])
+    ]
+    ref.assert_close(got, np.asarray(want))
+    gs = jax.vmap(lambda a, b: ce_soft(a, b, axis=0))(jnp.asarray(x), jnp.asarray(soft))
+    ref.assert_close(
+        gs,
+        np.asarray(
+            [ref.ref_softmax_cross_entropy(x[i], soft[i], axis=0) for i in range(x.shape[0])]
+        ),
+    )
+
+
+class JitVariantsTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters(*REDUCTIONS)
+    def test_integer_label_ce_same_with_and_without_jit(self, reduction):
+        x, labels, _, w, cw, where_ex, _, axis = _data("tuple", seed=11)
+        f = self.variant(
+            lambda a, b, c, d, m: ce_int(
+                a,
+                b,
+                axis=axis,
+                weights=c,
+                class_weights=d,
+                where=m,
+                label_smoothing=0.1,
+                z_loss=1e-3,
+                logit_softcap=5.0,
+                reduction=reduction,
+            )
+        )
+        got = f(*map(jnp.asarray, (x, labels, w, cw, where_ex)))
+        want = ref.ref_softmax_cross_entropy_with_integer_labels(
+            x,
+            labels,
+            axis=axis,
+            weights=w,
+            class_weights=cw,
+            where=where_ex,
+            label_smoothing=0.1,
+            z_loss=1e-3,
+            logit_softcap=5.0,
+            reduction=reduction,
+        )
+        ref.assert_close(got, want, atol=1e-15)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_soft_label_ce_same_with_and_without_jit(self):
+        x, _, soft, w, _, _, where_logit, axis = _data("tuple", seed=12)
+        f = self.variant(lambda a, b, c, m: ce_soft(a, b, axis=axis, weights=c, where=m))
+        got = f(*map(jnp.asarray, (x, soft, w, where_logit)))
+        want = ref.ref_softmax_cross_entropy(x, soft, axis=axis, weights=w, where=where_logit)
+        ref.assert_close(got, want, atol=1e-15)
+
+
+# ----------------------------------------------------------------------------- properties
+
+
+@given(
+    batch=hnp.array_shapes(min_dims=0, max_dims=2, min_side=0, max_side=4),
+    k=st.integers(1, 6),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    smoothing=st.sampled_from([0.0, 0.1]),
+    z=st.sampled_from([0.0, 1e-2]),
+    use_cw=st.booleans(),
+    use_w=st.booleans(),
+    reduction=st.sampled_from(REDUCTIONS),
+    data=st.data(),
+)
+@settings(max_examples=12)
+def test_property_integer_label_ce_matches_reference(
+    batch, k, dtype, smoothing, z, use_cw, use_w, reduction, data
+):
+    x = data.draw(
+        hnp.arrays(
+            dtype,
+            batch + (k,),
+            elements=st.one_of(st.floats(-30, 30, width=32), st.sampled_from([-1e4, 1e4])),
+        )
+    )
+    labels = data.draw(
+        hnp.arrays(np.int32, batch, elements=st.sampled_from(list(range(k)) + [-100]))
+    )
+    arrays = {}
+    if use_cw:
+        arrays["class_weights"] = data.draw(
+            hnp.arrays(dtype, (k,), elements=st.sampled_from([0.5, 1.0, 2.0]))
+        )
+    if use_w:
+        arrays["weights"] = data.draw(
+            hnp.arrays(dtype, batch, elements=st.sampled_from([0.0, 1.0, 3.0]))
+        )
+    got = jax.jit(
+        lambda a, b, o: ce_int(a, b, label_smoothing=smoothing, z_loss=z, reduction=reduction, **o)
+    )(jnp.asarray(x), jnp.asarray(labels), _j(arrays))
+    assert got.dtype == dtype
+    want = ref.ref_softmax_cross_entropy_with_integer_labels(
+        x, labels, label_smoothing=smoothing, z_loss=z, reduction=reduction, **arrays
+    )
+    if dtype == np.float64:
+        ref.assert_close(got, want, atol=1e-12)
+    else:
+        # float32: lse - x_t cancels; compare at the scale of the logits
+        scale = 1.0 + (np.max(np.abs(x)) if x.size else 0.0)
+        ref.assert_close(got, want, rtol=1e-5, atol=1e-5 * scale * max(1, np.size(labels)))
