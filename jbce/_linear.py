@@ -22,7 +22,7 @@ import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
 
-from jbce import _checks, _parallel
+from jbce import _checks, _parallel, _vma
 from jbce._softmax import _softcap, loss_from_stats
 
 # Elements in one tile of logits when the token chunk is picked automatically: 2**20 float32
@@ -69,10 +69,10 @@ def _varying_like(*refs):
     Inside ``shard_map`` a loop carry must keep its type; the zeros a loop starts from are
     replicated while the tiles of a sharded ``weight`` are not. A no-op elsewhere.
     """
-    axes = frozenset().union(*(_parallel._varying_axes(r) for r in refs if r is not None))
+    axes = frozenset().union(*(_vma._varying_axes(r) for r in refs if r is not None))
 
     def vary(x):
-        extra = tuple(sorted(axes - _parallel._varying_axes(x)))
+        extra = tuple(sorted(axes - _vma._varying_axes(x)))
         return lax.pcast(x, extra, to="varying") if extra else x
 
     return vary
@@ -253,7 +253,7 @@ def _sharded_linear_stats_bwd(cap, dtype, tn, tv, axis_name, res, g):
     dh, dw, db = _tiled_backward(hidden, weight, bias, y, lse, g, cap, dtype, tn, tv)
     # This shard's d hidden is its classes' share; a hidden replicated over the axis (as
     # under shard_map) collects the sum of the shares.
-    dh = _parallel.psum_to_like(dh.astype(hidden.dtype), hidden)
+    dh = _vma.psum_to_like(dh.astype(hidden.dtype), hidden)
     return _cotangents(hidden, weight, bias, labels, dh, dw, db)
 
 
