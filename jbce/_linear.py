@@ -198,9 +198,18 @@ def _lse(m, se):
 
 
 def _cotangents(hidden, weight, bias, labels, dh, dw, db):
-    dbias = None if bias is None else db.astype(bias.dtype)
+    """Casts to the inputs' dtypes; inside ``shard_map`` an input replicated over a mesh axis
+    its gradient varies on (weight under data parallelism, hidden under vocabulary
+    parallelism) gets the sum over that axis, as the transpose of the implicit broadcast."""
+    like = _vma.psum_to_like
+    dbias = None if bias is None else like(db.astype(bias.dtype), bias)
     dlabels = jnp.zeros(labels.shape, jax.dtypes.float0)
-    return dh.astype(hidden.dtype), dw.astype(weight.dtype), dbias, dlabels
+    return (
+        like(dh.astype(hidden.dtype), hidden),
+        like(dw.astype(weight.dtype), weight),
+        dbias,
+        dlabels,
+    )
 
 
 # --- per-token statistics with a custom VJP ----------------------------------------------------
@@ -252,8 +261,7 @@ def _sharded_linear_stats_bwd(cap, dtype, tn, tv, axis_name, res, g):
     y = _shard_labels(labels, weight.shape[1], axis_name)
     dh, dw, db = _tiled_backward(hidden, weight, bias, y, lse, g, cap, dtype, tn, tv)
     # This shard's d hidden is its classes' share; a hidden replicated over the axis (as
-    # under shard_map) collects the sum of the shares.
-    dh = _vma.psum_to_like(dh.astype(hidden.dtype), hidden)
+    # under shard_map) collects the sum of the shares in _cotangents.
     return _cotangents(hidden, weight, bias, labels, dh, dw, db)
 
 
