@@ -73,8 +73,12 @@ def sigmoid(x, xp=np):
 
 
 def xlogy(a, b, xp=np):
-    """a * b with the term switched off (0) where a == 0, even if b is infinite."""
-    return xp.where(a == 0, xp.zeros_like(a * 1.0), a * xp.where(a == 0, xp.ones_like(b), b))
+    """a * b with the term switched off (0) where a == 0, even if b is infinite.
+
+    Differentiable in ``a`` at a == 0 (the derivative is b) wherever b is finite.
+    """
+    b_safe = xp.where((a == 0) & xp.isinf(b), xp.zeros_like(b), b)
+    return a * b_safe
 
 
 def canonical_axes(axis, ndim: int) -> tuple[int, ...]:
