@@ -367,7 +367,7 @@ def ref_kl_divergence(labels, logits, *, axis=-1, xp=np):
     y = xp.asarray(labels, dtype=xp.float64)
     logq = ref_log_softmax(logits, axis=axis, xp=xp)
     with np.errstate(divide="ignore"):
-        terms = xlogy(y, xp.log(y) - logq, xp)
+        terms = xlogy(y, xp.log(y), xp) - xlogy(y, logq, xp)
     return xp.sum(terms, axis=canonical_axes(axis, y.ndim))
 
 

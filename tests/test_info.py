@@ -1,0 +1,162 @@
+"""entropy and kl_divergence against float64 references and PyTorch; CE = H + KL (issue 6)."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import checkify
+from jax.test_util import check_grads
+
+import jbce
+from tests import reference as ref
+
+pytestmark = pytest.mark.jax_strict
+
+LAYOUTS = {"last": ((5, 4), -1), "first": ((4, 5), 0), "tuple": ((3, 2, 4), (1, 2))}
+
+
+def _data(layout="last", seed=0, zeros=True):
+    shape, axis = LAYOUTS[layout]
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=shape) * 2
+    batch = tuple(s for i, s in enumerate(shape) if i not in ref.canonical_axes(axis, len(shape)))
+    k = int(np.prod(shape) // max(1, int(np.prod(batch))))
+    p = rng.dirichlet(np.ones(k), size=batch)
+    if zeros:
+        p.reshape(-1, k)[0, :2] = [0.0, 0.0]  # 0 log 0 = 0
+        p.reshape(-1, k)[0] /= p.reshape(-1, k)[0].sum()
+    return x, ref.move_classes_back(p, shape, axis), axis
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_entropy_and_kl_match_float64_reference(layout):
+    x, p, axis = _data(layout)
+    h = jbce.entropy(jnp.asarray(p), axis=axis)
+    kl = jbce.kl_divergence(jnp.asarray(p), jnp.asarray(x), axis=axis)
+    assert h.dtype == jnp.float64
+    ref.assert_close(h, ref.ref_entropy(p, axis=axis), atol=1e-15)
+    ref.assert_close(kl, ref.ref_kl_divergence(p, x, axis=axis), atol=1e-15)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_cross_entropy_equals_entropy_plus_kl(layout):
+    x, p, axis = _data(layout, seed=1)
+    ce = jbce.softmax_cross_entropy(jnp.asarray(x), jnp.asarray(p), axis=axis, reduction="none")
+    h = jbce.entropy(jnp.asarray(p), axis=axis)
+    kl = jbce.kl_divergence(jnp.asarray(p), jnp.asarray(x), axis=axis)
+    ref.assert_close(np.asarray(h) + np.asarray(kl), np.asarray(ce), rtol=1e-12, atol=1e-14)
+
+
+def test_kl_of_a_distribution_with_itself_is_zero_and_kl_is_nonnegative():
+    x, p, _ = _data(zeros=False, seed=2)
+    same = jbce.kl_divergence(jnp.asarray(p), jnp.log(jnp.asarray(p)))
+    np.testing.assert_allclose(np.asarray(same), 0.0, atol=1e-14)
+    assert np.all(np.asarray(jbce.kl_divergence(jnp.asarray(p), jnp.asarray(x))) >= 0)
+
+
+def test_kl_equals_torch_kl_div():
+    pytest.importorskip("torch")
+    x, p, _ = _data(seed=3)
+    want, (tg,) = ref.torch_kl_divergence(p, x, grad_of=("logits",))
+    got = jbce.kl_divergence(jnp.asarray(p), jnp.asarray(x))
+    g = jax.grad(lambda a: jnp.sum(jbce.kl_divergence(jnp.asarray(p), a)))(jnp.asarray(x))
+    ref.assert_close(got, want, rtol=1e-12, atol=1e-15)
+    ref.assert_close(g, tg, rtol=1e-10, atol=1e-15)
+
+
+def test_uniform_distribution_has_entropy_log_k():
+    p = jnp.full((3, 7), 1 / 7)
+    ref.assert_close(jbce.entropy(p), np.full(3, np.log(7.0)))
+
+
+def test_gradients_check_numerically_to_second_order():
+    x, p, _ = _data(zeros=False, seed=4)
+    p = 0.5 * p + 0.5 / p.shape[-1]  # keep finite differences away from p = 0
+    check_grads(jax.jit(lambda a: jbce.entropy(a)), (jnp.asarray(p),), 2, ["rev"])
+    check_grads(jax.jit(jbce.kl_divergence), (jnp.asarray(p), jnp.asarray(x)), 2, ["rev"])
+
+
+def test_gradients_equal_reference_gradients_and_hessian():
+    x, p, _ = _data(zeros=False, seed=5)
+    f = lambda a, b: jnp.sum(jbce.kl_divergence(a, b))
+    r = lambda a, b: jnp.sum(ref.ref_kl_divergence(a, b, xp=jnp))
+    g = jax.grad(f, (0, 1))(jnp.asarray(p), jnp.asarray(x))
+    gr = jax.grad(r, (0, 1))(jnp.asarray(p), jnp.asarray(x))
+    for a, b in zip(g, gr):
+        ref.assert_close(a, np.asarray(b), rtol=1e-12, atol=1e-15)
+    h = jax.jit(jax.jacrev(jax.grad(f, 1), 1))(jnp.asarray(p), jnp.asarray(x))
+    hr = jax.jit(jax.jacrev(jax.grad(r, 1), 1))(jnp.asarray(p), jnp.asarray(x))
+    ref.assert_close(h, np.asarray(hr), rtol=1e-11, atol=1e-14)
+    # reverse over reverse: forward mode (jax.hessian) is not available on a custom_vjp
+    he = jax.jit(jax.jacrev(jax.grad(lambda a: jnp.sum(jbce.entropy(a)))))(jnp.asarray(p[0]))
+    ref.assert_close(he, np.diag(-1 / p[0]), rtol=1e-12, atol=1e-14)
+
+
+def test_zero_probabilities_give_finite_values_and_kl_gradients():
+    x, p, _ = _data(seed=6)
+    h = np.asarray(jbce.entropy(jnp.asarray(p)))
+    kl, g = jax.value_and_grad(lambda b: jnp.sum(jbce.kl_divergence(jnp.asarray(p), b)))(
+        jnp.asarray(x)
+    )
+    assert np.all(np.isfinite(h)) and np.isfinite(float(kl))
+    assert np.all(np.isfinite(np.asarray(g)))
+
+
+def test_minus_inf_logits_where_labels_are_zero_keep_kl_finite():
+    x = np.array([[0.5, -np.inf, 1.0]])
+    p = np.array([[0.4, 0.0, 0.6]])
+    kl, g = jax.value_and_grad(lambda b: jnp.sum(jbce.kl_divergence(jnp.asarray(p), b)))(
+        jnp.asarray(x)
+    )
+    ref.assert_close(kl, ref.ref_kl_divergence(p, x).sum())
+    assert np.asarray(g)[0, 1] == 0 and np.all(np.isfinite(np.asarray(g)))
+
+
+def test_checkify_reports_probabilities_outside_unit_interval():
+    f = checkify.checkify(lambda a: jbce.entropy(a))
+    err, _ = f(jnp.asarray([[0.5, 1.5]]))
+    assert err.get() is not None
+    err, _ = f(jnp.asarray([[0.5, 0.5]]))
+    assert err.get() is None
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_computes_in_float32(dtype):
+    x, p, _ = _data(zeros=False, seed=7)
+    pl, xl = jnp.asarray(p, dtype), jnp.asarray(x, dtype)
+    h = jbce.entropy(pl)
+    kl, g = jax.value_and_grad(lambda b: jnp.sum(jbce.kl_divergence(pl, b)))(xl)
+    assert h.dtype == jnp.float32 and kl.dtype == jnp.float32 and g.dtype == dtype
+    p64, x64 = np.asarray(pl, np.float64), np.asarray(xl, np.float64)
+    ref.assert_close(h, ref.ref_entropy(p64), rtol=1e-6)
+    ref.assert_close(kl, ref.ref_kl_divergence(p64, x64).sum(), rtol=1e-5)
+
+
+def test_vmap_equals_per_row_calls():
+    x, p, _ = _data(layout="tuple", seed=8)
+    got = jax.vmap(lambda a, b: jbce.kl_divergence(a, b, axis=(0, 1)))(
+        jnp.asarray(p), jnp.asarray(x)
+    )
+    want = [ref.ref_kl_divergence(p[i], x[i], axis=(0, 1)) for i in range(p.shape[0])]
+    ref.assert_close(got, np.asarray(want), atol=1e-15)
+
+
+class JitVariantsTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_same_with_and_without_jit(self):
+        x, p, axis = _data(layout="first", seed=9)
+        ref.assert_close(
+            self.variant(lambda a: jbce.entropy(a, axis=axis))(jnp.asarray(p)),
+            ref.ref_entropy(p, axis=axis),
+            atol=1e-15,
+        )
+        ref.assert_close(
+            self.variant(lambda a, b: jbce.kl_divergence(a, b, axis=axis))(
+                jnp.asarray(p), jnp.asarray(x)
+            ),
+            ref.ref_kl_divergence(p, x, axis=axis),
+            atol=1e-15,
+        )
