@@ -14,6 +14,7 @@ from jax.typing import ArrayLike
 
 from jbce import _checks
 from jbce._reduce import reduce_loss
+from jbce._vma import pvary_like
 
 
 def _xmul(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -92,7 +93,7 @@ _bce_logits.defvjp(_bce_logits_fwd, _bce_logits_bwd)
 
 
 def _unbroadcast(g: jax.Array, like: jax.Array) -> jax.Array:
-    """Sums a broadcast cotangent back to the shape (and dtype) of ``like``."""
+    """Sums a broadcast (or replicated) cotangent back to the shape and dtype of ``like``."""
     if g.shape != like.shape:
         lead = g.ndim - like.ndim
         axes = tuple(range(lead)) + tuple(
@@ -100,6 +101,17 @@ def _unbroadcast(g: jax.Array, like: jax.Array) -> jax.Array:
         )
         g = jnp.sum(g, axis=axes).reshape(like.shape)
     return g.astype(like.dtype)
+
+
+def _like_logits(x: jax.Array, *args: jax.Array | None) -> tuple[jax.Array | None, ...]:
+    """Marks the core's other inputs as varying over the mesh axes ``x`` varies on.
+
+    Inside ``shard_map`` an input replicated over an axis (a scalar gamma, the constant labels
+    of the GAN losses) gets a per-shard cotangent from the core's backward pass; casting it to
+    varying first lets autodiff sum those cotangents (the transpose of the cast). A no-op
+    outside ``shard_map``.
+    """
+    return tuple(None if a is None else pvary_like(a, x) for a in args)
 
 
 def _smooth(labels: jax.Array, label_smoothing: float) -> jax.Array:
@@ -173,6 +185,7 @@ def sigmoid_binary_cross_entropy(
     else:
         _checks.check_broadcastable("pos_weight", pos_weight, "logits", x.shape)
         pw = jnp.broadcast_to(_checks.as_float(pos_weight, dt), x.shape)
+    y, pw = _like_logits(x, y, pw)
     loss = _bce_logits(x, y, pw)
     return reduce_loss(loss, reduction=reduction, weights=weights, where=where)
 
@@ -248,6 +261,7 @@ def binary_cross_entropy(
     _checks.debug_check_unit_interval("probs", p)
     _checks.debug_check_unit_interval("labels", y)
     y = jnp.broadcast_to(_smooth(y, label_smoothing), p.shape)
+    (y,) = _like_logits(p, y)
     loss = _bce_probs(p, y)
     return reduce_loss(loss, reduction=reduction, weights=weights, where=where)
 
@@ -288,7 +302,7 @@ def _focal_bwd(res, g):
     dy = g * (_xmul(mg, -x) + _xmul(gamma * ratio_y, _xmul(ce, mg)))
     log_m = jnp.log(jnp.where(m > 0, m, 1))
     dgamma = g * _xmul(_xmul(ce, mg), log_m)
-    return dx.astype(x.dtype), dy.astype(y.dtype), _unbroadcast(dgamma, gamma)
+    return dx.astype(x.dtype), _unbroadcast(dy, y), _unbroadcast(dgamma, gamma)
 
 
 _focal.defvjp(_focal_fwd, _focal_bwd)
@@ -342,7 +356,8 @@ def sigmoid_focal_loss(
     y = _checks.as_float(labels, dt)
     _checks.debug_check_unit_interval("labels", y)
     y = jnp.broadcast_to(y, x.shape)
-    loss = _focal(x, y, jnp.asarray(gamma, dt))
+    y, g = _like_logits(x, y, jnp.asarray(gamma, dt))
+    loss = _focal(x, y, g)
     if alpha is not None:
         loss = loss * (alpha * y + (1 - alpha) * (1 - y))
     return reduce_loss(loss, reduction=reduction, weights=weights, where=where)

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from jbce._softmax import _included, _softcap, _softcap_grad, loss_from_stats
+from jbce._vma import psum_to_like, pvary_like  # noqa: F401  (re-exported for _linear)
 
 
 def combine_stats(
@@ -83,46 +84,6 @@ def combine_stats(
     scaled = local_sumexp * jnp.exp(local_max - m_safe)
     total, *rest = jax.lax.psum((scaled, *sums), axis_name)
     return (m_safe + jnp.log(total), *rest)
-
-
-def _varying_axes(x) -> frozenset:
-    """Mesh axes over which ``x`` varies inside ``shard_map`` (empty elsewhere)."""
-    aval = jax.typeof(x)
-    mat = getattr(aval, "manual_axis_type", None)
-    return frozenset(mat.varying) if mat is not None else frozenset(getattr(aval, "vma", ()))
-
-
-def psum_to_like(ct: jax.Array, like: jax.Array) -> jax.Array:
-    """Sums a cotangent over the mesh axes it varies on but its primal ``like`` does not.
-
-    A ``custom_vjp`` backward pass inside ``shard_map`` must return cotangents with the
-    primal's varying-axes type. An input replicated over an axis (class weights under a
-    batch-sharded "data" axis, say) collects gradient contributions from every shard of that
-    axis; their sum is its cotangent (what the transpose of the implicit ``pvary`` does).
-    A no-op outside ``shard_map`` and under ``pmap``/``vmap``.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from jbce._parallel import psum_to_like
-      >>> psum_to_like(jnp.ones(3), jnp.zeros(3))
-      Array([1., 1., 1.], dtype=float32)
-    """
-    extra = _varying_axes(ct) - _varying_axes(like)
-    return jax.lax.psum(ct, tuple(extra)) if extra else ct
-
-
-def pvary_like(x: jax.Array, like: jax.Array) -> jax.Array:
-    """Marks ``x`` as varying over the mesh axes ``like`` varies on (a no-op outside
-    ``shard_map``): e.g. the initial carry of a ``lax.scan`` over a sharded operand.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from jbce._parallel import pvary_like
-      >>> pvary_like(jnp.zeros(2), jnp.ones(3))
-      Array([0., 0.], dtype=float32)
-    """
-    axes = _varying_axes(like) - _varying_axes(x)
-    return jax.lax.pcast(x, tuple(axes), to="varying") if axes else x
 
 
 def _as_row(w: jax.Array, ndim: int) -> jax.Array:

@@ -20,6 +20,7 @@ from jax.typing import ArrayLike
 
 from jbce import _checks
 from jbce._reduce import reduce_loss
+from jbce._vma import pvary_like
 
 
 # --- layout: move the class axes last and flatten them -----------------------------------------
@@ -304,17 +305,22 @@ def softmax_cross_entropy_with_integer_labels(
     if class_weights is not None:
         _checks.check_shape("class_weights", class_weights, (k,), "(one weight per class)")
         cw = _checks.as_float(class_weights, dt)
-    _checks.debug_check_labels("labels", labels, k, ignore_index)
     safe_labels = jnp.clip(labels, 0, max(k - 1, 0))
     if axis_name is not None:
+        # Labels are global class ids: K = K_local x the axis size.
         from jbce import _parallel
 
+        num_shards = jax.lax.psum(1, axis_name)
+        _checks.debug_check_labels("labels", labels, k * num_shards, ignore_index)
         return _parallel.sharded_integer_ce(
             x, labels, axis_name=axis_name, class_weights=cw, mask=logit_mask,
             cap=logit_softcap, dtype=dt, ignore_index=ignore_index,
             label_smoothing=label_smoothing, z_loss=z_loss, weights=weights,
             where=ex_where, reduction=reduction,
         )  # fmt: skip
+    _checks.debug_check_labels("labels", labels, k, ignore_index)
+    if cw is not None:
+        cw = pvary_like(cw, x)
     lse, xt, s = _int_stats(
         x, safe_labels, cw, logit_mask, logit_softcap, dt, bool(label_smoothing)
     )
@@ -451,6 +457,7 @@ def softmax_cross_entropy(
         inc = _included(x.astype(dt), logit_mask)
         k = jnp.maximum(jnp.sum(inc, axis=-1, keepdims=True), 1).astype(dt)
         y = jnp.where(inc, y * (1 - label_smoothing) + label_smoothing / k, y)
+    y = pvary_like(y, x)
     loss = _soft_ce(x, y, logit_mask, dt).reshape(bshape)
     if logit_mask is not None:
         has = jnp.any(logit_mask, axis=-1).reshape(bshape)

@@ -221,17 +221,9 @@ def test_vocab_parallel_on_eight_devices(eight_devices, name):
     assert result["ok"], result["detail"]
 
 
-# Known bugs outside this files (reported to the lead; see /work/notes): a custom_vjp
-# backward pass inside shard_map returns a cotangent varying over "data" for an input that
-# is replicated over it (a scalar gamma/alpha, the GAN's constant labels, the fused linear
-# weight). Fix: sum it with jbce._parallel.psum_to_like(ct, primal). Strict: once fixed,
-# these pass and the xfail must go.
-_VMA_BUG = "custom_vjp bwd returns a data-varying cotangent for a replicated input"
-KNOWN_BUGS = {
-    f"shard_map_psum_of_partial_sums_gives_global_mean[{loss}]": _VMA_BUG
-    for loss in ("sigmoid_focal_loss", "discriminator_loss", "generator_loss",
-                 "linear_softmax_cross_entropy")
-}  # fmt: skip
+# Known bugs outside this files get a strict xfail here (name -> reason); the
+# shard_map cotangent-type bugs of the binary, focal, GAN and fused linear losses are fixed.
+KNOWN_BUGS: dict[str, str] = {}
 
 
 @pytest.mark.parametrize(
