@@ -319,7 +319,10 @@ def linear_softmax_cross_entropy(
       chunk_size: vocabulary columns per tile (default ``min(V, 2048)``). The token chunk
         is then ``min(N, 2**20 // chunk_size)``, so a tile holds at most 2**20 logits.
       axis_name: mesh axis over which ``weight``'s (and ``bias``'s) vocabulary axis is
-        sharded; labels are global class indices.
+        sharded: each shard passes its ``[D, V / n]`` columns (shard ``i`` owning classes
+        ``[i V / n, (i+1) V / n)``), the labels are global class ids and the loss comes out
+        replicated. Inside ``shard_map`` the gradient of a replicated ``hidden`` is summed
+        over the shards; under ``pmap``/``vmap`` each shard returns its classes' share.
 
     Returns:
       A float32 scalar (float64 for float64 inputs), or the per-token losses for ``"none"``.
