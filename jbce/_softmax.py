@@ -358,9 +358,26 @@ def _included_counts(x, mask, cw, label_smoothing, dt):
 def _soft_ce(logits, labels, mask, dtype):
     """sum_c y_c (lse - x_c) over included classes; logits [B, K], labels [B, K]."""
     x = logits.astype(dtype)
+    if mask is None:
+        lse = _lse_unmasked(x)
+        return _soft_ce_unmasked(x, labels, lse)
     inc = _included(x, mask)
     lse = _masked_lse(x, inc)
     return _soft_ce_from_lse(x, labels, mask, inc, lse)
+
+
+def _soft_ce_unmasked(x, y, lse):
+    """_soft_ce_from_lse without a mask and without compare/select on the N x K path.
+
+    A -inf logit enters as -FLT_MAX (so a zero label gives exactly 0) and u / (1 - u) adds
+    +inf exactly where a label is positive on a -inf logit (u = 1) and 0 elsewhere (u = 0).
+    """
+    one = jax.lax.optimization_barrier(jnp.ones((), x.dtype))  # not CSE'd with the backward
+    fmax = jnp.finfo(x.dtype).max
+    lse_r = jnp.where(lse == -jnp.inf, jnp.zeros((), lse.dtype), lse)  # per row: cheap
+    u = jnp.sign(y) * jnp.sign(jnp.maximum(-x - fmax, 0))
+    term = y * (lse_r[..., None] - jnp.maximum(x, -fmax)) + u / (one - u)
+    return jnp.sum(term, axis=-1)
 
 
 def _soft_ce_from_lse(x, y, mask, inc, lse):
@@ -376,9 +393,12 @@ def _soft_ce_from_lse(x, y, mask, inc, lse):
 
 def _soft_ce_fwd(logits, labels, mask, dtype):
     x = logits.astype(dtype)
+    # Residuals: the logits, the labels (inputs) and one lse per example.
+    if mask is None:
+        lse = _lse_unmasked(x)
+        return _soft_ce_unmasked(x, labels, lse), (logits, labels, mask, lse)
     inc = _included(x, mask)
     lse = _masked_lse(x, inc)
-    # Residuals: the logits, the labels (inputs) and one lse per example.
     return _soft_ce_from_lse(x, labels, mask, inc, lse), (logits, labels, mask, lse)
 
 
@@ -386,10 +406,16 @@ def _soft_ce_bwd(dtype, res, g):
     logits, y, mask, lse = res
     x = logits.astype(dtype)
     inc = _included(x, mask)
-    p = _softmax_from_lse(x, lse, inc)
-    ysum = jnp.sum(jnp.where(inc, y, 0), axis=-1, keepdims=True)
     gx = g[..., None]
-    dx = jnp.where(inc, gx * (ysum * p - y), 0)
+    if mask is None:
+        # Select-free: exp(-inf - lse) is 0, so a -inf logit with label 0 gets exactly 0.
+        lse_r = jnp.where(lse == -jnp.inf, jnp.zeros((), lse.dtype), lse)
+        p = _softmax_unmasked(x, lse_r)
+        dx = gx * (jnp.sum(y, axis=-1, keepdims=True) * p - y)
+    else:
+        p = _softmax_from_lse(x, lse, inc)
+        ysum = jnp.sum(jnp.where(inc, y, 0), axis=-1, keepdims=True)
+        dx = jnp.where(inc, gx * (ysum * p - y), 0)
     has = jnp.isfinite(lse)[..., None]
     dy = jnp.where(inc & has, gx * (jnp.where(has, lse[..., None], 0) - x), 0)
     dmask = None if mask is None else jnp.zeros(mask.shape, jax.dtypes.float0)
