@@ -309,12 +309,9 @@ def test_none_reduction_is_a_drop_in_for_optax(layout, where):
     optax = pytest.importorskip("optax")
     x, labels, soft, _, _, where_ex, where_logit, axis = _data(layout, seed=4, ignore=False)
     if where == "logit":
-        wl = _target_included(where_logit, labels, axis)
-        if layout == "tuple":
-            pytest.skip("optax needs the per-logit mask in the logits layout; see 'last'")
-        wl = np.moveaxis(wl, -1, axis)
-        wl.reshape(-1, *wl.shape[1:])[-1] = False  # one example with every class masked
-        m = wl
+        wl = _target_included(where_logit, labels, axis)  # (batch..., K)
+        wl.reshape(-1, wl.shape[-1])[-1] = False  # one example with every class masked
+        m = ref.move_classes_back(wl, x.shape, axis)  # back to the logits' layout
     else:
         m = None if where is None else where_ex
     jm = None if m is None else jnp.asarray(m)
