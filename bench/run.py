@@ -271,7 +271,7 @@ def main(argv=None) -> int:
     if args.quick:
         measure_kw = dict(warmup=1, min_rounds=3, max_rounds=15, budget_s=args.budget or 0.05)
     else:
-        measure_kw = dict(warmup=2, min_rounds=5, max_rounds=41, budget_s=args.budget or 2.0)
+        measure_kw = dict(warmup=1, min_rounds=3, max_rounds=41, budget_s=args.budget or 1.0)
     print(
         f"# {env['device']} ({env['cpu']}, {env['cpu_threads']} threads); jax {env['jax']},"
         f" optax {env['optax']}"
