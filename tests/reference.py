@@ -325,7 +325,8 @@ def ref_softmax_cross_entropy_with_integer_labels(
     k_eff = xp.sum(include, axis=-1, dtype=xp.float64)
     cwb = xp.broadcast_to(cw, x.shape)
     # sum_c w_c (lse - x_c) over included classes, written without inf - inf
-    diff = xp.where(include, lse[..., None] - xp.where(include, x, xp.zeros_like(x)), xp.zeros_like(x))
+    zero = xp.zeros_like(x)
+    diff = xp.where(include, lse[..., None] - xp.where(include, x, zero), zero)
     smooth = xp.sum(xp.where(include, cwb * diff, xp.zeros_like(x)), axis=-1)
     smooth = smooth / xp.where(k_eff == 0, 1.0, k_eff)
     loss = (1 - label_smoothing) * nll + label_smoothing * smooth + z_loss * lse**2
