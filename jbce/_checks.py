@@ -26,7 +26,11 @@ def compute_dtype(*xs: ArrayLike) -> jnp.dtype:
     """
     dt = jnp.float32
     for x in xs:
-        if x is not None and jnp.result_type(x) == jnp.float64:
+        # Python scalars are weakly typed: a label of 1.0 must not turn a float32 loss into
+        # float64 when x64 is enabled.
+        if x is None or isinstance(x, (bool, int, float)):
+            continue
+        if jnp.result_type(x) == jnp.float64:
             dt = jnp.float64
     return jnp.dtype(dt)
 

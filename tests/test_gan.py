@@ -85,7 +85,6 @@ def test_extreme_and_infinite_logits(dtype):
     ref.assert_close(jbce.generator_loss(jnp.asarray(f32)), ref.ref_generator_loss(f32))
 
 
-@pytest.mark.xfail(strict=True, reason="core bug 3: Python-float labels count as float64 under x64")
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_half_precision_computes_in_float32_and_returns_input_dtype_grads(dtype):
     r, f = _logits(seed=5)
