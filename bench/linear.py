@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -148,6 +149,9 @@ def run_big(shape, *, run: bool, chunk_size) -> list[dict]:
             loss, _ = jax.block_until_ready(c(h, w, y))
             row["time_s"] = time.perf_counter() - t0
             row["loss"] = float(loss)
+            # Peak resident memory of this whole process (JAX runtime, inputs and gradients
+            # included): what the machine actually had to provide.
+            row["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             del h, w, y
         rows.append(row)
     return rows
@@ -243,7 +247,10 @@ def main(argv=None) -> int:
     if args.big:
         big = run_big(BIG, run=not args.big_compile_only, chunk_size=args.chunk_size)
         print()
-        print_table(big, ["shape", "impl", "mode", "temp_bytes", "output_bytes", "time_s"])
+        print_table(
+            big,
+            ["shape", "impl", "mode", "temp_bytes", "output_bytes", "time_s", "peak_rss_bytes"],
+        )
         rows += big
     if args.accuracy:
         acc = accuracy(QUICK if args.quick else TARGET, args.chunk_size)
