@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 from jax.typing import ArrayLike
 
+from jbce import _checks
 from jbce._binary import sigmoid_binary_cross_entropy
 
 
@@ -34,6 +35,8 @@ def discriminator_loss(real_logits: ArrayLike, fake_logits: ArrayLike) -> jax.Ar
       >>> jbce.discriminator_loss(jnp.array([0.0]), jnp.array([0.0]))
       Array(1.386294..., dtype=float32)
     """
+    _checks.check_float("real_logits", real_logits)
+    _checks.check_float("fake_logits", fake_logits)
     real = sigmoid_binary_cross_entropy(real_logits, 1.0)
     fake = sigmoid_binary_cross_entropy(fake_logits, 0.0)
     return real + fake
@@ -59,4 +62,5 @@ def generator_loss(fake_logits: ArrayLike) -> jax.Array:
       >>> jbce.generator_loss(jnp.array([0.0]))
       Array(0.693147..., dtype=float32)
     """
+    _checks.check_float("fake_logits", fake_logits)
     return sigmoid_binary_cross_entropy(fake_logits, 1.0)

@@ -115,3 +115,15 @@ class JitVariantsTest(chex.TestCase):
         ref.assert_close(
             self.variant(jbce.generator_loss)(jnp.asarray(f)), ref.ref_generator_loss(f)
         )
+
+
+@pytest.mark.parametrize("which", ["real_logits", "fake_logits"])
+def test_integer_logits_are_refused_naming_the_argument(which):
+    good = jnp.zeros(3, jnp.float32)
+    bad = jnp.zeros(3, jnp.int32)
+    args = {"real_logits": good, "fake_logits": good, which: bad}
+    with pytest.raises(TypeError, match=f"^{which} must be a floating-point array"):
+        jbce.discriminator_loss(**args)
+    if which == "fake_logits":
+        with pytest.raises(TypeError, match="^fake_logits must be a floating-point array"):
+            jbce.generator_loss(bad)
