@@ -35,7 +35,13 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jbce._softmax import _included, _softcap, _softcap_grad, loss_from_stats
+from jbce._softmax import (
+    _class_row,
+    _included,
+    _softcap,
+    _softcap_grad,
+    loss_from_stats,
+)
 from jbce._vma import psum_to_like, pvary_like  # noqa: F401  (re-exported for _linear)
 
 
@@ -86,11 +92,6 @@ def combine_stats(
     return (m_safe + jnp.log(total), *rest)
 
 
-def _as_row(w: jax.Array, ndim: int) -> jax.Array:
-    """[K_local] -> [1, ..., 1, K_local], broadcasting explicitly (strict rank promotion)."""
-    return w.reshape((1,) * (ndim - 1) + w.shape)
-
-
 def _local_labels(labels: jax.Array, k_local: int, axis_name):
     """(label - shard offset clipped into [0, K_local), whether the label is on this shard)."""
     local = labels - jax.lax.axis_index(axis_name) * k_local
@@ -117,7 +118,7 @@ def _sharded_stats(logits, labels, class_weights, mask, cap, dtype, axis_name):
         tw = on_shard.astype(dtype)
         wsum = cnt
     else:
-        w = _as_row(class_weights, x.ndim)
+        w = _class_row(class_weights, x)
         s = jnp.sum(jnp.where(inc, x * w, 0), axis=-1)
         tw = jnp.where(on_shard, class_weights[local], 0)
         wsum = jnp.sum(jnp.where(inc, w, 0), axis=-1)
@@ -139,8 +140,8 @@ def _sharded_stats_bwd(cap, dtype, axis_name, res, g):
     inc = _included(x, mask)
     p = jnp.exp(jnp.where(inc, x - lse[..., None], -jnp.inf))
     local, on_shard = _local_labels(labels, k_local, axis_name)
-    onehot = (local[..., None] == _as_row(jnp.arange(k_local), x.ndim)) & on_shard[..., None]
-    w = jnp.ones((), dtype) if class_weights is None else _as_row(class_weights, x.ndim)
+    onehot = (local[..., None] == _class_row(jnp.arange(k_local), x)) & on_shard[..., None]
+    w = jnp.ones((), dtype) if class_weights is None else _class_row(class_weights, x)
     dx = g_lse[..., None] * p + jnp.where(onehot, g_xt[..., None], 0)
     dx = dx + jnp.where(inc, g_s[..., None] * w, 0)
     dcap = _softcap_grad(logits.astype(dtype), cap)

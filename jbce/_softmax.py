@@ -152,9 +152,11 @@ def _int_stats_bwd(cap, dtype, with_s, res, g):
     if dcap is not None:
         dx = dx * dcap
     dw = None
-    if class_weights is not None:
+    if class_weights is not None and not with_s:
+        dw = jnp.zeros_like(class_weights)  # the weights enter only through the constant s = 0
+    elif class_weights is not None:
         dw = jnp.sum(jnp.where(inc, g_s[..., None] * x, 0).reshape(-1, x.shape[-1]), axis=0)
-        dw = (dw if with_s else jnp.zeros_like(dw)).astype(class_weights.dtype)
+        dw = dw.astype(class_weights.dtype)
     dmask = None if mask is None else jnp.zeros(mask.shape, jax.dtypes.float0)
     dlabels = jnp.zeros(labels.shape, jax.dtypes.float0)
     return dx.astype(logits.dtype), dlabels, dw, dmask
@@ -357,13 +359,18 @@ def _included_counts(x, mask, cw, label_smoothing, dt):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _soft_ce(logits, labels, mask, dtype):
     """sum_c y_c (lse - x_c) over included classes; logits [B, K], labels [B, K]."""
+    return _soft_ce_and_lse(logits, labels, mask, dtype)[0]
+
+
+def _soft_ce_and_lse(logits, labels, mask, dtype):
+    """(per-example loss, lse): the forward computation shared by the primal and its rule."""
     x = logits.astype(dtype)
     if mask is None:
         lse = _lse_unmasked(x)
-        return _soft_ce_unmasked(x, labels, lse)
+        return _soft_ce_unmasked(x, labels, lse), lse
     inc = _included(x, mask)
     lse = _masked_lse(x, inc)
-    return _soft_ce_from_lse(x, labels, mask, inc, lse)
+    return _soft_ce_from_lse(x, labels, mask, inc, lse), lse
 
 
 def _soft_ce_unmasked(x, y, lse):
@@ -392,14 +399,9 @@ def _soft_ce_from_lse(x, y, mask, inc, lse):
 
 
 def _soft_ce_fwd(logits, labels, mask, dtype):
-    x = logits.astype(dtype)
+    loss, lse = _soft_ce_and_lse(logits, labels, mask, dtype)
     # Residuals: the logits, the labels (inputs) and one lse per example.
-    if mask is None:
-        lse = _lse_unmasked(x)
-        return _soft_ce_unmasked(x, labels, lse), (logits, labels, mask, lse)
-    inc = _included(x, mask)
-    lse = _masked_lse(x, inc)
-    return _soft_ce_from_lse(x, labels, mask, inc, lse), (logits, labels, mask, lse)
+    return loss, (logits, labels, mask, lse)
 
 
 def _soft_ce_bwd(dtype, res, g):
@@ -408,9 +410,9 @@ def _soft_ce_bwd(dtype, res, g):
     inc = _included(x, mask)
     gx = g[..., None]
     if mask is None:
-        # Select-free: exp(-inf - lse) is 0, so a -inf logit with label 0 gets exactly 0.
-        lse_r = jnp.where(lse == -jnp.inf, jnp.zeros((), lse.dtype), lse)
-        p = _softmax_unmasked(x, lse_r)
+        # Select-free: exp(-inf - lse) is 0, so a -inf logit with label 0 gets exactly 0
+        # (_softmax_unmasked already replaces the lse of an all -inf row by 0).
+        p = _softmax_unmasked(x, lse)
         dx = gx * (jnp.sum(y, axis=-1, keepdims=True) * p - y)
     else:
         p = _softmax_from_lse(x, lse, inc)
