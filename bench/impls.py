@@ -73,13 +73,22 @@ def floors(kind: str, mode: str) -> dict[str, Callable[[jax.Array, jax.Array], o
     """Floor kernels for a case; the case's floor is the slowest of them.
 
     ``traffic`` reads what the loss must read (and for ``vag`` writes a fresh logits-sized
-    gradient); ``exp`` does the same and one ``exp`` per logit (softmax only), accumulating
-    in float32 as the losses do.
+    gradient); ``exp`` (softmax) does the same and one ``exp`` per logit, ``softplus``
+    (sigmoid BCE) one ``log1p(exp(-|x|))`` per element, accumulating in float32 as the
+    losses do.
     """
     if kind == BINARY:
+        # softplus: the one exp/log1p pair per element that any exact BCE evaluates
+        # (log(1 + e^x) cannot be had with fewer transcendentals), over the same bytes.
+        def softplus(x, y):
+            return jnp.sum(jnp.log1p(jnp.exp(-jnp.abs(_f32(x)))) * _f32(y))
+
         if mode == "fwd":
-            return {"traffic": lambda x, y: jnp.sum(_f32(x) * _f32(y))}
-        return {"traffic": lambda x, y: (jnp.sum(_f32(x) * _f32(y)), (x * y).astype(x.dtype))}
+            return {"traffic": lambda x, y: jnp.sum(_f32(x) * _f32(y)), "softplus": softplus}
+        return {
+            "traffic": lambda x, y: (jnp.sum(_f32(x) * _f32(y)), (x * y).astype(x.dtype)),
+            "softplus": lambda x, y: (softplus(x, y), (x * y).astype(x.dtype)),
+        }
     if kind == SOFTMAX_INT:
         if mode == "fwd":
             return {

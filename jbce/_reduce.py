@@ -12,6 +12,8 @@ then calls :func:`reduce_loss`. Semantics, identical for every loss:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -68,3 +70,55 @@ def reduce_loss(
     else:
         den = jnp.sum(apply_mask(jnp.broadcast_to(denominator_weights, values.shape), mask))
     return safe_divide(total, den)
+
+
+# Below this many terms the fast core's saving is smaller than the cost of the conditional.
+FAST_PATH_MIN_SIZE = 2**14
+
+
+@jax.custom_jvp
+def _with_value(differentiated: jax.Array, value: jax.Array) -> jax.Array:
+    """``value``, differentiated as if it were ``differentiated`` (same shape)."""
+    del differentiated
+    return value
+
+
+@_with_value.defjvp
+def _with_value_jvp(primals, tangents):
+    return _with_value(*primals), tangents[0]
+
+
+def reduce_fast_or_exact(
+    fast: Callable[..., jax.Array],
+    exact: Callable[..., jax.Array],
+    args: tuple,
+    *,
+    reduction: str,
+    weights: jax.Array | None = None,
+    where: jax.Array | None = None,
+) -> jax.Array:
+    """``reduce_loss(exact(*args))``, computed with the cheaper ``fast`` core when it can be.
+
+    ``fast`` must agree with ``exact`` except that it may give NaN (never a wrong finite
+    value) on inputs it does not handle, such as infinite logits, and both must share one
+    backward pass. The reduced fast loss is checked once: if it is NaN the loss is recomputed
+    with ``exact`` under a ``lax.cond`` (so the exact core costs nothing when it is not
+    needed), and the gradient is always the shared backward pass. ``reduction="none"`` and
+    small inputs use ``exact`` directly.
+    """
+
+    def total(core, a, w, m):
+        return reduce_loss(core(*a), reduction=reduction, weights=w, where=m)
+
+    check_reduction(reduction)
+    if reduction == "none" or args[0].size < FAST_PATH_MIN_SIZE:
+        return total(exact, args, weights, where)
+    value = total(fast, args, weights, where)
+    frozen = jax.lax.stop_gradient((args, weights, where, value))
+    fixed = jax.lax.cond(
+        jnp.isnan(frozen[-1]),
+        lambda a, w, m, v: total(exact, a, w, m),
+        lambda a, w, m, v: v,
+        *frozen,
+    )
+    return _with_value(value, fixed)
