@@ -54,7 +54,7 @@ def _step(x: jax.Array) -> jax.Array:
 
 
 def _bce_exact(x: jax.Array, y: jax.Array, pw: jax.Array | None) -> jax.Array:
-    """The loss per element, right for every logit, +-inf included."""
+    """The loss per element (in the compute dtype), right for every logit, +-inf included."""
     # `one` is 1 hidden from XLA's CSE: a literal 1 here would be shared with the backward
     # pass of value_and_grad and materialised as an N-element broadcast.
     one = jax.lax.optimization_barrier(jnp.ones((), x.dtype))
@@ -76,7 +76,7 @@ def _bce_fast(x: jax.Array, y: jax.Array, pw: jax.Array | None) -> jax.Array:
     ``relu(x) (1 - y) + relu(-x) a + (a + 1 - y) t``: each linear term is nonzero for one sign
     only, so both keep full relative accuracy (no ``relu(x) - x y`` cancellation), but an
     infinite logit whose hard label agrees gives 0 * inf = NaN. Callers detect the NaN in the
-    reduced loss and recompute it with :func:`_bce_exact` (see :func:`_nan_fallback`).
+    reduced loss and recompute it with :func:`_bce_exact` (``_reduce.reduce_fast_or_exact``).
     """
     # 1 and 0 hidden from CSE, as in _bce_exact (the backward's `x >= 0` has a 0 too).
     one, zero = jax.lax.optimization_barrier((jnp.ones((), x.dtype), jnp.zeros((), x.dtype)))
@@ -87,10 +87,22 @@ def _bce_fast(x: jax.Array, y: jax.Array, pw: jax.Array | None) -> jax.Array:
     return lin + (t if pw is None else (a + b) * t)
 
 
-def _bce_logits_bwd(res, g):
+def _bce_inputs(x, y, pw, e, dt):
+    """The core's inputs in the compute dtype ``dt``, labels smoothed by ``e``.
+
+    The casts and the smoothing happen inside the core (and again in its backward pass) so
+    that its residuals are the caller's arrays: a bf16 -> f32 convert or a smoothed copy of
+    the labels shared by the forward and backward kernels would be materialised.
+    """
+    x, y = x.astype(dt), _smooth(y.astype(dt), e)
+    return x, y, (None if pw is None else pw.astype(dt))
+
+
+def _bce_logits_bwd(e, dt, res, g):
     # The barrier keeps XLA from sharing subexpressions between this pass and the forward
     # pass in value_and_grad (shared ones would be materialised as N-element temporaries).
-    x, y, pw = jax.lax.optimization_barrier(res)
+    x0, y0, pw0 = jax.lax.optimization_barrier(res)
+    x, y, pw = _bce_inputs(x0, y0, pw0, e, dt)
     # d/dx = (1 - y) sigmoid(x) - a sigmoid(-x), a = pw y. With s = sigmoid(-|x|) (one
     # logistic, accurate in the tail) and k = 1 - y + a this is (1 - y) - k s for x >= 0 and
     # k s - a for x < 0: each form is exact where the gradient is tiny (an agreeing label),
@@ -101,15 +113,25 @@ def _bce_logits_bwd(res, g):
     k = s if pw is None else (1 - y + a) * s
     dx = g * jnp.where(x >= 0, (1 - y) - k, k - a)
     sp_pos, sp_neg = _softplus_pair(x)
-    dy = g * ((sp_neg if pw is None else pw * sp_neg) - sp_pos)  # pw softplus(-x) - softplus(x)
-    dpw = None if pw is None else _unbroadcast(g * _xmul(y, sp_neg), pw)
-    return dx.astype(x.dtype), _unbroadcast(dy, y), dpw
+    # d/dy = pw softplus(-x) - softplus(x), times dy/dy0 = 1 - e for smoothed labels
+    dy = g * ((sp_neg if pw is None else pw * sp_neg) - sp_pos)
+    dy = dy * (1 - e) if e else dy
+    dpw = None if pw is None else _unbroadcast(g * _xmul(y, sp_neg), pw0)
+    return dx.astype(x0.dtype), _unbroadcast(dy, y0), dpw
 
 
 def _bce_core(value: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
-    """``value`` with the shared backward pass; residuals are the inputs only."""
-    core = jax.custom_vjp(value)
-    core.defvjp(lambda x, y, pw: (value(x, y, pw), (x, y, pw)), _bce_logits_bwd)
+    """``core(x, y, pw, e, dt)``: ``value`` on :func:`_bce_inputs`, with the shared backward.
+
+    ``x``, ``y`` and ``pw`` (or None) have one shape and any float dtypes; ``e`` (label
+    smoothing) and ``dt`` (compute dtype) are static. Residuals are the inputs only.
+    """
+
+    def primal(x, y, pw, e, dt):
+        return value(*_bce_inputs(x, y, pw, e, dt))
+
+    core = jax.custom_vjp(primal, nondiff_argnums=(3, 4))
+    core.defvjp(lambda x, y, pw, e, dt: (primal(x, y, pw, e, dt), (x, y, pw)), _bce_logits_bwd)
     return core
 
 
@@ -200,25 +222,36 @@ def sigmoid_binary_cross_entropy(
       >>> jbce.sigmoid_binary_cross_entropy(jnp.array([2.0, -1e30]), jnp.array([1.0, 0.0]))
       Array(0.06346..., dtype=float32)
     """
-    dt, weights, where = _prepare("logits", logits, labels, weights, where, (pos_weight,))
-    x = _checks.as_float(logits, dt)
-    y = _checks.as_float(labels, dt)
-    _checks.debug_check_unit_interval("labels", y)
-    y = jnp.broadcast_to(_smooth(y, label_smoothing), x.shape)
-    if pos_weight is None:
-        pw = None
-    else:
-        _checks.check_broadcastable("pos_weight", pos_weight, "logits", x.shape)
-        pw = jnp.broadcast_to(_checks.as_float(pos_weight, dt), x.shape)
-    y, pw = _like_logits(x, y, pw)
+    dt, _, where = _prepare("logits", logits, labels, weights, where, (pos_weight,))
+    if pos_weight is not None:
+        _checks.check_broadcastable("pos_weight", pos_weight, "logits", jnp.shape(logits))
+    _checks.debug_check_unit_interval("labels", _checks.as_float(labels, dt))
+
+    def prepare(x, y, pw):
+        y = jnp.broadcast_to(y, x.shape)
+        pw = None if pw is None else jnp.broadcast_to(pw, x.shape)
+        return (x, *_like_logits(x, y, pw), label_smoothing, jnp.dtype(dt))
+
+    raw = (
+        jnp.asarray(logits),
+        _raw(labels, dt),
+        None if pos_weight is None else _raw(pos_weight, dt),
+    )
     return reduce_fast_or_exact(
         _bce_logits_fast,
         _bce_logits,
-        (x, y, pw),
+        raw,
+        prepare=prepare,
         reduction=reduction,
-        weights=weights,
+        weights=None if weights is None else _raw(weights, dt),
         where=where,
     )
+
+
+def _raw(a: ArrayLike, dt) -> jax.Array:
+    """An array input as it is (converted later, inside the loss kernel); scalars in ``dt``."""
+    a = jnp.asarray(a)
+    return a.astype(dt) if a.ndim == 0 or not jnp.issubdtype(a.dtype, jnp.floating) else a
 
 
 # --- BCE from probabilities, PyTorch semantics (log clamped at -100) --------------------------

@@ -93,11 +93,12 @@ def reduce_fast_or_exact(
     exact: Callable[..., jax.Array],
     args: tuple,
     *,
+    prepare: Callable[..., tuple] | None = None,
     reduction: str,
     weights: jax.Array | None = None,
     where: jax.Array | None = None,
 ) -> jax.Array:
-    """``reduce_loss(exact(*args))``, computed with the cheaper ``fast`` core when it can be.
+    """``reduce_loss(exact(*prepare(*args)))``, computed with the cheaper ``fast`` core if it can.
 
     ``fast`` must agree with ``exact`` except that it may give NaN (never a wrong finite
     value) on inputs it does not handle, such as infinite logits, and both must share one
@@ -105,10 +106,17 @@ def reduce_fast_or_exact(
     with ``exact`` under a ``lax.cond`` (so the exact core costs nothing when it is not
     needed), and the gradient is always the shared backward pass. ``reduction="none"`` and
     small inputs use ``exact`` directly.
+
+    ``prepare`` (dtype casts, broadcasts) runs inside each branch and ``weights`` are cast to
+    the loss dtype there too, so the cond's operands are the caller's arrays as they are and
+    XLA fuses the casts into the loss kernels instead of materialising cast copies.
     """
+    prepare = prepare or (lambda *a: a)
 
     def total(core, a, w, m):
-        return reduce_loss(core(*a), reduction=reduction, weights=w, where=m)
+        values = core(*prepare(*a))
+        w = None if w is None else w.astype(values.dtype)
+        return reduce_loss(values, reduction=reduction, weights=w, where=m)
 
     check_reduction(reduction)
     if reduction == "none" or args[0].size < FAST_PATH_MIN_SIZE:
