@@ -88,6 +88,34 @@ def _with_value_jvp(primals, tangents):
     return _with_value(*primals), tangents[0]
 
 
+def fast_or_exact(
+    total: Callable[..., jax.Array], operands: tuple, *, use_fast: bool = True
+) -> jax.Array:
+    """``total(False, *operands)``, computed as ``total(True, *operands)`` where that is valid.
+
+    ``total(fast, *operands)`` computes a loss (any shape) with a fast or an exact core. The
+    fast one must agree with the exact one except that it may give NaN (never a wrong
+    finite value) on inputs it does not handle, such as infinite logits or logits beyond
+    the range of an unshifted exp, and both must differentiate the same way. The fast
+    result is checked once, after every reduction (so XLA can fuse each kernel whole): if
+    it has a NaN, the loss is recomputed exactly under a ``lax.cond``, so the exact core
+    costs nothing when it is not needed. The gradient is always the fast core's. Every array
+    ``total`` reads must be in ``operands`` (the cond's branches close over nothing).
+    Under ``vmap`` the cond becomes a select and both cores run.
+    """
+    if not use_fast:
+        return total(False, *operands)
+    value = total(True, *operands)
+    frozen = jax.lax.stop_gradient((operands, value))
+    fixed = jax.lax.cond(
+        jnp.any(jnp.isnan(frozen[1])),
+        lambda ops, v: total(False, *ops),
+        lambda ops, v: v,
+        *frozen,
+    )
+    return _with_value(value, fixed)
+
+
 def reduce_fast_or_exact(
     fast: Callable[..., jax.Array],
     exact: Callable[..., jax.Array],
@@ -98,35 +126,21 @@ def reduce_fast_or_exact(
     weights: jax.Array | None = None,
     where: jax.Array | None = None,
 ) -> jax.Array:
-    """``reduce_loss(exact(*prepare(*args)))``, computed with the cheaper ``fast`` core if it can.
+    """``reduce_loss(exact(*prepare(*args)))`` through :func:`fast_or_exact` with ``fast``.
 
-    ``fast`` must agree with ``exact`` except that it may give NaN (never a wrong finite
-    value) on inputs it does not handle, such as infinite logits, and both must share one
-    backward pass. The reduced fast loss is checked once: if it is NaN the loss is recomputed
-    with ``exact`` under a ``lax.cond`` (so the exact core costs nothing when it is not
-    needed), and the gradient is always the shared backward pass. ``reduction="none"`` and
-    small inputs use ``exact`` directly.
-
-    ``prepare`` (dtype casts, broadcasts) runs inside each branch and ``weights`` are cast to
-    the loss dtype there too, so the cond's operands are the caller's arrays as they are and
-    XLA fuses the casts into the loss kernels instead of materialising cast copies.
+    For elementwise cores: ``reduction="none"`` and small inputs use ``exact`` directly
+    (checking an N-element output for NaN would cost a pass of its own). ``prepare`` (dtype
+    casts, broadcasts) runs inside each branch and ``weights`` are cast to the loss dtype
+    there too, so the cond's operands are the caller's arrays as they are and XLA fuses the
+    casts into the loss kernels instead of materialising cast copies.
     """
     prepare = prepare or (lambda *a: a)
 
-    def total(core, a, w, m):
-        values = core(*prepare(*a))
+    def total(use_fast, a, w, m):
+        values = (fast if use_fast else exact)(*prepare(*a))
         w = None if w is None else w.astype(values.dtype)
         return reduce_loss(values, reduction=reduction, weights=w, where=m)
 
     check_reduction(reduction)
-    if reduction == "none" or args[0].size < FAST_PATH_MIN_SIZE:
-        return total(exact, args, weights, where)
-    value = total(fast, args, weights, where)
-    frozen = jax.lax.stop_gradient((args, weights, where, value))
-    fixed = jax.lax.cond(
-        jnp.isnan(frozen[-1]),
-        lambda a, w, m, v: total(exact, a, w, m),
-        lambda a, w, m, v: v,
-        *frozen,
-    )
-    return _with_value(value, fixed)
+    use_fast = reduction != "none" and args[0].size >= FAST_PATH_MIN_SIZE
+    return fast_or_exact(total, (args, weights, where), use_fast=use_fast)

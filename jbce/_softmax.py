@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jbce import _checks
-from jbce._reduce import reduce_loss
+from jbce._reduce import fast_or_exact, reduce_loss
 from jbce._vma import pvary_like
 
 
@@ -83,6 +83,34 @@ def _lse_unmasked(x: jax.Array, raw: jax.Array | None = None) -> jax.Array:
     return m[..., 0] + jnp.log(jnp.sum(jnp.exp(x - m), axis=-1))
 
 
+def _lse_flagged(x: jax.Array) -> jax.Array:
+    """log sum_c exp(x_c) in one unshifted exp-sum pass; NaN for a row it cannot serve.
+
+    Without the max shift the lse costs what ``sum(exp(x))`` costs (on XLA:CPU the max pass
+    and the shift ``x - m`` are each about as expensive again), and it fuses with the rest of
+    the loss into one kernel. The unshifted sum is exact to rounding while it is finite and
+    at least ``K * tiny * 2^30`` (terms lost to underflow then weigh < 2^-30 of it): in
+    float32, logits up to ~80 with a row maximum above ~-55. Other rows (huge or tiny logits,
+    an all -inf row, a NaN) get NaN through ``0 * log(s - s_min)``, which callers detect
+    after the reduction (:func:`jbce._reduce.fast_or_exact`) to recompute the loss with
+    :func:`_lse_unmasked`, and backward passes with :func:`_repair_lse`.
+    """
+    s = jnp.sum(jnp.exp(x), axis=-1)
+    s_min = x.shape[-1] * float(jnp.finfo(x.dtype).tiny) * 2.0**30
+    return jnp.log(s) + 0 * jnp.log(s - s_min)
+
+
+def _repair_lse(lse: jax.Array, logits: jax.Array, dtype, cap: float | None = None):
+    """``lse`` from :func:`_lse_flagged`, recomputed with two passes if any row is NaN."""
+    return jax.lax.cond(
+        jnp.any(jnp.isnan(lse)),
+        lambda raw, lse: _lse_unmasked(_softcap(raw.astype(dtype), cap)),
+        lambda raw, lse: lse,
+        logits,
+        lse,
+    )
+
+
 def _softmax_unmasked(x: jax.Array, lse: jax.Array) -> jax.Array:
     # A row of -inf logits has lse = -inf; use 0 there so its probabilities are exp(-inf) = 0
     # rather than exp(nan) (that row's cotangent is 0 and must stay 0).
@@ -107,22 +135,26 @@ def _softcap_grad(x: jax.Array, cap: float | None) -> jax.Array | None:
 
 
 # --- integer labels: per-example statistics with a custom VJP ----------------------------------
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _int_stats(logits, labels, class_weights, mask, cap, dtype, with_s=True):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _int_stats(logits, labels, class_weights, mask, cap, dtype, with_s=True, fast=False):
     """(lse, target logit, sum_c w_c x_c) over included classes; logits [B, K] any float dtype.
 
     With ``with_s=False`` (no label smoothing) the third statistic is a constant 0 and the
     backward pass skips its term, which XLA cannot drop by itself (0 * x is not 0 for IEEE).
+    With ``fast`` (no mask) the lse is :func:`_lse_flagged`'s: NaN for rows it cannot serve.
     """
     x = _softcap(logits.astype(dtype), cap)
     inc = _included(x, mask)
-    if mask is None:
-        lse = _lse_unmasked(x, logits if cap is None else None)
-    else:
-        lse = _masked_lse(x, inc)
-    # The target logit is gathered before the cast (exact), so the cast copy has one reader.
+    # The target logit is gathered before the cast (exact), so the cast copy has one reader;
+    # labels are already clipped into range, so the gather needs no out-of-bounds select.
     src = logits if cap is None else x
-    xt = jnp.take_along_axis(src, labels[..., None], axis=-1)[..., 0].astype(dtype)
+    xt = jnp.take_along_axis(src, labels[..., None], axis=-1, mode="clip")[..., 0].astype(dtype)
+    if mask is not None:
+        lse = _masked_lse(x, inc)
+    elif fast:
+        lse = _lse_flagged(x)
+    else:
+        lse = _lse_unmasked(x, logits if cap is None else None)
     if not with_s:
         return lse, xt, jnp.zeros_like(lse)
     w = jnp.ones((), dtype) if class_weights is None else _class_row(class_weights, x)
@@ -130,15 +162,17 @@ def _int_stats(logits, labels, class_weights, mask, cap, dtype, with_s=True):
     return lse, xt, s
 
 
-def _int_stats_fwd(logits, labels, class_weights, mask, cap, dtype, with_s):
-    out = _int_stats(logits, labels, class_weights, mask, cap, dtype, with_s)
+def _int_stats_fwd(logits, labels, class_weights, mask, cap, dtype, with_s, fast):
+    out = _int_stats(logits, labels, class_weights, mask, cap, dtype, with_s, fast)
     # Residuals: the logits as given (bf16 stays bf16) and one lse per example; the softmax
     # is recomputed in the backward pass rather than stored.
     return out, (logits, labels, class_weights, mask, out[0])
 
 
-def _int_stats_bwd(cap, dtype, with_s, res, g):
+def _int_stats_bwd(cap, dtype, with_s, fast, res, g):
     logits, labels, class_weights, mask, lse = res
+    if fast:
+        lse = _repair_lse(lse, logits, dtype, cap)
     g_lse, g_xt, g_s = g
     x = _softcap(logits.astype(dtype), cap)
     inc = _included(x, mask)
@@ -181,14 +215,20 @@ def loss_from_stats(
     weights: jax.Array | None,
     where: jax.Array | None,
     reduction: str,
+    empty_rows: bool = True,
 ) -> jax.Array:
     """Assembles the integer-label loss from per-example softmax statistics.
 
     ``loss = (1-e) w_y (lse - x_y) + (e / K_eff) (W lse - sum_c w_c x_c) + z lse^2``, then
     ignore_index, out-of-range labels (NaN), ``where``, ``weights`` and the reduction.
     Shared by the materialised, fused-linear and vocabulary-parallel losses.
+
+    ``empty_rows=False`` says ``lse`` is never -inf (a flagged lse is NaN instead, and that
+    NaN must reach the result): which rows count then depends on the labels only.
     """
-    has_classes = (jnp.asarray(num_included) > 0) & (lse > -jnp.inf)
+    has_classes = jnp.asarray(num_included) > 0
+    if empty_rows:
+        has_classes = has_classes & (lse > -jnp.inf)
     keep = has_classes
     if ignore_index is not None:
         keep = keep & (labels != ignore_index)
@@ -307,7 +347,6 @@ def softmax_cross_entropy_with_integer_labels(
     if class_weights is not None:
         _checks.check_shape("class_weights", class_weights, (k,), "(one weight per class)")
         cw = _checks.as_float(class_weights, dt)
-    safe_labels = jnp.clip(labels, 0, max(k - 1, 0))
     if axis_name is not None:
         # Labels are global class ids: K = K_local x the axis size.
         from jbce import _parallel
@@ -323,22 +362,28 @@ def softmax_cross_entropy_with_integer_labels(
     _checks.debug_check_labels("labels", labels, k, ignore_index)
     if cw is not None:
         cw = pvary_like(cw, x)
-    lse, xt, s = _int_stats(
-        x, safe_labels, cw, logit_mask, logit_softcap, dt, bool(label_smoothing)
-    )
-    num_inc, w_sum = _included_counts(x, logit_mask, cw, label_smoothing, dt)
-    target_w = None if cw is None else cw[safe_labels]
-    ex_mask = ex_where
-    if logit_mask is not None:
-        has = jnp.any(logit_mask, axis=-1)
-        ex_mask = has if ex_mask is None else ex_mask & has
-    return loss_from_stats(
-        lse, xt, s, labels,
-        num_classes=k, num_included=num_inc, included_weight_sum=w_sum,
-        target_weight=target_w, ignore_index=ignore_index,
-        label_smoothing=label_smoothing, z_loss=z_loss, weights=weights,
-        where=ex_mask, reduction=reduction,
-    )  # fmt: skip
+
+    def total(fast, x, labels, cw, logit_mask, weights, ex_where):
+        safe_labels = jnp.clip(labels, 0, max(k - 1, 0))
+        lse, xt, s = _int_stats(
+            x, safe_labels, cw, logit_mask, logit_softcap, dt, bool(label_smoothing), fast
+        )
+        num_inc, w_sum = _included_counts(x, logit_mask, cw, label_smoothing, dt)
+        target_w = None if cw is None else cw[safe_labels]
+        ex_mask = ex_where
+        if logit_mask is not None:
+            has = jnp.any(logit_mask, axis=-1)
+            ex_mask = has if ex_mask is None else ex_mask & has
+        return loss_from_stats(
+            lse, xt, s, labels,
+            num_classes=k, num_included=num_inc, included_weight_sum=w_sum,
+            target_weight=target_w, ignore_index=ignore_index,
+            label_smoothing=label_smoothing, z_loss=z_loss, weights=weights,
+            where=ex_mask, reduction=reduction, empty_rows=not fast,
+        )  # fmt: skip
+
+    operands = (x, labels, cw, logit_mask, weights, ex_where)
+    return fast_or_exact(total, operands, use_fast=logit_mask is None)
 
 
 def _included_counts(x, mask, cw, label_smoothing, dt):
@@ -356,21 +401,34 @@ def _included_counts(x, mask, cw, label_smoothing, dt):
 
 
 # --- probability targets -----------------------------------------------------------------------
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _soft_ce(logits, labels, mask, dtype):
-    """sum_c y_c (lse - x_c) over included classes; logits [B, K], labels [B, K]."""
-    return _soft_ce_and_lse(logits, labels, mask, dtype)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _soft_ce(logits, labels, mask, dtype, fast=False):
+    """sum_c y_c (lse - x_c) over included classes; logits [B, K], labels [B, K].
+
+    With ``fast`` (no mask): the flagged one-pass lse and the plain ``y (lse - x)``, fused
+    by XLA into one kernel with the reduction; NaN for a row the flagged lse cannot serve
+    and for a zero label on a -inf logit (0 * inf), to be recomputed by the caller.
+    """
+    return _soft_ce_and_lse(logits, labels, mask, dtype, fast)[0]
 
 
-def _soft_ce_and_lse(logits, labels, mask, dtype):
-    """(per-example loss, lse): the forward computation shared by the primal and its rule."""
+def _soft_ce_and_lse(logits, labels, mask, dtype, fast):
+    """(per-example loss, lse): the forward computation shared by the primal and its rule.
+
+    ``labels`` may be in another float dtype than ``dtype``; they are cast here, inside the
+    kernels that read them, so no cast copy is materialised.
+    """
     x = logits.astype(dtype)
-    if mask is None:
-        lse = _lse_unmasked(x)
-        return _soft_ce_unmasked(x, labels, lse), lse
-    inc = _included(x, mask)
-    lse = _masked_lse(x, inc)
-    return _soft_ce_from_lse(x, labels, mask, inc, lse), lse
+    y = labels.astype(dtype)
+    if mask is not None:
+        inc = _included(x, mask)
+        lse = _masked_lse(x, inc)
+        return _soft_ce_from_lse(x, y, mask, inc, lse), lse
+    if fast:
+        lse = _lse_flagged(x)
+        return jnp.sum(y * (lse[..., None] - x), axis=-1), lse
+    lse = _lse_unmasked(x, logits)
+    return _soft_ce_unmasked(x, y, lse), lse
 
 
 def _soft_ce_unmasked(x, y, lse):
@@ -398,15 +456,18 @@ def _soft_ce_from_lse(x, y, mask, inc, lse):
     return jnp.where(jnp.any(impossible, axis=-1), jnp.inf, loss)
 
 
-def _soft_ce_fwd(logits, labels, mask, dtype):
-    loss, lse = _soft_ce_and_lse(logits, labels, mask, dtype)
+def _soft_ce_fwd(logits, labels, mask, dtype, fast):
+    loss, lse = _soft_ce_and_lse(logits, labels, mask, dtype, fast)
     # Residuals: the logits, the labels (inputs) and one lse per example.
     return loss, (logits, labels, mask, lse)
 
 
-def _soft_ce_bwd(dtype, res, g):
-    logits, y, mask, lse = res
+def _soft_ce_bwd(dtype, fast, res, g):
+    logits, labels, mask, lse = res
+    if fast:
+        lse = _repair_lse(lse, logits, dtype)
     x = logits.astype(dtype)
+    y = labels.astype(dtype)
     inc = _included(x, mask)
     gx = g[..., None]
     if mask is None:
@@ -421,7 +482,7 @@ def _soft_ce_bwd(dtype, res, g):
     has = jnp.isfinite(lse)[..., None]
     dy = jnp.where(inc & has, gx * (jnp.where(has, lse[..., None], 0) - x), 0)
     dmask = None if mask is None else jnp.zeros(mask.shape, jax.dtypes.float0)
-    return dx.astype(logits.dtype), dy.astype(y.dtype), dmask
+    return dx.astype(logits.dtype), dy.astype(labels.dtype), dmask
 
 
 _soft_ce.defvjp(_soft_ce_fwd, _soft_ce_bwd)
@@ -476,18 +537,27 @@ def softmax_cross_entropy(
     dt = _checks.compute_dtype(logits, labels, weights)
     logit_mask, ex_where = _split_where(where, logits.shape, axes, bshape)
     x = _to_rows(logits, axes)
-    y = _to_rows(_checks.as_float(labels, dt), axes)
-    _checks.debug_check_unit_interval("labels", y)
+    # Float labels keep their dtype: the core casts them inside its kernels.
+    if not jnp.issubdtype(labels.dtype, jnp.floating):
+        labels = _checks.as_float(labels, dt)
+    y = _to_rows(labels, axes)
+    _checks.debug_check_unit_interval("labels", y.astype(dt))
     if weights is not None:
         _checks.check_broadcastable("weights", weights, "the logits' batch shape", bshape)
         weights = _checks.as_float(weights, dt)
     if label_smoothing:
         inc = _included(x.astype(dt), logit_mask)
         k = jnp.maximum(jnp.sum(inc, axis=-1, keepdims=True), 1).astype(dt)
+        y = y.astype(dt)
         y = jnp.where(inc, y * (1 - label_smoothing) + label_smoothing / k, y)
     y = pvary_like(y, x)
-    loss = _soft_ce(x, y, logit_mask, dt).reshape(bshape)
-    if logit_mask is not None:
-        has = jnp.any(logit_mask, axis=-1).reshape(bshape)
-        ex_where = has if ex_where is None else ex_where & has
-    return reduce_loss(loss, reduction=reduction, weights=weights, where=ex_where)
+
+    def total(fast, x, y, logit_mask, weights, ex_where):
+        loss = _soft_ce(x, y, logit_mask, dt, fast).reshape(bshape)
+        if logit_mask is not None:
+            has = jnp.any(logit_mask, axis=-1).reshape(bshape)
+            ex_where = has if ex_where is None else ex_where & has
+        return reduce_loss(loss, reduction=reduction, weights=weights, where=ex_where)
+
+    operands = (x, y, logit_mask, weights, ex_where)
+    return fast_or_exact(total, operands, use_fast=logit_mask is None)

@@ -544,6 +544,51 @@ def test_float32_extreme_logits_within_a_few_ulps_of_float64(target):
     ref.assert_close(got_s, want, atol=float(np.finfo(np.float32).tiny))
 
 
+@pytest.mark.parametrize("offset", [0.0, 30.0, 100.0, -60.0, -90.0])
+def test_one_pass_log_sum_exp_and_its_fallback_match_float64(offset):
+    # The one-pass lse (sum of unshifted exps) serves offsets 0 and 30; at +100 the sums
+    # overflow, at -90 every term underflows and at -60 the sums fall below K tiny 2^30:
+    # those batches are recomputed with the max-shifted two passes. Same results either way.
+    rng = np.random.default_rng(3)
+    x = (rng.normal(size=(6, 50)) * 2 + offset).astype(np.float32)
+    labels = rng.integers(0, 50, size=6)
+    soft = rng.dirichlet(np.ones(50), size=6).astype(np.float32)
+    for f, r, lab in (
+        (ce_int, ref.ref_softmax_cross_entropy_with_integer_labels, labels),
+        (ce_soft, ref.ref_softmax_cross_entropy, soft),
+    ):
+        val, g = jax.value_and_grad(lambda a, f=f, lab=lab: f(a, jnp.asarray(lab)))(jnp.asarray(x))
+        want = r(x.astype(np.float64), lab.astype(np.float64) if lab is soft else lab)
+        ref.assert_close(val, want, rtol=2e-6)
+        gref = jax.grad(
+            lambda a, r=r, lab=lab: r(
+                a, jnp.asarray(lab, a.dtype) if lab is soft else jnp.asarray(lab), xp=jnp
+            )
+        )(jnp.asarray(x, jnp.float64))
+        # float32 rounding of lse (~|lse| eps) moves every probability by that much
+        ref.assert_close(g, np.asarray(gref), rtol=1e-5, atol=1e-6)
+
+
+def test_flagged_one_pass_lse_is_exact_or_nan_and_the_loss_recomputes_under_a_cond():
+    from jbce import _softmax
+
+    rng = np.random.default_rng(4)
+    x = np.asarray(rng.normal(size=(8, 300)) * 5, np.float32)
+    one = _softmax._lse_flagged(jnp.asarray(x))
+    two = _softmax._lse_unmasked(jnp.asarray(x))
+    ref.assert_close(one, np.asarray(two), rtol=4 * float(jnp.finfo(jnp.float32).eps))
+    x[1] += 100.0  # overflows
+    x[2] -= 120.0  # every term underflows
+    x[3] = -np.inf  # no class left
+    x[4, 7] = np.nan
+    flagged = np.asarray(_softmax._lse_flagged(jnp.asarray(x)))
+    assert np.isnan(flagged[1:5]).all() and np.isfinite(flagged[[0, 5, 6, 7]]).all()
+    labels = jnp.zeros(8, jnp.int32)
+    for f, lab in ((ce_int, labels), (ce_soft, jax.nn.one_hot(labels, 300))):
+        text = str(jax.make_jaxpr(lambda a, f=f, lab=lab: f(a, lab))(jnp.asarray(x)))
+        assert "cond[" in text
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_half_precision_computes_in_float32_and_returns_input_dtype_grads(dtype):
     x, labels, soft, *_ = _data(ignore=True)
