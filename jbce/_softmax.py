@@ -104,7 +104,9 @@ def _repair_lse(lse: jax.Array, logits: jax.Array, dtype, cap: float | None = No
     """``lse`` from :func:`_lse_flagged`, recomputed with two passes if any row is NaN."""
     return jax.lax.cond(
         jnp.any(jnp.isnan(lse)),
-        lambda raw, lse: _lse_unmasked(_softcap(raw.astype(dtype), cap)),
+        lambda raw, lse: _lse_unmasked(
+            _softcap(raw.astype(dtype), cap), raw if cap is None else None
+        ),
         lambda raw, lse: lse,
         logits,
         lse,
@@ -147,7 +149,9 @@ def _int_stats(logits, labels, class_weights, mask, cap, dtype, with_s=True, fas
     inc = _included(x, mask)
     # The target logit is gathered before the cast (exact), so the cast copy has one reader;
     # labels are already clipped into range, so the gather needs no out-of-bounds select.
-    src = logits if cap is None else x
+    # The barrier keeps XLA from materialising the cast (a bf16 -> f32 copy of the logits,
+    # 512 MiB at 4096 x 32768) when the gather sits next to the exp-sum kernel.
+    src = jax.lax.optimization_barrier(logits) if cap is None else x
     xt = jnp.take_along_axis(src, labels[..., None], axis=-1, mode="clip")[..., 0].astype(dtype)
     if mask is not None:
         lse = _masked_lse(x, inc)
@@ -171,6 +175,8 @@ def _int_stats_fwd(logits, labels, class_weights, mask, cap, dtype, with_s, fast
 
 def _int_stats_bwd(cap, dtype, with_s, fast, res, g):
     logits, labels, class_weights, mask, lse = res
+    # A cast of the logits shared with the forward pass would be materialised (bf16 inputs).
+    logits = jax.lax.optimization_barrier(logits)
     if fast:
         lse = _repair_lse(lse, logits, dtype, cap)
     g_lse, g_xt, g_s = g
@@ -412,11 +418,13 @@ def _soft_ce(logits, labels, mask, dtype, fast=False):
     return _soft_ce_and_lse(logits, labels, mask, dtype, fast)[0]
 
 
-def _soft_ce_and_lse(logits, labels, mask, dtype, fast):
+def _soft_ce_and_lse(logits, labels, mask, dtype, fast, lse_out=False):
     """(per-example loss, lse): the forward computation shared by the primal and its rule.
 
     ``labels`` may be in another float dtype than ``dtype``; they are cast here, inside the
-    kernels that read them, so no cast copy is materialised.
+    kernels that read them, so no cast copy is materialised. ``lse_out``: the lse is a
+    result too (the rule's residual), so XLA runs the exp-sum and the y pass as two kernels;
+    each then casts the logits itself, since one cast read by both would be materialised.
     """
     x = logits.astype(dtype)
     y = labels.astype(dtype)
@@ -426,9 +434,13 @@ def _soft_ce_and_lse(logits, labels, mask, dtype, fast):
         return _soft_ce_from_lse(x, y, mask, inc, lse), lse
     if fast:
         lse = _lse_flagged(x)
+        if lse_out:
+            x = jax.lax.optimization_barrier(logits).astype(dtype)
         return jnp.sum(y * (lse[..., None] - x), axis=-1), lse
     lse = _lse_unmasked(x, logits)
-    return _soft_ce_unmasked(x, y, lse), lse
+    # The y pass casts its own copy: one cast read by two passes would be materialised.
+    x2 = jax.lax.optimization_barrier(logits).astype(dtype)
+    return _soft_ce_unmasked(x2, y, lse), lse
 
 
 def _soft_ce_unmasked(x, y, lse):
@@ -457,13 +469,15 @@ def _soft_ce_from_lse(x, y, mask, inc, lse):
 
 
 def _soft_ce_fwd(logits, labels, mask, dtype, fast):
-    loss, lse = _soft_ce_and_lse(logits, labels, mask, dtype, fast)
+    loss, lse = _soft_ce_and_lse(logits, labels, mask, dtype, fast, lse_out=True)
     # Residuals: the logits, the labels (inputs) and one lse per example.
     return loss, (logits, labels, mask, lse)
 
 
 def _soft_ce_bwd(dtype, fast, res, g):
     logits, labels, mask, lse = res
+    # Casts shared with the forward pass would be materialised (bf16 inputs).
+    logits, labels = jax.lax.optimization_barrier((logits, labels))
     if fast:
         lse = _repair_lse(lse, logits, dtype)
     x = logits.astype(dtype)
