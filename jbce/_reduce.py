@@ -107,8 +107,9 @@ def fast_or_exact(
         return total(False, *operands)
     value = total(True, *operands)
     frozen = jax.lax.stop_gradient((operands, value))
+    # NaN in the sum also catches +inf + -inf (recomputed exactly: slower, still right).
     fixed = jax.lax.cond(
-        jnp.any(jnp.isnan(frozen[1])),
+        jnp.isnan(jnp.sum(frozen[1])),
         lambda ops, v: total(False, *ops),
         lambda ops, v: v,
         *frozen,

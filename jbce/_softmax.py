@@ -102,8 +102,10 @@ def _lse_flagged(x: jax.Array) -> jax.Array:
 
 def _repair_lse(lse: jax.Array, logits: jax.Array, dtype, cap: float | None = None):
     """``lse`` from :func:`_lse_flagged`, recomputed with two passes if any row is NaN."""
+    # A flagged lse is finite or NaN, so its sum is NaN exactly when a row is (one float
+    # reduction: cheaper on XLA:CPU than any() over a boolean vector).
     return jax.lax.cond(
-        jnp.any(jnp.isnan(lse)),
+        jnp.isnan(jnp.sum(lse)),
         lambda raw, lse: _lse_unmasked(
             _softcap(raw.astype(dtype), cap), raw if cap is None else None
         ),
@@ -418,13 +420,13 @@ def _soft_ce(logits, labels, mask, dtype, fast=False):
     return _soft_ce_and_lse(logits, labels, mask, dtype, fast)[0]
 
 
-def _soft_ce_and_lse(logits, labels, mask, dtype, fast, lse_out=False):
+def _soft_ce_and_lse(logits, labels, mask, dtype, fast):
     """(per-example loss, lse): the forward computation shared by the primal and its rule.
 
     ``labels`` may be in another float dtype than ``dtype``; they are cast here, inside the
-    kernels that read them, so no cast copy is materialised. ``lse_out``: the lse is a
-    result too (the rule's residual), so XLA runs the exp-sum and the y pass as two kernels;
-    each then casts the logits itself, since one cast read by both would be materialised.
+    kernels that read them, so no cast copy is materialised. The exp-sum and the y pass
+    each cast the logits themselves: when XLA runs them as two kernels (as it does when the
+    lse is also a residual, or for some shapes) one cast read by both would be materialised.
     """
     x = logits.astype(dtype)
     y = labels.astype(dtype)
@@ -434,8 +436,7 @@ def _soft_ce_and_lse(logits, labels, mask, dtype, fast, lse_out=False):
         return _soft_ce_from_lse(x, y, mask, inc, lse), lse
     if fast:
         lse = _lse_flagged(x)
-        if lse_out:
-            x = jax.lax.optimization_barrier(logits).astype(dtype)
+        x = jax.lax.optimization_barrier(logits).astype(dtype)
         return jnp.sum(y * (lse[..., None] - x), axis=-1), lse
     lse = _lse_unmasked(x, logits)
     # The y pass casts its own copy: one cast read by two passes would be materialised.
@@ -469,7 +470,7 @@ def _soft_ce_from_lse(x, y, mask, inc, lse):
 
 
 def _soft_ce_fwd(logits, labels, mask, dtype, fast):
-    loss, lse = _soft_ce_and_lse(logits, labels, mask, dtype, fast, lse_out=True)
+    loss, lse = _soft_ce_and_lse(logits, labels, mask, dtype, fast)
     # Residuals: the logits, the labels (inputs) and one lse per example.
     return loss, (logits, labels, mask, lse)
 
