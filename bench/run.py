@@ -137,6 +137,7 @@ def run_case(shape, dtype, mode, x, y, ref, *, use_torch, measure_kw) -> dict:
         "vs_torch": _ratio(med.get("torch"), med["jbce"]),
         "over_floor": _ratio(med["jbce"], med[floor_name]),
         "temp_bytes": temp,
+        "input_bytes": int(x.nbytes + y.nbytes),
         "rel_err": abs(value - ref) / max(abs(ref), 1e-30),
     }
 
@@ -267,7 +268,12 @@ def check_targets(results: list[dict]) -> list[str]:
     ]
     lines.append(
         f"{'ok    ' if not fat else 'MISSED'} temp bytes never above optax's"
-        + "".join(f"\n         {r['case']} {r['dtype']} {r['mode']}" for r in fat)
+        + "".join(
+            f"\n         {r['case']} {r['dtype']} {r['mode']}: {r['temp_bytes']['jbce']} B vs"
+            f" {r['temp_bytes']['optax']} B (+{r['temp_bytes']['jbce'] - r['temp_bytes']['optax']},"
+            f" inputs {r['input_bytes']} B)"
+            for r in fat
+        )
     )
     return lines
 
