@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import sys
 import time
@@ -86,6 +87,7 @@ def environment(args) -> dict:
         "cpu_threads": impls.cpu_threads(),
         "python": platform.python_version(),
         "jax": jax.__version__,
+        "memory_pages": memory_pages(),
     }
     import optax
 
@@ -99,6 +101,20 @@ def environment(args) -> dict:
             torch.set_num_threads(env["cpu_threads"])
         env["torch_threads"] = torch.get_num_threads()
     return env
+
+
+def memory_pages() -> str:
+    """How large buffers get their pages: the kernel's transparent-huge-page mode and glibc's
+    ``GLIBC_TUNABLES`` (``glibc.malloc.hugetlb=1`` makes malloc ask for huge pages).
+
+    On CPU, page-faulting each fresh gradient buffer is most of value_and_grad's time at
+    these sizes, so timings are only comparable between runs with the same setting.
+    """
+    try:
+        thp = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
+    except OSError:
+        thp = "unknown"
+    return f"THP {thp}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')}"
 
 
 def _ratio(a, b):
@@ -287,7 +303,8 @@ def main(argv=None) -> int:
     else:
         measure_kw = dict(warmup=1, min_rounds=3, max_rounds=41, budget_s=args.budget or 1.0)
     print(
-        f"# {env['device']} ({env['cpu']}, {env['cpu_threads']} threads); jax {env['jax']},"
+        f"# {env['device']} ({env['cpu']}, {env['cpu_threads']} threads);"
+        f" {env['memory_pages']}; jax {env['jax']},"
         f" optax {env['optax']}"
         + (f", torch {env['torch']} ({env['torch_threads']} threads)" if use_torch else "")
     )
@@ -354,7 +371,8 @@ def main(argv=None) -> int:
             f"Measured on {env['device']} ({env['cpu']}, {env['cpu_threads']} threads),"
             f" {env['date']}; jax {env['jax']}, optax {env['optax']}"
             + (f", torch {env['torch']} ({env['torch_threads']} threads)" if use_torch else "")
-            + f".\nCommand: `{env['command']}`.\n",
+            + f"; memory pages: {env['memory_pages']}."
+            + f"\nCommand: `{env['command']}`.\n",
             markdown_table(table),
         ]
         if donation:
