@@ -74,6 +74,11 @@ def reduce_loss(
 
 # Below this many terms the fast core's saving is smaller than the cost of the conditional.
 FAST_PATH_MIN_SIZE = 2**14
+# Softmax losses take the fast path from this many logits. Besides the cond's cost on tiny
+# inputs, this keeps per-example use under jax.vmap (one row of K < 2^16 classes traced at a
+# time, e.g. vmap(grad(loss)) for per-example gradients) on the exact path alone: under
+# vmap a cond becomes a select and would run both paths.
+SOFTMAX_FAST_PATH_MIN_SIZE = 2**16
 
 
 @jax.custom_jvp

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jbce import _checks
+from jbce import _checks, _reduce
 from jbce._reduce import fast_or_exact, reduce_loss
 from jbce._vma import pvary_like
 
@@ -391,7 +391,8 @@ def softmax_cross_entropy_with_integer_labels(
         )  # fmt: skip
 
     operands = (x, labels, cw, logit_mask, weights, ex_where)
-    return fast_or_exact(total, operands, use_fast=logit_mask is None)
+    use_fast = logit_mask is None and x.size >= _reduce.SOFTMAX_FAST_PATH_MIN_SIZE
+    return fast_or_exact(total, operands, use_fast=use_fast)
 
 
 def _included_counts(x, mask, cw, label_smoothing, dt):
@@ -575,4 +576,5 @@ def softmax_cross_entropy(
         return reduce_loss(loss, reduction=reduction, weights=weights, where=ex_where)
 
     operands = (x, y, logit_mask, weights, ex_where)
-    return fast_or_exact(total, operands, use_fast=logit_mask is None)
+    use_fast = logit_mask is None and x.size >= _reduce.SOFTMAX_FAST_PATH_MIN_SIZE
+    return fast_or_exact(total, operands, use_fast=use_fast)

@@ -105,6 +105,24 @@ def _int_kwargs(opts, labels, w, cw, where_ex, where_logit, axis):
     return kw
 
 
+@pytest.fixture(params=["exact", "fast"])
+def softmax_path(request, monkeypatch):
+    """Runs a test on both paths of the softmax losses.
+
+    The test inputs are below ``SOFTMAX_FAST_PATH_MIN_SIZE`` logits, so by default they take
+    the exact path; "fast" lowers the threshold to 0 so the same inputs take the one-pass
+    flagged log-sum-exp, with its exact recomputation under a cond where it gives NaN.
+    """
+    if request.param == "fast":
+        monkeypatch.setattr(jbce._reduce, "SOFTMAX_FAST_PATH_MIN_SIZE", 0)
+    return request.param
+
+
+@pytest.fixture
+def fast_softmax(monkeypatch):
+    monkeypatch.setattr(jbce._reduce, "SOFTMAX_FAST_PATH_MIN_SIZE", 0)
+
+
 def _j(kw):
     return {k: (jnp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
 
@@ -112,6 +130,7 @@ def _j(kw):
 # ----------------------------------------------------------------------------- references
 
 
+@pytest.mark.usefixtures("softmax_path")
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("opts", list(INT_OPTIONS))
 def test_integer_label_ce_matches_float64_reference(opts, layout):
@@ -148,6 +167,7 @@ SOFT_OPTIONS = {
 }
 
 
+@pytest.mark.usefixtures("softmax_path")
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("opts", list(SOFT_OPTIONS))
 def test_soft_label_ce_matches_float64_reference(opts, layout):
@@ -190,6 +210,7 @@ def test_one_hot_soft_labels_equal_integer_labels():
     ref.assert_close(a, np.asarray(b))
 
 
+@pytest.mark.usefixtures("softmax_path")
 def test_ignored_tokens_do_not_count_in_mean():
     x, labels, *_ = _data()
     per = ref.ref_softmax_cross_entropy_with_integer_labels(x, labels, reduction="none")
@@ -200,6 +221,7 @@ def test_ignored_tokens_do_not_count_in_mean():
     assert np.all(np.asarray(none)[~keep] == 0)
 
 
+@pytest.mark.usefixtures("softmax_path")
 def test_class_weighted_mean_divides_by_summed_target_class_weights():
     x, labels, _, _, cw, *_ = _data()
     keep = labels != -100
@@ -216,6 +238,7 @@ def test_example_weights_scale_terms_but_not_the_mean_denominator():
     ref.assert_close(got, np.sum(w * per) / per.size)
 
 
+@pytest.mark.usefixtures("softmax_path")
 def test_z_loss_adds_z_times_logsumexp_squared():
     x, labels, *_ = _data(ignore=False)
     lse = np.log(np.sum(np.exp(x), -1))
@@ -224,6 +247,7 @@ def test_z_loss_adds_z_times_logsumexp_squared():
     ref.assert_close(np.asarray(a) - np.asarray(b), 0.5 * lse**2, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.usefixtures("softmax_path")
 def test_logit_softcap_equals_loss_of_capped_logits():
     x, labels, *_ = _data(ignore=False)
     capped = 2.0 * np.tanh(x * 10 / 2.0)
@@ -243,6 +267,7 @@ TORCH_INT = {
 }
 
 
+@pytest.mark.usefixtures("softmax_path")
 @pytest.mark.parametrize("reduction", ["none", "mean"])  # "sum" = sum of "none"
 @pytest.mark.parametrize("layout", ["last", "torch_nc_d"])
 @pytest.mark.parametrize("opts", list(TORCH_INT))
@@ -283,6 +308,7 @@ def test_integer_label_ce_equals_torch_values_and_logit_gradients(opts, layout, 
     ref.assert_close(g, tg, rtol=1e-10, atol=1e-15)
 
 
+@pytest.mark.usefixtures("softmax_path")
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 @pytest.mark.parametrize("smoothing", [0.0, 0.2])
 @pytest.mark.parametrize("layout", ["last", "torch_nc_d"])
@@ -303,6 +329,7 @@ def test_soft_label_ce_equals_torch_probability_targets(layout, smoothing, reduc
 # ----------------------------------------------------------------------------- optax
 
 
+@pytest.mark.usefixtures("softmax_path")
 @pytest.mark.parametrize("where", [None, "example", "logit"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_none_reduction_is_a_drop_in_for_optax(layout, where):
@@ -341,6 +368,7 @@ def test_optax_positional_order_logits_then_labels():
 # ----------------------------------------------------------------------------- gradients
 
 
+@pytest.mark.usefixtures("softmax_path")
 def test_integer_label_ce_gradients_check_numerically_to_second_order():
     x, labels, _, w, cw, where_ex, *_ = _data(seed=5)
 
@@ -359,6 +387,7 @@ def test_integer_label_ce_gradients_check_numerically_to_second_order():
     check_grads(jax.jit(f), (jnp.asarray(x), jnp.asarray(w)), order=2, modes=["rev"])
 
 
+@pytest.mark.usefixtures("softmax_path")
 def test_soft_label_ce_gradients_check_numerically_to_second_order():
     x, _, soft, w, _, where_ex, where_logit, _ = _data(seed=6)
 
@@ -371,6 +400,7 @@ def test_soft_label_ce_gradients_check_numerically_to_second_order():
     check_grads(jax.jit(g), args[:2], order=2, modes=["rev"])
 
 
+@pytest.mark.usefixtures("softmax_path")
 @pytest.mark.parametrize("kind", ["int", "soft"])
 def test_hessian_equals_reference_reverse_over_reverse(kind):
     x, labels, soft, _, cw, *_ = _data(seed=7)
@@ -397,6 +427,7 @@ def test_hessian_equals_reference_reverse_over_reverse(kind):
     ref.assert_close(h, np.asarray(hr), rtol=1e-11, atol=1e-14)
 
 
+@pytest.mark.usefixtures("softmax_path")
 def test_soft_label_gradient_w_r_t_labels_equals_reference():
     x, _, soft, *_ = _data(seed=8)
     g = jax.grad(
@@ -408,6 +439,7 @@ def test_soft_label_gradient_w_r_t_labels_equals_reference():
     ref.assert_close(g, np.asarray(gr), rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.usefixtures("softmax_path")
 @pytest.mark.parametrize("kind", ["int", "soft"])
 def test_residuals_are_the_logits_and_per_example_values_only(kind):
     n, k = 64, 48
@@ -431,6 +463,7 @@ def test_residuals_are_the_logits_and_per_example_values_only(kind):
 # ----------------------------------------------------------------------------- edge cases
 
 
+@pytest.mark.usefixtures("softmax_path")
 def test_minus_inf_non_target_logits_give_finite_loss_and_exactly_zero_gradient():
     x = np.array([[2.0, -np.inf, 0.5, -np.inf], [-np.inf, 1.0, -np.inf, 3.0]])
     labels = np.array([0, 3])
@@ -452,6 +485,7 @@ def test_minus_inf_non_target_logits_give_finite_loss_and_exactly_zero_gradient(
     assert np.all(g[np.isinf(x)] == 0) and np.all(np.isfinite(g))
 
 
+@pytest.mark.usefixtures("softmax_path")
 @pytest.mark.parametrize("class_weights", [False, True])
 def test_all_ignored_batch_has_zero_mean_and_zero_gradient(class_weights):
     x, _, _, _, cw, *_ = _data()
@@ -464,6 +498,7 @@ def test_all_ignored_batch_has_zero_mean_and_zero_gradient(class_weights):
     assert np.all(np.asarray(g) == 0)
 
 
+@pytest.mark.usefixtures("softmax_path")
 def test_all_masked_examples_have_zero_mean_and_zero_gradient():
     x, labels, soft, *_ = _data(ignore=False)
     for where in (np.zeros(x.shape[:1], bool), np.zeros(x.shape, bool)):
@@ -488,6 +523,7 @@ def test_fully_masked_example_under_per_logit_where_has_zero_loss_and_finite_zer
     assert np.all(np.isfinite(np.asarray(g)))
 
 
+@pytest.mark.usefixtures("softmax_path")
 @pytest.mark.parametrize("bad", [-1, 5, 7])
 def test_out_of_range_label_gives_nan_for_that_example_only(bad):
     x, labels, *_ = _data(ignore=False)
@@ -529,6 +565,7 @@ ROWS = np.array(
 )
 
 
+@pytest.mark.usefixtures("softmax_path")
 @pytest.mark.parametrize("target", [0, 1, 2])
 def test_float32_extreme_logits_within_a_few_ulps_of_float64(target):
     x32 = ROWS.astype(np.float32)
@@ -544,6 +581,7 @@ def test_float32_extreme_logits_within_a_few_ulps_of_float64(target):
     ref.assert_close(got_s, want, atol=float(np.finfo(np.float32).tiny))
 
 
+@pytest.mark.usefixtures("fast_softmax")
 @pytest.mark.parametrize("offset", [0.0, 30.0, 100.0, -60.0, -90.0])
 def test_one_pass_log_sum_exp_and_its_fallback_match_float64(offset):
     # The one-pass lse (sum of unshifted exps) serves offsets 0 and 30; at +100 the sums
@@ -571,6 +609,19 @@ def test_one_pass_log_sum_exp_and_its_fallback_match_float64(offset):
         ref.assert_close(g, np.asarray(gref), rtol=1e-5, atol=1e-6)
 
 
+def test_the_fast_path_starts_at_a_size_so_per_example_vmap_stays_exact():
+    n = jbce._reduce.SOFTMAX_FAST_PATH_MIN_SIZE
+    big = jnp.zeros((n // 1024, 1024), jnp.float32)
+    labels = jnp.zeros(n // 1024, jnp.int32)
+    assert "cond[" in str(jax.make_jaxpr(ce_int)(big, labels))
+    assert "cond[" in str(jax.make_jaxpr(ce_soft)(big, big))
+    # one example at a time under vmap(grad): each trace sees 1024 logits, the exact path
+    per_example = jax.vmap(jax.grad(lambda a, t: ce_int(a[None], t[None])))
+    text = str(jax.make_jaxpr(per_example)(big, labels))
+    assert "cond[" not in text
+
+
+@pytest.mark.usefixtures("fast_softmax")
 def test_flagged_one_pass_lse_is_exact_or_nan_and_the_loss_recomputes_under_a_cond():
     from jbce import _softmax
 
@@ -591,6 +642,7 @@ def test_flagged_one_pass_lse_is_exact_or_nan_and_the_loss_recomputes_under_a_co
         assert "cond[" in text
 
 
+@pytest.mark.usefixtures("softmax_path")
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_half_precision_computes_in_float32_and_returns_input_dtype_grads(dtype):
     x, labels, soft, *_ = _data(ignore=True)
@@ -616,6 +668,7 @@ def test_half_precision_computes_in_float32_and_returns_input_dtype_grads(dtype)
         ref.assert_close(g, np.asarray(jax.grad(r)(xf)), rtol=2e-2, atol=2e-3)
 
 
+@pytest.mark.usefixtures("softmax_path")
 def test_empty_batch_and_rank1_logits():
     x = jnp.zeros((0, 4))
     lab = jnp.zeros((0,), jnp.int32)
@@ -632,6 +685,7 @@ def test_empty_batch_and_rank1_logits():
     ref.assert_close(got, want)
 
 
+@pytest.mark.usefixtures("softmax_path")
 def test_vmap_equals_per_row_calls():
     x, labels, soft, w, cw, *_ = _data(layout="torch_nc_d", seed=10, ignore=False)
     f = lambda a, b: ce_int(a, b, axis=0, class_weights=jnp.asarray(cw))
@@ -696,6 +750,7 @@ class JitVariantsTest(chex.TestCase):
 # ----------------------------------------------------------------------------- properties
 
 
+@pytest.mark.usefixtures("softmax_path")
 @given(
     batch=hnp.array_shapes(min_dims=0, max_dims=2, min_side=0, max_side=4),
     k=st.integers(1, 6),
