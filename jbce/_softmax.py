@@ -91,9 +91,10 @@ def _lse_flagged(x: jax.Array) -> jax.Array:
     the loss into one kernel. The unshifted sum is exact to rounding while it is finite and
     at least ``K * tiny * 2^30`` (terms lost to underflow then weigh < 2^-30 of it): in
     float32, logits up to ~80 with a row maximum above ~-55. Other rows (huge or tiny logits,
-    an all -inf row, a NaN) get NaN through ``0 * log(s - s_min)``, which callers detect
-    after the reduction (:func:`jbce._reduce.fast_or_exact`) to recompute the loss with
-    :func:`_lse_unmasked`, and backward passes with :func:`_repair_lse`.
+    an all -inf row, a NaN) get NaN through ``0 * log(s - s_min)``. The integer-label
+    statistics repair it at once with :func:`_repair_lse`; the soft-label loss lets the NaN
+    reach its reduced value, recomputes that with :func:`_lse_unmasked`
+    (:func:`jbce._reduce.fast_or_exact`), and repairs the lse in its backward pass.
     """
     s = jnp.sum(jnp.exp(x), axis=-1)
     s_min = x.shape[-1] * float(jnp.finfo(x.dtype).tiny) * 2.0**30
@@ -158,7 +159,11 @@ def _int_stats(logits, labels, class_weights, mask, cap, dtype, with_s=True, fas
     if mask is not None:
         lse = _masked_lse(x, inc)
     elif fast:
-        lse = _lse_flagged(x)
+        # Repaired here, on the per-example vector, rather than after the reduction as the
+        # soft-label loss does: the integer-label assembly decides from the lse which rows
+        # count (a row with no class left) and differentiates z lse^2, so its gradient would
+        # differ if it saw a flagged NaN.
+        lse = _repair_lse(_lse_flagged(x), logits, dtype, cap)
     else:
         lse = _lse_unmasked(x, logits if cap is None else None)
     if not with_s:
@@ -176,11 +181,10 @@ def _int_stats_fwd(logits, labels, class_weights, mask, cap, dtype, with_s, fast
 
 
 def _int_stats_bwd(cap, dtype, with_s, fast, res, g):
+    del fast  # the saved lse is exact either way
     logits, labels, class_weights, mask, lse = res
     # A cast of the logits shared with the forward pass would be materialised (bf16 inputs).
     logits = jax.lax.optimization_barrier(logits)
-    if fast:
-        lse = _repair_lse(lse, logits, dtype, cap)
     g_lse, g_xt, g_s = g
     x = _softcap(logits.astype(dtype), cap)
     inc = _included(x, mask)
@@ -223,20 +227,14 @@ def loss_from_stats(
     weights: jax.Array | None,
     where: jax.Array | None,
     reduction: str,
-    empty_rows: bool = True,
 ) -> jax.Array:
     """Assembles the integer-label loss from per-example softmax statistics.
 
     ``loss = (1-e) w_y (lse - x_y) + (e / K_eff) (W lse - sum_c w_c x_c) + z lse^2``, then
     ignore_index, out-of-range labels (NaN), ``where``, ``weights`` and the reduction.
     Shared by the materialised, fused-linear and vocabulary-parallel losses.
-
-    ``empty_rows=False`` says ``lse`` is never -inf (a flagged lse is NaN instead, and that
-    NaN must reach the result): which rows count then depends on the labels only.
     """
-    has_classes = jnp.asarray(num_included) > 0
-    if empty_rows:
-        has_classes = has_classes & (lse > -jnp.inf)
+    has_classes = (jnp.asarray(num_included) > 0) & (lse > -jnp.inf)
     keep = has_classes
     if ignore_index is not None:
         keep = keep & (labels != ignore_index)
@@ -387,12 +385,12 @@ def softmax_cross_entropy_with_integer_labels(
             num_classes=k, num_included=num_inc, included_weight_sum=w_sum,
             target_weight=target_w, ignore_index=ignore_index,
             label_smoothing=label_smoothing, z_loss=z_loss, weights=weights,
-            where=ex_mask, reduction=reduction, empty_rows=not fast,
+            where=ex_mask, reduction=reduction,
         )  # fmt: skip
 
-    operands = (x, labels, cw, logit_mask, weights, ex_where)
+    # The fast path's lse is repaired inside _int_stats, so no check after the reduction.
     use_fast = logit_mask is None and x.size >= _reduce.SOFTMAX_FAST_PATH_MIN_SIZE
-    return fast_or_exact(total, operands, use_fast=use_fast)
+    return total(use_fast, x, labels, cw, logit_mask, weights, ex_where)
 
 
 def _included_counts(x, mask, cw, label_smoothing, dt):

@@ -609,6 +609,31 @@ def test_one_pass_log_sum_exp_and_its_fallback_match_float64(offset):
         ref.assert_close(g, np.asarray(gref), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "rows, labels, kw",
+    [
+        # overflowing rows, an ignored one, z-loss: d(z lse^2)/d lse needs the repaired lse
+        ([[205.5, 209.8, 196.4], [207.7, 223.9, 183.1]], [1, -100], {"z_loss": 1e-3}),
+        # one class, a row with no class left: excluded from the mean, zero gradient
+        ([[-1774.1], [821.8], [-np.inf], [1696.0]], [0, 0, 0, 0], {}),
+        ([[-np.inf, 1.0, 2.0], [-np.inf, -np.inf, -np.inf]], [1, 0], {"label_smoothing": 0.1}),
+    ],
+)
+def test_fast_and_exact_paths_give_the_same_value_and_gradient(rows, labels, kw, monkeypatch):
+    # Found by fuzzing the two paths against each other (values and gradients).
+    x = jnp.asarray(np.asarray(rows, np.float32))
+    t = jnp.asarray(labels)
+
+    def run(threshold):
+        monkeypatch.setattr(jbce._reduce, "SOFTMAX_FAST_PATH_MIN_SIZE", threshold)
+        return jax.value_and_grad(lambda a: ce_int(a, t, **kw))(x)
+
+    (ve, ge), (vf, gf) = run(2**62), run(0)
+    ref.assert_close(vf, np.asarray(ve), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(gf), np.asarray(ge), rtol=1e-6, atol=1e-12)
+    assert np.all(np.isfinite(np.asarray(gf)))
+
+
 def test_the_fast_path_starts_at_a_size_so_per_example_vmap_stays_exact():
     n = jbce._reduce.SOFTMAX_FAST_PATH_MIN_SIZE
     big = jnp.zeros((n // 1024, 1024), jnp.float32)
