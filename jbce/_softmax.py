@@ -368,29 +368,25 @@ def softmax_cross_entropy_with_integer_labels(
     _checks.debug_check_labels("labels", labels, k, ignore_index)
     if cw is not None:
         cw = pvary_like(cw, x)
-
-    def total(fast, x, labels, cw, logit_mask, weights, ex_where):
-        safe_labels = jnp.clip(labels, 0, max(k - 1, 0))
-        lse, xt, s = _int_stats(
-            x, safe_labels, cw, logit_mask, logit_softcap, dt, bool(label_smoothing), fast
-        )
-        num_inc, w_sum = _included_counts(x, logit_mask, cw, label_smoothing, dt)
-        target_w = None if cw is None else cw[safe_labels]
-        ex_mask = ex_where
-        if logit_mask is not None:
-            has = jnp.any(logit_mask, axis=-1)
-            ex_mask = has if ex_mask is None else ex_mask & has
-        return loss_from_stats(
-            lse, xt, s, labels,
-            num_classes=k, num_included=num_inc, included_weight_sum=w_sum,
-            target_weight=target_w, ignore_index=ignore_index,
-            label_smoothing=label_smoothing, z_loss=z_loss, weights=weights,
-            where=ex_mask, reduction=reduction,
-        )  # fmt: skip
-
+    safe_labels = jnp.clip(labels, 0, max(k - 1, 0))
     # The fast path's lse is repaired inside _int_stats, so no check after the reduction.
-    use_fast = logit_mask is None and x.size >= _reduce.SOFTMAX_FAST_PATH_MIN_SIZE
-    return total(use_fast, x, labels, cw, logit_mask, weights, ex_where)
+    fast = logit_mask is None and x.size >= _reduce.SOFTMAX_FAST_PATH_MIN_SIZE
+    lse, xt, s = _int_stats(
+        x, safe_labels, cw, logit_mask, logit_softcap, dt, bool(label_smoothing), fast
+    )
+    num_inc, w_sum = _included_counts(x, logit_mask, cw, label_smoothing, dt)
+    target_w = None if cw is None else cw[safe_labels]
+    ex_mask = ex_where
+    if logit_mask is not None:
+        has = jnp.any(logit_mask, axis=-1)
+        ex_mask = has if ex_mask is None else ex_mask & has
+    return loss_from_stats(
+        lse, xt, s, labels,
+        num_classes=k, num_included=num_inc, included_weight_sum=w_sum,
+        target_weight=target_w, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, z_loss=z_loss, weights=weights,
+        where=ex_mask, reduction=reduction,
+    )  # fmt: skip
 
 
 def _included_counts(x, mask, cw, label_smoothing, dt):
