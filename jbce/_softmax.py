@@ -79,7 +79,11 @@ def _lse_unmasked(x: jax.Array, raw: jax.Array | None = None) -> jax.Array:
     that the cast copy is read by one pass only and never materialised (bf16 inputs).
     """
     m = jnp.max(x if raw is None else raw, axis=-1, keepdims=True).astype(x.dtype)
-    m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, jnp.zeros((), m.dtype)))
+    # Clamped into the finite range (an all -inf row gets lse -inf, a +inf logit lse +inf)
+    # with max and negation only: XLA turns min(max(.)) into a clamp, which YNNPACK cannot
+    # fuse, and a select would also split the loss into per-row kernels and buffers.
+    fmin = jnp.finfo(x.dtype).min
+    m = jax.lax.stop_gradient(-jnp.maximum(-jnp.maximum(m, fmin), fmin))
     return m[..., 0] + jnp.log(jnp.sum(jnp.exp(x - m), axis=-1))
 
 
@@ -117,9 +121,10 @@ def _repair_lse(lse: jax.Array, logits: jax.Array, dtype, cap: float | None = No
 
 
 def _softmax_unmasked(x: jax.Array, lse: jax.Array) -> jax.Array:
-    # A row of -inf logits has lse = -inf; use 0 there so its probabilities are exp(-inf) = 0
-    # rather than exp(nan) (that row's cotangent is 0 and must stay 0).
-    lse = jnp.where(lse > -jnp.inf, lse, jnp.zeros((), lse.dtype))
+    # A row of -inf logits has lse = -inf; use -FLT_MAX there so its probabilities are
+    # exp(-inf) = 0 rather than exp(nan) (that row's cotangent is 0 and must stay 0). A max,
+    # not a select, so that XLA:CPU fuses it into the pass over the logits.
+    lse = jnp.maximum(lse, jnp.finfo(lse.dtype).min)
     return jnp.exp(x - lse[..., None])
 
 
@@ -183,8 +188,9 @@ def _int_stats_fwd(logits, labels, class_weights, mask, cap, dtype, with_s, fast
 def _int_stats_bwd(cap, dtype, with_s, fast, res, g):
     del fast  # the saved lse is exact either way
     logits, labels, class_weights, mask, lse = res
-    # A cast of the logits shared with the forward pass would be materialised (bf16 inputs).
-    logits = jax.lax.optimization_barrier(logits)
+    # A cast of the logits shared with the forward pass would be materialised (bf16 inputs),
+    # and so would the lse broadcast to [B, K] if CSE merged it with the forward's.
+    logits, lse = jax.lax.optimization_barrier((logits, lse))
     g_lse, g_xt, g_s = g
     x = _softcap(logits.astype(dtype), cap)
     inc = _included(x, mask)
@@ -447,7 +453,7 @@ def _soft_ce_unmasked(x, y, lse):
     """
     one = jax.lax.optimization_barrier(jnp.ones((), x.dtype))  # not CSE'd with the backward
     fmax = jnp.finfo(x.dtype).max
-    lse_r = jnp.where(lse == -jnp.inf, jnp.zeros((), lse.dtype), lse)  # per row: cheap
+    lse_r = jnp.maximum(lse, -fmax)  # an all -inf row: -fmax, which its -fmax logits cancel
     u = jnp.sign(y) * jnp.sign(jnp.maximum(-x - fmax, 0))
     term = y * (lse_r[..., None] - jnp.maximum(x, -fmax)) + u / (one - u)
     return jnp.sum(term, axis=-1)
@@ -472,8 +478,9 @@ def _soft_ce_fwd(logits, labels, mask, dtype, fast):
 
 def _soft_ce_bwd(dtype, fast, res, g):
     logits, labels, mask, lse = res
-    # Casts shared with the forward pass would be materialised (bf16 inputs).
-    logits, labels = jax.lax.optimization_barrier((logits, labels))
+    # Casts shared with the forward pass would be materialised (bf16 inputs), and so would
+    # the lse broadcast to [B, K] if CSE merged it with the forward's.
+    logits, labels, lse = jax.lax.optimization_barrier((logits, labels, lse))
     if fast:
         lse = _repair_lse(lse, logits, dtype)
     x = logits.astype(dtype)
@@ -482,7 +489,7 @@ def _soft_ce_bwd(dtype, fast, res, g):
     gx = g[..., None]
     if mask is None:
         # Select-free: exp(-inf - lse) is 0, so a -inf logit with label 0 gets exactly 0
-        # (_softmax_unmasked already replaces the lse of an all -inf row by 0).
+        # (_softmax_unmasked already replaces the lse of an all -inf row by -FLT_MAX).
         p = _softmax_unmasked(x, lse)
         dx = gx * (jnp.sum(y, axis=-1, keepdims=True) * p - y)
     else:
