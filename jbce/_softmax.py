@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jbce import _checks, _reduce
-from jbce._reduce import fast_or_exact, reduce_loss
+from jbce._reduce import fast_or_exact, reduce_loss, safe_divide
 from jbce._vma import pvary_like
 
 
@@ -240,12 +240,26 @@ def loss_from_stats(
     ignore_index, out-of-range labels (NaN), ``where``, ``weights`` and the reduction.
     Shared by the materialised, fused-linear and vocabulary-parallel losses.
     """
-    has_classes = (jnp.asarray(num_included) > 0) & (lse > -jnp.inf)
-    keep = has_classes
-    if ignore_index is not None:
-        keep = keep & (labels != ignore_index)
-    if where is not None:
-        keep = keep & where
+
+    def kept(lse):
+        has_classes = (jnp.asarray(num_included) > 0) & (lse > -jnp.inf)
+        keep = has_classes
+        if ignore_index is not None:
+            keep = keep & (labels != ignore_index)
+        if where is not None:
+            keep = keep & where
+        return has_classes, keep
+
+    has_classes, keep = kept(lse)
+    count = None
+    if reduction == "mean" and target_weight is None and jnp.ndim(lse):
+        # The mean's denominator first. Adding 0 * count (a finite number of rows) changes no
+        # lse but makes the loss terms wait for the count, and recomputing the row masks from
+        # that lse keeps them out of CSE: XLA then needs one per-example buffer at a time
+        # (the count's, then the terms'), not three alive together.
+        count = jnp.sum(keep, dtype=lse.dtype)
+        lse = lse + 0 * jax.lax.stop_gradient(count)
+        has_classes, keep = kept(lse)
     in_range = (labels >= 0) & (labels < num_classes)
     # Rows with no class have lse = -inf: replace before any arithmetic so that their
     # (zero) cotangent never meets an infinity.
@@ -261,6 +275,8 @@ def loss_from_stats(
     loss = jnp.where(keep, loss, 0)
     nan = jnp.asarray(jnp.nan, lse.dtype)
     loss = jnp.where(in_range | ~keep, loss, nan)
+    if count is not None:  # reduce_loss's mean, with the count taken above
+        return safe_divide(reduce_loss(loss, reduction="sum", weights=weights, where=keep), count)
     return reduce_loss(
         loss,
         reduction=reduction,
