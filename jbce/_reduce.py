@@ -81,6 +81,29 @@ FAST_PATH_MIN_SIZE = 2**14
 SOFTMAX_FAST_PATH_MIN_SIZE = 2**16
 
 
+def has_nan(values: jax.Array) -> jax.Array:
+    """Whether ``values`` holds a NaN: a boolean scalar, also under ``jax.vmap``.
+
+    One float reduction (``isnan(sum(v))``; on XLA:CPU cheaper than ``any`` over a boolean
+    array, and a NaN anywhere, or +inf meeting -inf, makes the sum NaN). Under ``vmap`` the
+    answer is for the whole batch (any member), so a ``lax.cond`` on it stays a conditional
+    instead of becoming a select that runs both branches for every member. Not
+    differentiated (custom_vmap functions have no reverse-mode rule, and need none here).
+    """
+    return _has_nan(jax.lax.stop_gradient(values))
+
+
+@jax.custom_batching.custom_vmap
+def _has_nan(values: jax.Array) -> jax.Array:
+    return jnp.isnan(jnp.sum(values))
+
+
+@_has_nan.def_vmap
+def _has_nan_vmap(axis_size, in_batched, values):
+    del axis_size, in_batched
+    return jnp.isnan(jnp.sum(values)), False
+
+
 @jax.custom_jvp
 def _with_value(differentiated: jax.Array, value: jax.Array) -> jax.Array:
     """``value``, differentiated as if it were ``differentiated`` (same shape)."""
@@ -106,7 +129,8 @@ def fast_or_exact(
     it has a NaN, the loss is recomputed exactly under a ``lax.cond``, so the exact core
     costs nothing when it is not needed. The gradient is always the fast core's. Every array
     ``total`` reads must be in ``operands`` (the cond's branches close over nothing).
-    Under ``vmap`` the cond becomes a select and both cores run.
+    Under ``vmap`` the check is made once for the whole batch (:func:`has_nan`): if any
+    member needs the exact core, every member is recomputed with it.
     """
     if not use_fast:
         return total(False, *operands)
@@ -114,7 +138,7 @@ def fast_or_exact(
     frozen = jax.lax.stop_gradient((operands, value))
     # NaN in the sum also catches +inf + -inf (recomputed exactly: slower, still right).
     fixed = jax.lax.cond(
-        jnp.isnan(jnp.sum(frozen[1])),
+        has_nan(frozen[1]),
         lambda ops, v: total(False, *ops),
         lambda ops, v: v,
         *frozen,

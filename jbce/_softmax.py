@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jbce import _checks, _reduce
-from jbce._reduce import fast_or_exact, reduce_loss, safe_divide
+from jbce._reduce import fast_or_exact, has_nan, reduce_loss, safe_divide
 from jbce._vma import pvary_like
 
 
@@ -107,10 +107,9 @@ def _lse_flagged(x: jax.Array) -> jax.Array:
 
 def _repair_lse(lse: jax.Array, logits: jax.Array, dtype, cap: float | None = None):
     """``lse`` from :func:`_lse_flagged`, recomputed with two passes if any row is NaN."""
-    # A flagged lse is finite or NaN, so its sum is NaN exactly when a row is (one float
-    # reduction: cheaper on XLA:CPU than any() over a boolean vector).
+    # A flagged lse is finite or NaN, so its sum is NaN exactly when a row is.
     return jax.lax.cond(
-        jnp.isnan(jnp.sum(lse)),
+        has_nan(lse),
         lambda raw, lse: _lse_unmasked(
             _softcap(raw.astype(dtype), cap), raw if cap is None else None
         ),

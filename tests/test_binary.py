@@ -556,6 +556,21 @@ def test_vmap_of_mean_equals_per_row_means():
     ref.assert_close(gp, ref.ref_binary_cross_entropy(ref.sigmoid(x), y, reduction="none").sum(1))
 
 
+def test_vmapped_fast_path_checks_once_for_the_batch_and_stays_a_cond(monkeypatch):
+    monkeypatch.setattr(jbce._reduce, "FAST_PATH_MIN_SIZE", 0)
+    x, y, *_ = _data(shape=(3, 16), seed=13)
+    x[1, 3] = np.inf  # the fast core gives NaN for this member only
+    y[1, 3] = 1.0
+    vag = jax.value_and_grad(jbce.sigmoid_binary_cross_entropy)
+    assert "cond[" in str(jax.make_jaxpr(jax.vmap(vag))(jnp.asarray(x), jnp.asarray(y)))
+    v, g = jax.jit(jax.vmap(vag))(jnp.asarray(x), jnp.asarray(y))
+    want = [ref.ref_sigmoid_binary_cross_entropy(x[i], y[i]) for i in range(3)]
+    ref.assert_close(v, np.asarray(want))
+    for i in range(3):
+        gi = vag(jnp.asarray(x[i]), jnp.asarray(y[i]))[1]
+        np.testing.assert_array_equal(np.asarray(g[i]), np.asarray(gi))
+
+
 # ----------------------------------------------------------------------------- checkify
 
 

@@ -669,6 +669,34 @@ def test_the_fast_path_starts_at_a_size_so_per_example_vmap_stays_exact():
 
 
 @pytest.mark.usefixtures("fast_softmax")
+@pytest.mark.parametrize("kind", ["int", "soft"])
+def test_vmapped_fast_path_checks_once_for_the_batch_and_stays_a_cond(kind):
+    # Under vmap the NaN check answers for the whole batch, so the recomputation stays a
+    # lax.cond (a batched predicate would turn it into a select running both paths). One
+    # member overflows the one-pass lse and another has an all -inf row: every member's
+    # value and gradient must equal its own unbatched call.
+    rng = np.random.default_rng(21)
+    x = np.asarray(rng.normal(size=(3, 4, 6)) * 3, np.float32)
+    x[1, 2] += 100.0
+    x[2, 0] = -np.inf
+    if kind == "int":
+        lab = jnp.asarray(rng.integers(0, 6, size=(3, 4)))
+        f = lambda a, b: ce_int(a, b, z_loss=1e-3)
+    else:
+        lab = jnp.asarray(rng.dirichlet(np.ones(6), size=(3, 4)), jnp.float32)
+        f = lambda a, b: ce_soft(a, b)
+    vag = jax.value_and_grad(f)
+    assert "cond[" in str(jax.make_jaxpr(jax.vmap(vag))(jnp.asarray(x), lab))
+    v, g = jax.jit(jax.vmap(vag))(jnp.asarray(x), lab)
+    for i in range(3):
+        vi, gi = vag(jnp.asarray(x[i]), lab[i])
+        ref.assert_close(v[i], np.asarray(vi), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(g[i]), np.asarray(gi), rtol=1e-6, atol=1e-12)
+    # the row with no class left: excluded (integer labels); an impossible target (soft)
+    assert np.isfinite(v[2]) == (kind == "int")
+
+
+@pytest.mark.usefixtures("fast_softmax")
 def test_flagged_one_pass_lse_is_exact_or_nan_and_the_loss_recomputes_under_a_cond():
     from jbce import _softmax
 
