@@ -556,6 +556,19 @@ def test_vmap_of_mean_equals_per_row_means():
     ref.assert_close(gp, ref.ref_binary_cross_entropy(ref.sigmoid(x), y, reduction="none").sum(1))
 
 
+def test_training_step_writes_the_logits_gradient_in_place():
+    # logits = h @ w inside the differentiated function: the exact recomputation's cond also
+    # reads the logits, and the backward pass waits for it (see _reduce._with_value), so
+    # the backward pass is their last reader and XLA gives their gradient the same buffer.
+    n, d, k = 64, 16, 2048  # above the fast path's threshold
+    h, w, y = (jnp.zeros(s, jnp.float32) for s in ((n, d), (d, k), (n, k)))
+    step = jax.value_and_grad(
+        lambda h, w, y: jbce.sigmoid_binary_cross_entropy(h @ w, y), argnums=(0, 1)
+    )
+    temp = jax.jit(step).lower(h, w, y).compile().memory_analysis().temp_size_in_bytes
+    assert temp < 1.25 * n * k * 4, temp / (n * k * 4)
+
+
 def test_vmapped_fast_path_checks_once_for_the_batch_and_stays_a_cond(monkeypatch):
     monkeypatch.setattr(jbce._reduce, "FAST_PATH_MIN_SIZE", 0)
     x, y, *_ = _data(shape=(3, 16), seed=13)

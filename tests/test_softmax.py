@@ -482,6 +482,20 @@ def test_compiled_program_keeps_no_logits_sized_temporary(path, kind, dtype, gra
     assert temp <= 16 * n * 4, temp  # a few per-example vectors at most
 
 
+@pytest.mark.parametrize("kind", ["int", "soft"])
+def test_training_step_writes_the_logits_gradient_in_place(kind):
+    # logits = h @ w inside the differentiated function, as in a model's last layer: the
+    # backward pass is the logits' last reader, so XLA can give their gradient the same
+    # buffer. One logits-sized temp (optax: 2 for integer labels, 3 for soft labels).
+    n, d, k = 64, 16, 2048  # above the fast path's threshold
+    h, w = jnp.zeros((n, d), jnp.float32), jnp.zeros((d, k), jnp.float32)
+    lab = jnp.zeros((n,), jnp.int32) if kind == "int" else jnp.zeros((n, k), jnp.float32)
+    loss = ce_int if kind == "int" else ce_soft
+    step = jax.value_and_grad(lambda h, w, y: loss(h @ w, y), argnums=(0, 1))
+    temp = jax.jit(step).lower(h, w, lab).compile().memory_analysis().temp_size_in_bytes
+    assert temp < 1.25 * n * k * 4, temp / (n * k * 4)
+
+
 # ----------------------------------------------------------------------------- edge cases
 
 
