@@ -65,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--modes", nargs="+", default=list(shapes.MODES), choices=shapes.MODES)
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch peers")
     p.add_argument("--no-donate", action="store_true", help="skip the donate_argnums experiment")
+    p.add_argument(
+        "--no-step", action="store_true", help="skip the training-step memory table (compile only)"
+    )
     p.add_argument("--budget", type=float, help="seconds of timed rounds per case")
     return p.parse_args(argv)
 
@@ -187,6 +190,40 @@ def run_donation(shape, x, y, measure_kw) -> list[dict]:
         }
         for n in variants
     ]
+
+
+def step_memory(quick: bool, dtypes) -> list[dict]:
+    """XLA temp bytes of a training step's value_and_grad, in units of the logits' size.
+
+    The loss is applied to ``logits = h @ w`` and differentiated w.r.t. ``h`` and ``w``, as
+    in a model's last layer: the logits are then an intermediate, and the temp shows whether
+    the loss's backward pass can write their gradient in place (1 logits-sized buffer) or
+    needs more (copies, probabilities, casts). Compile only, no timing.
+    """
+    n, d, k = (64, 16, 2048) if quick else (1024, 256, 32768)
+    rows = []
+    for dtype in dtypes:
+        dt = jnp.dtype(dtype)
+        h, w = jnp.zeros((n, d), dt), jnp.zeros((d, k), dt)
+        logits_bytes = n * k * dt.itemsize
+        for kind in shapes.KINDS:
+            y = jnp.zeros((n,), jnp.int32) if kind == shapes.SOFTMAX_INT else jnp.zeros((n, k), dt)
+            row = {"kind": kind, "dtype": dtype, "shape": [n, d, k]}
+            for name, loss in impls.jax_losses(kind).items():
+                step = jax.value_and_grad(lambda h, w, y, f=loss: f(h @ w, y), argnums=(0, 1))
+                temp = impls.memory_stats(jax.jit(step), h, w, y).get("temp")
+                row[name] = None if temp is None else temp / logits_bytes
+            rows.append(row)
+    return rows
+
+
+STEP_HEADER = ("training step (h @ w)", "dtype", "temp jbce", "temp optax")
+
+
+def step_cells(r: dict) -> list[str]:
+    fmt = lambda v: "-" if v is None else f"{v:.2f} x logits"  # noqa: E731
+    return [f"{r['kind']} {'x'.join(map(str, r['shape']))}", r["dtype"], fmt(r["jbce"]),
+            fmt(r["optax"])]  # fmt: skip
 
 
 def select(args) -> list:
@@ -339,6 +376,7 @@ def main(argv=None) -> int:
                 except AttributeError as e:
                     skipped.append(f"{shape.name} donation: {e}")
             del x, y
+    step = [] if args.no_step else step_memory(args.quick, args.dtypes)
     elapsed = time.perf_counter() - t_start
     table = [row_cells(r) for r in results]
     print()
@@ -346,6 +384,9 @@ def main(argv=None) -> int:
     if donation:
         print()
         print(text_table([donation_cells(d) for d in donation], DONATION_HEADER))
+    if step:
+        print()
+        print(text_table([step_cells(r) for r in step], STEP_HEADER))
     targets = check_targets(results) if results else []
     if targets:
         print()
@@ -361,6 +402,7 @@ def main(argv=None) -> int:
             "env": env,
             "cases": results,
             "donation": donation,
+            "training_step_temp_over_logits": step,
             "targets": targets,
             "skipped": skipped,
             "elapsed_s": elapsed,
@@ -377,6 +419,8 @@ def main(argv=None) -> int:
         ]
         if donation:
             md += ["", markdown_table([donation_cells(d) for d in donation], DONATION_HEADER)]
+        if step:
+            md += ["", markdown_table([step_cells(r) for r in step], STEP_HEADER)]
         if targets:
             md += ["", "```", *targets, "```"]
         Path(args.markdown).write_text("\n".join(md) + "\n")
