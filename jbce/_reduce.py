@@ -74,10 +74,10 @@ def reduce_loss(
 
 # Below this many terms the fast core's saving is smaller than the cost of the conditional.
 FAST_PATH_MIN_SIZE = 2**14
-# Softmax losses take the fast path from this many logits. Besides the cond's cost on tiny
-# inputs, this keeps per-example use under jax.vmap (one row of K < 2^16 classes traced at a
-# time, e.g. vmap(grad(loss)) for per-example gradients) on the exact path alone: under
-# vmap a cond becomes a select and would run both paths.
+# Softmax losses take the fast path from this many logits: below it the cond and the fast
+# path's extra per-row kernels cost about what the max pass saves (bench/NOTES.md 14), so a
+# single row traced under vmap(grad(loss)) (per-example gradients) of fewer classes simply
+# takes the exact path.
 SOFTMAX_FAST_PATH_MIN_SIZE = 2**16
 
 
@@ -93,15 +93,17 @@ def has_nan(values: jax.Array) -> jax.Array:
     return _has_nan(jax.lax.stop_gradient(values))
 
 
-@jax.custom_batching.custom_vmap
-def _has_nan(values: jax.Array) -> jax.Array:
+def _nan_in_sum(values: jax.Array) -> jax.Array:
     return jnp.isnan(jnp.sum(values))
+
+
+_has_nan = jax.custom_batching.custom_vmap(_nan_in_sum)
 
 
 @_has_nan.def_vmap
 def _has_nan_vmap(axis_size, in_batched, values):
     del axis_size, in_batched
-    return jnp.isnan(jnp.sum(values)), False
+    return _nan_in_sum(values), False  # over the whole batch, and unbatched
 
 
 @jax.custom_jvp
