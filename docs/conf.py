@@ -56,8 +56,8 @@ myst_heading_anchors = 3
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 autodoc_default_options = {"members": False}
-autodoc_typehints = "signature"
-autodoc_typehints_format = "short"
+# Types are in the docstrings; a signature would spell jax.typing.ArrayLike as its whole union.
+autodoc_typehints = "none"
 autosummary_generate = False
 add_module_names = True
 python_use_unqualified_type_names = True
@@ -78,6 +78,7 @@ doctest_default_flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 html_theme = "sphinx_book_theme"
 html_title = f"jbce {release}"
 html_static_path = ["_static"]
+html_css_files = ["custom.css"]
 html_theme_options = {
     "show_toc_level": 2,
     "home_page_in_toc": True,
