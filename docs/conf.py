@@ -78,7 +78,6 @@ doctest_default_flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 html_theme = "sphinx_book_theme"
 html_title = f"jbce {release}"
 html_static_path = ["_static"]
-html_css_files = ["custom.css"]
 html_theme_options = {
     "show_toc_level": 2,
     "home_page_in_toc": True,
