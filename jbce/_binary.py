@@ -1,27 +1,34 @@
 """Binary cross-entropy losses: from logits, from probabilities, and focal loss.
 
-Each loss has an elementwise core with a hand-written ``jax.custom_vjp``. The cores
-take and save only their inputs (no sigmoid or log-probability tensors are kept for
-the backward pass), stay exact for any finite logit, and give finite gradients for
-infinite logits. Weights, masks and reductions are applied by :mod:`jbce._reduce`.
+Each loss has an elementwise core with a hand-written ``jax.custom_vjp``. The cores take
+and save only their inputs (no sigmoid or log-probability tensors are kept for the backward
+pass), stay exact for any finite logit, and give finite gradients for infinite logits.
+Options that are plain arithmetic on the result (label smoothing, ``alpha``) are applied
+outside the cores, so they may be traced and differentiate for free. Weights, masks and
+reductions are applied by :mod:`jbce._reduce`.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jbce import _checks
-from jbce._reduce import reduce_fast_or_exact, reduce_loss
+from jbce._dtypes import compute_dtype, to_compute
+from jbce._reduce import reduce_loss
 from jbce._vma import pvary_like
 
 
 def _xmul(a: jax.Array, b: jax.Array) -> jax.Array:
     """a * b with 0 * inf = 0: a zero coefficient switches a term off entirely."""
     return jnp.where(a == 0, jnp.zeros((), b.dtype), a * b)
+
+
+def _scaled(g: jax.Array, d: jax.Array) -> jax.Array:
+    """The cotangent ``g * d``, exactly 0 where ``g`` is 0 (an element the loss doesn't use
+    gets no gradient, whatever its input: NaN and infinite logits included)."""
+    return jnp.where(g == 0, jnp.zeros((), d.dtype), g * d)
 
 
 def _softplus_pair(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -39,147 +46,94 @@ def _sigmoid_pair(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.where(pos, big, small), jnp.where(pos, small, big)
 
 
-# --- sigmoid BCE core: l = pw * y * softplus(-x) + (1 - y) * softplus(x) -----------------------
-# With t = log1p(exp(-|x|)) and softplus(+-x) = relu(+-x) + t this is
-#   l = c |x| + (pw y + 1 - y) t,   c = (1 - y) for x > 0 and pw y for x < 0,
-# one exp/log1p pair per element. The cores use no compare/select: XLA:CPU then fuses the
-# whole elementwise chain with the reduction into one YNNPACK kernel (a select splits it
-# into several kernels and materialises N-element temporaries). Branches are blended with
-# h = step(x) in {0, 1/2, 1}, and 0 * inf = 0 (an infinite logit whose hard label agrees)
-# is obtained by multiplying a clamped |x| and adding u / (1 - u), which is +inf exactly
-# where |x| = inf and c > 0 (u = 1) and 0 elsewhere (u = 0).
-def _step(x: jax.Array) -> jax.Array:
-    """1 for x > 0, 0 for x < 0, 1/2 at 0 (without a select)."""
-    return 0.5 + 0.5 * jnp.sign(x)
+# --- sigmoid BCE core: l = a softplus(-x) + b softplus(x), a = pw y, b = 1 - y -------------
+@jax.custom_vjp
+def _bce_logits(x: jax.Array, y: jax.Array, pw: jax.Array | None) -> jax.Array:
+    """The loss per element (compute dtype) for inputs of one shape in any float dtypes.
 
-
-def _bce_exact(x: jax.Array, y: jax.Array, pw: jax.Array | None) -> jax.Array:
-    """The loss per element (in the compute dtype), right for every logit, +-inf included."""
-    # `one` is 1 hidden from XLA's CSE: a literal 1 here would be shared with the backward
-    # pass of value_and_grad and materialised as an N-element broadcast.
-    one = jax.lax.optimization_barrier(jnp.ones((), x.dtype))
-    ax = jnp.abs(x)
-    t = jnp.log1p(jnp.exp(-ax))
-    a = y if pw is None else pw * y
-    b = one - y
-    h = _step(x)
-    c = h * b + (one - h) * a  # exactly b for x > 0 and a for x < 0
-    fmax = jnp.finfo(x.dtype).max
-    u = jnp.sign(c) * jnp.sign(jnp.maximum(ax - fmax, 0))
-    lin = c * jnp.minimum(ax, fmax) + u / (one - u)
-    return lin + (t if pw is None else (a + b) * t)
-
-
-def _bce_fast(x: jax.Array, y: jax.Array, pw: jax.Array | None) -> jax.Array:
-    """The same loss in about half the operations; NaN for an infinite logit.
-
-    ``relu(x) (1 - y) + relu(-x) a + (a + 1 - y) t``: each linear term is nonzero for one sign
-    only, so both keep full relative accuracy (no ``relu(x) - x y`` cancellation), but an
-    infinite logit whose hard label agrees gives 0 * inf = NaN. Callers detect the NaN in the
-    reduced loss and recompute it with :func:`_bce_exact` (``_reduce.reduce_fast_or_exact``).
+    With ``softplus(+-x) = relu(+-x) + log1p(exp(-|x|))``: one exp/log1p pair per element,
+    no cancellation (each linear term is nonzero for one sign of ``x`` only), and a zero
+    coefficient switches its term off, so an infinite logit whose hard label agrees costs 0.
     """
-    # 1 and 0 hidden from CSE, as in _bce_exact (the backward's `x >= 0` has a 0 too).
-    one, zero = jax.lax.optimization_barrier((jnp.ones((), x.dtype), jnp.zeros((), x.dtype)))
-    nx = -x  # shared: -|x| = min(x, -x) and relu(-x) = max(-x, 0) (one op fewer each)
-    t = jnp.log1p(jnp.exp(jnp.minimum(x, nx)))
+    x, y, pw = _inputs(x, y, pw)
     a = y if pw is None else pw * y
-    b = one - y
-    lin = jnp.maximum(x, zero) * b + jnp.maximum(nx, zero) * a
-    return lin + (t if pw is None else (a + b) * t)
+    b = 1 - y
+    t = jnp.log1p(jnp.exp(-jnp.abs(x)))
+    return _xmul(a, jnp.maximum(-x, 0)) + _xmul(b, jnp.maximum(x, 0)) + (a + b) * t
 
 
-def _bce_inputs(x, y, pw, e, dt):
-    """The core's inputs in the compute dtype ``dt``, labels smoothed by ``e``.
-
-    The casts and the smoothing happen inside the core (and again in its backward pass) so
-    that its residuals are the caller's arrays: a bf16 -> f32 convert or a smoothed copy of
-    the labels shared by the forward and backward kernels would be materialised.
-    """
-    x, y = x.astype(dt), _smooth(y.astype(dt), e)
-    return x, y, (None if pw is None else pw.astype(dt))
+def _inputs(*xs):
+    """The core's inputs in their compute dtype, cast inside the core so that its residuals
+    are the caller's arrays (a bf16 -> f32 copy of the logits is never saved)."""
+    dt = compute_dtype(*xs)
+    return tuple(None if x is None else to_compute(x, dt) for x in xs)
 
 
-def _bce_logits_bwd(e, dt, res, g):
-    # The barrier keeps XLA from sharing subexpressions between this pass and the forward
-    # pass in value_and_grad (shared ones would be materialised as N-element temporaries).
-    x0, y0, pw0 = jax.lax.optimization_barrier(res)
-    x, y, pw = _bce_inputs(x0, y0, pw0, e, dt)
+def _bce_logits_fwd(x, y, pw):
+    # Residuals: the inputs only.
+    return _bce_logits(x, y, pw), (x, y, pw)
+
+
+def _bce_logits_bwd(res, g):
+    x0, y0, pw0 = res
+    x, y, pw = _inputs(x0, y0, pw0)
     # d/dx = (1 - y) sigmoid(x) - a sigmoid(-x), a = pw y. With s = sigmoid(-|x|) (one
     # logistic, accurate in the tail) and k = 1 - y + a this is (1 - y) - k s for x >= 0 and
     # k s - a for x < 0: each form is exact where the gradient is tiny (an agreeing label),
-    # and exactly 1 - y or -a for x = +-inf. (A select is free here: this elementwise
-    # kernel ends in no reduction.)
+    # and exactly 1 - y or -a for x = +-inf.
     s = jax.nn.sigmoid(-jnp.abs(x))
     a = y if pw is None else pw * y
-    k = s if pw is None else (1 - y + a) * s
-    dx = g * jnp.where(x >= 0, (1 - y) - k, k - a)
+    k = (1 - y + a) * s
+    dx = _scaled(g, jnp.where(x >= 0, (1 - y) - k, k - a))
     sp_pos, sp_neg = _softplus_pair(x)
-    # d/dy = pw softplus(-x) - softplus(x), times dy/dy0 = 1 - e for smoothed labels
-    dy = g * ((sp_neg if pw is None else pw * sp_neg) - sp_pos)
-    dy = dy * (1 - e) if e else dy
-    dpw = None if pw is None else _unbroadcast(g * _xmul(y, sp_neg), pw0)
-    return dx.astype(x0.dtype), _unbroadcast(dy, y0), dpw
+    # d/dy = pw softplus(-x) - softplus(x); d/dpw = y softplus(-x)
+    dy = _scaled(g, (sp_neg if pw is None else pw * sp_neg) - sp_pos)
+    dpw = None if pw is None else _scaled(g, _xmul(y, sp_neg)).astype(pw0.dtype)
+    return dx.astype(x0.dtype), dy.astype(y0.dtype), dpw
 
 
-def _bce_core(value: Callable[..., jax.Array]) -> Callable[..., jax.Array]:
-    """``core(x, y, pw, e, dt)``: ``value`` on :func:`_bce_inputs`, with the shared backward.
-
-    ``x``, ``y`` and ``pw`` (or None) have one shape and any float dtypes; ``e`` (label
-    smoothing) and ``dt`` (compute dtype) are static. Residuals are the inputs only.
-    """
-
-    def primal(x, y, pw, e, dt):
-        return value(*_bce_inputs(x, y, pw, e, dt))
-
-    core = jax.custom_vjp(primal, nondiff_argnums=(3, 4))
-    core.defvjp(lambda x, y, pw, e, dt: (primal(x, y, pw, e, dt), (x, y, pw)), _bce_logits_bwd)
-    return core
-
-
-_bce_logits = _bce_core(_bce_exact)
-_bce_logits_fast = _bce_core(_bce_fast)
-
-
-def _unbroadcast(g: jax.Array, like: jax.Array) -> jax.Array:
-    """Sums a broadcast (or replicated) cotangent back to the shape and dtype of ``like``."""
-    if g.shape != like.shape:
-        lead = g.ndim - like.ndim
-        axes = tuple(range(lead)) + tuple(
-            i + lead for i, n in enumerate(like.shape) if n == 1 and g.shape[i + lead] != 1
-        )
-        g = jnp.sum(g, axis=axes).reshape(like.shape)
-    return g.astype(like.dtype)
+_bce_logits.defvjp(_bce_logits_fwd, _bce_logits_bwd)
 
 
 def _like_logits(x: jax.Array, *args: jax.Array | None) -> tuple[jax.Array | None, ...]:
-    """Marks the core's other inputs as varying over the mesh axes ``x`` varies on.
+    """The core's other inputs broadcast to ``x``'s shape and marked as varying over the
+    mesh axes ``x`` varies on.
 
     Inside ``shard_map`` an input replicated over an axis (a scalar gamma, the constant labels
     of the GAN losses) gets a per-shard cotangent from the core's backward pass; casting it to
     varying first lets autodiff sum those cotangents (the transpose of the cast). A no-op
     outside ``shard_map``.
     """
-    return tuple(None if a is None else pvary_like(a, x) for a in args)
+    return tuple(None if a is None else pvary_like(jnp.broadcast_to(a, x.shape), x) for a in args)
 
 
-def _smooth(labels: jax.Array, label_smoothing: float) -> jax.Array:
-    if label_smoothing:
-        return labels * (1 - label_smoothing) + label_smoothing / 2
-    return labels
+def _smooth(labels: jax.Array, label_smoothing) -> jax.Array:
+    if _checks.is_zero(label_smoothing):
+        return labels
+    return labels * (1 - label_smoothing) + label_smoothing / 2
 
 
 def _prepare(name_x, x, labels, weights, where, extra=()):
+    """(x, labels, weights, where, compute dtype) as arrays, with shapes checked."""
+    x = _checks.as_array(name_x, x)
     _checks.check_float(name_x, x)
-    dt = _checks.compute_dtype(x, labels, weights, *extra)
-    shape = jnp.shape(x)
+    labels = _checks.as_array("labels", labels)
+    dt = compute_dtype(x, labels, weights, *extra)
+    if not jnp.issubdtype(labels.dtype, jnp.floating) or labels.ndim == 0:
+        labels = labels.astype(dt)
+    shape = x.shape
     _checks.check_broadcastable("labels", labels, name_x, shape)
     if weights is not None:
         _checks.check_broadcastable("weights", weights, name_x, shape)
-        weights = _checks.as_float(weights, dt)
+        weights = _checks.as_array("weights", weights).astype(dt)
     if where is not None:
         _checks.check_broadcastable("where", where, name_x, shape)
-        where = jnp.asarray(where, bool)
-    return dt, weights, where
+        where = _checks.as_array("where", where).astype(bool)
+    return x, labels, weights, where, dt
+
+
+def _label_smoothing(label_smoothing):
+    return _checks.hyperparameter("label_smoothing", label_smoothing, low=0.0, high=1.0)
 
 
 def sigmoid_binary_cross_entropy(
@@ -188,7 +142,7 @@ def sigmoid_binary_cross_entropy(
     *,
     weights: ArrayLike | None = None,
     pos_weight: ArrayLike | None = None,
-    label_smoothing: float = 0.0,
+    label_smoothing: float | ArrayLike = 0.0,
     where: ArrayLike | None = None,
     reduction: str = "mean",
 ) -> jax.Array:
@@ -211,7 +165,7 @@ def sigmoid_binary_cross_entropy(
       weights: optional multiplier of each element's loss, broadcastable to ``logits``.
       pos_weight: optional weight of the positive term (PyTorch's ``pos_weight``),
         broadcastable to ``logits`` (typically one value per class, shape ``(C,)``).
-      label_smoothing: e in [0, 1].
+      label_smoothing: e in [0, 1]; a Python number or a scalar array (a jit argument).
       where: optional boolean mask; False excludes an element from numerator and denominator.
       reduction: ``"mean"`` (over included elements), ``"sum"`` or ``"none"``.
 
@@ -223,36 +177,19 @@ def sigmoid_binary_cross_entropy(
       >>> jbce.sigmoid_binary_cross_entropy(jnp.array([2.0, -1e30]), jnp.array([1.0, 0.0]))
       Array(0.06346..., dtype=float32)
     """
-    dt, _, where = _prepare("logits", logits, labels, weights, where, (pos_weight,))
+    x, y, weights, where, dt = _prepare("logits", logits, labels, weights, where, (pos_weight,))
+    _checks.check_reduction(reduction)
+    e = _label_smoothing(label_smoothing)
+    pw = None
     if pos_weight is not None:
-        _checks.check_broadcastable("pos_weight", pos_weight, "logits", jnp.shape(logits))
-    _checks.debug_check_unit_interval("labels", _checks.as_float(labels, dt))
-
-    def prepare(x, y, pw):
-        y = jnp.broadcast_to(y, x.shape)
-        pw = None if pw is None else jnp.broadcast_to(pw, x.shape)
-        return (x, *_like_logits(x, y, pw), label_smoothing, jnp.dtype(dt))
-
-    raw = (
-        jnp.asarray(logits),
-        _raw(labels, dt),
-        None if pos_weight is None else _raw(pos_weight, dt),
-    )
-    return reduce_fast_or_exact(
-        _bce_logits_fast,
-        _bce_logits,
-        raw,
-        prepare=prepare,
-        reduction=reduction,
-        weights=None if weights is None else _raw(weights, dt),
-        where=where,
-    )
-
-
-def _raw(a: ArrayLike, dt) -> jax.Array:
-    """An array input as it is (converted later, inside the loss kernel); scalars in ``dt``."""
-    a = jnp.asarray(a)
-    return a.astype(dt) if a.ndim == 0 or not jnp.issubdtype(a.dtype, jnp.floating) else a
+        pw = _checks.as_array("pos_weight", pos_weight)
+        _checks.check_broadcastable("pos_weight", pw, "logits", x.shape)
+        if pw.ndim == 0 or not jnp.issubdtype(pw.dtype, jnp.floating):
+            pw = pw.astype(dt)
+    _checks.debug_check_unit_interval("labels", y)
+    y, pw = _like_logits(x, _smooth(y, e), pw)
+    loss = _bce_logits(x, y, pw)
+    return reduce_loss(loss, reduction=reduction, weights=weights, where=where)
 
 
 # --- BCE from probabilities, PyTorch semantics (log clamped at -100) --------------------------
@@ -260,10 +197,13 @@ _LOG_CLAMP = -100.0
 _GRAD_EPS = 1e-12
 
 
+def _clamped_logs(p):
+    return jnp.maximum(jnp.log(p), _LOG_CLAMP), jnp.maximum(jnp.log1p(-p), _LOG_CLAMP)
+
+
 @jax.custom_vjp
 def _bce_probs(p: jax.Array, y: jax.Array) -> jax.Array:
-    log_p = jnp.maximum(jnp.log(p), _LOG_CLAMP)
-    log_q = jnp.maximum(jnp.log1p(-p), _LOG_CLAMP)
+    log_p, log_q = _clamped_logs(p)
     return -(y * log_p + (1 - y) * log_q)
 
 
@@ -275,10 +215,9 @@ def _bce_probs_fwd(p, y):
 def _bce_probs_bwd(res, g):
     p, y = res
     # PyTorch's rule: (p - y) / max(p (1 - p), eps), finite at p = 0 and p = 1.
-    dp = g * (p - y) / jnp.maximum(p * (1 - p), _GRAD_EPS)
-    log_p = jnp.maximum(jnp.log(p), _LOG_CLAMP)
-    log_q = jnp.maximum(jnp.log1p(-p), _LOG_CLAMP)
-    dy = g * (log_q - log_p)
+    dp = _scaled(g, (p - y) / jnp.maximum(p * (1 - p), _GRAD_EPS))
+    log_p, log_q = _clamped_logs(p)
+    dy = _scaled(g, log_q - log_p)
     return dp.astype(p.dtype), dy.astype(y.dtype)
 
 
@@ -290,7 +229,7 @@ def binary_cross_entropy(
     labels: ArrayLike,
     *,
     weights: ArrayLike | None = None,
-    label_smoothing: float = 0.0,
+    label_smoothing: float | ArrayLike = 0.0,
     where: ArrayLike | None = None,
     reduction: str = "mean",
 ) -> jax.Array:
@@ -320,13 +259,14 @@ def binary_cross_entropy(
       >>> jbce.binary_cross_entropy(jnp.array([0.9, 0.0]), jnp.array([1.0, 1.0]), reduction="none")
       Array([  0.10536...,  100.   ], dtype=float32)
     """
-    dt, weights, where = _prepare("probs", probs, labels, weights, where)
-    p = _checks.as_float(probs, dt)
-    y = _checks.as_float(labels, dt)
+    p, y, weights, where, dt = _prepare("probs", probs, labels, weights, where)
+    _checks.check_reduction(reduction)
+    e = _label_smoothing(label_smoothing)
+    p = to_compute(p, dt)
+    y = to_compute(y, dt)
     _checks.debug_check_unit_interval("probs", p)
     _checks.debug_check_unit_interval("labels", y)
-    y = jnp.broadcast_to(_smooth(y, label_smoothing), p.shape)
-    (y,) = _like_logits(p, y)
+    (y,) = _like_logits(p, _smooth(y, e))
     loss = _bce_probs(p, y)
     return reduce_loss(loss, reduction=reduction, weights=weights, where=where)
 
@@ -342,6 +282,7 @@ def _focal_parts(x, y):
 
 @jax.custom_vjp
 def _focal(x: jax.Array, y: jax.Array, gamma: jax.Array) -> jax.Array:
+    x, y, gamma = _inputs(x, y, gamma)
     _, _, ce, m = _focal_parts(x, y)
     return _xmul(ce, m**gamma)
 
@@ -352,7 +293,8 @@ def _focal_fwd(x, y, gamma):
 
 
 def _focal_bwd(res, g):
-    x, y, gamma = res
+    x0, y0, gamma0 = res
+    x, y, gamma = _inputs(x0, y0, gamma0)
     s_pos, s_neg, ce, m = _focal_parts(x, y)
     mg = m**gamma
     # dm/dx = (1 - 2y) sigmoid(x) sigmoid(-x); use (dm/dx) / m, which stays bounded, so the
@@ -360,14 +302,14 @@ def _focal_bwd(res, g):
     dm = (1 - 2 * y) * s_pos * s_neg
     ratio = jnp.where(m > 0, dm / jnp.where(m > 0, m, 1), jnp.zeros((), m.dtype))
     dce = (1 - y) * s_pos - y * s_neg
-    dx = g * (dce * mg + _xmul(gamma * ratio, _xmul(ce, mg)))
+    dx = _scaled(g, dce * mg + _xmul(gamma * ratio, _xmul(ce, mg)))
     # d/dy: ce' = softplus(-x) - softplus(x) = -x, m' = sigmoid(-x) - sigmoid(x).
     dmy = s_neg - s_pos
     ratio_y = jnp.where(m > 0, dmy / jnp.where(m > 0, m, 1), jnp.zeros((), m.dtype))
-    dy = g * (_xmul(mg, -x) + _xmul(gamma * ratio_y, _xmul(ce, mg)))
+    dy = _scaled(g, _xmul(mg, -x) + _xmul(gamma * ratio_y, _xmul(ce, mg)))
     log_m = jnp.log(jnp.where(m > 0, m, 1))
-    dgamma = g * _xmul(_xmul(ce, mg), log_m)
-    return dx.astype(x.dtype), _unbroadcast(dy, y), _unbroadcast(dgamma, gamma)
+    dgamma = _scaled(g, _xmul(_xmul(ce, mg), log_m))
+    return dx.astype(x0.dtype), dy.astype(y0.dtype), dgamma.astype(gamma0.dtype)
 
 
 _focal.defvjp(_focal_fwd, _focal_bwd)
@@ -377,8 +319,8 @@ def sigmoid_focal_loss(
     logits: ArrayLike,
     labels: ArrayLike,
     *,
-    alpha: float | None = None,
-    gamma: float = 2.0,
+    alpha: float | ArrayLike | None = None,
+    gamma: float | ArrayLike = 2.0,
     weights: ArrayLike | None = None,
     where: ArrayLike | None = None,
     reduction: str = "mean",
@@ -397,8 +339,8 @@ def sigmoid_focal_loss(
     Args:
       logits: float array of any shape.
       labels: targets in [0, 1], broadcastable to ``logits``.
-      alpha: optional weight of the positive class in [0, 1].
-      gamma: focusing exponent >= 0; 0 gives plain BCE.
+      alpha: optional weight of the positive class in [0, 1]; a number or a scalar array.
+      gamma: focusing exponent >= 0 (0 gives plain BCE); a number or a scalar array.
       weights: optional multiplier of each element's loss.
       where: optional boolean mask; False excludes an element entirely.
       reduction: ``"mean"``, ``"sum"`` or ``"none"``.
@@ -414,15 +356,15 @@ def sigmoid_focal_loss(
       >>> jbce.sigmoid_focal_loss(jnp.array([3.0, -2.0]), jnp.array([1.0, 1.0]), alpha=0.25)
       Array(0.2062..., dtype=float32)
     """
-    dt, weights, where = _prepare("logits", logits, labels, weights, where)
-    if gamma < 0:
-        raise ValueError(f"gamma must be >= 0; got {gamma}")
-    x = _checks.as_float(logits, dt)
-    y = _checks.as_float(labels, dt)
+    x, y, weights, where, dt = _prepare("logits", logits, labels, weights, where)
+    _checks.check_reduction(reduction)
+    gamma = _checks.hyperparameter("gamma", gamma, low=0.0)
+    if alpha is not None:
+        alpha = _checks.hyperparameter("alpha", alpha, low=0.0, high=1.0)
     _checks.debug_check_unit_interval("labels", y)
-    y = jnp.broadcast_to(y, x.shape)
     y, g = _like_logits(x, y, jnp.asarray(gamma, dt))
     loss = _focal(x, y, g)
     if alpha is not None:
+        y = to_compute(y, dt)
         loss = loss * (alpha * y + (1 - alpha) * (1 - y))
     return reduce_loss(loss, reduction=reduction, weights=weights, where=where)

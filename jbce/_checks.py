@@ -1,16 +1,22 @@
-"""Argument validation and dtype promotion shared by every jbce loss.
+"""Argument validation shared by every jbce loss.
 
-Every message is written once here. Each names the argument, what was expected
-and what was given, so a failing call says how to fix it.
+Every message is written once here. Each names the argument, what was expected and what
+was given, so a failing call says how to fix it. Shapes, dtypes and Python-number options
+are checked when the function is traced (``ValueError`` / ``TypeError``); values that are
+only known at run time (labels, probabilities, traced hyperparameters) are reported under
+``jax.experimental.checkify`` and cost nothing elsewhere (:func:`value_check`).
 """
 
 from __future__ import annotations
 
+import numbers
+import operator
 from collections.abc import Sequence
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax._src import checkify as _checkify_internal
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
@@ -19,24 +25,16 @@ from jax.typing import ArrayLike
 REDUCTIONS = ("none", "sum", "mean")
 
 
-def compute_dtype(*xs: ArrayLike) -> jnp.dtype:
-    """The float dtype losses are computed in: float32, or float64 if an input is float64.
-
-    bf16/fp16 (and integer/bool) inputs are computed in float32.
-    """
-    dt = jnp.float32
-    for x in xs:
-        # Python scalars are weakly typed: a label of 1.0 must not turn a float32 loss into
-        # float64 when x64 is enabled.
-        if x is None or isinstance(x, (bool, int, float)):
-            continue
-        if jnp.result_type(x) == jnp.float64:
-            dt = jnp.float64
-    return jnp.dtype(dt)
-
-
-def as_float(x: ArrayLike, dtype) -> jax.Array:
-    return jnp.asarray(x).astype(dtype)
+def as_array(name: str, x) -> jax.Array:
+    """``x`` as a jax array; Python lists, tuples and scalars are accepted as ``jnp.asarray`` does."""
+    if isinstance(x, jax.Array):
+        return x
+    try:
+        return jnp.asarray(x)
+    except (TypeError, ValueError) as e:
+        raise TypeError(
+            f"{name} must be an array (or a list of numbers); got {type(x).__name__}: {e}"
+        ) from None
 
 
 def check_reduction(reduction: str) -> None:
@@ -52,15 +50,32 @@ def check_float(name: str, x: ArrayLike) -> None:
         raise TypeError(f"{name} must be a floating-point array; got dtype {dt}") from None
 
 
-def check_integer_labels(name: str, x: ArrayLike) -> None:
+def integer_labels(name: str, x: ArrayLike, num_classes: int | None = None) -> jax.Array:
+    """Integer class indices as int32, so ``ignore_index`` and class ids compare in one type.
+
+    A narrow dtype (``uint8``, ``int8``, ``int16``) would otherwise compare against
+    ``ignore_index=-100`` and class ids in its own, wrapped type.
+    """
+    x = as_array(name, x)
     try:
         chex.assert_type(x, int)
     except AssertionError:
-        dt = jnp.result_type(x)
         raise TypeError(
-            f"{name} must be integer class indices (got dtype {dt}); for probability "
+            f"{name} must be integer class indices (got dtype {x.dtype}); for probability "
             "targets use softmax_cross_entropy, or cast with labels.astype(jnp.int32)"
         ) from None
+    if num_classes is not None and num_classes > np.iinfo(np.int32).max:
+        raise ValueError(f"{name}: {num_classes} classes do not fit in int32 class ids")
+    return x.astype(jnp.int32)
+
+
+def check_ignore_index(ignore_index) -> int | None:
+    if ignore_index is None:
+        return None
+    try:
+        return operator.index(ignore_index)
+    except TypeError:
+        raise TypeError(f"ignore_index must be an int or None; got {ignore_index!r}") from None
 
 
 def check_same_shape(name: str, x: ArrayLike, ref_name: str, ref: ArrayLike) -> None:
@@ -92,18 +107,88 @@ def check_shape(name: str, x: ArrayLike, expected: Sequence[int], why: str) -> N
         ) from None
 
 
+def check_classes(name: str, num_classes: int, what: str = "class axis") -> None:
+    if num_classes == 0:
+        raise ValueError(f"{name} must have at least one class along its {what}; got 0")
+
+
 def canonical_axes(axis: int | Sequence[int], ndim: int, name: str = "logits") -> tuple[int, ...]:
-    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    """The class axes as non-negative ints; numpy integers are accepted like ints."""
+    if isinstance(axis, numbers.Integral) or hasattr(axis, "__index__"):
+        axes = (axis,)
+    else:
+        try:
+            axes = tuple(axis)
+        except TypeError:
+            raise TypeError(f"axis must be an int or a tuple of ints; got {axis!r}") from None
     if not axes:
         raise ValueError("axis must name at least one class axis; got ()")
     out = []
     for a in axes:
-        if not isinstance(a, int) or not -ndim <= a < ndim:
-            raise ValueError(f"axis {a!r} is out of range for {name} of rank {ndim}")
+        try:
+            a = operator.index(a)
+        except TypeError:
+            raise TypeError(f"axis must be an int or a tuple of ints; got {axis!r}") from None
+        if not -ndim <= a < ndim:
+            raise ValueError(f"axis {a} is out of range for {name} of rank {ndim}")
         out.append(a % ndim)
     if len(set(out)) != len(out):
         raise ValueError(f"axis must not repeat an axis; got {axis!r}")
     return tuple(out)
+
+
+# --- scalar hyperparameters: Python numbers checked now, arrays (jit arguments) under checkify --
+def is_zero(value) -> bool:
+    """Whether an option is the Python number 0 (a term that can be left out when tracing)."""
+    return isinstance(value, numbers.Number) and not isinstance(value, bool) and value == 0
+
+
+def hyperparameter(
+    name: str,
+    value,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    scalar: bool = True,
+):
+    """An option such as ``label_smoothing``: a Python number, or an array (e.g. a jit argument).
+
+    A Python number outside ``[low, high]`` (``(low, high]`` with ``low_open``) raises a
+    ``ValueError`` naming it; it is returned as is, so a 0 can still switch a term off. An
+    array is returned as an array and its range is reported under checkify.
+    """
+    if value is None:
+        raise TypeError(f"{name} must be a number or an array; got None")
+    if isinstance(value, numbers.Number) and not isinstance(value, bool):
+        v = float(value)
+        bad = (
+            np.isnan(v)
+            or (low is not None and (v <= low if low_open else v < low))
+            or (high is not None and v > high)
+        )
+        if bad:
+            raise ValueError(f"{name} must lie in {_interval(low, high, low_open)}; got {value!r}")
+        return value
+    x = as_array(name, value)
+    if scalar and x.ndim != 0:
+        raise ValueError(f"{name} must be a scalar; got shape {x.shape}")
+    if not jnp.issubdtype(x.dtype, jnp.floating) and not jnp.issubdtype(x.dtype, jnp.integer):
+        raise TypeError(f"{name} must be a real number; got dtype {x.dtype}")
+    ok = jnp.ones(x.shape, bool)
+    if low is not None:
+        ok = ok & ((x > low) if low_open else (x >= low))
+    if high is not None:
+        ok = ok & (x <= high)
+    if x.size:
+        value_check(ok, f"{name} must lie in {_interval(low, high, low_open)}")
+    return x
+
+
+def _interval(low, high, low_open) -> str:
+    lo = "(-inf" if low is None else ("(" if low_open else "[") + f"{low:g}"
+    hi = "inf)" if high is None else f"{high:g}]"
+    return f"{lo}, {hi}"
 
 
 # --- value checks reported by checkify, free everywhere else ------------------------------------
@@ -149,12 +234,12 @@ def value_check(pred: jax.Array, msg: str) -> None:
 
 
 def debug_check_unit_interval(name: str, x: jax.Array) -> None:
-    """Reports values outside [0, 1] as a checkify error (free outside checkify)."""
+    """Reports values outside [0, 1] (and NaN) as a checkify error (free outside checkify)."""
     if x.size:
         value_check((x >= 0) & (x <= 1), f"{name} must lie in [0, 1]")
 
 
-def debug_check_labels(name: str, labels: jax.Array, num_classes: int, ignore_index) -> None:
+def debug_check_labels(name: str, labels: jax.Array, num_classes, ignore_index) -> None:
     """Reports integer labels outside [0, K) that are not ignore_index (free outside checkify)."""
     if labels.size:
         ok = (labels >= 0) & (labels < num_classes)

@@ -9,13 +9,15 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jbce import _checks
-from jbce._softmax import _batch_shape, _to_rows, softmax_cross_entropy
+from jbce._dtypes import compute_dtype, to_compute
+from jbce._softmax import batch_shape, softmax_cross_entropy, to_rows
 
 
 @jax.custom_vjp
 def _neg_xlogx(p: jax.Array) -> jax.Array:
     """-p log p elementwise, with 0 log 0 = 0."""
-    return -jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1)), 0)
+    # 0 where p == 0; NaN stays NaN.
+    return -jnp.where(p == 0, 0, p * jnp.log(jnp.where(p == 0, 1, p)))
 
 
 def _neg_xlogx_fwd(p):
@@ -51,13 +53,13 @@ def entropy(probs: ArrayLike, *, axis: int | Sequence[int] = -1) -> jax.Array:
       >>> jbce.entropy(jnp.array([0.5, 0.5, 0.0]))
       Array(0.693147..., dtype=float32)
     """
+    probs = _checks.as_array("probs", probs)
     _checks.check_float("probs", probs)
-    probs = jnp.asarray(probs)
     axes = _checks.canonical_axes(axis, probs.ndim, "probs")
-    p = _to_rows(probs.astype(_checks.compute_dtype(probs)), axes)
+    p = to_rows(to_compute(probs, compute_dtype(probs)), axes)
     _checks.debug_check_unit_interval("probs", p)
     h = jnp.sum(_neg_xlogx(p), axis=-1)
-    return h.reshape(_batch_shape(probs.shape, axes))
+    return h.reshape(batch_shape(probs.shape, axes))
 
 
 def kl_divergence(
@@ -86,4 +88,7 @@ def kl_divergence(
       Array(0., dtype=float32)
     """
     ce = softmax_cross_entropy(logits, labels, axis=axis, reduction="none")
-    return ce - entropy(labels, axis=axis)
+    labels = _checks.as_array("labels", labels)
+    if not jnp.issubdtype(labels.dtype, jnp.floating):
+        labels = labels.astype(ce.dtype)
+    return ce - entropy(labels, axis=axis).astype(ce.dtype)

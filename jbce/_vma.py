@@ -43,3 +43,18 @@ def pvary_like(x: jax.Array, like: jax.Array) -> jax.Array:
     """
     axes = _varying_axes(like) - _varying_axes(x)
     return jax.lax.pcast(x, tuple(axes), to="varying") if axes else x
+
+
+def varying_like(*refs):
+    """A function marking an array as varying over every mesh axis one of ``refs`` varies on.
+
+    A loop carry inside ``shard_map`` must keep its type: the zeros a loop starts from are
+    replicated while the tiles of a sharded operand are not. A no-op elsewhere.
+    """
+    axes = frozenset().union(*(_varying_axes(r) for r in refs if r is not None))
+
+    def vary(x):
+        extra = tuple(sorted(axes - _varying_axes(x)))
+        return jax.lax.pcast(x, extra, to="varying") if extra else x
+
+    return vary

@@ -79,15 +79,3 @@ def test_script_entry_point_runs_from_the_repository_root():
     )
     assert proc.returncode == 0, proc.stderr
     assert "--quick" in proc.stdout and "--markdown" in proc.stdout
-
-
-def test_vmap_bench_quick_run_compares_the_batched_check_with_a_per_member_one(tmp_path):
-    from bench import vmap
-
-    out = tmp_path / "vmap.json"
-    results = vmap.main(["--quick", "--members", "2", "--json", str(out)])
-    assert {(r["case"], r["mode"]) for r in results} == {
-        (c, m) for c in ("ce_int", "ce_soft", "bce") for m in ("fwd", "vag")
-    }
-    assert all(t > 0 for r in results for t in r["seconds"].values())
-    assert json.loads(out.read_text())["results"] == results

@@ -75,19 +75,6 @@ def _maybe_allow_rank_promotion(opts=None):
     return jax.numpy_rank_promotion("allow")
 
 
-@pytest.fixture(params=["exact", "fast"])
-def bce_path(request, monkeypatch):
-    """Runs a test on both forward paths of sigmoid BCE.
-
-    Below ``FAST_PATH_MIN_SIZE`` elements (every small test input) the reduced loss uses the
-    exact core; "fast" lowers the threshold to 0 so the same inputs take the fast core, with
-    its recomputation by the exact core when the fast reduced loss is NaN.
-    """
-    if request.param == "fast":
-        monkeypatch.setattr(jbce._reduce, "FAST_PATH_MIN_SIZE", 0)
-    return request.param
-
-
 def _j(kw):
     return {k: (jnp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
 
@@ -95,7 +82,6 @@ def _j(kw):
 # ----------------------------------------------------------------------------- references
 
 
-@pytest.mark.usefixtures("bce_path")
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("opts", list(OPTION_SETS), ids=list(OPTION_SETS))
 def test_sigmoid_bce_matches_float64_reference(opts, reduction):
@@ -138,7 +124,6 @@ def test_binary_label_smoothing_maps_y_to_y_times_one_minus_e_plus_half_e():
     ref.assert_close(a, np.asarray(b))
 
 
-@pytest.mark.usefixtures("bce_path")
 def test_weights_scale_terms_but_not_the_mean_denominator():
     x, y, w, *_ = _data()
     per = ref.ref_sigmoid_binary_cross_entropy(x, y, reduction="none")
@@ -146,7 +131,6 @@ def test_weights_scale_terms_but_not_the_mean_denominator():
     ref.assert_close(got, np.sum(per * w) / per.size)
 
 
-@pytest.mark.usefixtures("bce_path")
 def test_where_excludes_elements_from_numerator_and_denominator():
     x, y, _, _, where = _data()
     per = ref.ref_sigmoid_binary_cross_entropy(x, y, reduction="none")
@@ -178,7 +162,6 @@ def test_mean_over_nothing_is_zero_with_zero_gradient(fn):
 # ----------------------------------------------------------------------------- torch oracle
 
 
-@pytest.mark.usefixtures("bce_path")
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("opts", ["plain", "weights", "weights_row", "pos_weight"])
 def test_sigmoid_bce_equals_torch_values_and_gradients(opts, reduction):
@@ -220,7 +203,6 @@ def test_sigmoid_bce_equals_torch_values_and_gradients(opts, reduction):
         ref.assert_close(g, np.asarray(rg), rtol=1e-12, atol=1e-15)
 
 
-@pytest.mark.usefixtures("bce_path")
 @pytest.mark.parametrize("use_pw", [False, True])
 def test_sigmoid_bce_label_gradient_equals_torch(use_pw):
     pytest.importorskip("torch")
@@ -302,7 +284,6 @@ def test_sigmoid_bce_none_is_a_drop_in_for_optax():
 # ----------------------------------------------------------------------------- gradients
 
 
-@pytest.mark.usefixtures("bce_path")
 @pytest.mark.parametrize("opts", ["plain", "all"])
 def test_sigmoid_bce_gradients_check_numerically_to_second_order(opts):
     x, y, w, pw, where = _data(shape=(3, 4), seed=7)
@@ -333,7 +314,6 @@ def test_bce_from_probs_gradients_check_numerically_to_second_order():
     check_grads(jax.jit(f), tuple(map(jnp.asarray, (p, y, w))), order=2, modes=["rev"])
 
 
-@pytest.mark.usefixtures("bce_path")
 def test_sigmoid_bce_hessian_equals_reference_reverse_over_reverse():
     x, y, w, pw, _ = _data(shape=(6,), seed=9)
     kw = {"weights": w, "pos_weight": pw, "label_smoothing": 0.1, "reduction": "sum"}
@@ -369,7 +349,6 @@ def test_sigmoid_bce_hessian_equals_reference_reverse_over_reverse():
     ref.assert_close(g2, np.asarray(g2r), rtol=1e-12, atol=1e-15)
 
 
-@pytest.mark.usefixtures("bce_path")
 def test_sigmoid_bce_saves_no_residual_larger_than_its_inputs():
     x, y, *_ = _data(shape=(64, 32), seed=10)
     f = lambda a: jbce.sigmoid_binary_cross_entropy(a, jnp.asarray(y))
@@ -403,7 +382,6 @@ def test_float32_extreme_logits_within_a_few_ulps_of_float64(label):
     ref.assert_close(got, want, atol=tiny)
 
 
-@pytest.mark.usefixtures("bce_path")
 def test_float32_gradient_at_extreme_logits_is_sigmoid_minus_label():
     x32 = EXTREME.astype(np.float32)
     y32 = np.tile(np.float32([0.0, 1.0, 0.3]), 4)[: x32.size]
@@ -415,7 +393,6 @@ def test_float32_gradient_at_extreme_logits_is_sigmoid_minus_label():
     ref.assert_close(g, want, atol=float(np.finfo(np.float32).tiny))
 
 
-@pytest.mark.usefixtures("bce_path")
 def test_infinite_logits_give_zero_or_inf_loss_and_finite_gradient():
     x = jnp.asarray([np.inf, -np.inf, np.inf, -np.inf, np.inf, -np.inf])
     y = jnp.asarray([1.0, 0.0, 0.0, 1.0, 0.25, 0.25])
@@ -432,7 +409,6 @@ def test_infinite_logits_give_zero_or_inf_loss_and_finite_gradient():
     np.testing.assert_array_equal(np.asarray(gp), [0.0, 0.0, 1.0, -3.0, 0.75, -0.75])
 
 
-@pytest.mark.usefixtures("bce_path")
 def test_infinite_logits_agreeing_with_hard_labels_keep_the_mean_finite():
     x = jnp.asarray([np.inf, -np.inf, 0.5])
     y = jnp.asarray([1.0, 0.0, 1.0])
@@ -441,25 +417,12 @@ def test_infinite_logits_agreeing_with_hard_labels_keep_the_mean_finite():
     assert np.all(np.isfinite(np.asarray(g)))
 
 
-def test_reduced_loss_of_a_large_input_takes_the_fast_core_under_a_cond():
-    n = jbce._reduce.FAST_PATH_MIN_SIZE
-    x, y = jnp.zeros(n, jnp.float32), jnp.zeros(n, jnp.float32)
-    text = str(jax.make_jaxpr(lambda a: jbce.sigmoid_binary_cross_entropy(a, y))(x))
-    assert "cond[" in text
-    small = str(jax.make_jaxpr(lambda a: jbce.sigmoid_binary_cross_entropy(a, y[:-1]))(x[:-1]))
-    assert "cond[" not in small
-    none = str(
-        jax.make_jaxpr(lambda a: jbce.sigmoid_binary_cross_entropy(a, y, reduction="none"))(x)
-    )
-    assert "cond[" not in none
-
-
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("use_pw", [False, True])
-def test_large_input_with_infinite_logits_is_recomputed_exactly(reduction, use_pw):
-    # 2^15 float32 logits: the fast core gives NaN for the agreeing infinite logits and the
-    # cond recomputes with the exact core; value and gradient match the float64 reference.
-    n = 2 * jbce._reduce.FAST_PATH_MIN_SIZE
+def test_large_input_with_infinite_logits_matches_float64(reduction, use_pw):
+    # 2^15 float32 logits with agreeing infinite logits among them: value and gradient
+    # match the float64 reference (no term is 0 * inf).
+    n = 2**15
     rng = np.random.default_rng(5)
     x = (rng.normal(size=n) * 4).astype(np.float32)
     y = rng.integers(0, 2, size=n).astype(np.float32)
@@ -478,28 +441,19 @@ def test_large_input_with_infinite_logits_is_recomputed_exactly(reduction, use_p
     ref.assert_close(val, want, rtol=1e-5)
     assert np.all(np.isfinite(np.asarray(g)))
     np.testing.assert_array_equal(np.asarray(g[:4]), [0.0, 0.0, 0.0, 0.0])
-    # without the infinities the same call stays on the fast core and agrees with the exact one
-    x[:2] = 0.0
-    fast = f(jnp.asarray(x))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(jbce._reduce, "FAST_PATH_MIN_SIZE", n + 1)
-        exact = jax.value_and_grad(loss)(jnp.asarray(x))
-    ref.assert_close(fast[0], exact[0], rtol=1e-6)
-    np.testing.assert_array_equal(np.asarray(fast[1]), np.asarray(exact[1]))
 
 
-def test_fast_core_keeps_relative_accuracy_for_soft_labels_near_zero_and_one():
+def test_loss_keeps_relative_accuracy_for_soft_labels_near_zero_and_one():
     # relu(x) (1 - y) + relu(-x) y has no cancellation, unlike relu(x) - x y: check each term.
     x = np.array([30.0, -30.0, 1e4, -1e4], np.float32)
     y = np.array([1 - 2**-20, 2**-20, 1 - 2**-20, 2**-20], np.float32)
-    got = jbce._binary._bce_fast(jnp.asarray(x), jnp.asarray(y), None)
+    got = jbce.sigmoid_binary_cross_entropy(jnp.asarray(x), jnp.asarray(y), reduction="none")
     want = ref.ref_sigmoid_binary_cross_entropy(
         x.astype(np.float64), y.astype(np.float64), reduction="none"
     )
     ref.assert_close(got, want, rtol=1e-6)
 
 
-@pytest.mark.usefixtures("bce_path")
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("fn", ["sigmoid", "probs"])
 def test_half_precision_inputs_compute_in_float32_and_return_input_dtype_grads(dtype, fn):
@@ -543,7 +497,6 @@ def test_rank0_inputs():
         ref.assert_close(got, want)
 
 
-@pytest.mark.usefixtures("bce_path")
 def test_vmap_of_mean_equals_per_row_means():
     x, y, w, *_ = _data(shape=(5, 7), seed=12)
     f = lambda a, b, c: jbce.sigmoid_binary_cross_entropy(a, b, weights=c)
@@ -557,10 +510,9 @@ def test_vmap_of_mean_equals_per_row_means():
 
 
 def test_training_step_writes_the_logits_gradient_in_place():
-    # logits = h @ w inside the differentiated function: the exact recomputation's cond also
-    # reads the logits, and the backward pass waits for it (see _reduce._with_value), so
-    # the backward pass is their last reader and XLA gives their gradient the same buffer.
-    n, d, k = 64, 16, 2048  # above the fast path's threshold
+    # logits = h @ w inside the differentiated function: the backward pass is their last
+    # reader, so XLA gives their gradient the same buffer.
+    n, d, k = 64, 16, 2048
     h, w, y = (jnp.zeros(s, jnp.float32) for s in ((n, d), (d, k), (n, k)))
     step = jax.value_and_grad(
         lambda h, w, y: jbce.sigmoid_binary_cross_entropy(h @ w, y), argnums=(0, 1)
@@ -569,13 +521,11 @@ def test_training_step_writes_the_logits_gradient_in_place():
     assert temp < 1.25 * n * k * 4, temp / (n * k * 4)
 
 
-def test_vmapped_fast_path_checks_once_for_the_batch_and_stays_a_cond(monkeypatch):
-    monkeypatch.setattr(jbce._reduce, "FAST_PATH_MIN_SIZE", 0)
+def test_vmapped_value_and_grad_equal_each_members_own_call():
     x, y, *_ = _data(shape=(3, 16), seed=13)
-    x[1, 3] = np.inf  # the fast core gives NaN for this member only
+    x[1, 3] = np.inf  # an agreeing infinite logit in one member only
     y[1, 3] = 1.0
     vag = jax.value_and_grad(jbce.sigmoid_binary_cross_entropy)
-    assert "cond[" in str(jax.make_jaxpr(jax.vmap(vag))(jnp.asarray(x), jnp.asarray(y)))
     v, g = jax.jit(jax.vmap(vag))(jnp.asarray(x), jnp.asarray(y))
     want = [ref.ref_sigmoid_binary_cross_entropy(x[i], y[i]) for i in range(3)]
     ref.assert_close(v, np.asarray(want))
@@ -644,7 +594,6 @@ _logit = st.one_of(
 )
 
 
-@pytest.mark.usefixtures("bce_path")
 @given(
     shape=_shapes,
     dtype=st.sampled_from([np.float32, np.float64]),

@@ -25,7 +25,8 @@ import numpy as np
 import pytest
 
 import jbce
-from jbce._parallel import combine_stats, psum_to_like
+from jbce._stats import block_stats, combine_over_axis
+from jbce._vma import psum_to_like
 
 pytestmark = pytest.mark.no_x64
 
@@ -141,13 +142,31 @@ def test_class_axis_not_last_and_batch_of_rank_two():
     rtol_close(jnp.concatenate(list(g), axis=1) / SHARDS, rg)
 
 
-def test_combine_stats_gives_neg_inf_for_rows_without_classes():
+def test_combined_stats_give_neg_inf_for_rows_without_classes():
     x = jnp.array([[[-jnp.inf, -jnp.inf]], [[-jnp.inf, -jnp.inf]]], jnp.float32)
-    m = jnp.max(x, axis=-1)
-    s = jnp.zeros_like(m)
-    lse, n = jax.vmap(lambda m, s: combine_stats(m, s, s + 1, axis_name="v"), axis_name="v")(m, s)
-    assert np.all(np.isneginf(np.asarray(lse))), lse
-    np.testing.assert_array_equal(np.asarray(n), 2.0)
+
+    def combined(x):
+        return combine_over_axis(block_stats(x, None, sums=True), "v")
+
+    st = jax.vmap(combined, axis_name="v")(x)
+    assert np.all(np.isneginf(np.asarray(st.lse))), st.lse
+    np.testing.assert_array_equal(np.asarray(st.count), 0.0)
+
+
+def test_combined_stats_equal_those_of_the_whole_row():
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(3, 8)) * 30, jnp.float32).at[1, :5].set(-jnp.inf)
+    whole = block_stats(x, jnp.array([0, 6, 3]), sums=True)
+    shards = x.reshape(3, 2, 4).transpose(1, 0, 2)
+    local = jnp.array([[0, 6, 3], [-4, 2, -1]])  # labels relative to each shard
+
+    def combined(x, y):
+        return combine_over_axis(block_stats(x, y, sums=True), "v")
+
+    st = jax.vmap(combined, axis_name="v")(shards, local)
+    for got, want in zip(st, whole):
+        if want is not None:
+            np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want), rtol=1e-6)
 
 
 def test_backward_saves_only_logits_and_one_lse_per_example():

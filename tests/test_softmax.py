@@ -105,24 +105,6 @@ def _int_kwargs(opts, labels, w, cw, where_ex, where_logit, axis):
     return kw
 
 
-@pytest.fixture(params=["exact", "fast"])
-def softmax_path(request, monkeypatch):
-    """Runs a test on both paths of the softmax losses.
-
-    The test inputs are below ``SOFTMAX_FAST_PATH_MIN_SIZE`` logits, so by default they take
-    the exact path; "fast" lowers the threshold to 0 so the same inputs take the one-pass
-    flagged log-sum-exp, with its exact recomputation under a cond where it gives NaN.
-    """
-    if request.param == "fast":
-        monkeypatch.setattr(jbce._reduce, "SOFTMAX_FAST_PATH_MIN_SIZE", 0)
-    return request.param
-
-
-@pytest.fixture
-def fast_softmax(monkeypatch):
-    monkeypatch.setattr(jbce._reduce, "SOFTMAX_FAST_PATH_MIN_SIZE", 0)
-
-
 def _j(kw):
     return {k: (jnp.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
 
@@ -130,7 +112,6 @@ def _j(kw):
 # ----------------------------------------------------------------------------- references
 
 
-@pytest.mark.usefixtures("softmax_path")
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("opts", list(INT_OPTIONS))
 def test_integer_label_ce_matches_float64_reference(opts, layout):
@@ -167,7 +148,6 @@ SOFT_OPTIONS = {
 }
 
 
-@pytest.mark.usefixtures("softmax_path")
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("opts", list(SOFT_OPTIONS))
 def test_soft_label_ce_matches_float64_reference(opts, layout):
@@ -210,7 +190,6 @@ def test_one_hot_soft_labels_equal_integer_labels():
     ref.assert_close(a, np.asarray(b))
 
 
-@pytest.mark.usefixtures("softmax_path")
 def test_ignored_tokens_do_not_count_in_mean():
     x, labels, *_ = _data()
     per = ref.ref_softmax_cross_entropy_with_integer_labels(x, labels, reduction="none")
@@ -221,7 +200,6 @@ def test_ignored_tokens_do_not_count_in_mean():
     assert np.all(np.asarray(none)[~keep] == 0)
 
 
-@pytest.mark.usefixtures("softmax_path")
 def test_class_weighted_mean_divides_by_summed_target_class_weights():
     x, labels, _, _, cw, *_ = _data()
     keep = labels != -100
@@ -238,7 +216,6 @@ def test_example_weights_scale_terms_but_not_the_mean_denominator():
     ref.assert_close(got, np.sum(w * per) / per.size)
 
 
-@pytest.mark.usefixtures("softmax_path")
 def test_z_loss_adds_z_times_logsumexp_squared():
     x, labels, *_ = _data(ignore=False)
     lse = np.log(np.sum(np.exp(x), -1))
@@ -247,7 +224,6 @@ def test_z_loss_adds_z_times_logsumexp_squared():
     ref.assert_close(np.asarray(a) - np.asarray(b), 0.5 * lse**2, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.usefixtures("softmax_path")
 def test_logit_softcap_equals_loss_of_capped_logits():
     x, labels, *_ = _data(ignore=False)
     capped = 2.0 * np.tanh(x * 10 / 2.0)
@@ -267,7 +243,6 @@ TORCH_INT = {
 }
 
 
-@pytest.mark.usefixtures("softmax_path")
 @pytest.mark.parametrize("reduction", ["none", "mean"])  # "sum" = sum of "none"
 @pytest.mark.parametrize("layout", ["last", "torch_nc_d"])
 @pytest.mark.parametrize("opts", list(TORCH_INT))
@@ -308,7 +283,6 @@ def test_integer_label_ce_equals_torch_values_and_logit_gradients(opts, layout, 
     ref.assert_close(g, tg, rtol=1e-10, atol=1e-15)
 
 
-@pytest.mark.usefixtures("softmax_path")
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 @pytest.mark.parametrize("smoothing", [0.0, 0.2])
 @pytest.mark.parametrize("layout", ["last", "torch_nc_d"])
@@ -329,7 +303,6 @@ def test_soft_label_ce_equals_torch_probability_targets(layout, smoothing, reduc
 # ----------------------------------------------------------------------------- optax
 
 
-@pytest.mark.usefixtures("softmax_path")
 @pytest.mark.parametrize("where", [None, "example", "logit"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_none_reduction_is_a_drop_in_for_optax(layout, where):
@@ -368,7 +341,6 @@ def test_optax_positional_order_logits_then_labels():
 # ----------------------------------------------------------------------------- gradients
 
 
-@pytest.mark.usefixtures("softmax_path")
 def test_integer_label_ce_gradients_check_numerically_to_second_order():
     x, labels, _, w, cw, where_ex, *_ = _data(seed=5)
 
@@ -387,7 +359,6 @@ def test_integer_label_ce_gradients_check_numerically_to_second_order():
     check_grads(jax.jit(f), (jnp.asarray(x), jnp.asarray(w)), order=2, modes=["rev"])
 
 
-@pytest.mark.usefixtures("softmax_path")
 def test_soft_label_ce_gradients_check_numerically_to_second_order():
     x, _, soft, w, _, where_ex, where_logit, _ = _data(seed=6)
 
@@ -400,7 +371,6 @@ def test_soft_label_ce_gradients_check_numerically_to_second_order():
     check_grads(jax.jit(g), args[:2], order=2, modes=["rev"])
 
 
-@pytest.mark.usefixtures("softmax_path")
 @pytest.mark.parametrize("kind", ["int", "soft"])
 def test_hessian_equals_reference_reverse_over_reverse(kind):
     x, labels, soft, _, cw, *_ = _data(seed=7)
@@ -427,7 +397,6 @@ def test_hessian_equals_reference_reverse_over_reverse(kind):
     ref.assert_close(h, np.asarray(hr), rtol=1e-11, atol=1e-14)
 
 
-@pytest.mark.usefixtures("softmax_path")
 def test_soft_label_gradient_w_r_t_labels_equals_reference():
     x, _, soft, *_ = _data(seed=8)
     g = jax.grad(
@@ -439,7 +408,6 @@ def test_soft_label_gradient_w_r_t_labels_equals_reference():
     ref.assert_close(g, np.asarray(gr), rtol=1e-12, atol=1e-15)
 
 
-@pytest.mark.usefixtures("softmax_path")
 @pytest.mark.parametrize("kind", ["int", "soft"])
 def test_residuals_are_the_logits_and_per_example_values_only(kind):
     n, k = 64, 48
@@ -460,15 +428,12 @@ def test_residuals_are_the_logits_and_per_example_values_only(kind):
     assert all(np.prod(r[0].shape) <= n for r in small), res
 
 
-@pytest.mark.parametrize("path", ["exact", "fast"])
 @pytest.mark.parametrize("kind", ["int", "soft"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("grad", [False, True], ids=["fwd", "vag"])
-def test_compiled_program_keeps_no_logits_sized_temporary(path, kind, dtype, grad, monkeypatch):
+def test_compiled_program_keeps_no_logits_sized_temporary(kind, dtype, grad):
     # What XLA allocates, not what JAX saves: a broadcast lse, a probability matrix or an f32
     # copy of bf16 logits shows up here even when the residuals are right (compile only).
-    threshold = 0 if path == "fast" else 2**62
-    monkeypatch.setattr(jbce._reduce, "SOFTMAX_FAST_PATH_MIN_SIZE", threshold)
     n, k = 256, 4096
     x = jnp.zeros((n, k), dtype)
     if kind == "int":
@@ -487,7 +452,7 @@ def test_training_step_writes_the_logits_gradient_in_place(kind):
     # logits = h @ w inside the differentiated function, as in a model's last layer: the
     # backward pass is the logits' last reader, so XLA can give their gradient the same
     # buffer. One logits-sized temp (optax: 2 for integer labels, 3 for soft labels).
-    n, d, k = 64, 16, 2048  # above the fast path's threshold
+    n, d, k = 64, 16, 2048
     h, w = jnp.zeros((n, d), jnp.float32), jnp.zeros((d, k), jnp.float32)
     lab = jnp.zeros((n,), jnp.int32) if kind == "int" else jnp.zeros((n, k), jnp.float32)
     loss = ce_int if kind == "int" else ce_soft
@@ -499,7 +464,6 @@ def test_training_step_writes_the_logits_gradient_in_place(kind):
 # ----------------------------------------------------------------------------- edge cases
 
 
-@pytest.mark.usefixtures("softmax_path")
 def test_minus_inf_non_target_logits_give_finite_loss_and_exactly_zero_gradient():
     x = np.array([[2.0, -np.inf, 0.5, -np.inf], [-np.inf, 1.0, -np.inf, 3.0]])
     labels = np.array([0, 3])
@@ -521,7 +485,6 @@ def test_minus_inf_non_target_logits_give_finite_loss_and_exactly_zero_gradient(
     assert np.all(g[np.isinf(x)] == 0) and np.all(np.isfinite(g))
 
 
-@pytest.mark.usefixtures("softmax_path")
 @pytest.mark.parametrize("class_weights", [False, True])
 def test_all_ignored_batch_has_zero_mean_and_zero_gradient(class_weights):
     x, _, _, _, cw, *_ = _data()
@@ -534,7 +497,6 @@ def test_all_ignored_batch_has_zero_mean_and_zero_gradient(class_weights):
     assert np.all(np.asarray(g) == 0)
 
 
-@pytest.mark.usefixtures("softmax_path")
 def test_all_masked_examples_have_zero_mean_and_zero_gradient():
     x, labels, soft, *_ = _data(ignore=False)
     for where in (np.zeros(x.shape[:1], bool), np.zeros(x.shape, bool)):
@@ -559,7 +521,6 @@ def test_fully_masked_example_under_per_logit_where_has_zero_loss_and_finite_zer
     assert np.all(np.isfinite(np.asarray(g)))
 
 
-@pytest.mark.usefixtures("softmax_path")
 @pytest.mark.parametrize("bad", [-1, 5, 7])
 def test_out_of_range_label_gives_nan_for_that_example_only(bad):
     x, labels, *_ = _data(ignore=False)
@@ -601,7 +562,6 @@ ROWS = np.array(
 )
 
 
-@pytest.mark.usefixtures("softmax_path")
 @pytest.mark.parametrize("target", [0, 1, 2])
 def test_float32_extreme_logits_within_a_few_ulps_of_float64(target):
     x32 = ROWS.astype(np.float32)
@@ -617,7 +577,6 @@ def test_float32_extreme_logits_within_a_few_ulps_of_float64(target):
     ref.assert_close(got_s, want, atol=float(np.finfo(np.float32).tiny))
 
 
-@pytest.mark.usefixtures("fast_softmax")
 @pytest.mark.parametrize("offset", [0.0, 30.0, 100.0, -60.0, -90.0])
 def test_one_pass_log_sum_exp_and_its_fallback_match_float64(offset):
     # The one-pass lse (sum of unshifted exps) serves offsets 0 and 30; at +100 the sums
@@ -655,40 +614,27 @@ def test_one_pass_log_sum_exp_and_its_fallback_match_float64(offset):
         ([[-np.inf, 1.0, 2.0], [-np.inf, -np.inf, -np.inf]], [1, 0], {"label_smoothing": 0.1}),
     ],
 )
-def test_fast_and_exact_paths_give_the_same_value_and_gradient(rows, labels, kw, monkeypatch):
-    # Found by fuzzing the two paths against each other (values and gradients).
-    x = jnp.asarray(np.asarray(rows, np.float32))
-    t = jnp.asarray(labels)
-
-    def run(threshold):
-        monkeypatch.setattr(jbce._reduce, "SOFTMAX_FAST_PATH_MIN_SIZE", threshold)
-        return jax.value_and_grad(lambda a: ce_int(a, t, **kw))(x)
-
-    (ve, ge), (vf, gf) = run(2**62), run(0)
-    ref.assert_close(vf, np.asarray(ve), rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(gf), np.asarray(ge), rtol=1e-6, atol=1e-12)
-    assert np.all(np.isfinite(np.asarray(gf)))
-
-
-def test_the_fast_path_starts_at_a_size_so_per_example_vmap_stays_exact():
-    n = jbce._reduce.SOFTMAX_FAST_PATH_MIN_SIZE
-    big = jnp.zeros((n // 1024, 1024), jnp.float32)
-    labels = jnp.zeros(n // 1024, jnp.int32)
-    assert "cond[" in str(jax.make_jaxpr(ce_int)(big, labels))
-    assert "cond[" in str(jax.make_jaxpr(ce_soft)(big, big))
-    # one example at a time under vmap(grad): each trace sees 1024 logits, the exact path
-    per_example = jax.vmap(jax.grad(lambda a, t: ce_int(a[None], t[None])))
-    text = str(jax.make_jaxpr(per_example)(big, labels))
-    assert "cond[" not in text
+def test_fuzz_found_rows_match_float64_value_and_gradient(rows, labels, kw):
+    # Rows a fuzz of an earlier two-path design found wrong gradients for (overflowing rows
+    # with z-loss, rows with no class left): value and gradient against float64. A row with
+    # no class left is excluded from the mean, with zero gradient.
+    x = np.asarray(rows, np.float32)
+    t = np.asarray(labels)
+    v, g = jax.value_and_grad(lambda a: ce_int(a, jnp.asarray(t), **kw))(jnp.asarray(x))
+    has = np.isfinite(x).any(axis=-1)
+    r = ref.ref_softmax_cross_entropy_with_integer_labels
+    ref.assert_close(v, r(x[has].astype(np.float64), t[has], **kw), rtol=1e-6)
+    sub = jnp.asarray(t[has])
+    gref = jax.grad(lambda a: r(a, sub, xp=jnp, **kw))(jnp.asarray(x[has], jnp.float64))
+    gref = np.where(np.isneginf(x[has]), 0.0, np.asarray(gref))
+    np.testing.assert_allclose(np.asarray(g)[has], gref, rtol=1e-5, atol=1e-7)
+    assert np.all(np.asarray(g)[~has] == 0) and np.all(np.isfinite(np.asarray(g)))
 
 
-@pytest.mark.usefixtures("fast_softmax")
 @pytest.mark.parametrize("kind", ["int", "soft"])
-def test_vmapped_fast_path_checks_once_for_the_batch_and_stays_a_cond(kind):
-    # Under vmap the NaN check answers for the whole batch, so the recomputation stays a
-    # lax.cond (a batched predicate would turn it into a select running both paths). One
-    # member overflows the one-pass lse and another has an all -inf row: every member's
-    # value and gradient must equal its own unbatched call.
+def test_vmapped_value_and_grad_equal_each_members_own_call(kind):
+    # One member has an overflowing row and another an all -inf row: every member's value
+    # and gradient must equal its own unbatched call.
     rng = np.random.default_rng(21)
     x = np.asarray(rng.normal(size=(3, 4, 6)) * 3, np.float32)
     x[1, 2] += 100.0
@@ -700,7 +646,6 @@ def test_vmapped_fast_path_checks_once_for_the_batch_and_stays_a_cond(kind):
         lab = jnp.asarray(rng.dirichlet(np.ones(6), size=(3, 4)), jnp.float32)
         f = lambda a, b: ce_soft(a, b)
     vag = jax.value_and_grad(f)
-    assert "cond[" in str(jax.make_jaxpr(jax.vmap(vag))(jnp.asarray(x), lab))
     v, g = jax.jit(jax.vmap(vag))(jnp.asarray(x), lab)
     for i in range(3):
         vi, gi = vag(jnp.asarray(x[i]), lab[i])
@@ -710,28 +655,6 @@ def test_vmapped_fast_path_checks_once_for_the_batch_and_stays_a_cond(kind):
     assert np.isfinite(v[2]) == (kind == "int")
 
 
-@pytest.mark.usefixtures("fast_softmax")
-def test_flagged_one_pass_lse_is_exact_or_nan_and_the_loss_recomputes_under_a_cond():
-    from jbce import _softmax
-
-    rng = np.random.default_rng(4)
-    x = np.asarray(rng.normal(size=(8, 300)) * 5, np.float32)
-    one = _softmax._lse_flagged(jnp.asarray(x))
-    two = _softmax._lse_unmasked(jnp.asarray(x))
-    ref.assert_close(one, np.asarray(two), rtol=4 * float(jnp.finfo(jnp.float32).eps))
-    x[1] += 100.0  # overflows
-    x[2] -= 120.0  # every term underflows
-    x[3] = -np.inf  # no class left
-    x[4, 7] = np.nan
-    flagged = np.asarray(_softmax._lse_flagged(jnp.asarray(x)))
-    assert np.isnan(flagged[1:5]).all() and np.isfinite(flagged[[0, 5, 6, 7]]).all()
-    labels = jnp.zeros(8, jnp.int32)
-    for f, lab in ((ce_int, labels), (ce_soft, jax.nn.one_hot(labels, 300))):
-        text = str(jax.make_jaxpr(lambda a, f=f, lab=lab: f(a, lab))(jnp.asarray(x)))
-        assert "cond[" in text
-
-
-@pytest.mark.usefixtures("softmax_path")
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_half_precision_computes_in_float32_and_returns_input_dtype_grads(dtype):
     x, labels, soft, *_ = _data(ignore=True)
@@ -757,7 +680,6 @@ def test_half_precision_computes_in_float32_and_returns_input_dtype_grads(dtype)
         ref.assert_close(g, np.asarray(jax.grad(r)(xf)), rtol=2e-2, atol=2e-3)
 
 
-@pytest.mark.usefixtures("softmax_path")
 def test_empty_batch_and_rank1_logits():
     x = jnp.zeros((0, 4))
     lab = jnp.zeros((0,), jnp.int32)
@@ -774,7 +696,6 @@ def test_empty_batch_and_rank1_logits():
     ref.assert_close(got, want)
 
 
-@pytest.mark.usefixtures("softmax_path")
 def test_vmap_equals_per_row_calls():
     x, labels, soft, w, cw, *_ = _data(layout="torch_nc_d", seed=10, ignore=False)
     f = lambda a, b: ce_int(a, b, axis=0, class_weights=jnp.asarray(cw))
@@ -839,7 +760,6 @@ class JitVariantsTest(chex.TestCase):
 # ----------------------------------------------------------------------------- properties
 
 
-@pytest.mark.usefixtures("softmax_path")
 @given(
     batch=hnp.array_shapes(min_dims=0, max_dims=2, min_side=0, max_side=4),
     k=st.integers(1, 6),

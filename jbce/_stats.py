@@ -1,0 +1,331 @@
+r"""Softmax statistics: the few numbers per row that every softmax cross-entropy is made of.
+
+Every softmax loss in jbce (materialised, tiled over a vocabulary, sharded over a mesh axis)
+reduces its logits to one :class:`Stats` per row, builds the loss from them in plain
+``jnp`` (:func:`loss_terms`), and differentiates them with one formula
+(:func:`logits_grad`). For a row of logits :math:`x` over its included classes :math:`C`
+(not ``-inf``, not masked out), class (or label) weights :math:`w` and label :math:`y`:
+
+.. math::
+    m = \max_{c \in C} x_c, \qquad
+    \ell = \log \sum_{c \in C} e^{x_c - m}, \qquad
+    t = x_y, \qquad
+    s = \sum_{c \in C} w_c (x_c - m), \qquad
+    W = \sum_{c \in C} w_c
+
+so that the log-sum-exp is :math:`m + \ell`, :math:`-\log p_y = \ell - (t - m)` and
+:math:`\sum_c w_c (\text{lse} - x_c) = W \ell - s`. Every loss is a function of these
+combinations only, which do not change with :math:`m`: the shift is a constant (no
+gradient), kept apart so that rows of huge magnitude (all ``-1e30``, or offset by ``1e4``)
+lose nothing to rounding at :math:`|m|`. Blocks of a row (vocabulary tiles, shards) are
+merged exactly with :func:`merge` / :func:`combine_over_axis`.
+
+The gradient of any loss built from the statistics w.r.t. the logits of a block is
+
+.. math::
+    \frac{\partial L}{\partial x_c} = \bar\ell\, p_c + \bar t\, [c = y] + \bar s\, w_c,
+    \qquad p_c = e^{x_c - m - \ell}
+
+(:func:`logits_grad`), where :math:`\bar\ell, \bar t, \bar s` are the cotangents of the
+statistics: the backward pass needs the logits, :math:`m` and :math:`\ell`, two floats a row.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Stats(NamedTuple):
+    """Per-row statistics (see the module docstring); ``None`` for a field a loss doesn't need.
+
+    Attributes:
+      shift: :math:`m`, the row max over included classes (0 for a row without any).
+      lse: :math:`\\ell = \\log\\sum_C e^{x - m}`; ``-inf`` for a row without classes.
+      target: :math:`x_y`, the label's logit (0 if the label is not among these classes).
+      logit_sum: :math:`s = \\sum_C w (x - m)`.
+      weight_sum: :math:`W = \\sum_C w`.
+      target_weight: :math:`w_y` (0 if the label is not among these classes).
+      count: :math:`|C|`, the number of included classes.
+    """
+
+    shift: jax.Array
+    lse: jax.Array
+    target: jax.Array
+    logit_sum: jax.Array | None = None
+    weight_sum: jax.Array | None = None
+    target_weight: jax.Array | None = None
+    count: jax.Array | None = None
+
+
+def softcap(x: jax.Array, cap) -> jax.Array:
+    """Gemma-style soft-capping ``cap * tanh(x / cap)``; ``cap=None`` leaves ``x`` as it is."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def softcap_vjp(z: jax.Array, cap, dx: jax.Array):
+    """(d z, d cap) for ``x = softcap(z, cap)`` and the cotangent ``dx`` of ``x``."""
+    if cap is None:
+        return dx, None
+    t = jnp.tanh(z / cap)
+    dz = dx * (1 - t * t)
+    dcap = jnp.sum(dx * (t - (z / cap) * (1 - t * t)))
+    return dz, dcap
+
+
+def _row_weights(w: jax.Array | None, x: jax.Array) -> jax.Array:
+    """Class weights ``[k]`` or per-logit weights ``[..., k]`` shaped to broadcast with ``x``."""
+    if w is None:
+        return jnp.ones((), x.dtype)
+    return w.reshape((1,) * (x.ndim - w.ndim) + w.shape)
+
+
+def _masked(x, weights, mask, soft):
+    """A masked-out class is a ``-inf`` class (and a soft target on it is dropped)."""
+    if mask is None:
+        return x, weights
+    x = jnp.where(mask, x, -jnp.inf)
+    if soft:
+        weights = jnp.where(mask, weights, jnp.zeros((), weights.dtype))
+    return x, weights
+
+
+def _sum_weights(x, weights, soft):
+    """(w, 0/1 included) for the sums ``s`` and ``W``: class weights count included classes
+    only, soft targets every class (a target on a ``-inf`` class is flagged separately)."""
+    inc = (x != -jnp.inf).astype(x.dtype)  # NaN logits are included
+    if soft:
+        return _row_weights(weights, x), inc
+    return inc if weights is None else inc * _row_weights(weights, x), inc
+
+
+def _finite_shifted(x, shift):
+    """``x - m`` with ``-inf`` replaced by the most negative float, so a zero weight gives 0."""
+    return jnp.maximum(x - shift[..., None], jnp.finfo(x.dtype).min)
+
+
+def block_stats(
+    x: jax.Array,
+    labels: jax.Array | None,
+    *,
+    weights: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    sums: bool = False,
+    soft: bool = False,
+) -> Stats:
+    """:class:`Stats` of a block ``x`` ``[..., k]`` (compute dtype) of each row's classes.
+
+    Args:
+      x: logits of ``k`` classes, after soft-capping.
+      labels: ``[...]`` class indices into this block (outside ``[0, k)``: not here), or None.
+      weights: ``[k]`` class weights or ``[..., k]`` label weights (soft labels), or None (1).
+      mask: optional ``[..., k]`` boolean, False takes a class out of the softmax.
+      sums: also compute ``logit_sum``, ``weight_sum`` and ``count``.
+      soft: ``weights`` are probability targets: a positive target on a ``-inf`` logit makes
+        ``logit_sum`` ``-inf`` (an impossible target costs ``+inf``), where class weights
+        only count included classes.
+    """
+    # The passes over the logits are plain reductions, no per-logit select (XLA:CPU cannot
+    # fuse a select into a reduction and would materialise the logits once more).
+    x, weights = _masked(x, weights, mask, soft)
+    m = jnp.max(x, axis=-1)  # NaN propagates; -inf logits drop out of exp(x - m) below
+    m = jax.lax.stop_gradient(jnp.where(m == -jnp.inf, jnp.zeros((), x.dtype), m))
+    lse = jnp.log(jnp.sum(jnp.exp(x - m[..., None]), axis=-1))
+    target = target_weight = None
+    if labels is not None:
+        target = _take(x, labels)
+        if weights is not None and not soft:
+            target_weight = _take(jnp.broadcast_to(_row_weights(weights, x), x.shape), labels)
+    if not sums:
+        return Stats(m, lse, target, target_weight=target_weight)
+    w, inc = _sum_weights(x, weights, soft)
+    logit_sum = jnp.sum(w * _finite_shifted(x, m), axis=-1)
+    if soft:  # a positive target on a -inf class
+        impossible = jnp.sum(w * (1 - inc), axis=-1) > 0
+        logit_sum = jnp.where(impossible, -jnp.inf, logit_sum)
+    count = jnp.sum(inc, axis=-1)
+    weight_sum = jnp.sum(jnp.broadcast_to(w, x.shape), axis=-1)
+    return Stats(m, lse, target, logit_sum, weight_sum, target_weight, count)
+
+
+def _take(a: jax.Array, labels: jax.Array) -> jax.Array:
+    """``a[..., label]`` per row, 0 where the label is not in ``[0, k)``."""
+    k = a.shape[-1]
+    here = (labels >= 0) & (labels < k)
+    got = jnp.take_along_axis(a, jnp.clip(labels, 0, k - 1)[..., None], axis=-1)[..., 0]
+    return jnp.where(here, got, jnp.zeros((), a.dtype))
+
+
+def _onehot(labels: jax.Array, x: jax.Array) -> jax.Array:
+    cols = jax.lax.broadcasted_iota(labels.dtype, x.shape, x.ndim - 1)
+    return cols == labels[..., None]
+
+
+def merge(a: Stats, b: Stats) -> Stats:
+    """The statistics of a row from those of two disjoint blocks of its classes (exact)."""
+    m = _common_shift(jnp.maximum(_effective_max(a), _effective_max(b)))
+    da, db = a.shift - m, b.shift - m
+    lse = jnp.logaddexp(a.lse + da, b.lse + db)
+    return Stats(
+        m,
+        lse,
+        _add(a.target, b.target),
+        _add(_shifted(a.logit_sum, a.weight_sum, da), _shifted(b.logit_sum, b.weight_sum, db)),
+        _add(a.weight_sum, b.weight_sum),
+        _add(a.target_weight, b.target_weight),
+        _add(a.count, b.count),
+    )
+
+
+def combine_over_axis(local: Stats, axis_name) -> Stats:
+    """The statistics of rows whose classes are sharded over ``axis_name``, from each shard's.
+
+    One ``pmax`` and one ``psum``; the result is identical (replicated) on every shard. Not
+    differentiable by design: it serves the forward pass of a ``custom_vjp`` whose backward
+    pass needs only the returned ``shift`` and ``lse``.
+    """
+    m = _common_shift(jax.lax.pmax(_effective_max(local), axis_name))
+    d = local.shift - m
+    parts = (
+        jnp.exp(local.lse + d),
+        local.target,
+        _shifted(local.logit_sum, local.weight_sum, d),
+        local.weight_sum,
+        local.target_weight,
+        local.count,
+    )
+    total, *rest = jax.lax.psum(parts, axis_name)
+    return Stats(m, jnp.log(total), *rest)
+
+
+def _effective_max(s: Stats) -> jax.Array:
+    return jnp.where(s.lse == -jnp.inf, -jnp.inf, s.shift)
+
+
+def _common_shift(m: jax.Array) -> jax.Array:
+    return jnp.where(m == -jnp.inf, jnp.zeros((), m.dtype), m)
+
+
+def _shifted(logit_sum, weight_sum, delta):
+    """``s`` re-expressed relative to a new shift: ``s + W (m_old - m_new)``."""
+    if logit_sum is None:
+        return None
+    return logit_sum + jnp.where(weight_sum == 0, 0, weight_sum * delta)
+
+
+def _add(a, b):
+    return None if a is None else a + b
+
+
+def logits_grad(
+    x: jax.Array,
+    labels: jax.Array | None,
+    stats: Stats,
+    g: Stats,
+    *,
+    weights: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    rows: jax.Array | None = None,
+    soft: bool = False,
+) -> tuple[jax.Array, jax.Array | None]:
+    """(d x, d weights) for the cotangents ``g`` of ``block_stats(x, labels, ...)``.
+
+    ``stats`` are the row's full statistics (``shift`` and ``lse`` over all its classes, as
+    saved by the forward pass), so ``p`` is this block's slice of the softmax. ``g.shift``
+    is ignored: every loss depends on the statistics only through combinations invariant
+    to the shift. ``d weights`` (class weights, or soft labels) is None without weights.
+    ``rows`` (``[...]`` boolean) marks the rows the loss uses: the others get exactly zero
+    gradient, whatever their logits (NaN included).
+    """
+    x, weights = _masked(x, weights, mask, soft)
+    lse = jnp.where(stats.lse == -jnp.inf, 0, stats.lse)  # a row without classes: p = 0
+    p = jnp.exp((x - _col(stats.shift)) - _col(lse))
+    dx = _col(g.lse) * p
+    zero = jnp.zeros((), x.dtype)
+    if g.target is not None and labels is not None:
+        dx = dx + jnp.where(_onehot(labels, x), _col(g.target), zero)
+    w = inc = None
+    if g.logit_sum is not None:
+        w, inc = _sum_weights(x, weights, soft)
+        dx = dx + _col(g.logit_sum) * w
+    if rows is not None:
+        dx = jnp.where(_col(rows), dx, zero)
+    if weights is None:
+        return dx, None
+    dw = jnp.zeros(x.shape, x.dtype)
+    if g.logit_sum is not None:
+        dw = dw + _col(g.logit_sum) * inc * _finite_shifted(x, stats.shift)
+    if g.weight_sum is not None:
+        dw = dw + _col(g.weight_sum) * (1 if soft else inc)
+    if g.target_weight is not None and labels is not None:
+        dw = dw + jnp.where(_onehot(labels, x), _col(g.target_weight), zero)
+    if rows is not None:
+        dw = jnp.where(_col(rows), dw, zero)
+    if mask is not None and soft:
+        dw = jnp.where(mask, dw, zero)
+    if weights.ndim < x.ndim:  # class weights: summed over the rows
+        dw = jnp.sum(dw.reshape(-1, *weights.shape), axis=0)
+    return dx, dw
+
+
+def _col(v: jax.Array) -> jax.Array:
+    return v[..., None]
+
+
+def loss_terms(
+    stats: Stats,
+    labels: jax.Array | None,
+    *,
+    num_classes,
+    label_smoothing=0.0,
+    z_loss=0.0,
+    class_weighted: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    r"""(per-row loss, whether the row has a class) for integer labels.
+
+    .. math::
+        L = (1 - e)\, w_y\, (\ell - (t - m)) + \frac{e}{K} (W \ell - s) + z\, (m + \ell)^2
+
+    with :math:`K = |C|` (the classes left after masking). A label outside
+    ``[0, num_classes)`` gives NaN; a row without classes has loss 0 (the caller excludes
+    it). ``label_smoothing`` and ``z_loss`` may be traced; a Python 0 leaves its term out.
+    """
+    has = stats.lse != -jnp.inf  # NaN rows count (and make the loss NaN)
+    # Rows without classes: replaced before any arithmetic so that their (zero) cotangent
+    # never meets an infinity.
+    lse = jnp.where(has, stats.lse, 0)
+    ce = lse - (stats.target - stats.shift)
+    tw = stats.target_weight if class_weighted else None
+    smoothing = not _is_zero(label_smoothing)
+    loss = ce if tw is None else tw * ce
+    if smoothing:
+        k = jnp.where(has & (stats.count > 0), stats.count, 1)
+        smooth = (stats.weight_sum * lse - jnp.where(has, stats.logit_sum, 0)) / k
+        loss = (1 - label_smoothing) * loss + label_smoothing * smooth
+    if not _is_zero(z_loss):
+        loss = loss + z_loss * jnp.square(stats.shift + lse)
+    in_range = (labels >= 0) & (labels < num_classes)
+    return jnp.where(in_range, loss, jnp.nan), has
+
+
+def soft_terms(stats: Stats) -> jax.Array:
+    """Per-row soft-label loss ``W l - s = sum_c y_c (lse - x_c)`` (``weights`` = the labels).
+
+    A row whose every class is ``-inf`` costs ``+inf`` if it has a positive target, else 0.
+    """
+    has = stats.lse != -jnp.inf
+    loss = stats.weight_sum * jnp.where(has, stats.lse, 0) - jnp.where(has, stats.logit_sum, 0)
+    inf = jnp.asarray(jnp.inf, loss.dtype)
+    return jnp.where(has, loss, jnp.where(stats.logit_sum == -jnp.inf, inf, 0))
+
+
+def _is_zero(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == 0
+
+
+def included(x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Classes that take part in the softmax: not masked out and not ``-inf`` (NaN is included)."""
+    inc = x != -jnp.inf
+    return inc if mask is None else inc & mask
