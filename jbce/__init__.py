@@ -1,22 +1,34 @@
 """jbce: exact, fast cross-entropy losses for JAX with hand-written gradients."""
 
 from jbce._binary import binary_cross_entropy, sigmoid_binary_cross_entropy, sigmoid_focal_loss
+from jbce._categorical import categorical_cross_entropy, nll_loss
 from jbce._gan import discriminator_loss, generator_loss
-from jbce._info import entropy, kl_divergence
+from jbce._info import entropy, jensen_shannon_divergence, kl_divergence
 from jbce._linear import linear_softmax_cross_entropy
 from jbce._softmax import softmax_cross_entropy, softmax_cross_entropy_with_integer_labels
+from jbce._softmax_focal import (
+    poly_loss_cross_entropy,
+    softmax_focal_loss,
+    softmax_focal_loss_with_integer_labels,
+)
 
 __all__ = [
     "binary_cross_entropy",
+    "categorical_cross_entropy",
     "discriminator_loss",
     "entropy",
     "generator_loss",
+    "jensen_shannon_divergence",
     "kl_divergence",
     "linear_softmax_cross_entropy",
+    "nll_loss",
+    "poly_loss_cross_entropy",
     "sigmoid_binary_cross_entropy",
     "sigmoid_focal_loss",
     "softmax_cross_entropy",
     "softmax_cross_entropy_with_integer_labels",
+    "softmax_focal_loss",
+    "softmax_focal_loss_with_integer_labels",
 ]
 
 __version__ = "0.1.0"

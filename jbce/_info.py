@@ -1,4 +1,10 @@
-"""Information measures behind cross-entropy: entropy and KL divergence (CE = H + KL)."""
+"""Information measures behind cross-entropy: entropy, KL divergence (CE = H + KL) and the
+generalised Jensen-Shannon divergence used for distillation.
+
+The divergences are built on the lean custom VJPs of :mod:`jbce._softmax_terms` (the
+inputs and a few floats per row are saved, never a distribution); weights, masks and
+reductions are applied by :mod:`jbce._reduce`.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,10 @@ from jax.typing import ArrayLike
 
 from jbce import _checks
 from jbce._dtypes import compute_dtype, to_compute
-from jbce._softmax import batch_shape, softmax_cross_entropy, to_rows
+from jbce._reduce import reduce_loss
+from jbce._softmax import batch_shape, to_rows
+from jbce._softmax_focal import soft_inputs
+from jbce._softmax_terms import jsd_loss, term_loss
 
 
 @jax.custom_vjp
@@ -62,33 +71,161 @@ def entropy(probs: ArrayLike, *, axis: int | Sequence[int] = -1) -> jax.Array:
     return h.reshape(batch_shape(probs.shape, axes))
 
 
+def _reduce(loss, reduction, weights, rows, bshape):
+    """``reduce_loss``, plus ``"batchmean"``: the sum over the size of the first batch axis."""
+    if reduction != "batchmean":
+        return reduce_loss(loss, reduction=reduction, weights=weights, where=rows)
+    total = reduce_loss(loss, reduction="sum", weights=weights, where=rows)
+    return total / (bshape[0] if bshape else 1)
+
+
+def _reduction(reduction):
+    if reduction != "batchmean":
+        _checks.check_reduction(reduction)
+    return "none" if reduction == "batchmean" else reduction
+
+
 def kl_divergence(
-    labels: ArrayLike, logits: ArrayLike, *, axis: int | Sequence[int] = -1
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    axis: int | Sequence[int] = -1,
+    log_labels: bool = False,
+    weights: ArrayLike | None = None,
+    where: ArrayLike | None = None,
+    reduction: str = "mean",
 ) -> jax.Array:
     r"""KL divergence of ``softmax(logits)`` from the target distribution ``labels``.
 
     .. math::
-        \mathrm{KL}(y \,\|\, \mathrm{softmax}(x)) = \sum_c y_c \log y_c
-            - \sum_c y_c \log \mathrm{softmax}(x)_c = \mathrm{CE}(x, y) - H(y)
+        \mathrm{KL}(y \,\|\, q) = \sum_c y_c \left(\log y_c - \log q_c\right), \qquad
+        q = \mathrm{softmax}(x), \quad 0 \log 0 = 0
 
-    So cross-entropy = entropy + KL: minimising either in ``logits`` is the same.
-    Note the argument order: target first, as in the notation KL(y || q).
+    So cross-entropy = entropy + KL: minimising either in ``logits`` is the same. Logits
+    first, as in every other jbce loss (since 0.2; it was ``kl_divergence(labels, logits)``).
+    With normalised log-probabilities as ``logits`` (``softmax(log q) = q``) this equals
+    optax's ``kl_divergence(log_predictions, targets)``; with ``log_labels=True`` (``labels``
+    are :math:`\log y`, ``-inf`` for 0) optax's ``kl_divergence_with_log_targets`` and
+    PyTorch's ``F.kl_div(log_q, log_y, log_target=True)``. Each class's term is computed as
+    one number, so a divergence near 0 is not the difference of two large sums. A ``-inf``
+    logit under a zero label contributes nothing; under a positive label the divergence is
+    ``+inf``.
+
+    Reductions: ``"none"`` (per example), ``"sum"``, ``"mean"`` (over included examples) and
+    ``"batchmean"``, PyTorch's: the sum divided by the size of the first batch axis (the
+    number of rows for ``[N, K]`` logits, where it equals ``"mean"``; for ``[N, K, H]``
+    logits with ``axis=1``, the sum over ``N`` as ``F.kl_div(..., reduction="batchmean")``
+    of ``[N, K, H]`` input gives), whatever ``where`` excludes. PyTorch's own
+    ``reduction="mean"`` averages over every element, classes included, which is not a KL.
 
     Args:
-      labels: target distributions, same shape as ``logits``.
-      logits: float array of unnormalised log-probabilities.
+      logits: float array ``[..., K, ...]`` of unnormalised log-probabilities.
+      labels: target distributions (or their logs with ``log_labels``), the logits' shape.
       axis: the class axis, or a tuple of class axes.
+      log_labels: ``labels`` are log-probabilities.
+      weights: optional per-example multiplier (the logits' batch shape).
+      where: optional boolean mask, per example or per logit (False takes a class out of
+        the softmax and drops its target).
+      reduction: ``"mean"``, ``"sum"``, ``"none"`` or ``"batchmean"``.
 
     Returns:
-      float32 per-example divergences (>= 0) with the class axes removed.
+      A float32 scalar (float64 for float64 inputs), or the per-example divergences (>= 0)
+      for ``"none"``.
 
     Example:
       >>> import jax.numpy as jnp, jbce
-      >>> jbce.kl_divergence(jnp.array([0.5, 0.5]), jnp.array([0.0, 0.0]))
-      Array(0., dtype=float32)
+      >>> y = jnp.array([[0.5, 0.5, 0.0]])
+      >>> jbce.kl_divergence(jnp.log(jnp.array([[0.25, 0.5, 0.25]])), y)
+      Array(0.346573..., dtype=float32)
+      >>> jbce.kl_divergence(jnp.zeros((1, 3)), jnp.log(y), log_labels=True)
+      Array(0.405465..., dtype=float32)
     """
-    ce = softmax_cross_entropy(logits, labels, axis=axis, reduction="none")
-    labels = _checks.as_array("labels", labels)
-    if not jnp.issubdtype(labels.dtype, jnp.floating):
-        labels = labels.astype(ce.dtype)
-    return ce - entropy(labels, axis=axis).astype(ce.dtype)
+    red = _reduction(reduction)
+    x, y, weights, mask, rows, dt, bshape = soft_inputs(
+        logits, labels, axis=axis, weights=weights, where=where, reduction=red
+    )
+    if not log_labels:
+        _checks.debug_check_unit_interval("labels", y)
+    loss = term_loss(x, y, None, None, mask, "kl", bool(log_labels), dt)
+    return _reduce(loss, reduction, weights, rows, bshape)
+
+
+def jensen_shannon_divergence(
+    logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    *,
+    beta: float | ArrayLike = 0.5,
+    temperature: float | ArrayLike = 1.0,
+    axis: int | Sequence[int] = -1,
+    weights: ArrayLike | None = None,
+    where: ArrayLike | None = None,
+    reduction: str = "mean",
+) -> jax.Array:
+    r"""Generalised Jensen-Shannon divergence between a student and a teacher (distillation).
+
+    With :math:`Q = \mathrm{softmax}(x / T)` (the student, ``logits``) and
+    :math:`P = \mathrm{softmax}(x_t / T)` (the teacher, ``teacher_logits``):
+
+    .. math::
+        \mathrm{JSD}_\beta = \beta\, \mathrm{KL}(P \,\|\, M)
+            + (1 - \beta)\, \mathrm{KL}(Q \,\|\, M), \qquad M = \beta P + (1 - \beta) Q
+
+    for :math:`0 < \beta < 1` (``beta=0.5`` is the symmetric JSD, at most :math:`\log 2`).
+    The formula tends to 0 at both ends; as in GKD (and TRL's ``generalized_jsd_loss``) the
+    ends are defined as the two KL directions instead:
+
+    - ``beta=0``: the **forward** KL :math:`\mathrm{KL}(P \,\|\, Q)` (teacher || student,
+      ``kl_divergence(logits / T, softmax(teacher_logits / T))``, mean-seeking);
+    - ``beta=1``: the **reverse** KL :math:`\mathrm{KL}(Q \,\|\, P)` (student || teacher,
+      mode-seeking).
+
+    A traced ``beta`` picks the same branch by value (with ``where``: no conditional), and
+    its gradient is :math:`\mathrm{KL}(P\|M) - \mathrm{KL}(Q\|M)` inside (0, 1), 0 at the ends.
+    No :math:`T^2` factor is applied (multiply by ``temperature ** 2`` for Hinton's scaling).
+    :math:`\log P - \log M` is evaluated from :math:`d = \log Q - \log P` as
+    :math:`-\log(\beta + (1 - \beta) e^d)` with ``log1p``/``expm1``: finite and exact for a
+    class that is ``-inf`` in one of the two (``M`` keeps the other's mass), and accurate
+    where the two nearly agree. A class ``-inf`` in both drops out. Gradients flow to both
+    logits (wrap the teacher in ``jax.lax.stop_gradient`` to freeze it), ``beta`` and
+    ``temperature``; the backward pass saves the inputs and four floats per example.
+
+    Args:
+      logits: float array ``[..., K, ...]``, the student's logits.
+      teacher_logits: float array, the logits' shape.
+      beta: weight in [0, 1] of the teacher's term; a Python number or a scalar array.
+      temperature: T > 0 dividing both logits; a Python number or a scalar array.
+      axis: the class axis, or a tuple of class axes.
+      weights: optional per-example multiplier (the logits' batch shape).
+      where: optional boolean mask, per example or per logit (a class out of both softmaxes).
+      reduction: ``"mean"``, ``"sum"``, ``"none"`` or ``"batchmean"`` (see
+        :func:`kl_divergence`).
+
+    Returns:
+      A float32 scalar (float64 for float64 inputs), or the per-example divergences for
+      ``"none"``.
+
+    References:
+      Agarwal et al., "On-Policy Distillation of Language Models: Learning from
+      Self-Generated Mistakes" (GKD), ICLR 2024.
+
+    Example:
+      >>> import jax.numpy as jnp, jbce
+      >>> student = jnp.array([[0.0, -jnp.inf]])
+      >>> teacher = jnp.array([[-jnp.inf, 0.0]])
+      >>> jbce.jensen_shannon_divergence(student, teacher)  # disjoint supports: log 2
+      Array(0.693147..., dtype=float32)
+    """
+    red = _reduction(reduction)
+    _checks.check_float("teacher_logits", _checks.as_array("teacher_logits", teacher_logits))
+    x, t, weights, mask, rows, dt, bshape = soft_inputs(
+        logits, teacher_logits, axis=axis, weights=weights, where=where, reduction=red,
+        options=(beta, temperature), labels_name="teacher_logits",
+    )  # fmt: skip
+    b = _checks.hyperparameter("beta", beta, low=0.0, high=1.0)
+    temp = _checks.hyperparameter("temperature", temperature, low=0.0, low_open=True)
+    if isinstance(b, jax.Array):
+        mode = "traced"
+    else:
+        mode = "forward" if b == 0 else "reverse" if b == 1 else "mix"
+    loss = jsd_loss(x, t, jnp.asarray(b, dt), jnp.asarray(temp, dt), mask, mode, dt)
+    return _reduce(loss, reduction, weights, rows, bshape)

@@ -1,0 +1,298 @@
+"""Softmax focal loss (soft and integer labels) and the Poly-1 cross-entropy: the API.
+
+Validates the arguments, lays the logits out with the classes last (:func:`jbce._softmax.to_rows`)
+and builds each loss on a lean custom VJP: per-class terms of the log-probabilities
+(:func:`jbce._softmax_terms.term_loss`) for probability labels, and the softmax statistics
+(:func:`jbce._softmax_xla.softmax_stats`) with a per-row focal term for integer labels.
+Weights, masks and reductions are applied by :mod:`jbce._reduce`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from jbce import _checks
+from jbce._dtypes import compute_dtype
+from jbce._reduce import reduce_loss
+from jbce._softmax import _split_where, batch_shape, to_rows
+from jbce._softmax_terms import focal_of_log_prob, term_loss
+from jbce._softmax_xla import softmax_stats
+
+
+def _and(a, b):
+    return b if a is None else a if b is None else a & b
+
+
+def soft_inputs(
+    logits, labels, *, axis, weights, where, reduction, options=(), labels_name="labels"
+):
+    """Checked soft-label inputs in row layout.
+
+    Returns ``(x, y, weights, class mask or None, row mask or None, compute dtype, batch shape)``
+    with ``x`` and ``y`` ``[..., K]`` in their own dtypes (the cores cast them), ``weights``
+    in the compute dtype and rows whose every class is masked out excluded.
+    """
+    logits = _checks.as_array("logits", logits)
+    _checks.check_float("logits", logits)
+    axes = _checks.canonical_axes(axis, logits.ndim)
+    _checks.check_classes("logits", math.prod(logits.shape[a] for a in axes))
+    labels = _checks.as_array(labels_name, labels)
+    _checks.check_shape(labels_name, labels, logits.shape, f"to match logits {logits.shape}")
+    _checks.check_reduction(reduction)
+    bshape = batch_shape(logits.shape, axes)
+    dt = compute_dtype(logits, labels, weights, *options)
+    logit_mask, rows = _split_where(where, logits.shape, axes, bshape)
+    x = to_rows(logits, axes)
+    if not jnp.issubdtype(labels.dtype, jnp.floating):
+        labels = labels.astype(dt)
+    y = to_rows(labels, axes)
+    if weights is not None:
+        _checks.check_broadcastable("weights", weights, "the logits' batch shape", bshape)
+        weights = _checks.as_array("weights", weights).astype(dt)
+    if logit_mask is not None:
+        rows = _and(rows, jnp.any(logit_mask, axis=-1))
+    return x, y, weights, logit_mask, rows, dt, bshape
+
+
+def _alpha(alpha, k, dt):
+    """``alpha``: None, a number >= 0, or an array of shape () or (K,) (checked under checkify)."""
+    if alpha is None:
+        return None
+    a = _checks.hyperparameter("alpha", alpha, low=0.0, scalar=False)
+    a = _checks.as_array("alpha", a)
+    if a.ndim:
+        _checks.check_shape("alpha", a, (k,), "(a scalar or one value per class)")
+    return a.astype(dt) if not jnp.issubdtype(a.dtype, jnp.floating) or a.ndim == 0 else a
+
+
+def _gamma(gamma, dt):
+    return jnp.asarray(_checks.hyperparameter("gamma", gamma, low=0.0), dt)
+
+
+def softmax_focal_loss(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    alpha: float | ArrayLike | None = None,
+    gamma: float | ArrayLike = 2.0,
+    axis: int | Sequence[int] = -1,
+    weights: ArrayLike | None = None,
+    where: ArrayLike | None = None,
+    reduction: str = "mean",
+) -> jax.Array:
+    r"""Softmax focal loss against probability targets, as Keras' ``CategoricalFocalCrossentropy``.
+
+    With :math:`p = \mathrm{softmax}(x)` over the included classes:
+
+    .. math::
+        L_n = -\sum_c \alpha_c\, y_{nc}\, (1 - p_{nc})^{\gamma} \log p_{nc}
+
+    Equals Keras 3 ``CategoricalFocalCrossentropy(alpha=a, gamma=g, from_logits=True)`` per
+    example, except that Keras clips :math:`p` to :math:`[10^{-7}, 1 - 10^{-7}]` and jbce does
+    not: jbce is exact for confident predictions and gives ``+inf`` for a positive target on a
+    ``-inf`` logit. Keras' default ``alpha=0.25`` is ``alpha=0.25`` here; ``alpha=None`` (the
+    default) means 1. ``gamma=0`` gives :func:`softmax_cross_entropy` (times ``alpha``).
+
+    :math:`\log p` is computed as :math:`(x - m) - \ell` and :math:`1 - p` as
+    :math:`-\mathrm{expm1}(\log p)` (no cancellation near :math:`p = 1`). The gradient is
+    finite for every ``gamma >= 0``, ``gamma < 1`` included, at any logits: the factor
+    :math:`\gamma \log p\,(1 - p)^{\gamma - 1}` is evaluated as
+    :math:`\gamma (1 - p)^\gamma \cdot \log p / (1 - p)`, whose ratio tends to -1. The backward
+    pass saves the inputs and two floats per example.
+
+    Args:
+      logits: float array ``[..., K, ...]``; bf16/fp16 computed in float32.
+      labels: target distributions (one-hot or soft), the logits' shape.
+      alpha: optional class weight: a number >= 0, or a ``[K]`` array (one per class).
+      gamma: focusing exponent >= 0; a Python number or a scalar array (a jit argument).
+      axis: the class axis, or a tuple of class axes.
+      weights: optional per-example multiplier (the logits' batch shape).
+      where: optional boolean mask, per example or per logit (False takes a class out of
+        the softmax and drops its target).
+      reduction: ``"mean"`` (over included examples), ``"sum"`` or ``"none"``.
+
+    Returns:
+      A float32 scalar (float64 for float64 inputs), or the per-example losses for ``"none"``.
+
+    References:
+      Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jbce
+      >>> probs = jnp.array([[0.05, 0.9, 0.05], [0.1, 0.85, 0.05]])
+      >>> y = jnp.array([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+      >>> jbce.softmax_focal_loss(jnp.log(probs), y, alpha=0.25, reduction="none")
+      Array([2.634...e-04, 6.759...e-01], dtype=float32)
+    """
+    x, y, weights, logit_mask, rows, dt, _ = soft_inputs(
+        logits, labels, axis=axis, weights=weights, where=where, reduction=reduction,
+        options=(alpha, gamma),
+    )  # fmt: skip
+    a = _alpha(alpha, x.shape[-1], dt)
+    g = _gamma(gamma, dt)
+    _checks.debug_check_unit_interval("labels", y)
+    loss = term_loss(x, y, a, g, logit_mask, "focal", False, dt)
+    return reduce_loss(loss, reduction=reduction, weights=weights, where=rows)
+
+
+def softmax_focal_loss_with_integer_labels(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    alpha: float | ArrayLike | None = None,
+    gamma: float | ArrayLike = 2.0,
+    axis: int | Sequence[int] = -1,
+    weights: ArrayLike | None = None,
+    class_weights: ArrayLike | None = None,
+    ignore_index: int | None = -100,
+    where: ArrayLike | None = None,
+    reduction: str = "mean",
+) -> jax.Array:
+    r"""Softmax focal loss with integer class labels.
+
+    With :math:`p_n = \mathrm{softmax}(x_n)_{y_n}`, :math:`w` the class weights and
+    :math:`\alpha` a scalar or per-class weight:
+
+    .. math::
+        L_n = -w_{y_n}\, \alpha_{y_n}\, (1 - p_n)^{\gamma} \log p_n
+
+    the one-hot case of :func:`softmax_focal_loss`. ``class_weights`` and ``ignore_index``
+    behave as in :func:`softmax_cross_entropy_with_integer_labels`: ``"mean"`` divides by the
+    number of non-ignored examples, or by :math:`\sum_n w_{y_n}` with ``class_weights``;
+    ``alpha`` multiplies the loss only (it is not part of the denominator). A logit of
+    ``-inf`` (or False in a logits-shaped ``where``) removes that class from the softmax; a
+    label outside ``[0, K)`` that is not ``ignore_index`` gives NaN (reported under
+    checkify). The gradient is finite for every ``gamma >= 0`` at any logits. The backward
+    pass saves the inputs and a few floats per example.
+
+    Args:
+      logits: float array ``[..., K, ...]``; bf16/fp16 computed in float32.
+      labels: integer array of the logits' shape without the class axes.
+      alpha: optional class weight: a number >= 0, or a ``[K]`` array.
+      gamma: focusing exponent >= 0; a Python number or a scalar array (a jit argument).
+      axis: the class axis, or a tuple of class axes.
+      weights: optional per-example multiplier, broadcastable to ``labels``.
+      class_weights: optional ``[K]`` weight per class, part of the mean's denominator.
+      ignore_index: label value whose examples are excluded (``None`` for none).
+      where: optional boolean mask, per example (labels' shape) or per logit.
+      reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+
+    Returns:
+      A float32 scalar, or the per-example losses for ``"none"``.
+
+    References:
+      Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017.
+
+    Example:
+      >>> import jax.numpy as jnp, jbce
+      >>> logits = jnp.log(jnp.array([[0.05, 0.9, 0.05], [0.1, 0.85, 0.05]]))
+      >>> jbce.softmax_focal_loss_with_integer_labels(logits, jnp.array([1, 2]), reduction="none")
+      Array([0.0010536..., 2.7036...], dtype=float32)
+    """
+    logits = _checks.as_array("logits", logits)
+    _checks.check_float("logits", logits)
+    axes = _checks.canonical_axes(axis, logits.ndim)
+    k = math.prod(logits.shape[a] for a in axes)
+    _checks.check_classes("logits", k)
+    labels = _checks.integer_labels("labels", labels, k)
+    bshape = batch_shape(logits.shape, axes)
+    axis_txt = axis if isinstance(axis, int) else tuple(axis)
+    _checks.check_shape(
+        "labels", labels, bshape, f"to match logits {logits.shape} without axis {axis_txt}"
+    )
+    _checks.check_reduction(reduction)
+    ignore_index = _checks.check_ignore_index(ignore_index)
+    dt = compute_dtype(logits, weights, class_weights, alpha, gamma)
+    a = _alpha(alpha, k, dt)
+    g = _gamma(gamma, dt)
+    logit_mask, rows = _split_where(where, logits.shape, axes, bshape)
+    x = to_rows(logits, axes)
+    if weights is not None:
+        _checks.check_broadcastable("weights", weights, "labels", bshape)
+        weights = _checks.as_array("weights", weights).astype(dt)
+    cw = None
+    if class_weights is not None:
+        cw = _checks.as_array("class_weights", class_weights)
+        _checks.check_shape("class_weights", cw, (k,), "(one weight per class)")
+        cw = cw.astype(dt)
+    _checks.debug_check_labels("labels", labels, k, ignore_index)
+    if ignore_index is not None:
+        rows = _and(rows, labels != ignore_index)
+    st = softmax_stats(x, labels, None, logit_mask, None, rows, dt, False, False, None)
+    has = st.lse != -jnp.inf  # a row with no class left is excluded (NaN rows count)
+    log_p = (st.target - st.shift) - jnp.where(has, st.lse, 0)
+    loss = focal_of_log_prob(log_p, g)
+    in_range = (labels >= 0) & (labels < k)
+    safe = jnp.clip(labels, 0, k - 1)
+    if a is not None and a.ndim:
+        loss = loss * jnp.take(a.astype(dt), safe)
+    elif a is not None:
+        loss = loss * a.astype(dt)
+    tw = None
+    if cw is not None:
+        tw = jnp.take(cw, safe)
+        loss = tw * loss
+    loss = jnp.where(in_range, loss, jnp.nan)
+    return reduce_loss(
+        loss, reduction=reduction, weights=weights, where=_and(rows, has), denominator_weights=tw
+    )
+
+
+def poly_loss_cross_entropy(
+    logits: ArrayLike,
+    labels: ArrayLike,
+    *,
+    epsilon: float | ArrayLike = 2.0,
+    axis: int | Sequence[int] = -1,
+    weights: ArrayLike | None = None,
+    where: ArrayLike | None = None,
+    reduction: str = "mean",
+) -> jax.Array:
+    r"""Poly-1 loss: softmax cross-entropy plus :math:`\epsilon` times the first polynomial term.
+
+    .. math::
+        L_n = -\sum_c y_{nc} \log p_{nc} + \epsilon \sum_c y_{nc} (1 - p_{nc}),
+        \qquad p_n = \mathrm{softmax}(x_n)
+
+    With ``reduction="none"`` it equals optax's ``poly_loss_cross_entropy(logits, labels,
+    epsilon, axis=axis, where=where)`` (a logits-shaped ``where`` takes classes out of the
+    softmax). :math:`1 - p` is computed as :math:`-\mathrm{expm1}(\log p)`. The backward pass
+    saves the inputs and two floats per example.
+
+    Args:
+      logits: float array ``[..., K, ...]``; bf16/fp16 computed in float32.
+      labels: target distributions, the logits' shape.
+      epsilon: coefficient of the polynomial term, >= -1 (2 for ImageNet classification,
+        -1 for detection in the paper); a Python number or a scalar array. Below -1 the loss
+        is no longer non-negative.
+      axis: the class axis, or a tuple of class axes.
+      weights: optional per-example multiplier (the logits' batch shape).
+      where: optional boolean mask, per example or per logit.
+      reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+
+    Returns:
+      A float32 scalar, or the per-example losses for ``"none"``.
+
+    References:
+      Leng et al., "PolyLoss: A Polynomial Expansion Perspective of Classification Loss
+      Functions", ICLR 2022.
+
+    Example:
+      >>> import jax.numpy as jnp, jbce
+      >>> logits = jnp.log(jnp.array([[0.5, 0.25, 0.25]]))
+      >>> jbce.poly_loss_cross_entropy(logits, jnp.array([[1.0, 0.0, 0.0]]), epsilon=2.0)
+      Array(1.693147..., dtype=float32)
+    """
+    x, y, weights, logit_mask, rows, dt, _ = soft_inputs(
+        logits, labels, axis=axis, weights=weights, where=where, reduction=reduction,
+        options=(epsilon,),
+    )  # fmt: skip
+    eps = jnp.asarray(_checks.hyperparameter("epsilon", epsilon, low=-1.0), dt)
+    _checks.debug_check_unit_interval("labels", y)
+    loss = term_loss(x, y, None, eps, logit_mask, "poly", False, dt)
+    return reduce_loss(loss, reduction=reduction, weights=weights, where=rows)
