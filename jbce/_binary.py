@@ -117,8 +117,8 @@ def _prepare(name_x, x, labels, weights, where, extra=()):
     """(x, labels, weights, where, compute dtype) as arrays, with shapes checked."""
     x = _checks.as_array(name_x, x)
     _checks.check_float(name_x, x)
+    dt = compute_dtype(x, labels, weights, *extra)  # before Python scalars become arrays
     labels = _checks.as_array("labels", labels)
-    dt = compute_dtype(x, labels, weights, *extra)
     if not jnp.issubdtype(labels.dtype, jnp.floating) or labels.ndim == 0:
         labels = labels.astype(dt)
     shape = x.shape

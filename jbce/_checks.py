@@ -168,7 +168,7 @@ def hyperparameter(
             or (high is not None and v > high)
         )
         if bad:
-            raise ValueError(f"{name} must lie in {_interval(low, high, low_open)}; got {value!r}")
+            raise ValueError(f"{name} must be {_interval(low, high, low_open)}; got {value!r}")
         return value
     x = as_array(name, value)
     if scalar and x.ndim != 0:
@@ -181,14 +181,15 @@ def hyperparameter(
     if high is not None:
         ok = ok & (x <= high)
     if x.size:
-        value_check(ok, f"{name} must lie in {_interval(low, high, low_open)}")
+        value_check(ok, f"{name} must be {_interval(low, high, low_open)}")
     return x
 
 
 def _interval(low, high, low_open) -> str:
-    lo = "(-inf" if low is None else ("(" if low_open else "[") + f"{low:g}"
-    hi = "inf)" if high is None else f"{high:g}]"
-    return f"{lo}, {hi}"
+    if high is None:
+        return f"> {low:g}" if low_open else f">= {low:g}"
+    lo = "(" if low_open else "["
+    return f"in {lo}{low:g}, {high:g}]"
 
 
 # --- value checks reported by checkify, free everywhere else ------------------------------------

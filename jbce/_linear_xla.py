@@ -96,6 +96,13 @@ def _token_slices(n, tn):
     return count, take
 
 
+def _repeated_rows(i, n, tn):
+    """Rows of token chunk ``i`` that an earlier chunk covered (None with one chunk)."""
+    if _num_chunks(n, tn) == 1:
+        return None
+    return (_chunk_start(i, tn, n) + jnp.arange(tn)) < i * tn
+
+
 def _put(i, n, tn, full, part):
     if _num_chunks(n, tn) == 1:
         return part
@@ -123,9 +130,15 @@ def tiled_stats(hidden, weight, bias, labels, cap, dtype, tn, tv, sums):
             h, y = take(i, hidden, labels)
             _, x, local, fresh = _tile(h, weight, bias, y, j, c0, tv, cap, dtype)
             tile = _stats.block_stats(x, local, mask=fresh, sums=sums)
-            part = _stats.merge(_stats.Stats(*take(i, *acc)), tile)
-            return _stats.Stats(*(None if f is None else _put(i, n, tn, a, f)
-                                  for a, f in zip(acc, part)))  # fmt: skip
+            old = _stats.Stats(*take(i, *acc))
+            new = _stats.merge(old, tile)
+            # Rows an overlapping last token chunk shares with its predecessor have this tile
+            # merged in already.
+            again = _repeated_rows(i, n, tn)
+            return _stats.Stats(*(
+                None if f is None else _put(i, n, tn, a, f if again is None else jnp.where(again, o, f))
+                for a, o, f in zip(acc, old, new)
+            ))  # fmt: skip
 
         return lax.fori_loop(0, count, token_chunk, acc) if count > 1 else token_chunk(0, acc)
 
@@ -152,6 +165,9 @@ def tiled_grads(hidden, weight, bias, labels, cap, rows, saved, g, dtype, tn, tv
             dx, _ = _stats.logits_grad(
                 x, local, _stats.Stats(shift, lse, None), g_i, mask=fresh, rows=r
             )
+            again = _repeated_rows(i, n, tn)
+            if again is not None:  # rows an overlapping last chunk shares count once
+                dx = jnp.where(again[:, None], 0, dx)
             dz, dc = _stats.softcap_vjp(z, cap, dx)
             dh_i = take(i, dh)[0] + jnp.dot(dz, w_j.T)
             dh = _put(i, n, tn, dh, dh_i)

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 import jbce
-from jbce import _linear
 from tests import reference
 
 pytestmark = pytest.mark.jax_strict
@@ -87,15 +86,13 @@ def test_every_option_matches_materialised_loss_float64(name):
         assert_tree_close(value_and_grads(fused, h, w, b), want, 1e-12)
 
 
-@pytest.mark.parametrize("tile_elements", [1, 7 * 5, 64])
-def test_token_chunks_with_an_overlapping_last_chunk_count_each_token_once(
-    monkeypatch, tile_elements
-):
-    # 2**20-logit tiles hold all of a small batch; shrink them so N=37 spans several token
-    # chunks (7 rows for chunk_size=5), the last one overlapping its predecessor.
-    monkeypatch.setattr(_linear, "_TILE_ELEMENTS", tile_elements)
+@pytest.mark.parametrize("token_chunk", [1, 7, 12])
+def test_token_chunks_with_an_overlapping_last_chunk_count_each_token_once(token_chunk):
+    # N=37 tokens in several token chunks (7 rows for the second case), the last one
+    # overlapping its predecessor, and 5-column vocabulary chunks.
     h, w, b, y = make(37, 6, 23, ignore=(0, 36))
-    fused, ref = fused_and_ref(y, chunk_size=5, label_smoothing=0.1, logit_softcap=3.0)
+    opts = {"label_smoothing": 0.1, "logit_softcap": 3.0}
+    fused, ref = fused_and_ref(y, chunk_size=(token_chunk, 5), **opts)
     assert_tree_close(value_and_grads(fused, h, w, b), value_and_grads(ref, h, w, b), 1e-12)
 
 
