@@ -10,6 +10,8 @@ reductions are applied by :mod:`jbce._reduce`.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
@@ -47,36 +49,35 @@ def _sigmoid_pair(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 # --- sigmoid BCE core: l = a softplus(-x) + b softplus(x), a = pw y, b = 1 - y -------------
-@jax.custom_vjp
-def _bce_logits(x: jax.Array, y: jax.Array, pw: jax.Array | None) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _bce_logits(x: jax.Array, y: jax.Array, pw: jax.Array | None, dtype) -> jax.Array:
     """The loss per element (compute dtype) for inputs of one shape in any float dtypes.
 
     With ``softplus(+-x) = relu(+-x) + log1p(exp(-|x|))``: one exp/log1p pair per element,
     no cancellation (each linear term is nonzero for one sign of ``x`` only), and a zero
     coefficient switches its term off, so an infinite logit whose hard label agrees costs 0.
     """
-    x, y, pw = _inputs(x, y, pw)
+    x, y, pw = _inputs(dtype, x, y, pw)
     a = y if pw is None else pw * y
     b = 1 - y
     t = jnp.log1p(jnp.exp(-jnp.abs(x)))
     return _xmul(a, jnp.maximum(-x, 0)) + _xmul(b, jnp.maximum(x, 0)) + (a + b) * t
 
 
-def _inputs(*xs):
-    """The core's inputs in their compute dtype, cast inside the core so that its residuals
+def _inputs(dtype, *xs):
+    """The core's inputs in the compute ``dtype``, cast inside the core so that its residuals
     are the caller's arrays (a bf16 -> f32 copy of the logits is never saved)."""
-    dt = compute_dtype(*xs)
-    return tuple(None if x is None else to_compute(x, dt) for x in xs)
+    return tuple(None if x is None else to_compute(x, dtype) for x in xs)
 
 
-def _bce_logits_fwd(x, y, pw):
+def _bce_logits_fwd(x, y, pw, dtype):
     # Residuals: the inputs only.
-    return _bce_logits(x, y, pw), (x, y, pw)
+    return _bce_logits(x, y, pw, dtype), (x, y, pw)
 
 
-def _bce_logits_bwd(res, g):
+def _bce_logits_bwd(dtype, res, g):
     x0, y0, pw0 = res
-    x, y, pw = _inputs(x0, y0, pw0)
+    x, y, pw = _inputs(dtype, x0, y0, pw0)
     # d/dx = (1 - y) sigmoid(x) - a sigmoid(-x), a = pw y. With s = sigmoid(-|x|) (one
     # logistic, accurate in the tail) and k = 1 - y + a this is (1 - y) - k s for x >= 0 and
     # k s - a for x < 0: each form is exact where the gradient is tiny (an agreeing label),
@@ -188,7 +189,7 @@ def sigmoid_binary_cross_entropy(
             pw = pw.astype(dt)
     _checks.debug_check_unit_interval("labels", y)
     y, pw = _like_logits(x, _smooth(y, e), pw)
-    loss = _bce_logits(x, y, pw)
+    loss = _bce_logits(x, y, pw, jnp.dtype(dt))
     return reduce_loss(loss, reduction=reduction, weights=weights, where=where)
 
 
@@ -280,21 +281,21 @@ def _focal_parts(x, y):
     return s_pos, s_neg, ce, m
 
 
-@jax.custom_vjp
-def _focal(x: jax.Array, y: jax.Array, gamma: jax.Array) -> jax.Array:
-    x, y, gamma = _inputs(x, y, gamma)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _focal(x: jax.Array, y: jax.Array, gamma: jax.Array, dtype) -> jax.Array:
+    x, y, gamma = _inputs(dtype, x, y, gamma)
     _, _, ce, m = _focal_parts(x, y)
     return _xmul(ce, m**gamma)
 
 
-def _focal_fwd(x, y, gamma):
+def _focal_fwd(x, y, gamma, dtype):
     # Residuals: the inputs only.
-    return _focal(x, y, gamma), (x, y, gamma)
+    return _focal(x, y, gamma, dtype), (x, y, gamma)
 
 
-def _focal_bwd(res, g):
+def _focal_bwd(dtype, res, g):
     x0, y0, gamma0 = res
-    x, y, gamma = _inputs(x0, y0, gamma0)
+    x, y, gamma = _inputs(dtype, x0, y0, gamma0)
     s_pos, s_neg, ce, m = _focal_parts(x, y)
     mg = m**gamma
     # dm/dx = (1 - 2y) sigmoid(x) sigmoid(-x); use (dm/dx) / m, which stays bounded, so the
@@ -363,7 +364,7 @@ def sigmoid_focal_loss(
         alpha = _checks.hyperparameter("alpha", alpha, low=0.0, high=1.0)
     _checks.debug_check_unit_interval("labels", y)
     y, g = _like_logits(x, y, jnp.asarray(gamma, dt))
-    loss = _focal(x, y, g)
+    loss = _focal(x, y, g, jnp.dtype(dt))
     if alpha is not None:
         y = to_compute(y, dt)
         loss = loss * (alpha * y + (1 - alpha) * (1 - y))

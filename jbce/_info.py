@@ -106,8 +106,7 @@ def kl_divergence(
     With normalised log-probabilities as ``logits`` (``softmax(log q) = q``) this equals
     optax's ``kl_divergence(log_predictions, targets)``; with ``log_labels=True`` (``labels``
     are :math:`\log y`, ``-inf`` for 0) optax's ``kl_divergence_with_log_targets`` and
-    PyTorch's ``F.kl_div(log_q, log_y, log_target=True)``. Each class's term is computed as
-    one number, so a divergence near 0 is not the difference of two large sums. A ``-inf``
+    PyTorch's ``F.kl_div(log_q, log_y, log_target=True)``. A ``-inf``
     logit under a zero label contributes nothing; under a positive label the divergence is
     ``+inf``.
 

@@ -9,6 +9,7 @@ applied by :mod:`jbce._reduce`.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import jax
@@ -134,7 +135,7 @@ def softmax_cross_entropy_with_integer_labels(
     logits, axes = _logits(logits, axis)
     labels = _checks.integer_labels("labels", labels)
     bshape = batch_shape(logits.shape, axes)
-    axis_txt = axis if isinstance(axis, int) else tuple(axis)
+    axis_txt = operator.index(axis) if hasattr(axis, "__index__") else tuple(axis)
     _checks.check_shape(
         "labels", labels, bshape, f"to match logits {logits.shape} without axis {axis_txt}"
     )

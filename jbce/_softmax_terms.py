@@ -12,9 +12,7 @@ over its included classes (not ``-inf``, not masked out), with :math:`l_c = \log
     \frac{\partial L}{\partial x_j} = u_j - p_j \sum_c u_c, \quad u_c = a_c\, \phi'(l_c; \theta)
 
 for one of the terms of :data:`TERMS` (cross-entropy :math:`-l`, focal :math:`-q^\gamma l`,
-Poly-1 :math:`-l + \epsilon q`, and KL divergence :math:`\log y_c - l`, each class's term
-taken as one number so that a divergence near 0 does not come from cancelling sums). The
-backward pass recomputes :math:`l` from the logits and the two saved floats per row, so the
+Poly-1 :math:`-l + \epsilon q`, and KL divergence :math:`\log y_c - l`). The backward pass recomputes :math:`l` from the logits and the two saved floats per row, so the
 residuals are the inputs and :math:`m, \ell`.
 
 :func:`focal_of_log_prob` is the focal term of one log-probability per row (the integer-label
@@ -80,12 +78,12 @@ def _phi_grads(kind, lg, theta):
     return -1 - theta * p, _one_minus_p(lg)  # poly
 
 
-def _class_coef(alpha, k, dtype):
-    """alpha (None, a scalar or ``[k]``) broadcastable against ``[..., k]``."""
+def _class_coef(alpha, shape, dtype):
+    """alpha (None, a scalar or ``[k]``) shaped to broadcast against ``shape`` ``[..., k]``."""
     if alpha is None:
         return None
     a = to_compute(alpha, dtype)
-    return a if a.ndim == 0 else a.reshape((k,))
+    return a if a.ndim == 0 else a.reshape((1,) * (len(shape) - 1) + (shape[-1],))
 
 
 def _prepared(logits, labels, alpha, mask, dtype, log_labels):
@@ -102,7 +100,7 @@ def _prepared(logits, labels, alpha, mask, dtype, log_labels):
         y = jnp.where(mask, y, jnp.zeros((), dtype))
         if ly is not None:
             ly = jnp.where(mask, ly, -jnp.inf)
-    al = _class_coef(alpha, x.shape[-1], dtype)
+    al = _class_coef(alpha, x.shape, dtype)
     a = y if al is None else al * y
     return x, y, a, ly
 
@@ -181,7 +179,7 @@ def _term_loss_bwd(kind, log_labels, dtype, res, g):
         phi = _phi(kind, lg, th)
     phi = jnp.where(inc, phi, jnp.zeros((), dtype))
     da = _scaled(g, phi)
-    al = _class_coef(alpha, x.shape[-1], dtype)
+    al = _class_coef(alpha, x.shape, dtype)
     dy = da if al is None else al * da
     if log_labels:
         dy = _xmul(y, dy)  # through y = exp(log y)

@@ -241,7 +241,9 @@ def logits_grad(
     """
     x, weights = _masked(x, weights, mask, soft)
     lse = jnp.where(stats.lse == -jnp.inf, 0, stats.lse)  # a row without classes: p = 0
-    p = jnp.exp((x - _col(stats.shift)) - _col(lse))
+    # exp(x - m) / sum exp(x - m): exp(-l) <= 1 carries the normalisation with a relative
+    # error of a few ulps (exp(x - m - l) would amplify the rounding of x - m - l).
+    p = jnp.exp(x - _col(stats.shift)) * _col(jnp.exp(-lse))
     dx = _col(g.lse) * p
     zero = jnp.zeros((), x.dtype)
     if g.target is not None and labels is not None:
