@@ -26,7 +26,7 @@ REDUCTIONS = ("none", "sum", "mean")
 
 
 def as_array(name: str, x) -> jax.Array:
-    """``x`` as a jax array; Python lists, tuples and scalars are accepted as ``jnp.asarray`` does."""
+    """``x`` as a jax array; lists, tuples and scalars are accepted as ``jnp.asarray`` does."""
     if isinstance(x, jax.Array):
         return x
     try:

@@ -20,7 +20,7 @@ from jax.typing import ArrayLike
 
 
 def compute_dtype(*xs: ArrayLike | None) -> jnp.dtype:
-    """float32, or float64 if an input array is float64. Python scalars, lists and None don't count."""
+    """float32, or float64 if an input array is float64 (Python scalars and lists don't count)."""
     dt = jnp.float32
     for x in xs:
         # Python scalars are weakly typed: a label of 1.0 must not make a float32 loss float64.

@@ -55,9 +55,9 @@ def linear_softmax_cross_entropy(
     time: the forward pass keeps an online log-sum-exp, and the backward pass recomputes
     each tile and accumulates the gradients (in float32 for bf16/fp16 inputs; the logits
     of a tile are computed in float32 from bf16 inputs, not rounded to bf16). The backward
-    pass saves the inputs and two floats per token (the shift and the shifted log-sum-exp). Use it when the logits would not
-    fit, or would dominate memory (large vocabularies); it does one more
-    ``hidden @ weight``-sized matmul than the materialised loss.
+    pass saves the inputs and two floats per token (the shift and the shifted log-sum-exp).
+    Use it when the logits would not fit, or would dominate memory (large vocabularies); it
+    does one more ``hidden @ weight``-sized matmul than the materialised loss.
 
     A bias of ``-inf`` removes that class (vocabulary padding), as a ``-inf`` logit does in
     the materialised loss.

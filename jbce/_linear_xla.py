@@ -135,10 +135,11 @@ def tiled_stats(hidden, weight, bias, labels, cap, dtype, tn, tv, sums):
             # Rows an overlapping last token chunk shares with its predecessor have this tile
             # merged in already.
             again = _repeated_rows(i, n, tn)
-            return _stats.Stats(*(
-                None if f is None else _put(i, n, tn, a, f if again is None else jnp.where(again, o, f))
-                for a, o, f in zip(acc, old, new)
-            ))  # fmt: skip
+            if again is not None:
+                new = _stats.Stats(*(None if f is None else jnp.where(again, o, f)
+                                     for o, f in zip(old, new)))  # fmt: skip
+            return _stats.Stats(*(None if f is None else _put(i, n, tn, a, f)
+                                  for a, f in zip(acc, new)))  # fmt: skip
 
         return lax.fori_loop(0, count, token_chunk, acc) if count > 1 else token_chunk(0, acc)
 
