@@ -12,8 +12,9 @@ over its included classes (not ``-inf``, not masked out), with :math:`l_c = \log
     \frac{\partial L}{\partial x_j} = u_j - p_j \sum_c u_c, \quad u_c = a_c\, \phi'(l_c; \theta)
 
 for one of the terms of :data:`TERMS` (cross-entropy :math:`-l`, focal :math:`-q^\gamma l`,
-Poly-1 :math:`-l + \epsilon q`, and KL divergence :math:`\log y_c - l`). The backward pass recomputes :math:`l` from the logits and the two saved floats per row, so the
-residuals are the inputs and :math:`m, \ell`.
+Poly-1 :math:`-l + \epsilon q`, and KL divergence :math:`\log y_c - l`). The backward pass
+recomputes :math:`l` from the logits and the two saved floats per row, so the residuals are the
+inputs and :math:`m, \ell`.
 
 :func:`focal_of_log_prob` is the focal term of one log-probability per row (the integer-label
 focal loss builds it on :func:`jbce._softmax_xla.softmax_stats`), with the same finite

@@ -1,0 +1,667 @@
+"""The rest of the cross-entropy family (issue 12) against float64 references and their peers.
+
+``nll_loss`` (torch ``F.nll_loss``), ``categorical_cross_entropy`` (a float64 reference and the
+Keras ``CategoricalCrossentropy(from_logits=False)`` formula), ``softmax_focal_loss`` and its
+integer-label form (the Keras 3 ``CategoricalFocalCrossentropy(from_logits=True)`` formula),
+``poly_loss_cross_entropy`` (optax), ``kl_divergence`` (optax, torch ``F.kl_div``) and
+``jensen_shannon_divergence`` (a float64 GKD/TRL-formula reference). Each: every reduction,
+``weights``/``where``, gradients and a Hessian against the float64 reference, lean residuals,
+no conditional in the compiled program, bf16 computed in float32, hyperparameters as Python
+numbers (range-checked) or traced arrays, NaN in gives NaN out.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import checkify
+from jax.test_util import check_grads
+
+import jbce
+from tests import reference as ref
+
+pytestmark = pytest.mark.jax_strict
+
+N, K = 5, 4
+RNG = np.random.default_rng(12)
+X = RNG.normal(size=(N, K)) * 2  # logits
+T = RNG.normal(size=(N, K)) * 2  # teacher logits
+Y = RNG.dirichlet(np.ones(K), size=N)  # soft labels
+Y[0] = [0.0, 1.0, 0.0, 0.0]
+LAB = np.array([1, 0, 3, 2, 1])
+W = RNG.uniform(0.5, 2.0, size=N)  # per-example weights
+CW = np.array([1.0, 2.0, 0.5, 3.0])  # class weights
+ROWS = np.array([True, False, True, True, True])  # per-example where
+REDUCTIONS = ["none", "sum", "mean"]
+
+
+def j(a):
+    return jnp.asarray(a)
+
+
+# --- float64 references (numpy or jax.numpy via xp) --------------------------------------------
+def log_softmax(x, mask=None, xp=np):
+    x = xp.asarray(x, dtype=xp.float64)
+    if mask is not None:
+        x = xp.where(mask, x, -xp.inf)
+    m = xp.max(x, axis=-1, keepdims=True)
+    m = xp.where(xp.isfinite(m), m, 0.0)
+    return x - m - xp.log(xp.sum(xp.exp(x - m), axis=-1, keepdims=True))
+
+
+def reduce(values, reduction, weights=None, where=None, den=None, xp=np):
+    if weights is not None:
+        values = values * weights
+    return ref.reduce(values, reduction, where=where, den=den, xp=xp)
+
+
+def ref_focal(x, y, alpha=None, gamma=2.0, mask=None, xp=np):
+    """-sum alpha y (1 - p)^gamma log p (no clipping)."""
+    lp = log_softmax(x, mask, xp)
+    a = y if alpha is None else xp.asarray(alpha)[None] * y if xp.ndim(alpha) else alpha * y
+    if mask is not None:
+        a = xp.where(mask, a, 0.0)
+    return -xp.sum(ref.xlogy(a * (1 - xp.exp(lp)) ** gamma, lp, xp), axis=-1)
+
+
+def ref_poly(x, y, epsilon, xp=np):
+    lp = log_softmax(x, xp=xp)
+    return -xp.sum(y * lp, -1) + epsilon * xp.sum(y * (1 - xp.exp(lp)), -1)
+
+
+def ref_kl(x, y, xp=np):
+    lq = log_softmax(x, xp=xp)
+    with np.errstate(divide="ignore"):
+        return xp.sum(ref.xlogy(y, xp.log(y), xp) - ref.xlogy(y, lq, xp), axis=-1)
+
+
+def ref_jsd(x, t, beta=0.5, temperature=1.0, xp=np, limits=True):
+    """TRL's ``generalized_jsd_loss`` formula (beta weights the teacher), summed over classes."""
+    lq = log_softmax(xp.asarray(x) / temperature, xp=xp)
+    lp = log_softmax(xp.asarray(t) / temperature, xp=xp)
+    q, p = xp.exp(lq), xp.exp(lp)
+    if limits and beta == 0:
+        return xp.sum(ref.xlogy(p, lp - lq, xp), -1)
+    if limits and beta == 1:
+        return xp.sum(ref.xlogy(q, lq - lp, xp), -1)
+    lm = xp.logaddexp(lp + xp.log(beta), lq + xp.log1p(-beta))
+    return beta * xp.sum(ref.xlogy(p, lp - lm, xp), -1) + (1 - beta) * xp.sum(
+        ref.xlogy(q, lq - lm, xp), -1
+    )
+
+
+def keras_cce(p, y, label_smoothing=0.0):
+    """Keras' CategoricalCrossentropy(from_logits=False) per example (float64)."""
+    y = y * (1 - label_smoothing) + label_smoothing / y.shape[-1]
+    p = p / np.sum(p, -1, keepdims=True)
+    p = np.clip(p, 1e-7, 1 - 1e-7)
+    return -np.sum(y * np.log(p), -1)
+
+
+def keras_focal(x, y, alpha=0.25, gamma=2.0):
+    """Keras 3 CategoricalFocalCrossentropy(from_logits=True) per example (float64)."""
+    p = np.exp(log_softmax(x))
+    p = p / np.sum(p, -1, keepdims=True)
+    p = np.clip(p, 1e-7, 1 - 1e-7)
+    return np.sum(-y * np.log(p) * (1 - p) ** gamma * alpha, -1)
+
+
+# --- nll_loss ------------------------------------------------------------------------------------
+def torch_nll(lp, t, *, weight=None, ignore_index=-100, reduction="mean", dim_last=True):
+    import torch
+    import torch.nn.functional as F
+
+    a = np.asarray(lp, np.float64)
+    if not dim_last:
+        pass
+    tl = torch.tensor(a, requires_grad=True)
+    out = F.nll_loss(
+        tl,
+        torch.as_tensor(np.asarray(t, np.int64)),
+        weight=None if weight is None else torch.as_tensor(np.asarray(weight, np.float64)),
+        ignore_index=ignore_index,
+        reduction=reduction,
+    )
+    out.sum().backward()
+    return out.detach().numpy(), tl.grad.numpy()
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("class_weights", [None, CW], ids=["plain", "cw"])
+def test_nll_loss_equals_torch_nll_loss(reduction, class_weights):
+    pytest.importorskip("torch")
+    lp = log_softmax(X)
+    t = LAB.copy()
+    t[1] = -100  # ignored
+    want, want_g = torch_nll(lp, t, weight=class_weights, reduction=reduction)
+    f = lambda a: jbce.nll_loss(
+        a, j(t), class_weights=None if class_weights is None else j(class_weights),
+        reduction=reduction,
+    )  # fmt: skip
+    got = f(j(lp))
+    g = jax.grad(lambda a: jnp.sum(f(a)))(j(lp))
+    ref.assert_close(got, want)
+    ref.assert_close(g, want_g)
+
+
+def test_nll_loss_class_axis_one_as_torch_dim_one():
+    torch = pytest.importorskip("torch")
+    import torch.nn.functional as F
+
+    lp = log_softmax(RNG.normal(size=(2, 3, K)).transpose(0, 2, 1).transpose(0, 2, 1), xp=np)
+    lp = np.moveaxis(log_softmax(RNG.normal(size=(2, 3, K))), -1, 1)  # [N, C, H]
+    t = RNG.integers(0, K, size=(2, 3))
+    t[0, 1] = 7  # ignore_index=7
+    want = F.nll_loss(
+        torch.as_tensor(lp), torch.as_tensor(t), weight=torch.as_tensor(CW), ignore_index=7
+    ).numpy()
+    got = jbce.nll_loss(j(lp), j(t), axis=1, class_weights=j(CW), ignore_index=7)
+    ref.assert_close(got, want)
+
+
+def test_nll_loss_weights_and_where_follow_the_shared_semantics():
+    lp = log_softmax(X)
+    per = -lp[np.arange(N), LAB] * CW[LAB]
+    got = jbce.nll_loss(j(lp), j(LAB), class_weights=j(CW), weights=j(W), where=j(ROWS))
+    want = np.sum((per * W)[ROWS]) / np.sum(CW[LAB][ROWS])
+    ref.assert_close(got, want)
+
+
+def test_nll_loss_reads_only_the_label_and_gives_nan_for_a_bad_label():
+    lp = log_softmax(X)
+    lp[0, 3] = np.nan  # not the label of row 0
+    out = np.asarray(jbce.nll_loss(j(lp), j(LAB), reduction="none"))
+    assert np.isfinite(out[0])
+    lp[0, LAB[0]] = np.nan
+    assert np.isnan(np.asarray(jbce.nll_loss(j(lp), j(LAB), reduction="none"))[0])
+    bad = np.asarray(jbce.nll_loss(j(log_softmax(X)), j([0, 1, 2, 3, K]), reduction="none"))
+    assert np.isnan(bad[-1]) and np.all(np.isfinite(bad[:-1]))
+    err, _ = checkify.checkify(lambda a: jbce.nll_loss(a, j([0, 1, 2, 3, K])))(j(lp))
+    assert err.get() is not None
+
+
+def test_nll_of_log_softmax_is_the_integer_label_cross_entropy():
+    x = j(X)
+    ce = jbce.softmax_cross_entropy_with_integer_labels(x, j(LAB), class_weights=j(CW))
+    ref.assert_close(jbce.nll_loss(jax.nn.log_softmax(x), j(LAB), class_weights=j(CW)), ce)
+
+
+# --- categorical_cross_entropy ------------------------------------------------------------------
+P = np.exp(log_softmax(X))
+
+
+def ref_cce(p, y, e=0.0, mask=None, xp=np):
+    k = p.shape[-1] if mask is None else xp.sum(mask, -1, keepdims=True)
+    y = y * (1 - e) + e / k
+    with np.errstate(divide="ignore"):
+        terms = -y * xp.maximum(xp.log(p), -100.0)
+    if mask is not None:
+        terms = xp.where(mask, terms, 0.0)
+    return xp.sum(terms, -1)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("e", [0.0, 0.1])
+def test_categorical_cross_entropy_matches_reference_and_keras_on_normalised_rows(reduction, e):
+    got = jbce.categorical_cross_entropy(
+        j(P), j(Y), label_smoothing=e, weights=j(W), where=j(ROWS), reduction=reduction
+    )
+    ref.assert_close(got, reduce(ref_cce(P, Y, e), reduction, W, ROWS))
+    # rows that sum to 1 with every p in [1e-7, 1 - 1e-7]: Keras' formula gives the same
+    keras = keras_cce(P, Y, e)
+    ref.assert_close(jbce.categorical_cross_entropy(j(P), j(Y), label_smoothing=e,
+                                                    reduction="none"), keras)  # fmt: skip
+
+
+def test_categorical_cross_entropy_does_not_renormalise_as_keras_does():
+    p = np.array([[0.2, 0.2, 0.2]])  # sums to 0.6
+    y = np.array([[1.0, 0.0, 0.0]])
+    got = float(jbce.categorical_cross_entropy(j(p), j(y)))
+    ref.assert_close(got, -np.log(0.2))
+    assert abs(got - keras_cce(p, y)[0]) > 0.5  # Keras: -log(1/3)
+
+
+def test_categorical_cross_entropy_is_finite_at_zero_probability():
+    p = j([[0.0, 1.0], [1.0, 0.0]])
+    y = j([[1.0, 0.0], [1.0, 0.0]])
+    loss, g = jax.value_and_grad(lambda a: jbce.categorical_cross_entropy(a, y, reduction="sum"))(p)
+    ref.assert_close(loss, 100.0)
+    assert np.all(np.isfinite(np.asarray(g))) and float(g[0, 0]) == -1e12
+    assert float(g[0, 1]) == 0.0  # y = 0: no gradient, even at p = 1
+
+
+def test_categorical_cross_entropy_gradients_match_reference():
+    f = lambda a, b: jbce.categorical_cross_entropy(a, b, label_smoothing=0.1, reduction="sum")
+    r = lambda a, b: jnp.sum(ref_cce(a, b, 0.1, xp=jnp))
+    grads = jax.jit(jax.grad(f, (0, 1)))(j(P), j(Y))
+    for got, want in zip(grads, jax.jit(jax.grad(r, (0, 1)))(j(P), j(Y))):
+        ref.assert_close(got, want)
+    # finite differences of 1/p need p away from 0
+    check_grads(jax.jit(lambda a: f(a, j(Y))), (j(0.5 * P + 0.5 / K),), 2, ["rev"])
+
+
+def test_categorical_cross_entropy_class_mask_drops_terms_and_counts_k():
+    mask = np.ones((N, K), bool)
+    mask[:, 0] = False
+    p = P.copy()
+    p[2, 0] = np.nan  # masked: does not reach the loss
+    got = jbce.categorical_cross_entropy(j(p), j(Y), where=j(mask), label_smoothing=0.2,
+                                         reduction="none")  # fmt: skip
+    ref.assert_close(got, ref_cce(np.where(mask, p, 1.0), Y, 0.2, mask))
+
+
+def test_categorical_cross_entropy_reports_probabilities_outside_unit_interval():
+    f = checkify.checkify(lambda a: jbce.categorical_cross_entropy(a, j(Y)))
+    assert f(j(P * 2))[0].get() is not None
+    assert f(j(P))[0].get() is None
+    assert np.isnan(float(jbce.categorical_cross_entropy(j(np.full((1, K), np.nan)), j(Y[:1]))))
+
+
+# --- softmax focal ------------------------------------------------------------------------------
+@pytest.mark.parametrize("alpha,gamma", [(None, 0.0), (0.25, 2.0), ("vector", 0.5)])
+def test_softmax_focal_loss_matches_reference_and_keras(alpha, gamma):
+    al = RNG.uniform(0.1, 1.0, size=K) if alpha == "vector" else alpha
+    got = jbce.softmax_focal_loss(j(X), j(Y), alpha=None if al is None else j(al), gamma=gamma,
+                                  reduction="none")  # fmt: skip
+    ref.assert_close(got, ref_focal(X, Y, al, gamma))
+    # Keras clips p to [1e-7, 1 - 1e-7]: equal where no probability is that close to 0 or 1
+    ref.assert_close(got, keras_focal(X, Y, 1.0 if al is None else al, gamma), rtol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_softmax_focal_loss_reductions_weights_where(reduction):
+    got = jbce.softmax_focal_loss(j(X), j(Y), weights=j(W), where=j(ROWS), reduction=reduction)
+    ref.assert_close(got, reduce(ref_focal(X, Y), reduction, W, ROWS))
+
+
+def test_softmax_focal_loss_logit_mask_takes_classes_out():
+    mask = np.ones((N, K), bool)
+    mask[:, 2] = False
+    got = jbce.softmax_focal_loss(j(X), j(Y), where=j(mask), reduction="none")
+    ref.assert_close(got, ref_focal(X, Y, mask=mask))
+
+
+def test_softmax_focal_gradients_and_hessian_match_reference():
+    al = j(RNG.uniform(0.1, 1.0, size=K))
+    f = lambda x, y, a, g: jbce.softmax_focal_loss(x, y, alpha=a, gamma=g, reduction="sum")
+    r = lambda x, y, a, g: jnp.sum(ref_focal(x, y, a, g, xp=jnp))
+    args = (j(X), j(Y), al, j(1.5))
+    grads = jax.jit(jax.grad(f, (0, 1, 2, 3)))(*args)
+    for got, want in zip(grads, jax.jit(jax.grad(r, (0, 1, 2, 3)))(*args)):
+        ref.assert_close(got, want, rtol=1e-10)
+    h = jax.jit(jax.jacrev(jax.grad(f), 0))(*args)
+    ref.assert_close(h, jax.jit(jax.jacrev(jax.grad(r), 0))(*args), rtol=1e-9, atol=1e-13)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.3, 0.99])
+def test_softmax_focal_gradient_is_finite_for_small_gamma_at_extreme_logits(gamma):
+    x = j([[1e4, 0.0, -1e4], [0.0, -jnp.inf, 30.0], [40.0, 0.0, 0.0]])
+    for f in (
+        lambda a: jbce.softmax_focal_loss(a, j(np.eye(3)[[0, 2, 0]]), gamma=gamma),
+        lambda a: jbce.softmax_focal_loss_with_integer_labels(a, j([0, 2, 0]), gamma=gamma),
+    ):
+        loss, g = jax.jit(jax.value_and_grad(f))(x)
+        assert np.isfinite(float(loss)) and np.all(np.isfinite(np.asarray(g))), (loss, g)
+    g32 = jax.jit(
+        jax.grad(lambda a: jbce.softmax_focal_loss(a, j(np.eye(3)[[0, 2, 0]]), gamma=gamma))
+    )(x.astype(jnp.float32))
+    assert np.all(np.isfinite(np.asarray(g32)))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_integer_label_focal_is_the_one_hot_focal_with_class_weights_denominator(reduction):
+    lab = LAB.copy()
+    lab[3] = -100
+    al = RNG.uniform(0.1, 1.0, size=K)
+    got = jbce.softmax_focal_loss_with_integer_labels(
+        j(X), j(lab), alpha=j(al), gamma=1.5, class_weights=j(CW), weights=j(W), where=j(ROWS),
+        reduction=reduction,
+    )  # fmt: skip
+    keep = ROWS & (lab != -100)
+    safe = np.clip(lab, 0, K - 1)
+    per = ref_focal(X, np.eye(K)[safe], al, 1.5) * CW[safe]
+    ref.assert_close(got, reduce(per, reduction, W, keep, den=np.sum(CW[safe][keep])))
+
+
+def test_integer_label_focal_gradients_match_reference():
+    al = j(RNG.uniform(0.1, 1.0, size=K))
+    oh = j(np.eye(K)[LAB])
+    f = lambda x, a, g, c: jbce.softmax_focal_loss_with_integer_labels(
+        x, j(LAB), alpha=a, gamma=g, class_weights=c, reduction="sum"
+    )
+    r = lambda x, a, g, c: jnp.sum(ref_focal(x, oh, a, g, xp=jnp) * c[j(LAB)])
+    args = (j(X), al, j(0.7), j(CW))
+    grads = jax.jit(jax.grad(f, (0, 1, 2, 3)))(*args)
+    for got, want in zip(grads, jax.jit(jax.grad(r, (0, 1, 2, 3)))(*args)):
+        ref.assert_close(got, want, rtol=1e-10)
+    check_grads(jax.jit(lambda x: f(x, *args[1:])), (j(X),), 2, ["rev"])
+
+
+# --- poly loss ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("epsilon", [2.0, -1.0])
+@pytest.mark.parametrize("masked", [False, True])
+def test_poly_loss_equals_optax(epsilon, masked):
+    optax = pytest.importorskip("optax")
+    mask = None
+    if masked:
+        mask = np.ones((N, K), bool)
+        mask[:, 1] = False
+    where = None if mask is None else j(mask)
+    want = optax.losses.poly_loss_cross_entropy(j(X), j(Y), epsilon=epsilon, where=where)
+    got = jbce.poly_loss_cross_entropy(j(X), j(Y), epsilon=epsilon, where=where, reduction="none")
+    ref.assert_close(got, want, rtol=1e-11)
+    f = lambda a: jnp.sum(jbce.poly_loss_cross_entropy(a, j(Y), epsilon=epsilon, reduction="none"))
+    g = lambda a: jnp.sum(optax.losses.poly_loss_cross_entropy(a, j(Y), epsilon=epsilon))
+    ref.assert_close(jax.grad(f)(j(X)), jax.grad(g)(j(X)), rtol=1e-11, atol=1e-15)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_poly_loss_reductions_and_epsilon_gradient(reduction):
+    got = jbce.poly_loss_cross_entropy(j(X), j(Y), weights=j(W), where=j(ROWS),
+                                       reduction=reduction)  # fmt: skip
+    ref.assert_close(got, reduce(ref_poly(X, Y, 2.0), reduction, W, ROWS))
+    f = lambda a, e: jbce.poly_loss_cross_entropy(a, j(Y), epsilon=e, reduction="sum")
+    r = lambda a, e: jnp.sum(ref_poly(a, j(Y), e, xp=jnp))
+    for got, want in zip(jax.grad(f, (0, 1))(j(X), j(0.5)), jax.grad(r, (0, 1))(j(X), j(0.5))):
+        ref.assert_close(got, want, rtol=1e-11)
+
+
+# --- KL divergence --------------------------------------------------------------------------------
+def test_kl_divergence_equals_optax_kl_divergence_on_log_predictions():
+    optax = pytest.importorskip("optax")
+    logq = j(log_softmax(X))
+    want = optax.losses.kl_divergence(logq, j(Y))
+    ref.assert_close(jbce.kl_divergence(logq, j(Y), reduction="none"), want, rtol=1e-11)
+    ref.assert_close(jbce.kl_divergence(j(X), j(Y), reduction="none"), ref_kl(X, Y), rtol=1e-11)
+
+
+def test_kl_divergence_with_log_labels_equals_optax_and_torch():
+    optax = pytest.importorskip("optax")
+    torch = pytest.importorskip("torch")
+    import torch.nn.functional as F
+
+    logq, logy = log_softmax(X), log_softmax(T)
+    want = optax.losses.kl_divergence_with_log_targets(j(logq), j(logy))
+    got = jbce.kl_divergence(j(logq), j(logy), log_labels=True, reduction="none")
+    ref.assert_close(got, want, rtol=1e-11)
+    tq = torch.tensor(logq, requires_grad=True)
+    ty = torch.tensor(logy, requires_grad=True)
+    out = F.kl_div(tq, ty, reduction="batchmean", log_target=True)
+    out.backward()
+    f = lambda a, b: jbce.kl_divergence(a, b, log_labels=True, reduction="batchmean")
+    ref.assert_close(f(j(logq), j(logy)), out.detach().numpy(), rtol=1e-11)
+    ga, gb = jax.grad(f, (0, 1))(j(logq), j(logy))
+    # torch's gradient w.r.t. the input treats it as free log-probabilities; through our
+    # softmax it is that gradient projected: equal up to a per-row constant times q.
+    ref.assert_close(gb, ty.grad.numpy(), rtol=1e-10, atol=1e-15)
+    q = np.exp(logq)
+    proj = tq.grad.numpy() - q * np.sum(tq.grad.numpy(), -1, keepdims=True)
+    ref.assert_close(ga, proj, rtol=1e-10, atol=1e-15)
+
+
+def test_kl_divergence_minus_inf_log_labels_contribute_nothing():
+    logy = np.array([[np.log(0.5), np.log(0.5), -np.inf]])
+    got, g = jax.value_and_grad(
+        lambda b: jbce.kl_divergence(j([[0.0, 1.0, -jnp.inf]]), b, log_labels=True)
+    )(j(logy))
+    ref.assert_close(got, ref_kl(np.array([[0.0, 1.0, -np.inf]]), np.exp(logy))[0])
+    assert np.all(np.isfinite(np.asarray(g))) and float(g[0, 2]) == 0.0
+
+
+def test_kl_batchmean_is_pytorchs_for_a_class_axis_in_the_middle():
+    torch = pytest.importorskip("torch")
+    import torch.nn.functional as F
+
+    x = RNG.normal(size=(2, K, 3))
+    y = np.moveaxis(RNG.dirichlet(np.ones(K), size=(2, 3)), -1, 1)
+    want = F.kl_div(
+        F.log_softmax(torch.as_tensor(x), 1), torch.as_tensor(y), reduction="batchmean"
+    ).numpy()
+    ref.assert_close(jbce.kl_divergence(j(x), j(y), axis=1, reduction="batchmean"), want)
+    ref.assert_close(jbce.kl_divergence(j(x), j(y), axis=1, reduction="mean"), want / 3, rtol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_kl_reductions_weights_where(reduction):
+    got = jbce.kl_divergence(j(X), j(Y), weights=j(W), where=j(ROWS), reduction=reduction)
+    ref.assert_close(got, reduce(ref_kl(X, Y), reduction, W, ROWS), atol=1e-15)
+
+
+def test_kl_gradients_and_hessian_match_reference():
+    f = lambda x, y: jbce.kl_divergence(x, y, reduction="sum")
+    r = lambda x, y: jnp.sum(ref_kl(x, y, xp=jnp))
+    y = j(0.5 * Y + 0.5 / K)
+    grads = jax.jit(jax.grad(f, (0, 1)))(j(X), y)
+    for got, want in zip(grads, jax.jit(jax.grad(r, (0, 1)))(j(X), y)):
+        ref.assert_close(got, want, rtol=1e-11, atol=1e-15)
+    h = jax.jit(jax.jacrev(jax.grad(f)))(j(X), y)
+    ref.assert_close(h, jax.jit(jax.jacrev(jax.grad(r)))(j(X), y), rtol=1e-10, atol=1e-14)
+
+
+# --- Jensen-Shannon -----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "beta,temperature", [(0.0, 1.0), (0.1, 2.5), (0.5, 1.0), (0.9, 1.0), (1.0, 2.5)]
+)
+def test_jsd_matches_the_gkd_formula_with_kl_limits(beta, temperature):
+    got = jbce.jensen_shannon_divergence(j(X), j(T), beta=beta, temperature=temperature,
+                                         reduction="none")  # fmt: skip
+    ref.assert_close(got, ref_jsd(X, T, beta, temperature), rtol=1e-11, atol=1e-15)
+    traced = jax.jit(
+        lambda a, b, be, te: jbce.jensen_shannon_divergence(
+            a, b, beta=be, temperature=te, reduction="none"
+        )  # fmt: skip
+    )(j(X), j(T), j(beta), j(temperature))
+    ref.assert_close(traced, got, rtol=1e-12, atol=1e-15)
+
+
+def test_jsd_limits_are_the_two_kl_directions():
+    fwd = jbce.jensen_shannon_divergence(j(X), j(T), beta=0.0, reduction="none")
+    rev = jbce.jensen_shannon_divergence(j(X), j(T), beta=1.0, reduction="none")
+    p, q = np.exp(log_softmax(T)), np.exp(log_softmax(X))
+    ref.assert_close(fwd, jbce.kl_divergence(j(X), j(p), reduction="none"), rtol=1e-11)
+    ref.assert_close(rev, jbce.kl_divergence(j(T), j(q), reduction="none"), rtol=1e-11)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+def test_jsd_gradients_match_reference(beta):
+    f = lambda x, t, tt: jbce.jensen_shannon_divergence(
+        x, t, beta=beta, temperature=tt, reduction="sum"
+    )
+    r = lambda x, t, tt: jnp.sum(ref_jsd(x, t, beta, tt, xp=jnp))
+    args = (j(X), j(T), j(1.7))
+    grads = jax.jit(jax.grad(f, (0, 1, 2)))(*args)
+    for got, want in zip(grads, jax.jit(jax.grad(r, (0, 1, 2)))(*args)):
+        ref.assert_close(got, want, rtol=1e-10, atol=1e-15)
+    if beta == 0.3:
+        h = jax.jit(jax.jacrev(jax.grad(f)))(*args)
+        ref.assert_close(h, jax.jit(jax.jacrev(jax.grad(r)))(*args), rtol=1e-9, atol=1e-13)
+
+
+def test_jsd_beta_gradient_when_traced():
+    f = lambda b: jbce.jensen_shannon_divergence(j(X), j(T), beta=b, reduction="sum")
+    r = lambda b: jnp.sum(ref_jsd(j(X), j(T), b, xp=jnp, limits=False))
+    g = jax.jit(jax.grad(f))
+    ref.assert_close(g(j(0.3)), jax.jit(jax.grad(r))(j(0.3)), rtol=1e-10)
+    assert float(g(j(0.0))) == 0.0
+
+
+def test_jsd_is_finite_and_exact_for_minus_inf_classes():
+    x = np.array([[0.0, -np.inf, 1.0, -np.inf], [2.0, 0.0, -np.inf, -np.inf]])
+    t = np.array([[-np.inf, 0.5, 1.0, -np.inf], [1.0, -1.0, 0.0, -np.inf]])
+    big = lambda a: np.where(np.isinf(a), -800.0, a)  # exp underflows to exactly 0 in f64
+    for beta in (0.2, 0.5):
+        f = lambda a, b, be=beta: jbce.jensen_shannon_divergence(a, b, beta=be, reduction="sum")
+        r = lambda a, b, be=beta: jnp.sum(ref_jsd(a, b, be, xp=jnp))
+        val, grads = jax.jit(jax.value_and_grad(f, (0, 1)))(j(x), j(t))
+        want_val, want_grads = jax.jit(jax.value_and_grad(r, (0, 1)))(j(big(x)), j(big(t)))
+        ref.assert_close(val, want_val, rtol=1e-12)
+        for got, want in zip(grads, want_grads):
+            assert np.all(np.isfinite(np.asarray(got)))
+            ref.assert_close(got, want, rtol=1e-10, atol=1e-15)
+    # disjoint supports: the symmetric JSD is log 2 exactly
+    half = jbce.jensen_shannon_divergence(j([[0.0, -jnp.inf]]), j([[-jnp.inf, 0.0]]))
+    ref.assert_close(half, np.log(2.0))
+
+
+def test_jsd_of_nearly_equal_distributions_is_accurate_in_float32():
+    t = np.array([[0.3, -1.2, 2.0, 0.1]], np.float32)
+    x = t + np.float32(1e-3) * np.array([[1.0, -1.0, 0.5, 0.0]], np.float32)
+    got = float(jbce.jensen_shannon_divergence(j(x), j(t)))
+    want = float(ref_jsd(x.astype(np.float64), t.astype(np.float64))[0])
+    assert abs(got - want) < 1e-3 * want, (got, want)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS + ["batchmean"])
+def test_jsd_reductions_weights_where(reduction):
+    got = jbce.jensen_shannon_divergence(j(X), j(T), weights=j(W), where=j(ROWS),
+                                         reduction=reduction)  # fmt: skip
+    per = ref_jsd(X, T)
+    if reduction == "batchmean":
+        want = np.sum((per * W)[ROWS]) / N
+    else:
+        want = reduce(per, reduction, W, ROWS)
+    ref.assert_close(got, want, rtol=1e-11, atol=1e-15)
+
+
+# --- shared contract: every new loss ------------------------------------------------------------
+def _soft(name):
+    return {
+        "focal": lambda x, y, **kw: jbce.softmax_focal_loss(x, y, **kw),
+        "poly": lambda x, y, **kw: jbce.poly_loss_cross_entropy(x, y, **kw),
+        "kl": lambda x, y, **kw: jbce.kl_divergence(x, y, **kw),
+        "kl_log": lambda x, y, **kw: jbce.kl_divergence(x, jnp.log(y), log_labels=True, **kw),
+        "jsd": lambda x, y, **kw: jbce.jensen_shannon_divergence(x, jnp.log(y) + 1.0, **kw),
+        "cce": lambda x, y, **kw: jbce.categorical_cross_entropy(jax.nn.softmax(x), y, **kw),
+    }[name]
+
+
+CASES = {
+    "nll_loss": lambda x, y: jbce.nll_loss(x, y),
+    "categorical_cross_entropy": lambda x, y: jbce.categorical_cross_entropy(x, y),
+    "softmax_focal_loss": lambda x, y: jbce.softmax_focal_loss(x, y, gamma=0.5),
+    "softmax_focal_loss_with_integer_labels": lambda x, y: (
+        jbce.softmax_focal_loss_with_integer_labels(
+            x, y, gamma=0.5, class_weights=jnp.linspace(0.5, 2.0, x.shape[-1], dtype=jnp.float32)
+        )
+    ),
+    "poly_loss_cross_entropy": lambda x, y: jbce.poly_loss_cross_entropy(x, y),
+    "kl_divergence": lambda x, y: jbce.kl_divergence(x, y),
+    "kl_divergence_log_labels": lambda x, y: jbce.kl_divergence(x, y, log_labels=True),
+    "jensen_shannon_divergence": lambda x, y: jbce.jensen_shannon_divergence(x, y),
+}
+
+
+def _case_inputs(name, n, k, dtype=jnp.float32):
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(n, k)), dtype)
+    if name.endswith("integer_labels") or name == "nll_loss":
+        return x, jnp.asarray(np.arange(n) % k, jnp.int32)
+    if name == "categorical_cross_entropy":
+        return jax.nn.softmax(x.astype(jnp.float32)).astype(dtype), jnp.full((n, k), 1 / k, dtype)
+    if name in ("kl_divergence_log_labels", "jensen_shannon_divergence"):
+        return x, jnp.asarray(np.random.default_rng(2).normal(size=(n, k)), dtype)
+    return x, jnp.full((n, k), 1 / k, dtype)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_residuals_are_the_inputs_and_per_row_values(name):
+    n, k = 8, 16
+    x, y = _case_inputs(name, n, k)
+    float_y = jnp.issubdtype(y.dtype, jnp.floating)
+    f = lambda a, b: CASES[name](a, b)
+    res = ref.saved_residuals(f, x, y) if float_y else ref.saved_residuals(lambda a: f(a, y), x)
+    big = [r for r in res if np.prod(r[0].shape) >= n * k]
+    assert len(big) <= (2 if float_y else 1), res
+    assert all("argument" in r[1] for r in big), res
+    small = [r for r in res if np.prod(r[0].shape) < n * k]
+    assert all(np.prod(r[0].shape) <= max(n, k) for r in small), res
+
+
+def _primitives(jaxpr, out=None):
+    out = set() if out is None else out
+    for eqn in jaxpr.eqns:
+        out.add(eqn.primitive.name)
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (list, tuple)) else [v]:
+                inner = getattr(sub, "jaxpr", None)
+                if inner is not None:
+                    _primitives(getattr(inner, "jaxpr", inner), out)
+    return out
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_no_conditional_in_the_program_forward_or_backward(name):
+    x, y = _case_inputs(name, 4, 8)
+    f = lambda a: CASES[name](a, y)
+    vag = jax.value_and_grad(f)
+    prims = _primitives(jax.make_jaxpr(vag)(x).jaxpr)
+    assert not prims & {"cond", "while", "switch"}, prims
+    hlo = jax.jit(vag).lower(x).compile().as_text()
+    assert " conditional(" not in hlo
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bfloat16_is_computed_in_float32(name):
+    x, y = _case_inputs(name, 4, 8, jnp.bfloat16)
+    loss, g = jax.jit(jax.value_and_grad(CASES[name]))(x, y)
+    assert loss.dtype == jnp.float32 and g.dtype == jnp.bfloat16
+    x64 = jnp.asarray(np.asarray(x, np.float64))
+    y64 = y if not jnp.issubdtype(y.dtype, jnp.floating) else jnp.asarray(np.asarray(y, np.float64))
+    ref.assert_close(loss, jax.jit(CASES[name])(x64, y64), rtol=2e-6)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_nan_in_gives_nan_out(name):
+    x, y = _case_inputs(name, 3, 4)
+    x = x.at[1, :].set(jnp.nan)
+    out = np.asarray(jax.jit(jax.vmap(lambda a, b: CASES[name](a[None], b[None])))(x, y))
+    assert np.isnan(out[1]) and np.all(np.isfinite(out[[0, 2]])), out
+
+
+HYPER = [
+    ("gamma", lambda v: jbce.softmax_focal_loss(j(X), j(Y), gamma=v), -0.5, 1.5),
+    ("alpha", lambda v: jbce.softmax_focal_loss(j(X), j(Y), alpha=v), -0.1, 0.25),
+    (
+        "gamma",
+        lambda v: jbce.softmax_focal_loss_with_integer_labels(j(X), j(LAB), gamma=v),
+        -1.0,
+        0.5,
+    ),  # fmt: skip
+    ("epsilon", lambda v: jbce.poly_loss_cross_entropy(j(X), j(Y), epsilon=v), -2.0, 1.0),
+    ("beta", lambda v: jbce.jensen_shannon_divergence(j(X), j(T), beta=v), 1.5, 0.3),
+    (
+        "temperature",
+        lambda v: jbce.jensen_shannon_divergence(j(X), j(T), temperature=v),
+        0.0,
+        2.0,
+    ),  # fmt: skip
+    (
+        "label_smoothing",
+        lambda v: jbce.categorical_cross_entropy(j(P), j(Y), label_smoothing=v),
+        1.5,
+        0.2,
+    ),  # fmt: skip
+]
+
+
+@pytest.mark.parametrize("name,f,bad,good", HYPER, ids=[h[0] for h in HYPER])
+def test_hyperparameters_are_checked_numbers_or_traced_arrays(name, f, bad, good):
+    with pytest.raises(ValueError, match=name):
+        f(bad)
+    ref.assert_close(jax.jit(f)(j(good)), f(good), rtol=1e-12)
+    err, _ = checkify.checkify(jax.jit(f))(j(bad))
+    assert err.get() is not None and name in err.get()
+
+
+def test_shape_errors_name_the_argument():
+    with pytest.raises(ValueError, match="labels must have shape"):
+        jbce.nll_loss(j(X), j(LAB[:3]))
+    with pytest.raises(ValueError, match="alpha must have shape"):
+        jbce.softmax_focal_loss(j(X), j(Y), alpha=j([0.1, 0.2]))
+    with pytest.raises(ValueError, match="teacher_logits must have shape"):
+        jbce.jensen_shannon_divergence(j(X), j(T[:, :2]))
+    with pytest.raises(ValueError, match="reduction"):
+        jbce.kl_divergence(j(X), j(Y), reduction="batchsum")
+    with pytest.raises(TypeError, match="teacher_logits must be a floating-point"):
+        jbce.jensen_shannon_divergence(j(X), j(LAB[:, None] * np.ones((1, K), int)))
