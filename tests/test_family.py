@@ -109,14 +109,12 @@ def keras_focal(x, y, alpha=0.25, gamma=2.0):
 
 
 # --- nll_loss ------------------------------------------------------------------------------------
-def torch_nll(lp, t, *, weight=None, ignore_index=-100, reduction="mean", dim_last=True):
+def torch_nll(lp, t, *, weight=None, ignore_index=-100, reduction="mean"):
+    """``F.nll_loss`` in float64: (loss, gradient of its sum w.r.t. ``lp``)."""
     import torch
     import torch.nn.functional as F
 
-    a = np.asarray(lp, np.float64)
-    if not dim_last:
-        pass
-    tl = torch.tensor(a, requires_grad=True)
+    tl = torch.tensor(np.asarray(lp, np.float64), requires_grad=True)
     out = F.nll_loss(
         tl,
         torch.as_tensor(np.asarray(t, np.int64)),
@@ -150,7 +148,6 @@ def test_nll_loss_class_axis_one_as_torch_dim_one():
     torch = pytest.importorskip("torch")
     import torch.nn.functional as F
 
-    lp = log_softmax(RNG.normal(size=(2, 3, K)).transpose(0, 2, 1).transpose(0, 2, 1), xp=np)
     lp = np.moveaxis(log_softmax(RNG.normal(size=(2, 3, K))), -1, 1)  # [N, C, H]
     t = RNG.integers(0, K, size=(2, 3))
     t[0, 1] = 7  # ignore_index=7
