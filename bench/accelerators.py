@@ -622,10 +622,14 @@ DEVICE_NAMES = {"gpu": "H100", "tpu": "TPU v5e"}
 
 def setup_environment() -> None:
     """Before jax is imported: the CPU backend as default (so the plugins register without
-    probing for hardware: the CUDA plugin skips its version check) and quiet logs."""
+    probing for hardware: the CUDA plugin skips its version check), libtpu shareable between
+    processes, and quiet logs."""
     if "jax" in sys.modules:
         return
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    # libtpu takes /tmp/libtpu_lockfile (one process per TPU host); compiling without a TPU
+    # needs no such exclusivity, and a second report or test would otherwise abort.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("TPU_STDERR_LOG_LEVEL", "3")
     os.environ.setdefault("TPU_MIN_LOG_LEVEL", "3")
@@ -955,6 +959,11 @@ def _variants(dtype: str, size: str, *, wrappers: bool, options: bool) -> list[V
             hwl,
             (0, 1),
         )
+        # Losses newer than the ones above, where this jbce has them.
+        for name, specs, argnums in _SOFTMAX_FAMILY:
+            f = getattr(jbce, name, None)
+            if f is not None:
+                add(name, r, lambda *a, f=f, r=r: f(*a, reduction=r), [xl, xy][specs], argnums)
     if wrappers:
         add("entropy", "", lambda p: jbce.entropy(p), xy[:1])
         add("kl_divergence", "", lambda y, x: jbce.kl_divergence(y, x), xy, (0, 1))
@@ -1046,7 +1055,59 @@ def _variants(dtype: str, size: str, *, wrappers: bool, options: bool) -> list[V
         hwl,
         (0, 1),
     )
+    extra = {  # name: (options, call, extra argument specs)
+        "softmax_focal_loss": (
+            "alpha=0.25,gamma=0.5,weights,where per logit",
+            lambda f, x, y, w, m: f(x, y, alpha=0.25, gamma=0.5, weights=w, where=m),
+            [((N,), X), ((N, K), M)],
+        ),
+        "softmax_focal_loss_with_integer_labels": (
+            "alpha[K],class_weights,ignore_index=None,where",
+            lambda f, x, y, a, cw, m: f(
+                x, y, alpha=a, class_weights=cw, ignore_index=None, where=m
+            ),
+            [((K,), X), ((K,), X), ((N,), M)],
+        ),
+        "poly_loss_cross_entropy": (
+            "epsilon=1,weights,where",
+            lambda f, x, y, w, m: f(x, y, epsilon=1.0, weights=w, where=m),
+            [((N,), X), ((N,), M)],
+        ),
+        "nll_loss": (
+            "class_weights,weights,where",
+            lambda f, x, y, cw, w, m: f(x, y, class_weights=cw, weights=w, where=m),
+            [((K,), X), ((N,), X), ((N,), M)],
+        ),
+        "categorical_cross_entropy": (
+            "label_smoothing,where per probability",
+            lambda f, x, y, m: f(x, y, label_smoothing=0.1, where=m),
+            [((N, K), M)],
+        ),
+        "jensen_shannon_divergence": (
+            "beta=0.3,temperature=2,weights,where",
+            lambda f, x, y, w, m: f(x, y, beta=0.3, temperature=2.0, weights=w, where=m),
+            [((N,), X), ((N,), M)],
+        ),
+    }
+    for name, specs, argnums in _SOFTMAX_FAMILY:
+        f = getattr(jbce, name, None)
+        if f is not None and name in extra:
+            opts, call, more = extra[name]
+            add(name, opts, lambda *a, f=f, c=call: c(f, *a), [xl, xy][specs] + more, argnums)
     return out
+
+
+# Softmax-family losses taking (logits-like, labels): name, 0 = integer labels / 1 = label
+# distributions (or a second logits), value_and_grad argnums. Looked up with getattr, so the
+# check runs on a jbce that predates some of them (the coverage test pins jbce.__all__).
+_SOFTMAX_FAMILY = (
+    ("softmax_focal_loss", 1, (0,)),
+    ("softmax_focal_loss_with_integer_labels", 0, (0,)),
+    ("poly_loss_cross_entropy", 1, (0,)),
+    ("nll_loss", 0, (0,)),
+    ("categorical_cross_entropy", 1, (0,)),
+    ("jensen_shannon_divergence", 1, (0, 1)),
+)
 
 
 # (dtype, size, wrappers, options): each dtype and size with every reduction; the thin
