@@ -77,7 +77,8 @@ def _tile(hidden, weight, bias, labels, j, c0, tv, cap, dtype):
     if bias is not None:
         z = z + lax.dynamic_slice_in_dim(bias, c0, tv, 0).astype(dtype)[None, :]
     cols = c0 + lax.broadcasted_iota(jnp.int32, (1, tv), 1)
-    fresh = cols >= j * tv  # columns an overlapping last chunk did not see before
+    # Columns an overlapping last chunk did not see before (all of them when tv divides V).
+    fresh = None if weight.shape[1] % tv == 0 else cols >= j * tv
     # A label seen by an earlier chunk must not be hit again in the overlap.
     local = jnp.where(labels >= j * tv, labels - c0, -1)
     return z, _stats.softcap(z, cap), local, fresh
@@ -180,14 +181,14 @@ def tiled_grads(hidden, weight, bias, labels, cap, rows, saved, g, dtype, tn, tv
         dh, dw_j, db_j, dcap = (
             lax.fori_loop(0, count, token_chunk, init) if count > 1 else token_chunk(0, init)
         )
-        # Columns an overlapping last chunk shares with its predecessor keep their gradient.
-        fresh = (c0 + jnp.arange(tv)) >= j * tv
-        dw_j = jnp.where(
-            fresh[None, :], dw_j.astype(dw.dtype), lax.dynamic_slice_in_dim(dw, c0, tv, 1)
-        )
+        dw_j = dw_j.astype(dw.dtype)
+        if v % tv:  # columns an overlapping last chunk shares with its predecessor keep theirs
+            fresh = (c0 + jnp.arange(tv)) >= j * tv
+            dw_j = jnp.where(fresh[None, :], dw_j, lax.dynamic_slice_in_dim(dw, c0, tv, 1))
+            if db is not None:
+                db_j = jnp.where(fresh, db_j, lax.dynamic_slice_in_dim(db, c0, tv, 0))
         dw = lax.dynamic_update_slice_in_dim(dw, dw_j, c0, 1)
         if db is not None:
-            db_j = jnp.where(fresh, db_j, lax.dynamic_slice_in_dim(db, c0, tv, 0))
             db = lax.dynamic_update_slice_in_dim(db, db_j, c0, 0)
         return dh, dw, db, dcap
 

@@ -85,6 +85,7 @@ def softmax_cross_entropy_with_integer_labels(
     where: ArrayLike | None = None,
     reduction: str = "mean",
     axis_name: str | None = None,
+    implementation: str | None = None,
 ) -> jax.Array:
     r"""Softmax cross-entropy with integer class labels, as ``torch.nn.functional.cross_entropy``.
 
@@ -122,6 +123,10 @@ def softmax_cross_entropy_with_integer_labels(
       where: optional boolean mask, per example (labels' shape) or per logit (logits' shape).
       reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-example losses).
       axis_name: mesh axis over which the class axis is sharded (vocabulary parallel).
+      implementation: how the log-sum-exp is reduced: ``"one_pass"`` (one variadic
+        max/sum-exp reduction, the logits read once; the default on GPU and TPU),
+        ``"two_pass"`` (max, then sum of exps; the default on CPU) or ``None`` (picked
+        for the platform the program is lowered for).
 
     Returns:
       A float32 scalar, or the per-example losses for ``"none"``.
@@ -140,6 +145,7 @@ def softmax_cross_entropy_with_integer_labels(
         "labels", labels, bshape, f"to match logits {logits.shape} without axis {axis_txt}"
     )
     _checks.check_reduction(reduction)
+    _check_implementation(implementation)
     ignore_index = _checks.check_ignore_index(ignore_index)
     e, z, cap = _options(label_smoothing, z_loss, logit_softcap)
     dt = compute_dtype(logits, weights, class_weights, e, z, cap)
@@ -160,7 +166,7 @@ def softmax_cross_entropy_with_integer_labels(
         rows = _and(rows, labels != ignore_index)
     st = softmax_stats(
         x, labels, cw, logit_mask, _scalar(cap, dt), rows, dt,
-        not _checks.is_zero(e), False, axis_name,
+        not _checks.is_zero(e), False, axis_name, implementation,
     )  # fmt: skip
     loss, has = _stats.loss_terms(
         st, labels, num_classes=num_classes, label_smoothing=e, z_loss=z,
@@ -173,6 +179,13 @@ def softmax_cross_entropy_with_integer_labels(
         where=_and(rows, has),
         denominator_weights=None if cw is None else st.target_weight,
     )
+
+
+def _check_implementation(implementation):
+    if implementation is not None and implementation not in _stats.LSE_METHODS:
+        raise ValueError(
+            f"implementation must be None or one of {_stats.LSE_METHODS}; got {implementation!r}"
+        )
 
 
 def _scalar(v, dt):
@@ -188,6 +201,7 @@ def softmax_cross_entropy(
     label_smoothing: float | ArrayLike = 0.0,
     where: ArrayLike | None = None,
     reduction: str = "mean",
+    implementation: str | None = None,
 ) -> jax.Array:
     r"""Softmax cross-entropy against probability targets (soft labels).
 
@@ -211,6 +225,8 @@ def softmax_cross_entropy(
         number or a scalar array (a jit argument).
       where: optional boolean mask, per example or per logit.
       reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+      implementation: ``"one_pass"``, ``"two_pass"`` or ``None``, as in
+        :func:`softmax_cross_entropy_with_integer_labels`.
 
     Returns:
       A float32 scalar, or the per-example losses for ``"none"``.
@@ -224,6 +240,7 @@ def softmax_cross_entropy(
     labels = _checks.as_array("labels", labels)
     _checks.check_shape("labels", labels, logits.shape, f"to match logits {logits.shape}")
     _checks.check_reduction(reduction)
+    _check_implementation(implementation)
     e, _, _ = _options(label_smoothing)
     bshape = batch_shape(logits.shape, axes)
     dt = compute_dtype(logits, labels, weights, e)
@@ -243,5 +260,6 @@ def softmax_cross_entropy(
         y = jnp.where(inc, y.astype(dt) * (1 - e) + e / k, y.astype(dt))
     if logit_mask is not None:
         rows = _and(rows, jnp.any(logit_mask, axis=-1))
-    st = softmax_stats(x, None, pvary_like(y, x), logit_mask, None, rows, dt, True, True, None)
+    y = pvary_like(y, x)
+    st = softmax_stats(x, None, y, logit_mask, None, rows, dt, True, True, None, implementation)
     return reduce_loss(_stats.soft_terms(st), reduction=reduction, weights=weights, where=rows)

@@ -223,7 +223,8 @@ def softmax_focal_loss_with_integer_labels(
     _checks.debug_check_labels("labels", labels, k, ignore_index)
     if ignore_index is not None:
         rows = _and(rows, labels != ignore_index)
-    st = softmax_stats(x, labels, None, logit_mask, None, rows, dt, False, False, None)
+    # method None: the platform's log-sum-exp reduction, chosen when the program is lowered
+    st = softmax_stats(x, labels, None, logit_mask, None, rows, dt, False, False, None, None)
     has = st.lse != -jnp.inf  # a row with no class left is excluded (NaN rows count)
     log_p = (st.target - st.shift) - jnp.where(has, st.lse, 0)
     loss = focal_of_log_prob(log_p, g)

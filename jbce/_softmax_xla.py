@@ -28,8 +28,8 @@ def _local_labels(labels, num_local: int, axis_name):
     return labels - jax.lax.axis_index(axis_name).astype(labels.dtype) * num_local
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def softmax_stats(logits, labels, weights, mask, cap, rows, dtype, sums, soft, axis_name):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+def softmax_stats(logits, labels, weights, mask, cap, rows, dtype, sums, soft, axis_name, method):
     """:class:`jbce._stats.Stats` of each row of ``logits`` ``[..., K]`` (classes last).
 
     Args:
@@ -41,22 +41,33 @@ def softmax_stats(logits, labels, weights, mask, cap, rows, dtype, sums, soft, a
       rows: ``[...]`` boolean, the rows the loss uses (others get zero gradient), or None.
       dtype, sums, soft: see :func:`jbce._stats.block_stats`.
       axis_name: mesh axis the class axis is sharded over, or None.
+      method: how the log-sum-exp is reduced (:func:`jbce._stats.max_and_sumexp`).
     """
-    x = _stats.softcap(to_compute(logits, dtype), cap)
     w = None if weights is None else to_compute(weights, dtype)
-    y = _local_labels(labels, x.shape[-1], axis_name)
-    st = _stats.block_stats(x, y, weights=w, mask=mask, sums=sums, soft=soft)
+    y = _local_labels(labels, logits.shape[-1], axis_name)
+    st = _stats.block_stats(
+        logits, y, to_x=_to_x(dtype, cap), weights=w, mask=mask, sums=sums, soft=soft,
+        method=method,
+    )  # fmt: skip
     return st if axis_name is None else _stats.combine_over_axis(st, axis_name)
 
 
-def _softmax_stats_fwd(logits, labels, weights, mask, cap, rows, dtype, sums, soft, axis_name):
-    st = softmax_stats(logits, labels, weights, mask, cap, rows, dtype, sums, soft, axis_name)
+def _to_x(dtype, cap):
+    """The logits as the loss sees them: in the compute dtype, soft-capped."""
+    return lambda v: _stats.softcap(to_compute(v, dtype), cap)
+
+
+def _softmax_stats_fwd(logits, labels, weights, mask, cap, rows, dtype, sums, soft, axis_name,
+                       method):  # fmt: skip
+    st = softmax_stats(
+        logits, labels, weights, mask, cap, rows, dtype, sums, soft, axis_name, method
+    )
     # Residuals: the inputs as given (bf16 stays bf16) and two floats per row, the shift and
     # the shifted log-sum-exp; the softmax is recomputed in the backward pass.
     return st, (logits, labels, weights, mask, cap, rows, st.shift, st.lse)
 
 
-def _softmax_stats_bwd(dtype, sums, soft, axis_name, res, g):
+def _softmax_stats_bwd(dtype, sums, soft, axis_name, method, res, g):
     logits, labels, weights, mask, cap, rows, shift, lse = res
     z = to_compute(logits, dtype)
     x = _stats.softcap(z, cap)

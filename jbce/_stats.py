@@ -106,40 +106,105 @@ def _finite_shifted(x, shift):
     return jnp.maximum(x - shift[..., None], jnp.finfo(x.dtype).min)
 
 
+LSE_METHODS = ("one_pass", "two_pass")
+
+
+def max_and_sumexp(logits, to_x, method: str | None = None):
+    """``(max_c x_c, sum_c exp(x_c - max'))`` over the last axis of ``x = to_x(logits)``.
+
+    ``max'`` is the max with ``-inf`` (a row without classes) replaced by 0. Two ways:
+
+    - ``"one_pass"``: one variadic reduction carrying ``(max, sum)`` and rescaling the sum
+      when the max grows (an online softmax): the logits are read once. On an H100 and a
+      TPU v5e it halves the HBM traffic of the forward pass (deviceless compile of
+      4096 x 32768 float32, ``python -m bench.accelerators``: 1.08 GB -> 0.55 GB).
+    - ``"two_pass"``: the max, then the sum of exps. XLA:CPU runs the variadic reduction
+      about 7x slower than the two passes (2048 x 32768 float32 on the 2-core dev box).
+
+    ``None`` picks per platform when the program is lowered (``two_pass`` on CPU,
+    ``one_pass`` elsewhere), so a program compiled for a GPU or TPU on a CPU host gets its
+    platform's choice.
+    """
+    if method is None:
+        return jax.lax.platform_dependent(
+            logits,
+            cpu=lambda v: _two_pass(v, to_x),
+            default=lambda v: _one_pass(v, to_x),
+        )
+    if method not in LSE_METHODS:
+        raise ValueError(f"implementation must be None or one of {LSE_METHODS}; got {method!r}")
+    return (_one_pass if method == "one_pass" else _two_pass)(logits, to_x)
+
+
+def _nonempty(m):
+    return jnp.where(m == -jnp.inf, jnp.zeros((), m.dtype), m)
+
+
+def _two_pass(logits, to_x):
+    # The max is taken on the raw logits and transformed after (to_x is elementwise and
+    # non-decreasing), so the transformed copy (a bf16 -> f32 cast) has one reader.
+    m = to_x(jnp.max(logits, axis=-1))  # NaN propagates; -inf logits give exp(-inf) = 0
+    return m, jnp.sum(jnp.exp(to_x(logits) - _nonempty(m)[..., None]), axis=-1)
+
+
+def _one_pass(logits, to_x):
+    def combine(a, b):
+        (m1, s1), (m2, s2) = a, b
+        m = jnp.maximum(m1, m2)
+        return m, s1 * jnp.exp(m1 - _nonempty(m)) + s2 * jnp.exp(m2 - _nonempty(m))
+
+    x = to_x(logits)
+    init = (jnp.array(-jnp.inf, x.dtype), jnp.array(0, x.dtype))
+    return jax.lax.reduce((x, jnp.ones_like(x)), init, combine, (x.ndim - 1,))
+
+
+def _identity(v):
+    return v
+
+
 def block_stats(
-    x: jax.Array,
+    logits: jax.Array,
     labels: jax.Array | None,
     *,
+    to_x=None,
     weights: jax.Array | None = None,
     mask: jax.Array | None = None,
     sums: bool = False,
     soft: bool = False,
+    method: str | None = None,
 ) -> Stats:
-    """:class:`Stats` of a block ``x`` ``[..., k]`` (compute dtype) of each row's classes.
+    """:class:`Stats` of a block of each row's classes, ``x = to_x(logits)`` ``[..., k]``.
 
     Args:
-      x: logits of ``k`` classes, after soft-capping.
+      logits: the block as given (any float dtype).
       labels: ``[...]`` class indices into this block (outside ``[0, k)``: not here), or None.
+      to_x: elementwise, non-decreasing map to the compute dtype (the cast and soft-cap);
+        applied lazily so the max and the target logit can be read from ``logits`` and the
+        transformed copy has a single reader. None: ``logits`` are ``x``.
       weights: ``[k]`` class weights or ``[..., k]`` label weights (soft labels), or None (1).
       mask: optional ``[..., k]`` boolean, False takes a class out of the softmax.
       sums: also compute ``logit_sum``, ``weight_sum`` and ``count``.
       soft: ``weights`` are probability targets: a positive target on a ``-inf`` logit makes
         ``logit_sum`` ``-inf`` (an impossible target costs ``+inf``), where class weights
         only count included classes.
+      method: how the log-sum-exp is reduced (:func:`max_and_sumexp`).
     """
-    # The passes over the logits are plain reductions, no per-logit select (XLA:CPU cannot
-    # fuse a select into a reduction and would materialise the logits once more).
-    x, weights = _masked(x, weights, mask, soft)
-    m = jnp.max(x, axis=-1)  # NaN propagates; -inf logits drop out of exp(x - m) below
-    m = jax.lax.stop_gradient(jnp.where(m == -jnp.inf, jnp.zeros((), x.dtype), m))
-    lse = jnp.log(jnp.sum(jnp.exp(x - m[..., None]), axis=-1))
+    to_x = to_x or _identity
+    if mask is not None:  # masked after the transform (soft-capping maps -inf to -cap)
+        logits, weights = _masked(to_x(logits), weights, mask, soft)
+        to_x = _identity
+    m, sumexp = max_and_sumexp(logits, to_x, method)
+    m = jax.lax.stop_gradient(_nonempty(m))
+    lse = jnp.log(sumexp)
     target = target_weight = None
     if labels is not None:
-        target = _take(x, labels)
+        target = _take(logits, labels, to_x)
         if weights is not None and not soft:
-            target_weight = _take(jnp.broadcast_to(_row_weights(weights, x), x.shape), labels)
+            target_weight = _take(weights, labels)
     if not sums:
         return Stats(m, lse, target, target_weight=target_weight)
+    # The sums read the transformed logits once more (label smoothing, soft labels).
+    x = to_x(logits)
     w, inc = _sum_weights(x, weights, soft)
     logit_sum = jnp.sum(w * _finite_shifted(x, m), axis=-1)
     if soft:  # a positive target on a -inf class
@@ -150,12 +215,15 @@ def block_stats(
     return Stats(m, lse, target, logit_sum, weight_sum, target_weight, count)
 
 
-def _take(a: jax.Array, labels: jax.Array) -> jax.Array:
-    """``a[..., label]`` per row, 0 where the label is not in ``[0, k)``."""
+def _take(a: jax.Array, labels: jax.Array, to_x=_identity) -> jax.Array:
+    """``to_x(a[..., label])`` per row (class weights ``a`` ``[k]`` too), 0 where the label
+    is not in ``[0, k)``."""
     k = a.shape[-1]
     here = (labels >= 0) & (labels < k)
-    got = jnp.take_along_axis(a, jnp.clip(labels, 0, k - 1)[..., None], axis=-1)[..., 0]
-    return jnp.where(here, got, jnp.zeros((), a.dtype))
+    idx = jnp.clip(labels, 0, k - 1)
+    got = a[idx] if a.ndim == 1 else jnp.take_along_axis(a, idx[..., None], axis=-1)[..., 0]
+    got = to_x(got)
+    return jnp.where(here, got, jnp.zeros((), got.dtype))
 
 
 def _onehot(labels: jax.Array, x: jax.Array) -> jax.Array:

@@ -790,8 +790,9 @@ def test_offset_logits_get_probabilities_as_accurate_as_optax(shape, kind):
         big = ref_p > 1e-3
         return float(np.max(np.abs(p - ref_p)[big] / ref_p[big]))
 
-    assert rel_err(theirs) <= 1e-6  # the oracle
-    assert rel_err(ours) <= max(2 * rel_err(theirs), 1e-6), (rel_err(ours), rel_err(theirs))
+    # optax's own float32 error here is a few 1e-6 (its softmax is exp(x - m - lse) too);
+    # jbce's must be no worse (a rounded lse reused for the probabilities gives ~1e-3).
+    assert rel_err(ours) <= max(rel_err(theirs), 1e-6), (rel_err(ours), rel_err(theirs))
 
 
 # =========================================================================================
