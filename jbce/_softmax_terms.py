@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from jbce import _stats
 from jbce._dtypes import to_compute
+from jbce._softmax_xla import softmax_stats
 
 TERMS = ("ce", "focal", "poly", "kl")
 
@@ -106,6 +107,16 @@ def _prepared(logits, labels, alpha, mask, dtype, log_labels):
     return x, y, a, ly
 
 
+def _row_stats(x: jax.Array) -> _stats.Stats:
+    """The shift and shifted log-sum-exp of each row of ``x`` (compute dtype, classes last).
+
+    Through :func:`jbce._softmax_xla.softmax_stats`, whose own lean VJP differentiates them
+    when a higher derivative differentiates this module's forward passes (the platform's
+    log-sum-exp reduction is chosen when the program is lowered).
+    """
+    return softmax_stats(x, None, None, None, None, None, x.dtype, False, False, None, None)
+
+
 def _log_probs(x, shift, lse):
     lse = jnp.where(lse == -jnp.inf, 0, lse)  # a row without classes: every lg is -inf
     return (x - shift[..., None]) - lse[..., None]
@@ -129,7 +140,7 @@ def term_loss(logits, labels, alpha, theta, mask, kind, log_labels, dtype):
     target on a ``-inf`` logit costs ``+inf``; a NaN logit makes its row NaN.
     """
     x, y, a, ly = _prepared(logits, labels, alpha, mask, dtype, log_labels)
-    st = _stats.block_stats(x, None)
+    st = _row_stats(x)
     return _row_loss(kind, x, y, a, ly, theta, st.shift, st.lse, dtype)
 
 
@@ -148,7 +159,7 @@ def _row_loss(kind, x, y, a, ly, theta, shift, lse, dtype):
 
 def _term_loss_fwd(logits, labels, alpha, theta, mask, kind, log_labels, dtype):
     x, y, a, ly = _prepared(logits, labels, alpha, mask, dtype, log_labels)
-    st = _stats.block_stats(x, None)
+    st = _row_stats(x)
     # Residuals: the inputs as given and two floats per row (the shift and the shifted
     # log-sum-exp); the log-probabilities are recomputed in the backward pass.
     loss = _row_loss(kind, x, y, a, ly, theta, st.shift, st.lse, dtype)
@@ -322,7 +333,7 @@ def _jsd_value(mode, z, w, beta, sz, sw, dtype):
 
 def _jsd_fwd(logits, teacher_logits, beta, temperature, mask, mode, dtype):
     z, w = _two_log_softmax(logits, teacher_logits, temperature, mask, dtype)
-    sz, sw = _stats.block_stats(z, None), _stats.block_stats(w, None)
+    sz, sw = _row_stats(z), _row_stats(w)
     *_, value = _jsd_value(mode, z, w, beta, sz, sw, dtype)
     # Residuals: the inputs as given and four floats per row (shift and shifted log-sum-exp
     # of each softmax); the distributions are recomputed in the backward pass.

@@ -575,27 +575,14 @@ def test_residuals_are_the_inputs_and_per_row_values(name):
     assert all(np.prod(r[0].shape) <= max(n, k) for r in small), res
 
 
-def _primitives(jaxpr, out=None):
-    out = set() if out is None else out
-    for eqn in jaxpr.eqns:
-        out.add(eqn.primitive.name)
-        for v in eqn.params.values():
-            for sub in v if isinstance(v, (list, tuple)) else [v]:
-                inner = getattr(sub, "jaxpr", None)
-                if inner is not None:
-                    _primitives(getattr(inner, "jaxpr", inner), out)
-    return out
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_no_conditional_in_the_program_forward_or_backward(name):
     x, y = _case_inputs(name, 4, 8)
     f = lambda a: CASES[name](a, y)
     vag = jax.value_and_grad(f)
-    prims = _primitives(jax.make_jaxpr(vag)(x).jaxpr)
-    assert not prims & {"cond", "while", "switch"}, prims
+    # (a jaxpr may hold a platform_dependent cond, resolved when lowering: check the program)
     hlo = jax.jit(vag).lower(x).compile().as_text()
-    assert " conditional(" not in hlo
+    assert " conditional(" not in hlo and " while(" not in hlo
 
 
 @pytest.mark.parametrize("name", list(CASES))
