@@ -41,7 +41,7 @@ def softmax_stats(logits, labels, weights, mask, cap, rows, dtype, sums, soft, a
       rows: ``[...]`` boolean, the rows the loss uses (others get zero gradient), or None.
       dtype, sums, soft: see :func:`jbce._stats.block_stats`.
       axis_name: mesh axis the class axis is sharded over, or None.
-      method: how the log-sum-exp is reduced (:func:`jbce._stats.max_and_sumexp`).
+      method: how the log-sum-exp is reduced (:func:`jbce._stats.row_reduce`).
     """
     w = None if weights is None else to_compute(weights, dtype)
     y = _local_labels(labels, logits.shape[-1], axis_name)

@@ -109,17 +109,21 @@ def _finite_shifted(x, shift):
 LSE_METHODS = ("one_pass", "two_pass")
 
 
-def max_and_sumexp(logits, to_x, method: str | None = None):
-    """``(max_c x_c, sum_c exp(x_c - max'))`` over the last axis of ``x = to_x(logits)``.
+def row_reduce(logits, to_x, weights=None, method: str | None = None):
+    """``(m, sum_c exp(x_c - m'), W, s)`` over the last axis of ``x = to_x(logits)``.
 
-    ``max'`` is the max with ``-inf`` (a row without classes) replaced by 0. Two ways:
+    ``m`` is the row max, ``m'`` the same with ``-inf`` (a row without classes) replaced
+    by 0; with ``weights`` (per logit, broadcastable to ``x``), ``W = sum_c w_c`` and
+    ``s = sum_c w_c (x_c - m')``, a positive weight on a ``-inf`` logit making ``s``
+    ``-inf``; without, both are None. Two ways:
 
-    - ``"one_pass"``: one variadic reduction carrying ``(max, sum)`` and rescaling the sum
-      when the max grows (an online softmax): the logits are read once. On an H100 and a
-      TPU v5e it halves the HBM traffic of the forward pass (deviceless compile of
-      4096 x 32768 float32, ``python -m bench.accelerators``: 1.08 GB -> 0.55 GB).
-    - ``"two_pass"``: the max, then the sum of exps. XLA:CPU runs the variadic reduction
-      about 7x slower than the two passes (2048 x 32768 float32 on the 2-core dev box).
+    - ``"one_pass"``: one variadic reduction whose carry is merged as :func:`merge` merges
+      blocks (an online softmax: each logit is a block of one class): the logits are read
+      once. On an H100 and a TPU v5e it halves the HBM traffic of the forward pass
+      (deviceless compile of 4096 x 32768 float32, ``python -m bench.accelerators``:
+      1.08 GB -> 0.55 GB for integer labels).
+    - ``"two_pass"``: the max, then the sums. XLA:CPU runs the variadic reduction about 7x
+      slower than the two passes (2048 x 32768 float32 on the 2-core dev box).
 
     ``None`` picks per platform when the program is lowered (``two_pass`` on CPU,
     ``one_pass`` elsewhere), so a program compiled for a GPU or TPU on a CPU host gets its
@@ -128,34 +132,59 @@ def max_and_sumexp(logits, to_x, method: str | None = None):
     if method is None:
         return jax.lax.platform_dependent(
             logits,
-            cpu=lambda v: _two_pass(v, to_x),
-            default=lambda v: _one_pass(v, to_x),
+            weights,
+            cpu=lambda v, w: _two_pass(v, to_x, w),
+            default=lambda v, w: _one_pass(v, to_x, w),
         )
     if method not in LSE_METHODS:
         raise ValueError(f"implementation must be None or one of {LSE_METHODS}; got {method!r}")
-    return (_one_pass if method == "one_pass" else _two_pass)(logits, to_x)
+    return (_one_pass if method == "one_pass" else _two_pass)(logits, to_x, weights)
 
 
 def _nonempty(m):
     return jnp.where(m == -jnp.inf, jnp.zeros((), m.dtype), m)
 
 
-def _two_pass(logits, to_x):
+def _two_pass(logits, to_x, weights):
     # The max is taken on the raw logits and transformed after (to_x is elementwise and
     # non-decreasing), so the transformed copy (a bf16 -> f32 cast) has one reader.
     m = to_x(jnp.max(logits, axis=-1))  # NaN propagates; -inf logits give exp(-inf) = 0
-    return m, jnp.sum(jnp.exp(to_x(logits) - _nonempty(m)[..., None]), axis=-1)
+    x = to_x(logits)
+    sumexp = jnp.sum(jnp.exp(x - _nonempty(m)[..., None]), axis=-1)
+    if weights is None:
+        return m, sumexp, None, None
+    w = jnp.broadcast_to(weights, x.shape)
+    # -inf logits as the most negative float, so that a zero weight gives exactly 0 there.
+    shifted = jnp.maximum(x - _nonempty(m)[..., None], jnp.finfo(x.dtype).min)
+    s = jnp.sum(w * shifted, axis=-1)
+    impossible = jnp.sum(w * (x == -jnp.inf).astype(x.dtype), axis=-1) > 0  # weight on -inf
+    return m, sumexp, jnp.sum(w, axis=-1), jnp.where(impossible, -jnp.inf, s)
 
 
-def _one_pass(logits, to_x):
+def _one_pass(logits, to_x, weights):
     def combine(a, b):
-        (m1, s1), (m2, s2) = a, b
+        (m1, e1, *ws1), (m2, e2, *ws2) = a, b
         m = jnp.maximum(m1, m2)
-        return m, s1 * jnp.exp(m1 - _nonempty(m)) + s2 * jnp.exp(m2 - _nonempty(m))
+        d1, d2 = m1 - _nonempty(m), m2 - _nonempty(m)
+        out = (m, e1 * jnp.exp(d1) + e2 * jnp.exp(d2))
+        if not ws1:
+            return out
+        (w1, s1), (w2, s2) = ws1, ws2
+        return *out, w1 + w2, s1 + _times(w1, d1) + s2 + _times(w2, d2)
 
     x = to_x(logits)
-    init = (jnp.array(-jnp.inf, x.dtype), jnp.array(0, x.dtype))
-    return jax.lax.reduce((x, jnp.ones_like(x)), init, combine, (x.ndim - 1,))
+    zero = jnp.zeros((), x.dtype)
+    operands, init = (x, jnp.ones_like(x)), (jnp.array(-jnp.inf, x.dtype), zero)
+    if weights is not None:  # each logit: W = w, s = w (x - x) = 0
+        operands += (jnp.broadcast_to(weights, x.shape).astype(x.dtype), jnp.zeros_like(x))
+        init += (zero, zero)
+    out = jax.lax.reduce(operands, init, combine, (x.ndim - 1,))
+    return out if weights is not None else (*out, None, None)
+
+
+def _times(w, d):
+    """``w * d`` with ``0 * -inf = 0`` (an empty side of a merge moves nothing)."""
+    return jnp.where(w == 0, jnp.zeros((), d.dtype), w * d)
 
 
 def _identity(v):
@@ -187,13 +216,17 @@ def block_stats(
       soft: ``weights`` are probability targets: a positive target on a ``-inf`` logit makes
         ``logit_sum`` ``-inf`` (an impossible target costs ``+inf``), where class weights
         only count included classes.
-      method: how the log-sum-exp is reduced (:func:`max_and_sumexp`).
+      method: how the log-sum-exp is reduced (:func:`row_reduce`).
     """
     to_x = to_x or _identity
     if mask is not None:  # masked after the transform (soft-capping maps -inf to -cap)
         logits, weights = _masked(to_x(logits), weights, mask, soft)
         to_x = _identity
-    m, sumexp = max_and_sumexp(logits, to_x, method)
+    w = inc = None
+    if sums:
+        x = to_x(logits)
+        w, inc = _sum_weights(x, weights, soft)
+    m, sumexp, weight_sum, logit_sum = row_reduce(logits, to_x, w, method)
     m = jax.lax.stop_gradient(_nonempty(m))
     lse = jnp.log(sumexp)
     target = target_weight = None
@@ -203,15 +236,7 @@ def block_stats(
             target_weight = _take(weights, labels)
     if not sums:
         return Stats(m, lse, target, target_weight=target_weight)
-    # The sums read the transformed logits once more (label smoothing, soft labels).
-    x = to_x(logits)
-    w, inc = _sum_weights(x, weights, soft)
-    logit_sum = jnp.sum(w * _finite_shifted(x, m), axis=-1)
-    if soft:  # a positive target on a -inf class
-        impossible = jnp.sum(w * (1 - inc), axis=-1) > 0
-        logit_sum = jnp.where(impossible, -jnp.inf, logit_sum)
-    count = jnp.sum(inc, axis=-1)
-    weight_sum = jnp.sum(jnp.broadcast_to(w, x.shape), axis=-1)
+    count = None if soft else jnp.sum(inc, axis=-1)
     return Stats(m, lse, target, logit_sum, weight_sum, target_weight, count)
 
 

@@ -3,6 +3,8 @@ against float64 references, PyTorch, optax, numerical gradients and the spec's e
 
 from __future__ import annotations
 
+import functools
+
 import chex
 import hypothesis.extra.numpy as hnp
 import jax
@@ -110,11 +112,15 @@ def _j(kw):
 
 
 # ----------------------------------------------------------------------------- references
+# Every log-sum-exp implementation (one pass: the GPU/TPU default; two passes: the CPU one)
+# against the float64 reference, chosen explicitly with implementation=.
+IMPLEMENTATIONS = ("one_pass", "two_pass")
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("opts", list(INT_OPTIONS))
-def test_integer_label_ce_matches_float64_reference(opts, layout):
+def test_integer_label_ce_matches_float64_reference(opts, layout, implementation):
     x, labels, _, w, cw, where_ex, where_logit, axis = _data(layout)
     if opts == "where_logit":
         # a per-logit mask in the classes-last layout of the logits
@@ -127,9 +133,11 @@ def test_integer_label_ce_matches_float64_reference(opts, layout):
     kw = _int_kwargs(INT_OPTIONS[opts], labels, w, cw, where_ex, where_logit, axis)
     static = {k: v for k, v in kw.items() if not isinstance(v, np.ndarray)}
     arrays = {k: v for k, v in kw.items() if isinstance(v, np.ndarray)}
+    static["implementation"] = implementation
     gots = jax.jit(
         lambda a, b, k: [ce_int(a, b, axis=axis, reduction=r, **static, **k) for r in REDUCTIONS]
     )(jnp.asarray(x), jnp.asarray(labels), _j(arrays))
+    del static["implementation"]
     for reduction, got in zip(REDUCTIONS, gots):
         want = ref.ref_softmax_cross_entropy_with_integer_labels(
             x, labels, axis=axis, reduction=reduction, **kw
@@ -148,9 +156,10 @@ SOFT_OPTIONS = {
 }
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("opts", list(SOFT_OPTIONS))
-def test_soft_label_ce_matches_float64_reference(opts, layout):
+def test_soft_label_ce_matches_float64_reference(opts, layout, implementation):
     x, _, soft, w, _, where_ex, where_logit, axis = _data(layout, seed=1)
     arrays, static = {}, {}
     for k, v in SOFT_OPTIONS[opts].items():
@@ -161,7 +170,10 @@ def test_soft_label_ce_matches_float64_reference(opts, layout):
         else:
             static[k] = v
     gots = jax.jit(
-        lambda a, b, k: [ce_soft(a, b, axis=axis, reduction=r, **static, **k) for r in REDUCTIONS]
+        lambda a, b, k: [
+            ce_soft(a, b, axis=axis, reduction=r, implementation=implementation, **static, **k)
+            for r in REDUCTIONS
+        ]
     )(jnp.asarray(x), jnp.asarray(soft), _j(arrays))
     for reduction, got in zip(REDUCTIONS, gots):
         want = ref.ref_softmax_cross_entropy(
@@ -432,10 +444,14 @@ def test_residuals_are_the_logits_and_per_example_values_only(kind):
 # passes share). The CPU-tuned cores that avoided this went with the fast paths (they put a
 # conditional into every GPU/TPU compile); a CPU-specific implementation chosen at lowering
 # is the way back. These cases are known to regress until then (XLA:CPU only).
-CPU_TEMP_REGRESSIONS = {("int", "bfloat16", False), ("int", "bfloat16", True),
-                        ("soft", "float32", False),
-    ("soft", "float32", True), ("soft", "bfloat16", False),
-                        ("soft", "bfloat16", True)}  # fmt: skip
+CPU_TEMP_REGRESSIONS = {
+    ("int", "bfloat16", False),
+    ("int", "bfloat16", True),
+    ("soft", "float32", False),
+    ("soft", "float32", True),
+    ("soft", "bfloat16", False),
+    ("soft", "bfloat16", True),
+}
 
 
 def _cpu_temp_case(kind, dtype, grad):
@@ -590,10 +606,15 @@ ROWS = np.array(
 )
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("target", [0, 1, 2])
-def test_float32_extreme_logits_within_a_few_ulps_of_float64(target):
+def test_float32_extreme_logits_within_a_few_ulps_of_float64(target, implementation):
     x32 = ROWS.astype(np.float32)
     labels = np.full(len(ROWS), target)
+    ce_int = functools.partial(
+        jbce.softmax_cross_entropy_with_integer_labels, implementation=implementation
+    )
+    ce_soft = functools.partial(jbce.softmax_cross_entropy, implementation=implementation)
     got = ce_int(jnp.asarray(x32), jnp.asarray(labels), reduction="none")
     assert got.dtype == jnp.float32
     want = ref.ref_softmax_cross_entropy_with_integer_labels(
