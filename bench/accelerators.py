@@ -966,7 +966,7 @@ def _variants(dtype: str, size: str, *, wrappers: bool, options: bool) -> list[V
                 add(name, r, lambda *a, f=f, r=r: f(*a, reduction=r), [xl, xy][specs], argnums)
     if wrappers:
         add("entropy", "", lambda p: jbce.entropy(p), xy[:1])
-        add("kl_divergence", "", lambda y, x: jbce.kl_divergence(y, x), xy, (0, 1))
+        add("kl_divergence", "", lambda x, y: jbce.kl_divergence(x, y), xy, (0, 1))
         add("discriminator_loss", "", lambda a, b: jbce.discriminator_loss(a, b), bxy, (0, 1))
         add("generator_loss", "", lambda a: jbce.generator_loss(a), bxy[:1])
     if not options:

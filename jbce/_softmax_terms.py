@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jbce import _stats
 from jbce._dtypes import to_compute
 from jbce._softmax_xla import softmax_stats
+from jbce._vma import psum_to_like
 
 TERMS = ("ce", "focal", "poly", "kl")
 
@@ -205,11 +206,13 @@ def _term_loss_bwd(kind, log_labels, dtype, res, g):
     if theta is not None:
         dt = jnp.zeros((), dtype) if dtheta_c is None else jnp.sum(_scaled(g, _xmul(a, dtheta_c)))
         dtheta = dt.astype(theta.dtype)
+    # Inside shard_map a replicated input (a scalar gamma, say) collects the sum of the
+    # shards' cotangents (psum_to_like; a no-op elsewhere).
     return (
-        dx.astype(logits.dtype),
-        dy.astype(labels.dtype),
-        dalpha,
-        dtheta,
+        psum_to_like(dx.astype(logits.dtype), logits),
+        psum_to_like(dy.astype(labels.dtype), labels),
+        None if dalpha is None else psum_to_like(dalpha, alpha),
+        None if dtheta is None else psum_to_like(dtheta, theta),
         _zero_cotangent(mask),
     )
 
@@ -237,7 +240,9 @@ def _focal_of_log_prob_bwd(res, g):
     lg, gamma = res
     dl, dgamma = _phi_grads("focal", lg, gamma)
     dgamma = jnp.sum(_scaled(g, dgamma)).reshape(jnp.shape(gamma))
-    return _scaled(g, dl), dgamma.astype(jnp.result_type(gamma))
+    return psum_to_like(_scaled(g, dl), lg), psum_to_like(
+        dgamma.astype(jnp.result_type(gamma)), gamma
+    )
 
 
 focal_of_log_prob.defvjp(_focal_of_log_prob_fwd, _focal_of_log_prob_bwd)
@@ -362,10 +367,10 @@ def _jsd_bwd(mode, dtype, res, g):
     # by a per-row constant while d/dz sums to 0 over a row).
     dt = -(jnp.sum(_xmul(dz, lq)) + jnp.sum(_xmul(dw, lp))) / t
     return (
-        (dz / t).astype(logits.dtype),
-        (dw / t).astype(teacher.dtype),
-        jnp.sum(_scaled(g, gbeta)).astype(beta.dtype),
-        dt.astype(temperature.dtype),
+        psum_to_like((dz / t).astype(logits.dtype), logits),
+        psum_to_like((dw / t).astype(teacher.dtype), teacher),
+        psum_to_like(jnp.sum(_scaled(g, gbeta)).astype(beta.dtype), beta),
+        psum_to_like(dt.astype(temperature.dtype), temperature),
         _zero_cotangent(mask),
     )
 

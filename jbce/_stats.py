@@ -219,6 +219,13 @@ def block_stats(
       method: how the log-sum-exp is reduced (:func:`row_reduce`).
     """
     to_x = to_x or _identity
+    target = target_weight = None
+    if labels is not None:
+        # The label's own logit even where the mask takes its class out of the softmax (as
+        # optax's where does): the loss is then lse over the included classes minus x_y.
+        target = _take(logits, labels, to_x)
+        if weights is not None and not soft:
+            target_weight = _take(weights, labels)
     if mask is not None:  # masked after the transform (soft-capping maps -inf to -cap)
         logits, weights = _masked(to_x(logits), weights, mask, soft)
         to_x = _identity
@@ -229,11 +236,6 @@ def block_stats(
     m, sumexp, weight_sum, logit_sum = row_reduce(logits, to_x, w, method)
     m = jax.lax.stop_gradient(_nonempty(m))
     lse = jnp.log(sumexp)
-    target = target_weight = None
-    if labels is not None:
-        target = _take(logits, labels, to_x)
-        if weights is not None and not soft:
-            target_weight = _take(weights, labels)
     if not sums:
         return Stats(m, lse, target, target_weight=target_weight)
     count = None if soft else jnp.sum(inc, axis=-1)

@@ -395,7 +395,20 @@ def loss_cases():
         "discriminator_loss": (jbce.discriminator_loss, (x[:, 0], x[:, 1]), None, None),
         "generator_loss": (jbce.generator_loss, (x[:, 0],), None, None),
         "entropy": (jbce.entropy, (soft,), None, None),
-        "kl_divergence": (lambda lg, lb: jbce.kl_divergence(lb, lg), (logits, soft), None, None),
+        "kl_divergence": (jbce.kl_divergence, (logits, soft), {}, ex_where),
+        "jensen_shannon_divergence": (
+            jbce.jensen_shannon_divergence, (logits, logits[::-1]), {"beta": 0.3}, ex_where),
+        "nll_loss": (jbce.nll_loss, (np.asarray(jax.nn.log_softmax(logits)), labels), {},
+                     labels != -100),
+        "categorical_cross_entropy": (
+            jbce.categorical_cross_entropy, (np.asarray(jax.nn.softmax(logits)), soft), {},
+            ex_where),
+        "softmax_focal_loss": (jbce.softmax_focal_loss, (logits, soft), {"gamma": 1.5}, ex_where),
+        "softmax_focal_loss_with_integer_labels": (
+            jbce.softmax_focal_loss_with_integer_labels, (logits, labels), {"gamma": 1.5},
+            labels != -100),
+        "poly_loss_cross_entropy": (
+            jbce.poly_loss_cross_entropy, (logits, soft), {"epsilon": 1.0}, ex_where),
     }  # fmt: skip
     if hasattr(jbce, "linear_softmax_cross_entropy"):
         h = RNG.normal(size=(n, 6)).astype(np.float32)

@@ -236,7 +236,7 @@ CHECKIFY_CASES = [
         "labels",
     ),
     ("entropy", lambda: jbce.entropy(jnp.asarray([[2.0, -1.0]], F)), "probs"),
-    ("kl_labels", lambda: jbce.kl_divergence(jnp.asarray([[2.0, -1.0]], F), z((1, 2))), "labels"),
+    ("kl_labels", lambda: jbce.kl_divergence(z((1, 2)), jnp.asarray([[2.0, -1.0]], F)), "labels"),
 ]
 
 
