@@ -22,10 +22,6 @@ from jbce._reduce import reduce_loss
 from jbce._softmax import batch_shape, to_rows
 
 
-def _and(a, b):
-    return b if a is None else a if b is None else a & b
-
-
 def _axes_and_classes(name, x, axis):
     x = _checks.as_array(name, x)
     _checks.check_float(name, x)
@@ -101,17 +97,11 @@ def nll_loss(
     ignore_index = _checks.check_ignore_index(ignore_index)
     dt = compute_dtype(lp, weights, class_weights)
     rows = _row_where(where, bshape)
-    if weights is not None:
-        _checks.check_broadcastable("weights", weights, "labels", bshape)
-        weights = _checks.as_array("weights", weights).astype(dt)
-    cw = None
-    if class_weights is not None:
-        cw = _checks.as_array("class_weights", class_weights)
-        _checks.check_shape("class_weights", cw, (k,), "(one weight per class)")
-        cw = cw.astype(dt)
-    _checks.debug_check_labels("labels", labels, k, ignore_index)
-    if ignore_index is not None:
-        rows = _and(rows, labels != ignore_index)
+    weights, cw, kept = _checks.integer_label_options(
+        labels, bshape, k, weights=weights, class_weights=class_weights,
+        ignore_index=ignore_index, num_classes=k, dtype=dt,
+    )  # fmt: skip
+    rows = _checks.both(rows, kept)
     in_range = (labels >= 0) & (labels < k)
     safe = jnp.clip(labels, 0, k - 1)
     x = to_rows(lp, axes)
@@ -257,6 +247,6 @@ def categorical_cross_entropy(
     terms = _cce_terms(x, y)
     if class_mask is not None:  # a masked-out class's term is dropped, NaN or not
         terms = jnp.where(class_mask, terms, jnp.zeros((), terms.dtype))
-        rows = _and(rows, jnp.any(class_mask, axis=-1))
+        rows = _checks.both(rows, jnp.any(class_mask, axis=-1))
     loss = jnp.sum(terms, axis=-1)
     return reduce_loss(loss, reduction=reduction, weights=weights, where=rows)

@@ -78,6 +78,41 @@ def check_ignore_index(ignore_index) -> int | None:
         raise TypeError(f"ignore_index must be an int or None; got {ignore_index!r}") from None
 
 
+def integer_label_options(
+    labels: jax.Array,
+    batch_shape: Sequence[int],
+    num_classes_here: int,
+    *,
+    weights,
+    class_weights,
+    ignore_index: int | None,
+    num_classes,
+    dtype,
+):
+    """The per-example options of an integer-label loss, checked and cast to ``dtype``.
+
+    Returns ``(weights, class_weights, kept)``: ``weights`` broadcastable to the labels,
+    ``class_weights`` ``[num_classes_here]``, and ``kept`` (labels that are not
+    ``ignore_index``; None without one). Labels outside ``[0, num_classes)`` are reported
+    under checkify.
+    """
+    if weights is not None:
+        check_broadcastable("weights", weights, "labels", batch_shape)
+        weights = as_array("weights", weights).astype(dtype)
+    if class_weights is not None:
+        class_weights = as_array("class_weights", class_weights)
+        check_shape("class_weights", class_weights, (num_classes_here,), "(one weight per class)")
+        class_weights = class_weights.astype(dtype)
+    debug_check_labels("labels", labels, num_classes, ignore_index)
+    kept = None if ignore_index is None else labels != ignore_index
+    return weights, class_weights, kept
+
+
+def both(a: jax.Array | None, b: jax.Array | None) -> jax.Array | None:
+    """``a & b`` for optional masks (None: everything)."""
+    return b if a is None else a if b is None else a & b
+
+
 def check_same_shape(name: str, x: ArrayLike, ref_name: str, ref: ArrayLike) -> None:
     xs, rs = jnp.shape(x), jnp.shape(ref)
     try:

@@ -49,10 +49,6 @@ def _split_where(where, shape, axes, bshape):
     return None, jnp.broadcast_to(where, bshape)
 
 
-def _and(a, b):
-    return b if a is None else a if b is None else a & b
-
-
 def _options(label_smoothing, z_loss=0.0, logit_softcap=None):
     """The scalar options, range-checked (:func:`jbce._checks.hyperparameter`)."""
     e = _checks.hyperparameter("label_smoothing", label_smoothing, low=0.0, high=1.0)
@@ -153,17 +149,12 @@ def softmax_cross_entropy_with_integer_labels(
     x = to_rows(logits, axes)
     k = x.shape[-1]
     num_classes = k if axis_name is None else k * jax.lax.axis_size(axis_name)
-    if weights is not None:
-        _checks.check_broadcastable("weights", weights, "labels", bshape)
-        weights = _checks.as_array("weights", weights).astype(dt)
-    cw = None
-    if class_weights is not None:
-        cw = _checks.as_array("class_weights", class_weights)
-        _checks.check_shape("class_weights", cw, (k,), "(one weight per class)")
-        cw = pvary_like(cw.astype(dt), x)
-    _checks.debug_check_labels("labels", labels, num_classes, ignore_index)
-    if ignore_index is not None:
-        rows = _and(rows, labels != ignore_index)
+    weights, cw, kept = _checks.integer_label_options(
+        labels, bshape, k, weights=weights, class_weights=class_weights,
+        ignore_index=ignore_index, num_classes=num_classes, dtype=dt,
+    )  # fmt: skip
+    cw = None if cw is None else pvary_like(cw, x)
+    rows = _checks.both(rows, kept)
     st = softmax_stats(
         x, labels, cw, logit_mask, _scalar(cap, dt), rows, dt,
         not _checks.is_zero(e), False, axis_name, implementation,
@@ -176,7 +167,7 @@ def softmax_cross_entropy_with_integer_labels(
         loss,
         reduction=reduction,
         weights=weights,
-        where=_and(rows, has),
+        where=_checks.both(rows, has),
         denominator_weights=None if cw is None else st.target_weight,
     )
 
@@ -259,7 +250,7 @@ def softmax_cross_entropy(
         k = jnp.maximum(jnp.sum(inc, axis=-1, keepdims=True), 1).astype(dt)
         y = jnp.where(inc, y.astype(dt) * (1 - e) + e / k, y.astype(dt))
     if logit_mask is not None:
-        rows = _and(rows, jnp.any(logit_mask, axis=-1))
+        rows = _checks.both(rows, jnp.any(logit_mask, axis=-1))
     y = pvary_like(y, x)
     st = softmax_stats(x, None, y, logit_mask, None, rows, dt, True, True, None, implementation)
     return reduce_loss(_stats.soft_terms(st), reduction=reduction, weights=weights, where=rows)

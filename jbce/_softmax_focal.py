@@ -24,10 +24,6 @@ from jbce._softmax_terms import focal_of_log_prob, term_loss
 from jbce._softmax_xla import softmax_stats
 
 
-def _and(a, b):
-    return b if a is None else a if b is None else a & b
-
-
 def soft_inputs(
     logits, labels, *, axis, weights, where, reduction, options=(), labels_name="labels"
 ):
@@ -55,7 +51,7 @@ def soft_inputs(
         _checks.check_broadcastable("weights", weights, "the logits' batch shape", bshape)
         weights = _checks.as_array("weights", weights).astype(dt)
     if logit_mask is not None:
-        rows = _and(rows, jnp.any(logit_mask, axis=-1))
+        rows = _checks.both(rows, jnp.any(logit_mask, axis=-1))
     return x, y, weights, logit_mask, rows, dt, bshape
 
 
@@ -212,17 +208,11 @@ def softmax_focal_loss_with_integer_labels(
     g = _gamma(gamma, dt)
     logit_mask, rows = _split_where(where, logits.shape, axes, bshape)
     x = to_rows(logits, axes)
-    if weights is not None:
-        _checks.check_broadcastable("weights", weights, "labels", bshape)
-        weights = _checks.as_array("weights", weights).astype(dt)
-    cw = None
-    if class_weights is not None:
-        cw = _checks.as_array("class_weights", class_weights)
-        _checks.check_shape("class_weights", cw, (k,), "(one weight per class)")
-        cw = cw.astype(dt)
-    _checks.debug_check_labels("labels", labels, k, ignore_index)
-    if ignore_index is not None:
-        rows = _and(rows, labels != ignore_index)
+    weights, cw, kept = _checks.integer_label_options(
+        labels, bshape, k, weights=weights, class_weights=class_weights,
+        ignore_index=ignore_index, num_classes=k, dtype=dt,
+    )  # fmt: skip
+    rows = _checks.both(rows, kept)
     # method None: the platform's log-sum-exp reduction, chosen when the program is lowered
     st = softmax_stats(x, labels, None, logit_mask, None, rows, dt, False, False, None, None)
     has = st.lse != -jnp.inf  # a row with no class left is excluded (NaN rows count)
@@ -240,7 +230,11 @@ def softmax_focal_loss_with_integer_labels(
         loss = tw * loss
     loss = jnp.where(in_range, loss, jnp.nan)
     return reduce_loss(
-        loss, reduction=reduction, weights=weights, where=_and(rows, has), denominator_weights=tw
+        loss,
+        reduction=reduction,
+        weights=weights,
+        where=_checks.both(rows, has),
+        denominator_weights=tw,
     )
 
 
