@@ -9,7 +9,6 @@ reductions are applied by :mod:`jbce._reduce`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import jax
@@ -20,15 +19,6 @@ from jbce import _checks
 from jbce._dtypes import compute_dtype, to_compute
 from jbce._reduce import reduce_loss
 from jbce._softmax import batch_shape, to_rows
-
-
-def _axes_and_classes(name, x, axis):
-    x = _checks.as_array(name, x)
-    _checks.check_float(name, x)
-    axes = _checks.canonical_axes(axis, x.ndim, name)
-    k = math.prod(x.shape[a] for a in axes)
-    _checks.check_classes(name, k)
-    return x, axes, k
 
 
 def _row_where(where, bshape):
@@ -86,13 +76,7 @@ def nll_loss(
       >>> jbce.nll_loss(log_p, jnp.array([0, 1]), class_weights=jnp.array([1.0, 3.0, 1.0]))
       Array(0.5154..., dtype=float32)
     """
-    lp, axes, k = _axes_and_classes("log_probs", log_probs, axis)
-    labels = _checks.integer_labels("labels", labels, k)
-    bshape = batch_shape(lp.shape, axes)
-    axis_txt = axis if isinstance(axis, int) else tuple(axis)
-    _checks.check_shape(
-        "labels", labels, bshape, f"to match log_probs {lp.shape} without axis {axis_txt}"
-    )
+    lp, labels, axes, k, bshape = _checks.with_integer_labels("log_probs", log_probs, labels, axis)
     _checks.check_reduction(reduction)
     ignore_index = _checks.check_ignore_index(ignore_index)
     dt = compute_dtype(lp, weights, class_weights)
@@ -215,7 +199,7 @@ def categorical_cross_entropy(
       >>> jbce.categorical_cross_entropy(p, y)
       Array(0.5536..., dtype=float32)
     """
-    p, axes, _ = _axes_and_classes("probs", probs, axis)
+    p, axes, _ = _checks.class_axes("probs", probs, axis)
     labels = _checks.as_array("labels", labels)
     _checks.check_shape("labels", labels, p.shape, f"to match probs {p.shape}")
     _checks.check_reduction(reduction)

@@ -9,6 +9,7 @@ only known at run time (labels, probabilities, traced hyperparameters) are repor
 
 from __future__ import annotations
 
+import math
 import numbers
 import operator
 from collections.abc import Sequence
@@ -170,6 +171,27 @@ def canonical_axes(axis: int | Sequence[int], ndim: int, name: str = "logits") -
     if len(set(out)) != len(out):
         raise ValueError(f"axis must not repeat an axis; got {axis!r}")
     return tuple(out)
+
+
+def class_axes(name: str, x, axis) -> tuple[jax.Array, tuple[int, ...], int]:
+    """``(x, class axes, K)`` of a float array with classes along ``axis``, checked."""
+    x = as_array(name, x)
+    check_float(name, x)
+    axes = canonical_axes(axis, x.ndim, name)
+    k = math.prod(x.shape[a] for a in axes)
+    check_classes(name, k)
+    return x, axes, k
+
+
+def with_integer_labels(name: str, x, labels, axis):
+    """``(x, labels, class axes, K, batch shape)``: ``x`` as :func:`class_axes` and the class
+    indices (int32) checked to have ``x``'s shape without the class axes."""
+    x, axes, k = class_axes(name, x, axis)
+    labels = integer_labels("labels", labels, k)
+    bshape = tuple(n for i, n in enumerate(x.shape) if i not in axes)
+    axis_txt = operator.index(axis) if hasattr(axis, "__index__") else tuple(axis)
+    check_shape("labels", labels, bshape, f"to match {name} {x.shape} without axis {axis_txt}")
+    return x, labels, axes, k, bshape
 
 
 # --- scalar hyperparameters: Python numbers checked now, arrays (jit arguments) under checkify --

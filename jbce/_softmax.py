@@ -9,7 +9,6 @@ applied by :mod:`jbce._reduce`.
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Sequence
 
 import jax
@@ -37,7 +36,7 @@ def batch_shape(shape: Sequence[int], axes: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(n for i, n in enumerate(shape) if i not in axes)
 
 
-def _split_where(where, shape, axes, bshape):
+def split_where(where, shape, axes, bshape):
     """(per-logit mask in row layout or None, per-example mask or None)."""
     if where is None:
         return None, None
@@ -57,14 +56,6 @@ def _options(label_smoothing, z_loss=0.0, logit_softcap=None):
     if logit_softcap is not None:
         cap = _checks.hyperparameter("logit_softcap", logit_softcap, low=0.0, low_open=True)
     return e, z, cap
-
-
-def _logits(logits, axis):
-    logits = _checks.as_array("logits", logits)
-    _checks.check_float("logits", logits)
-    axes = _checks.canonical_axes(axis, logits.ndim)
-    _checks.check_classes("logits", math.prod(logits.shape[a] for a in axes))
-    return logits, axes
 
 
 def softmax_cross_entropy_with_integer_labels(
@@ -133,19 +124,13 @@ def softmax_cross_entropy_with_integer_labels(
       >>> jbce.softmax_cross_entropy_with_integer_labels(logits, jnp.array([0, -100]))
       Array(0.126928..., dtype=float32)
     """
-    logits, axes = _logits(logits, axis)
-    labels = _checks.integer_labels("labels", labels)
-    bshape = batch_shape(logits.shape, axes)
-    axis_txt = operator.index(axis) if hasattr(axis, "__index__") else tuple(axis)
-    _checks.check_shape(
-        "labels", labels, bshape, f"to match logits {logits.shape} without axis {axis_txt}"
-    )
+    logits, labels, axes, _, bshape = _checks.with_integer_labels("logits", logits, labels, axis)
     _checks.check_reduction(reduction)
     _check_implementation(implementation)
     ignore_index = _checks.check_ignore_index(ignore_index)
     e, z, cap = _options(label_smoothing, z_loss, logit_softcap)
     dt = compute_dtype(logits, weights, class_weights, e, z, cap)
-    logit_mask, rows = _split_where(where, logits.shape, axes, bshape)
+    logit_mask, rows = split_where(where, logits.shape, axes, bshape)
     x = to_rows(logits, axes)
     k = x.shape[-1]
     num_classes = k if axis_name is None else k * jax.lax.axis_size(axis_name)
@@ -227,7 +212,7 @@ def softmax_cross_entropy(
       >>> jbce.softmax_cross_entropy(jnp.array([[2.0, 0.0]]), jnp.array([[0.75, 0.25]]))
       Array(0.626928..., dtype=float32)
     """
-    logits, axes = _logits(logits, axis)
+    logits, axes, _ = _checks.class_axes("logits", logits, axis)
     labels = _checks.as_array("labels", labels)
     _checks.check_shape("labels", labels, logits.shape, f"to match logits {logits.shape}")
     _checks.check_reduction(reduction)
@@ -235,7 +220,7 @@ def softmax_cross_entropy(
     e, _, _ = _options(label_smoothing)
     bshape = batch_shape(logits.shape, axes)
     dt = compute_dtype(logits, labels, weights, e)
-    logit_mask, rows = _split_where(where, logits.shape, axes, bshape)
+    logit_mask, rows = split_where(where, logits.shape, axes, bshape)
     x = to_rows(logits, axes)
     # Float labels keep their dtype: the implementation casts them inside its kernels.
     if not jnp.issubdtype(labels.dtype, jnp.floating):

@@ -9,7 +9,6 @@ Weights, masks and reductions are applied by :mod:`jbce._reduce`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import jax
@@ -19,7 +18,7 @@ from jax.typing import ArrayLike
 from jbce import _checks
 from jbce._dtypes import compute_dtype
 from jbce._reduce import reduce_loss
-from jbce._softmax import _split_where, batch_shape, to_rows
+from jbce._softmax import batch_shape, split_where, to_rows
 from jbce._softmax_terms import focal_of_log_prob, term_loss
 from jbce._softmax_xla import softmax_stats
 
@@ -33,16 +32,13 @@ def soft_inputs(
     with ``x`` and ``y`` ``[..., K]`` in their own dtypes (the cores cast them), ``weights``
     in the compute dtype and rows whose every class is masked out excluded.
     """
-    logits = _checks.as_array("logits", logits)
-    _checks.check_float("logits", logits)
-    axes = _checks.canonical_axes(axis, logits.ndim)
-    _checks.check_classes("logits", math.prod(logits.shape[a] for a in axes))
+    logits, axes, _ = _checks.class_axes("logits", logits, axis)
     labels = _checks.as_array(labels_name, labels)
     _checks.check_shape(labels_name, labels, logits.shape, f"to match logits {logits.shape}")
     _checks.check_reduction(reduction)
     bshape = batch_shape(logits.shape, axes)
     dt = compute_dtype(logits, labels, weights, *options)
-    logit_mask, rows = _split_where(where, logits.shape, axes, bshape)
+    logit_mask, rows = split_where(where, logits.shape, axes, bshape)
     x = to_rows(logits, axes)
     if not jnp.issubdtype(labels.dtype, jnp.floating):
         labels = labels.astype(dt)
@@ -190,23 +186,13 @@ def softmax_focal_loss_with_integer_labels(
       >>> jbce.softmax_focal_loss_with_integer_labels(logits, jnp.array([1, 2]), reduction="none")
       Array([0.0010536..., 2.7036...], dtype=float32)
     """
-    logits = _checks.as_array("logits", logits)
-    _checks.check_float("logits", logits)
-    axes = _checks.canonical_axes(axis, logits.ndim)
-    k = math.prod(logits.shape[a] for a in axes)
-    _checks.check_classes("logits", k)
-    labels = _checks.integer_labels("labels", labels, k)
-    bshape = batch_shape(logits.shape, axes)
-    axis_txt = axis if isinstance(axis, int) else tuple(axis)
-    _checks.check_shape(
-        "labels", labels, bshape, f"to match logits {logits.shape} without axis {axis_txt}"
-    )
+    logits, labels, axes, k, bshape = _checks.with_integer_labels("logits", logits, labels, axis)
     _checks.check_reduction(reduction)
     ignore_index = _checks.check_ignore_index(ignore_index)
     dt = compute_dtype(logits, weights, class_weights, alpha, gamma)
     a = _alpha(alpha, k, dt)
     g = _gamma(gamma, dt)
-    logit_mask, rows = _split_where(where, logits.shape, axes, bshape)
+    logit_mask, rows = split_where(where, logits.shape, axes, bshape)
     x = to_rows(logits, axes)
     weights, cw, kept = _checks.integer_label_options(
         labels, bshape, k, weights=weights, class_weights=class_weights,
