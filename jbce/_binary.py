@@ -146,6 +146,8 @@ def sigmoid_binary_cross_entropy(
     label_smoothing: float | ArrayLike = 0.0,
     where: ArrayLike | None = None,
     reduction: str = "mean",
+    normalizer: float | ArrayLike | None = None,
+    batch_axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
     r"""Binary cross-entropy from logits, exact for every logit.
 
@@ -169,6 +171,11 @@ def sigmoid_binary_cross_entropy(
       label_smoothing: e in [0, 1]; a Python number or a scalar array (a jit argument).
       where: optional boolean mask; False excludes an element from numerator and denominator.
       reduction: ``"mean"`` (over included elements), ``"sum"`` or ``"none"``.
+      normalizer: optional denominator of ``"mean"`` in place of the included count (for
+        gradient accumulation: the whole batch's count, so the micro-batch losses and
+        their gradients add up to the whole batch's mean; see :ref:`gradient-accumulation`).
+      batch_axis_name: optional mesh axis the batch is sharded on, inside ``shard_map``
+        or ``pmap``: ``"sum"`` and ``"mean"`` are then over the global batch.
 
     Returns:
       A float32 (float64 for float64 input) scalar, or ``logits``'s shape for ``"none"``.
@@ -190,7 +197,14 @@ def sigmoid_binary_cross_entropy(
     _checks.debug_check_unit_interval("labels", y)
     y, pw = _like_logits(x, _smooth(y, e), pw)
     loss = _bce_logits(x, y, pw, jnp.dtype(dt))
-    return reduce_loss(loss, reduction=reduction, weights=weights, where=where)
+    return reduce_loss(
+        loss,
+        reduction=reduction,
+        weights=weights,
+        where=where,
+        normalizer=normalizer,
+        batch_axis_name=batch_axis_name,
+    )
 
 
 # --- BCE from probabilities, PyTorch semantics (log clamped at -100) --------------------------
@@ -233,6 +247,8 @@ def binary_cross_entropy(
     label_smoothing: float | ArrayLike = 0.0,
     where: ArrayLike | None = None,
     reduction: str = "mean",
+    normalizer: float | ArrayLike | None = None,
+    batch_axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
     r"""Binary cross-entropy from probabilities, as ``torch.nn.functional.binary_cross_entropy``.
 
@@ -251,6 +267,11 @@ def binary_cross_entropy(
       label_smoothing: e in [0, 1]; labels become ``y (1 - e) + e / 2``.
       where: optional boolean mask; False excludes an element entirely.
       reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+      normalizer: optional denominator of ``"mean"`` in place of the included count (for
+        gradient accumulation: the whole batch's count, so the micro-batch losses and
+        their gradients add up to the whole batch's mean; see :ref:`gradient-accumulation`).
+      batch_axis_name: optional mesh axis the batch is sharded on, inside ``shard_map``
+        or ``pmap``: ``"sum"`` and ``"mean"`` are then over the global batch.
 
     Returns:
       A float32 scalar, or ``probs``'s shape for ``"none"``.
@@ -269,7 +290,14 @@ def binary_cross_entropy(
     _checks.debug_check_unit_interval("labels", y)
     (y,) = _like_logits(p, _smooth(y, e))
     loss = _bce_probs(p, y)
-    return reduce_loss(loss, reduction=reduction, weights=weights, where=where)
+    return reduce_loss(
+        loss,
+        reduction=reduction,
+        weights=weights,
+        where=where,
+        normalizer=normalizer,
+        batch_axis_name=batch_axis_name,
+    )
 
 
 # --- focal loss: l = ce(x, y) * m^gamma, m = 1 - p_t = y sigmoid(-x) + (1 - y) sigmoid(x) ------
@@ -325,6 +353,8 @@ def sigmoid_focal_loss(
     weights: ArrayLike | None = None,
     where: ArrayLike | None = None,
     reduction: str = "mean",
+    normalizer: float | ArrayLike | None = None,
+    batch_axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
     r"""Sigmoid focal loss (Lin et al., 2017), the form of torchvision's ``sigmoid_focal_loss``.
 
@@ -345,6 +375,11 @@ def sigmoid_focal_loss(
       weights: optional multiplier of each element's loss.
       where: optional boolean mask; False excludes an element entirely.
       reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+      normalizer: optional denominator of ``"mean"`` in place of the included count (for
+        gradient accumulation: the whole batch's count, so the micro-batch losses and
+        their gradients add up to the whole batch's mean; see :ref:`gradient-accumulation`).
+      batch_axis_name: optional mesh axis the batch is sharded on, inside ``shard_map``
+        or ``pmap``: ``"sum"`` and ``"mean"`` are then over the global batch.
 
     Returns:
       A float32 scalar, or ``logits``'s shape for ``"none"``.
@@ -368,4 +403,11 @@ def sigmoid_focal_loss(
     if alpha is not None:
         y = to_compute(y, dt)
         loss = loss * (alpha * y + (1 - alpha) * (1 - y))
-    return reduce_loss(loss, reduction=reduction, weights=weights, where=where)
+    return reduce_loss(
+        loss,
+        reduction=reduction,
+        weights=weights,
+        where=where,
+        normalizer=normalizer,
+        batch_axis_name=batch_axis_name,
+    )

@@ -38,6 +38,8 @@ def nll_loss(
     ignore_index: int | None = -100,
     where: ArrayLike | None = None,
     reduction: str = "mean",
+    normalizer: float | ArrayLike | None = None,
+    batch_axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
     r"""Negative log-likelihood of integer labels, as ``torch.nn.functional.nll_loss``.
 
@@ -66,6 +68,11 @@ def nll_loss(
       ignore_index: label value whose examples are excluded (``None`` for none).
       where: optional boolean mask broadcastable to ``labels``; False excludes an example.
       reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+      normalizer: optional denominator of ``"mean"`` in place of the included count (for
+        gradient accumulation: the whole batch's count, so the micro-batch losses and
+        their gradients add up to the whole batch's mean; see :ref:`gradient-accumulation`).
+      batch_axis_name: optional mesh axis the batch is sharded on, inside ``shard_map``
+        or ``pmap``: ``"sum"`` and ``"mean"`` are then over the global batch.
 
     Returns:
       A float32 scalar (float64 for float64 inputs), or the per-example losses for ``"none"``.
@@ -98,7 +105,13 @@ def nll_loss(
         loss = tw * loss
     loss = jnp.where(in_range, loss, jnp.nan)
     return reduce_loss(
-        loss, reduction=reduction, weights=weights, where=rows, denominator_weights=tw
+        loss,
+        reduction=reduction,
+        weights=weights,
+        where=rows,
+        denominator_weights=tw,
+        normalizer=normalizer,
+        batch_axis_name=batch_axis_name,
     )
 
 
@@ -155,6 +168,8 @@ def categorical_cross_entropy(
     label_smoothing: float | ArrayLike = 0.0,
     where: ArrayLike | None = None,
     reduction: str = "mean",
+    normalizer: float | ArrayLike | None = None,
+    batch_axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
     r"""Categorical cross-entropy from probabilities, with probability-vector labels.
 
@@ -185,6 +200,11 @@ def categorical_cross_entropy(
       where: optional boolean mask, per example (batch shape) or per probability (``probs``'
         shape: False drops that class's term and it does not count in K).
       reduction: ``"mean"`` (over included examples), ``"sum"`` or ``"none"``.
+      normalizer: optional denominator of ``"mean"`` in place of the included count (for
+        gradient accumulation: the whole batch's count, so the micro-batch losses and
+        their gradients add up to the whole batch's mean; see :ref:`gradient-accumulation`).
+      batch_axis_name: optional mesh axis the batch is sharded on, inside ``shard_map``
+        or ``pmap``: ``"sum"`` and ``"mean"`` are then over the global batch.
 
     Returns:
       A float32 scalar (float64 for float64 inputs), or the per-example losses for ``"none"``.
@@ -233,4 +253,11 @@ def categorical_cross_entropy(
         terms = jnp.where(class_mask, terms, jnp.zeros((), terms.dtype))
         rows = _checks.both(rows, jnp.any(class_mask, axis=-1))
     loss = jnp.sum(terms, axis=-1)
-    return reduce_loss(loss, reduction=reduction, weights=weights, where=rows)
+    return reduce_loss(
+        loss,
+        reduction=reduction,
+        weights=weights,
+        where=rows,
+        normalizer=normalizer,
+        batch_axis_name=batch_axis_name,
+    )

@@ -9,7 +9,12 @@ from jbce import _checks
 from jbce._binary import sigmoid_binary_cross_entropy
 
 
-def discriminator_loss(real_logits: ArrayLike, fake_logits: ArrayLike) -> jax.Array:
+def discriminator_loss(
+    real_logits: ArrayLike,
+    fake_logits: ArrayLike,
+    *,
+    batch_axis_name: str | tuple[str, ...] | None = None,
+) -> jax.Array:
     r"""Discriminator loss: real samples labelled 1, generated samples labelled 0.
 
     .. math::
@@ -23,6 +28,8 @@ def discriminator_loss(real_logits: ArrayLike, fake_logits: ArrayLike) -> jax.Ar
     Args:
       real_logits: discriminator logits on real data, any shape.
       fake_logits: discriminator logits on generated data, any shape.
+      batch_axis_name: optional mesh axis the batch is sharded on, inside ``shard_map``
+        or ``pmap``: the means are then over the global batch.
 
     Returns:
       A float32 scalar.
@@ -37,12 +44,14 @@ def discriminator_loss(real_logits: ArrayLike, fake_logits: ArrayLike) -> jax.Ar
     """
     _checks.check_float("real_logits", real_logits)
     _checks.check_float("fake_logits", fake_logits)
-    real = sigmoid_binary_cross_entropy(real_logits, 1.0)
-    fake = sigmoid_binary_cross_entropy(fake_logits, 0.0)
+    real = sigmoid_binary_cross_entropy(real_logits, 1.0, batch_axis_name=batch_axis_name)
+    fake = sigmoid_binary_cross_entropy(fake_logits, 0.0, batch_axis_name=batch_axis_name)
     return real + fake
 
 
-def generator_loss(fake_logits: ArrayLike) -> jax.Array:
+def generator_loss(
+    fake_logits: ArrayLike, *, batch_axis_name: str | tuple[str, ...] | None = None
+) -> jax.Array:
     r"""Non-saturating generator loss: generated samples labelled 1.
 
     .. math:: L_G = \operatorname{mean}\, \mathrm{BCE}(x_\mathrm{fake}, 1)
@@ -53,6 +62,8 @@ def generator_loss(fake_logits: ArrayLike) -> jax.Array:
 
     Args:
       fake_logits: discriminator logits on generated data, any shape.
+      batch_axis_name: optional mesh axis the batch is sharded on, inside ``shard_map``
+        or ``pmap``: the means are then over the global batch.
 
     Returns:
       A float32 scalar.
@@ -63,4 +74,4 @@ def generator_loss(fake_logits: ArrayLike) -> jax.Array:
       Array(0.693147..., dtype=float32)
     """
     _checks.check_float("fake_logits", fake_logits)
-    return sigmoid_binary_cross_entropy(fake_logits, 1.0)
+    return sigmoid_binary_cross_entropy(fake_logits, 1.0, batch_axis_name=batch_axis_name)

@@ -16,7 +16,7 @@ from jax.typing import ArrayLike
 
 from jbce import _checks
 from jbce._dtypes import compute_dtype, to_compute
-from jbce._reduce import reduce_loss
+from jbce._reduce import check_global_options, divide_globally, reduce_loss
 from jbce._softmax import batch_shape, to_rows
 from jbce._softmax_focal import soft_inputs
 from jbce._softmax_terms import jsd_loss, term_loss
@@ -71,12 +71,14 @@ def entropy(probs: ArrayLike, *, axis: int | Sequence[int] = -1) -> jax.Array:
     return h.reshape(batch_shape(probs.shape, axes))
 
 
-def _reduce(loss, reduction, weights, rows, bshape):
+def _reduce(loss, reduction, weights, rows, bshape, normalizer, batch_axis_name):
     """``reduce_loss``, plus ``"batchmean"``: the sum over the size of the first batch axis."""
+    glob = {"normalizer": normalizer, "batch_axis_name": batch_axis_name}
     if reduction != "batchmean":
-        return reduce_loss(loss, reduction=reduction, weights=weights, where=rows)
+        return reduce_loss(loss, reduction=reduction, weights=weights, where=rows, **glob)
+    check_global_options(reduction, normalizer, None)
     total = reduce_loss(loss, reduction="sum", weights=weights, where=rows)
-    return total / (bshape[0] if bshape else 1)
+    return divide_globally(total, bshape[0] if bshape else 1, **glob)
 
 
 def _reduction(reduction):
@@ -94,6 +96,8 @@ def kl_divergence(
     weights: ArrayLike | None = None,
     where: ArrayLike | None = None,
     reduction: str = "mean",
+    normalizer: float | ArrayLike | None = None,
+    batch_axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
     r"""KL divergence of ``softmax(logits)`` from the target distribution ``labels``.
 
@@ -126,6 +130,11 @@ def kl_divergence(
       where: optional boolean mask, per example or per logit (False takes a class out of
         the softmax and drops its target).
       reduction: ``"mean"``, ``"sum"``, ``"none"`` or ``"batchmean"``.
+      normalizer: optional denominator of ``"mean"`` in place of the included count (for
+        gradient accumulation: the whole batch's count, so the micro-batch losses and
+        their gradients add up to the whole batch's mean; see :ref:`gradient-accumulation`).
+      batch_axis_name: optional mesh axis the batch is sharded on, inside ``shard_map``
+        or ``pmap``: ``"sum"`` and ``"mean"`` are then over the global batch.
 
     Returns:
       A float32 scalar (float64 for float64 inputs), or the per-example divergences (>= 0)
@@ -146,7 +155,7 @@ def kl_divergence(
     if not log_labels:
         _checks.debug_check_unit_interval("labels", y)
     loss = term_loss(x, y, None, None, mask, "kl", bool(log_labels), dt)
-    return _reduce(loss, reduction, weights, rows, bshape)
+    return _reduce(loss, reduction, weights, rows, bshape, normalizer, batch_axis_name)
 
 
 def jensen_shannon_divergence(
@@ -159,6 +168,8 @@ def jensen_shannon_divergence(
     weights: ArrayLike | None = None,
     where: ArrayLike | None = None,
     reduction: str = "mean",
+    normalizer: float | ArrayLike | None = None,
+    batch_axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
     r"""Generalised Jensen-Shannon divergence between a student and a teacher (distillation).
 
@@ -198,6 +209,11 @@ def jensen_shannon_divergence(
       where: optional boolean mask, per example or per logit (a class out of both softmaxes).
       reduction: ``"mean"``, ``"sum"``, ``"none"`` or ``"batchmean"`` (see
         :func:`kl_divergence`).
+      normalizer: optional denominator of ``"mean"`` in place of the included count (for
+        gradient accumulation: the whole batch's count, so the micro-batch losses and
+        their gradients add up to the whole batch's mean; see :ref:`gradient-accumulation`).
+      batch_axis_name: optional mesh axis the batch is sharded on, inside ``shard_map``
+        or ``pmap``: ``"sum"`` and ``"mean"`` are then over the global batch.
 
     Returns:
       A float32 scalar (float64 for float64 inputs), or the per-example divergences for
@@ -227,4 +243,4 @@ def jensen_shannon_divergence(
     else:
         mode = "forward" if b == 0 else "reverse" if b == 1 else "mix"
     loss = jsd_loss(x, t, jnp.asarray(b, dt), jnp.asarray(temp, dt), mask, mode, dt)
-    return _reduce(loss, reduction, weights, rows, bshape)
+    return _reduce(loss, reduction, weights, rows, bshape, normalizer, batch_axis_name)

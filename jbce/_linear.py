@@ -35,6 +35,8 @@ def linear_softmax_cross_entropy(
     z_loss: float | ArrayLike = 0.0,
     logit_softcap: float | ArrayLike | None = None,
     reduction: str = "mean",
+    normalizer: float | ArrayLike | None = None,
+    batch_axis_name: str | tuple[str, ...] | None = None,
     chunk_size: int | tuple[int, int] | None = None,
     axis_name: str | None = None,
     implementation: str | None = None,
@@ -73,6 +75,13 @@ def linear_softmax_cross_entropy(
       z_loss: coefficient >= 0 of the :math:`\ell^2` auxiliary loss (PaLM); number or array.
       logit_softcap: optional c > 0 for Gemma-style soft-capping; number or array.
       reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-token losses, ``labels``' shape).
+      normalizer: optional denominator of ``"mean"`` in place of the count of included
+        tokens (for gradient accumulation: the whole batch's count, so the micro-batch
+        losses and their gradients add up to the whole batch's mean; see
+        :ref:`gradient-accumulation`).
+      batch_axis_name: optional mesh axis the tokens are sharded on (data parallelism,
+        inside ``shard_map`` or ``pmap``): ``"sum"`` and ``"mean"`` are then over the
+        global batch. Independent of ``axis_name``, the vocabulary's axis.
       chunk_size: vocabulary columns per tile (default ``min(V, 2048)``), or a pair
         ``(token_chunk, vocab_chunk)``. Without a token chunk it is
         ``min(N, 2**23 // vocab_chunk)``, so a tile holds at most 2**23 logits.
@@ -139,10 +148,11 @@ def linear_softmax_cross_entropy(
     num_classes = v if axis_name is None else v * lax.axis_size(axis_name)
     _checks.debug_check_labels("labels", labels, num_classes, ignore_index)
     rows = None if ignore_index is None else labels != ignore_index
+    glob = {"normalizer": normalizer, "batch_axis_name": batch_axis_name}
     n = labels.size
     if n == 0:
         loss = jnp.zeros(bshape, dt)
-        return reduce_loss(loss, reduction=reduction, weights=weights)
+        return reduce_loss(loss, reduction=reduction, weights=weights, **glob)
     tn, tv = tile_sizes(n, v, chunk_size)
     st = linear_stats(
         hidden.reshape(n, d), weight, bias, labels.reshape(n),
@@ -153,7 +163,7 @@ def linear_softmax_cross_entropy(
     st = _stats.Stats(*(None if f is None else f.reshape(bshape) for f in st))
     loss, has = _stats.loss_terms(st, labels, num_classes=num_classes, label_smoothing=e, z_loss=z)
     keep = has if rows is None else has & rows
-    return reduce_loss(loss, reduction=reduction, weights=weights, where=keep)
+    return reduce_loss(loss, reduction=reduction, weights=weights, where=keep, **glob)
 
 
 def _check_chunk_size(chunk_size) -> None:

@@ -8,6 +8,11 @@ then calls :func:`reduce_loss`. Semantics, identical for every loss:
 - ``denominator_weights`` (class weights of the targets, as in PyTorch's
   ``cross_entropy(weight=...)``) replace the count in the mean's denominator.
 - ``"mean"`` over nothing included is 0 with a zero gradient, never NaN.
+- Global means (the same two arguments on every loss): ``batch_axis_name`` sums the
+  numerator and the denominator over a mesh axis the batch is sharded on (inside
+  ``shard_map`` or ``pmap``), so every shard gets the mean over the global batch;
+  ``normalizer`` replaces the denominator by a given total (gradient accumulation: the
+  micro-batch losses then add up to the full batch's mean, and so do their gradients).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jbce._checks import check_reduction
+from jbce._checks import check_reduction, hyperparameter
 
 
 def apply_mask(values: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -31,6 +36,44 @@ def safe_divide(num: jax.Array, den: jax.Array) -> jax.Array:
     return jnp.where(nonzero, num / jnp.where(nonzero, den, 1), jnp.zeros((), num.dtype))
 
 
+def global_sum(x: jax.Array, axis_name) -> jax.Array:
+    """The sum of ``x`` over the mesh axis ``axis_name`` (``x`` itself for ``None``).
+
+    A plain ``psum``, so gradients follow JAX's own convention: inside ``shard_map`` each
+    shard's terms get the global loss's gradient; under ``pmap`` (and ``shard_map`` with
+    ``check_vma=False``, differentiated inside) the transpose of ``psum`` is a ``psum``, so
+    each device's gradient is the axis size times its share, which the usual ``pmean`` of
+    the gradients turns back into the global batch's gradient.
+    """
+    return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
+def check_global_options(reduction: str, normalizer, batch_axis_name) -> None:
+    """``normalizer`` only means something for a mean; ``batch_axis_name`` is a name."""
+    if normalizer is not None:
+        if reduction not in ("mean", "batchmean"):
+            raise ValueError(
+                "normalizer replaces the denominator of a mean; it needs "
+                f'reduction="mean"; got reduction={reduction!r}'
+            )
+        hyperparameter("normalizer", normalizer, low=0.0)
+    if batch_axis_name is not None and not isinstance(batch_axis_name, (str, tuple)):
+        raise TypeError(
+            "batch_axis_name must be a mesh axis name (a str, or a tuple of them); got "
+            f"{type(batch_axis_name).__name__}"
+        )
+
+
+def divide_globally(total, den, *, normalizer=None, batch_axis_name=None):
+    """``total / den`` summed over ``batch_axis_name``; ``normalizer`` replaces ``den``."""
+    total = global_sum(total, batch_axis_name)
+    if normalizer is not None:
+        den = jnp.asarray(normalizer, total.dtype)
+    else:
+        den = global_sum(jnp.asarray(den, total.dtype), batch_axis_name)
+    return safe_divide(total, den)
+
+
 def reduce_loss(
     values: jax.Array,
     *,
@@ -38,6 +81,8 @@ def reduce_loss(
     weights: jax.Array | None = None,
     where: jax.Array | None = None,
     denominator_weights: jax.Array | None = None,
+    normalizer: jax.Array | float | None = None,
+    batch_axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
     """Applies weights, mask and reduction to per-term losses ``values``.
 
@@ -48,11 +93,16 @@ def reduce_loss(
       where: optional boolean mask broadcastable to ``values``; False excludes a term.
       denominator_weights: optional per-term weight of the mean's denominator
         (defaults to 1 for each included term).
+      normalizer: optional denominator of ``"mean"`` in place of the one above: the
+        total over a whole batch when this call sees a micro-batch of it.
+      batch_axis_name: optional mesh axis (or axes) the batch is sharded on: ``"sum"`` and
+        ``"mean"`` sum numerator and denominator over it (``"none"`` is unaffected).
 
     Returns:
       ``values``'s shape for ``"none"`` (0 where excluded), else a scalar.
     """
     check_reduction(reduction)
+    check_global_options(reduction, normalizer, batch_axis_name)
     mask = None if where is None else jnp.broadcast_to(where, values.shape)
     # Masked first: an excluded term (NaN or not) then gives its weight a zero gradient too.
     values = apply_mask(values, mask)
@@ -62,10 +112,11 @@ def reduce_loss(
         return values
     total = jnp.sum(values)
     if reduction == "sum":
-        return total
-    if denominator_weights is None:
+        return global_sum(total, batch_axis_name)
+    if normalizer is not None:
+        den = None
+    elif denominator_weights is None:
         den = values.size if mask is None else jnp.sum(mask, dtype=values.dtype)
-        den = jnp.asarray(den, values.dtype)
     else:
         den = jnp.sum(apply_mask(jnp.broadcast_to(denominator_weights, values.shape), mask))
-    return safe_divide(total, den)
+    return divide_globally(total, den, normalizer=normalizer, batch_axis_name=batch_axis_name)

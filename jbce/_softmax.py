@@ -71,6 +71,8 @@ def softmax_cross_entropy_with_integer_labels(
     logit_softcap: float | ArrayLike | None = None,
     where: ArrayLike | None = None,
     reduction: str = "mean",
+    normalizer: float | ArrayLike | None = None,
+    batch_axis_name: str | tuple[str, ...] | None = None,
     axis_name: str | None = None,
     implementation: str | None = None,
 ) -> jax.Array:
@@ -114,6 +116,11 @@ def softmax_cross_entropy_with_integer_labels(
         max/sum-exp reduction, the logits read once; the default on GPU and TPU),
         ``"two_pass"`` (max, then sum of exps; the default on CPU) or ``None`` (picked
         for the platform the program is lowered for).
+      normalizer: optional denominator of ``"mean"`` in place of the included count (for
+        gradient accumulation: the whole batch's count, so the micro-batch losses and
+        their gradients add up to the whole batch's mean; see :ref:`gradient-accumulation`).
+      batch_axis_name: optional mesh axis the batch is sharded on, inside ``shard_map``
+        or ``pmap``: ``"sum"`` and ``"mean"`` are then over the global batch.
 
     Returns:
       A float32 scalar, or the per-example losses for ``"none"``.
@@ -154,6 +161,8 @@ def softmax_cross_entropy_with_integer_labels(
         weights=weights,
         where=_checks.both(rows, has),
         denominator_weights=None if cw is None else st.target_weight,
+        normalizer=normalizer,
+        batch_axis_name=batch_axis_name,
     )
 
 
@@ -177,6 +186,8 @@ def softmax_cross_entropy(
     label_smoothing: float | ArrayLike = 0.0,
     where: ArrayLike | None = None,
     reduction: str = "mean",
+    normalizer: float | ArrayLike | None = None,
+    batch_axis_name: str | tuple[str, ...] | None = None,
     implementation: str | None = None,
 ) -> jax.Array:
     r"""Softmax cross-entropy against probability targets (soft labels).
@@ -203,6 +214,11 @@ def softmax_cross_entropy(
       reduction: ``"mean"``, ``"sum"`` or ``"none"``.
       implementation: ``"one_pass"``, ``"two_pass"`` or ``None``, as in
         :func:`softmax_cross_entropy_with_integer_labels`.
+      normalizer: optional denominator of ``"mean"`` in place of the included count (for
+        gradient accumulation: the whole batch's count, so the micro-batch losses and
+        their gradients add up to the whole batch's mean; see :ref:`gradient-accumulation`).
+      batch_axis_name: optional mesh axis the batch is sharded on, inside ``shard_map``
+        or ``pmap``: ``"sum"`` and ``"mean"`` are then over the global batch.
 
     Returns:
       A float32 scalar, or the per-example losses for ``"none"``.
@@ -238,4 +254,7 @@ def softmax_cross_entropy(
         rows = _checks.both(rows, jnp.any(logit_mask, axis=-1))
     y = pvary_like(y, x)
     st = softmax_stats(x, None, y, logit_mask, None, rows, dt, True, True, None, implementation)
-    return reduce_loss(_stats.soft_terms(st), reduction=reduction, weights=weights, where=rows)
+    return reduce_loss(
+        _stats.soft_terms(st), reduction=reduction, weights=weights, where=rows,
+        normalizer=normalizer, batch_axis_name=batch_axis_name,
+    )  # fmt: skip

@@ -76,6 +76,8 @@ def softmax_focal_loss(
     weights: ArrayLike | None = None,
     where: ArrayLike | None = None,
     reduction: str = "mean",
+    normalizer: float | ArrayLike | None = None,
+    batch_axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
     r"""Softmax focal loss against probability targets, as Keras' ``CategoricalFocalCrossentropy``.
 
@@ -107,6 +109,11 @@ def softmax_focal_loss(
       where: optional boolean mask, per example or per logit (False takes a class out of
         the softmax and drops its target).
       reduction: ``"mean"`` (over included examples), ``"sum"`` or ``"none"``.
+      normalizer: optional denominator of ``"mean"`` in place of the included count (for
+        gradient accumulation: the whole batch's count, so the micro-batch losses and
+        their gradients add up to the whole batch's mean; see :ref:`gradient-accumulation`).
+      batch_axis_name: optional mesh axis the batch is sharded on, inside ``shard_map``
+        or ``pmap``: ``"sum"`` and ``"mean"`` are then over the global batch.
 
     Returns:
       A float32 scalar (float64 for float64 inputs), or the per-example losses for ``"none"``.
@@ -129,7 +136,14 @@ def softmax_focal_loss(
     g = _gamma(gamma, dt)
     _checks.debug_check_unit_interval("labels", y)
     loss = term_loss(x, y, a, g, logit_mask, "focal", False, dt)
-    return reduce_loss(loss, reduction=reduction, weights=weights, where=rows)
+    return reduce_loss(
+        loss,
+        reduction=reduction,
+        weights=weights,
+        where=rows,
+        normalizer=normalizer,
+        batch_axis_name=batch_axis_name,
+    )
 
 
 def softmax_focal_loss_with_integer_labels(
@@ -144,6 +158,8 @@ def softmax_focal_loss_with_integer_labels(
     ignore_index: int | None = -100,
     where: ArrayLike | None = None,
     reduction: str = "mean",
+    normalizer: float | ArrayLike | None = None,
+    batch_axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
     r"""Softmax focal loss with integer class labels.
 
@@ -173,6 +189,11 @@ def softmax_focal_loss_with_integer_labels(
       ignore_index: label value whose examples are excluded (``None`` for none).
       where: optional boolean mask, per example (labels' shape) or per logit.
       reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+      normalizer: optional denominator of ``"mean"`` in place of the included count (for
+        gradient accumulation: the whole batch's count, so the micro-batch losses and
+        their gradients add up to the whole batch's mean; see :ref:`gradient-accumulation`).
+      batch_axis_name: optional mesh axis the batch is sharded on, inside ``shard_map``
+        or ``pmap``: ``"sum"`` and ``"mean"`` are then over the global batch.
 
     Returns:
       A float32 scalar, or the per-example losses for ``"none"``.
@@ -221,6 +242,8 @@ def softmax_focal_loss_with_integer_labels(
         weights=weights,
         where=_checks.both(rows, has),
         denominator_weights=tw,
+        normalizer=normalizer,
+        batch_axis_name=batch_axis_name,
     )
 
 
@@ -233,6 +256,8 @@ def poly_loss_cross_entropy(
     weights: ArrayLike | None = None,
     where: ArrayLike | None = None,
     reduction: str = "mean",
+    normalizer: float | ArrayLike | None = None,
+    batch_axis_name: str | tuple[str, ...] | None = None,
 ) -> jax.Array:
     r"""Poly-1 loss: softmax cross-entropy plus :math:`\epsilon` times the first polynomial term.
 
@@ -255,6 +280,11 @@ def poly_loss_cross_entropy(
       weights: optional per-example multiplier (the logits' batch shape).
       where: optional boolean mask, per example or per logit.
       reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+      normalizer: optional denominator of ``"mean"`` in place of the included count (for
+        gradient accumulation: the whole batch's count, so the micro-batch losses and
+        their gradients add up to the whole batch's mean; see :ref:`gradient-accumulation`).
+      batch_axis_name: optional mesh axis the batch is sharded on, inside ``shard_map``
+        or ``pmap``: ``"sum"`` and ``"mean"`` are then over the global batch.
 
     Returns:
       A float32 scalar, or the per-example losses for ``"none"``.
@@ -276,4 +306,11 @@ def poly_loss_cross_entropy(
     eps = jnp.asarray(_checks.hyperparameter("epsilon", epsilon, low=-1.0), dt)
     _checks.debug_check_unit_interval("labels", y)
     loss = term_loss(x, y, None, eps, logit_mask, "poly", False, dt)
-    return reduce_loss(loss, reduction=reduction, weights=weights, where=rows)
+    return reduce_loss(
+        loss,
+        reduction=reduction,
+        weights=weights,
+        where=rows,
+        normalizer=normalizer,
+        batch_axis_name=batch_axis_name,
+    )

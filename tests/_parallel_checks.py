@@ -30,10 +30,14 @@ import jbce  # noqa: E402
 
 N_DEV = 8
 RESULTS: dict[str, dict] = {}
+# By hand, JBCE_PARALLEL_ONLY=<prefix> runs only the checks whose names start with it.
+ONLY = os.environ.get("JBCE_PARALLEL_ONLY", "")
 
 
 def record(name, fn, *args):
     """Runs ``fn(*args)``; an exception marks the check failed with its traceback."""
+    if not name.startswith(ONLY):
+        return
     t0 = time.perf_counter()
     try:
         fn(*args)
@@ -380,7 +384,7 @@ def loss_cases():
     logits = RNG.normal(size=(n, 7)).astype(np.float32)
     soft = RNG.dirichlet(np.ones(7), size=n).astype(np.float32)
     ex_where = RNG.uniform(size=n) > 0.3
-    ex_where[:2] = False
+    ex_where[:3] = False  # and the first micro-batch of MICRO neither
     labels = RNG.integers(0, 7, size=n).astype(np.int32)
     labels[[0, 1, 2, 3, 5, 9]] = -100  # uneven: shards 0 and 1 are fully ignored
     cases = {
@@ -494,6 +498,137 @@ def shard_map_psum_of_partial_sums_gives_global_mean(name, case):
     close(got, ref, what=name)
     close(g, rg, what=name)
     assert abs(float(naive) - float(ref)) > 1e-3, (name, "uneven masks should matter")
+
+
+# ---------------------------------------------------------------------------------------
+# 3. Global means: batch_axis_name (sharded batch) and normalizer (micro-batches).
+# ---------------------------------------------------------------------------------------
+# Losses whose value is a reduction (entropy returns per-row values: nothing to reduce).
+NOT_REDUCED = ("entropy",)
+
+
+def check_each_reduced_loss(fn):
+    """``check_each_loss`` over the losses that reduce (take ``batch_axis_name``)."""
+    for name, case in loss_cases().items():
+        if name not in NOT_REDUCED:
+            record(f"{fn.__name__}[{name}]", fn, name, case)
+    return fn
+
+
+def _masked_call(name, f, kw):
+    """``f`` with its mask passed as a last positional argument (ignored labels mask themselves)."""
+    integer = "integer" in name or "linear" in name or name == "nll_loss"
+    if kw is None:  # the GAN losses: no reduction, no mask
+        return lambda *a, **extra: f(*a[:-1], **extra)
+    return lambda *a, **extra: f(*a[:-1], **kw, **({} if integer else {"where": a[-1]}), **extra)
+
+
+def _with_mask(args, where):
+    mask = jnp.ones(args[0].shape[:1], bool) if where is None else jnp.asarray(where)
+    return (*args, mask)
+
+
+@check_each_reduced_loss
+def batch_axis_name_gives_global_mean(name, case):
+    # Shards hold unequal numbers of included terms (two hold none); with batch_axis_name
+    # every shard returns the global mean, and the gradients are the unsharded ones under
+    # shard_map (with and without check_vma). Under pmap, differentiated on each device,
+    # psum transposes to psum: each device's gradient is N_DEV times its share, and the
+    # pmean of the usual data-parallel step gives the unsharded gradient.
+    f, args, kw, where = case
+    call = _masked_call(name, f, kw)
+    args = _with_mask(args, where)
+    ref, rg = jax.jit(jax.value_and_grad(call))(*args)
+    specs = tuple(P("data") for _ in args)
+    for check_vma in (True, False):
+        sm = jax.shard_map(
+            lambda *a: call(*a, batch_axis_name="data"),
+            mesh=DATA_MESH, in_specs=specs, out_specs=P(), check_vma=check_vma,
+        )  # fmt: skip
+        got, g = jax.jit(jax.value_and_grad(sm))(*args)
+        close(got, ref, what=f"{name} check_vma={check_vma}")
+        close(g, rg, what=f"{name} check_vma={check_vma}")
+    split = [a.reshape((N_DEV, -1) + a.shape[1:]) for a in args]
+    val, g = jax.pmap(jax.value_and_grad(lambda *a: call(*a, batch_axis_name="d")), axis_name="d")(
+        *split
+    )
+    close(val, jnp.broadcast_to(ref, val.shape), what=f"{name} pmap")
+    close(g.reshape(rg.shape) / N_DEV, rg, what=f"{name} pmap")
+    if kw is not None:  # "sum" is the global sum
+        got = jax.jit(
+            jax.shard_map(
+                lambda *a: call(*a, batch_axis_name="data", reduction="sum"),
+                mesh=DATA_MESH,
+                in_specs=specs,
+                out_specs=P(),
+            )  # fmt: skip
+        )(*args)
+        close(got, call(*args, reduction="sum"), what=f"{name} sum")
+
+
+# Unequal micro-batches; the first holds no included term for any loss (see loss_cases).
+MICRO = ((0, 3), (3, 4), (4, 11), (11, B))
+
+
+def _included_count(name, args, where):
+    """The whole batch's mean denominator: included terms (elements, rows or tokens)."""
+    if where is None:
+        return args[0].size
+    return jnp.sum(jnp.broadcast_to(jnp.asarray(where), args[0].shape[: jnp.ndim(where)]))
+
+
+@check_each_reduced_loss
+def micro_batches_with_normalizer_add_up_to_full_batch(name, case):
+    # Gradient accumulation: each micro-batch's loss with normalizer = the whole batch's
+    # count; the losses and the gradients add up to the whole batch's mean and gradient.
+    f, args, kw, where = case
+    call = _masked_call(name, f, kw)
+    args = _with_mask(args, where)
+    ref, rg = jax.jit(jax.value_and_grad(call))(*args)
+    parts = [tuple(a[lo:hi] for a in args) for lo, hi in MICRO]
+    if kw is None:  # GAN losses take no normalizer: equal micro-batches, mean of means
+        parts = [tuple(a[i::4] for a in args) for i in range(4)]
+        vals = [jax.value_and_grad(call)(*p) for p in parts]
+        close(sum(v for v, _ in vals) / 4, ref, what=name)
+        return
+    assert not bool(jnp.any(parts[0][-1])), (name, "the first micro-batch includes nothing")
+    count = _included_count(name, args[:-1], where)
+    step = jax.jit(jax.value_and_grad(lambda *a: call(*a[:-1], normalizer=a[-1])))
+    vals = [step(*p, count) for p in parts]
+    close(sum(v for v, _ in vals), ref, what=name)
+    close(jnp.concatenate([g for _, g in vals]), rg, what=name)
+    # A traced normalizer works as a jit argument; a Python number too.
+    close(call(*args, normalizer=float(count)), ref, what=name)
+
+
+@check
+def micro_batches_with_class_weights_use_the_summed_target_weight():
+    logits, labels, cw = int_ce_case()
+    full = partial(jbce.softmax_cross_entropy_with_integer_labels, class_weights=cw)
+    ref, rg = jax.value_and_grad(full)(logits, labels)
+    den = jnp.sum(jnp.where(labels != -100, cw[jnp.maximum(labels, 0)], 0.0))
+    total, grads = 0.0, []
+    for lo, hi in ((0, 2), (2, 7), (7, B)):
+        v, g = jax.value_and_grad(lambda x, lo=lo, hi=hi: full(x, labels[lo:hi], normalizer=den))(
+            logits[lo:hi]
+        )
+        total, grads = total + v, [*grads, g]
+    close(total, ref)
+    close(jnp.concatenate(grads), rg)
+
+
+@check
+def kl_batchmean_with_batch_axis_name_divides_by_the_global_batch():
+    f, args, _, _ = loss_cases()["kl_divergence"]
+    loss = partial(f, reduction="batchmean")
+    ref, rg = jax.value_and_grad(loss)(*args)
+    sm = jax.shard_map(
+        lambda *a: loss(*a, batch_axis_name="data"),
+        mesh=DATA_MESH, in_specs=(P("data"), P("data")), out_specs=P(),
+    )  # fmt: skip
+    got, g = jax.jit(jax.value_and_grad(sm))(*args)
+    close(got, ref)
+    close(g, rg)
 
 
 if __name__ == "__main__":

@@ -181,6 +181,38 @@ BAD_CALLS = [
     ("entropy_int", jbce.entropy, (z((4, 3), INT),), {}, TypeError, ["probs"]),
     ("disc_int", jbce.discriminator_loss, (z((4,), INT), z((4,))), {}, TypeError, ["logits"]),
     ("gen_int", jbce.generator_loss, (z((4,), INT),), {}, TypeError, ["logits"]),
+    (
+        "normalizer_needs_a_mean",
+        jbce.sigmoid_binary_cross_entropy,
+        (z((4, 3)), z((4, 3))),
+        {"normalizer": 12, "reduction": "sum"},
+        ValueError,
+        ["normalizer", '"mean"', "'sum'"],
+    ),
+    (
+        "normalizer_negative",
+        jbce.softmax_cross_entropy_with_integer_labels,
+        (z((4, 3)), z((4,), INT)),
+        {"normalizer": -1.0},
+        ValueError,
+        ["normalizer", ">= 0", "-1.0"],
+    ),
+    (
+        "normalizer_not_scalar",
+        jbce.softmax_cross_entropy,
+        (z((4, 3)), z((4, 3))),
+        {"normalizer": jnp.ones(4)},
+        ValueError,
+        ["normalizer", "scalar", "(4,)"],
+    ),
+    (
+        "batch_axis_name_not_a_name",
+        jbce.kl_divergence,
+        (z((4, 3)), z((4, 3))),
+        {"batch_axis_name": 0},
+        TypeError,
+        ["batch_axis_name", "int"],
+    ),
 ]
 
 

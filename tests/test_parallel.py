@@ -208,15 +208,30 @@ VOCAB_CHECKS = [
     "linear_vocab_parallel_matches_unsharded",
     "data_and_vocab_parallel_2d_mesh_gives_global_mean",
 ]
-DATA_CHECKS = [
-    f"{check}[{loss}]"
-    for check in (
-        "loss_under_pmap_matches_unsharded",
-        "loss_under_jit_with_batch_sharding_matches_unsharded",
-        "shard_map_psum_of_partial_sums_gives_global_mean",
-    )
-    for loss in jbce.__all__
-]
+DATA_CHECKS = (
+    [
+        f"{check}[{loss}]"
+        for check in (
+            "loss_under_pmap_matches_unsharded",
+            "loss_under_jit_with_batch_sharding_matches_unsharded",
+            "shard_map_psum_of_partial_sums_gives_global_mean",
+        )
+        for loss in jbce.__all__
+    ]
+    + [
+        f"{check}[{loss}]"
+        for check in (
+            "batch_axis_name_gives_global_mean",
+            "micro_batches_with_normalizer_add_up_to_full_batch",
+        )
+        for loss in jbce.__all__
+        if loss != "entropy"
+    ]
+    + [
+        "micro_batches_with_class_weights_use_the_summed_target_weight",
+        "kl_batchmean_with_batch_axis_name_divides_by_the_global_batch",
+    ]
+)
 
 
 @pytest.fixture(scope="module")
