@@ -731,6 +731,10 @@ def _losses(kind: str) -> dict[str, Callable]:
             "jbce": lambda x, y: jbce.softmax_cross_entropy(x, y),
             "optax": lambda x, y: optax.losses.softmax_cross_entropy(x, y).mean(),
         }
+    if kind in ("nll", "focal_soft"):
+        from bench import impls
+
+        return impls.jax_losses(kind)
     if kind == "linear":
         return {
             "jbce": lambda h, w, y: jbce.linear_softmax_cross_entropy(h, w, y),
@@ -752,7 +756,7 @@ def report_cases(quick: bool) -> list[Case]:
         for s in shapes.shapes("quick" if quick else "target"):
             if s.kind == shapes.BINARY:
                 specs = ((s.dims, dt), (s.dims, dt))
-            elif s.kind == shapes.SOFTMAX_INT:
+            elif s.kind in shapes.INTEGER_LABELS:
                 specs = ((s.dims, dt), (s.dims[:1], "int32"))
             else:
                 specs = ((s.dims, dt), (s.dims, dt))

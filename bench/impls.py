@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jbce
-from bench.shapes import BINARY, SOFTMAX_INT, SOFTMAX_SOFT, Shape
+from bench.shapes import BINARY, FOCAL_SOFT, INTEGER_LABELS, NLL, SOFTMAX_INT, SOFTMAX_SOFT, Shape
 
 F32 = jnp.float32
 
@@ -25,16 +25,19 @@ def make_inputs(shape: Shape, dtype: str, seed: int = 0) -> tuple[jax.Array, jax
     """Deterministic logits (in ``dtype``) and labels for ``shape``.
 
     Binary labels are 0/1 in ``dtype``; integer labels are int32; soft labels are softmax
-    distributions in ``dtype``.
+    distributions in ``dtype``. For ``nll`` the "logits" are log-probabilities
+    (``log_softmax`` of the logits, rounded to ``dtype``).
     """
     kx, ky = jax.random.split(jax.random.key(seed))
     dt = jnp.dtype(dtype)
     x = (3.0 * jax.random.normal(kx, shape.dims, F32)).astype(dt)
     if shape.kind == BINARY:
         y = jax.random.bernoulli(ky, 0.5, shape.dims).astype(dt)
-    elif shape.kind == SOFTMAX_INT:
+    elif shape.kind in INTEGER_LABELS:
         y = jax.random.randint(ky, shape.dims[:1], 0, shape.dims[1], jnp.int32)
-    elif shape.kind == SOFTMAX_SOFT:
+        if shape.kind == NLL:
+            x = jax.nn.log_softmax(x.astype(F32), axis=-1).astype(dt)
+    elif shape.kind in (SOFTMAX_SOFT, FOCAL_SOFT):
         y = jax.nn.softmax(jax.random.normal(ky, shape.dims, F32), axis=-1).astype(dt)
     else:
         raise ValueError(f"unknown shape kind {shape.kind!r}")
@@ -42,7 +45,14 @@ def make_inputs(shape: Shape, dtype: str, seed: int = 0) -> tuple[jax.Array, jax
 
 
 def jax_losses(kind: str) -> dict[str, Callable[[jax.Array, jax.Array], jax.Array]]:
-    """The mean losses compared: ``{"jbce": f, "optax": f}``."""
+    """The mean losses compared: ``{"jbce": f, "optax": f}``.
+
+    optax has neither an NLL nor a softmax focal loss. For ``nll`` its peer is what an optax
+    user has for it: ``softmax_cross_entropy_with_integer_labels`` of the log-probabilities
+    (the same numbers, as their log-sum-exp is 0). For ``focal_soft`` it is the formula of
+    Keras 3's ``CategoricalFocalCrossentropy(from_logits=True)`` in ``jax.numpy`` (without
+    Keras' clipping), written on optax's ``log_softmax``.
+    """
     import optax
 
     if kind == BINARY:
@@ -62,7 +72,25 @@ def jax_losses(kind: str) -> dict[str, Callable[[jax.Array, jax.Array], jax.Arra
             "jbce": lambda x, y: jbce.softmax_cross_entropy(x, y),
             "optax": lambda x, y: optax.losses.softmax_cross_entropy(x, y).mean(),
         }
+    if kind == NLL:
+        return {
+            "jbce": lambda x, y: jbce.nll_loss(x, y),
+            "optax": lambda x, y: optax.losses.softmax_cross_entropy_with_integer_labels(
+                x, y
+            ).mean(),
+        }
+    if kind == FOCAL_SOFT:
+        return {
+            "jbce": lambda x, y: jbce.softmax_focal_loss(x, y, gamma=2.0),
+            "optax": lambda x, y: focal_formula(x, y, gamma=2.0),
+        }
     raise ValueError(f"unknown shape kind {kind!r}")
+
+
+def focal_formula(x, y, *, gamma):
+    """Keras 3's categorical focal loss from logits, per example, averaged: the peer."""
+    logp = jax.nn.log_softmax(_f32(x), axis=-1)
+    return jnp.mean(jnp.sum(-_f32(y) * (1 - jnp.exp(logp)) ** gamma * logp, axis=-1))
 
 
 def _f32(a):
@@ -109,6 +137,13 @@ def floors(kind: str, mode: str) -> dict[str, Callable[[jax.Array, jax.Array], o
             "traffic": lambda x, y: (x - y).astype(x.dtype),
             "exp": lambda x, y: (jnp.exp(_f32(x)) - _f32(y)).astype(x.dtype),
         }
+    if kind == NLL:  # reads one entry per row; its gradient is a fresh one-hot-sized array
+        rows = lambda x, y: jnp.take_along_axis(_f32(x), y[:, None], axis=-1)
+        if mode == "fwd":
+            return {"traffic": lambda x, y: jnp.sum(rows(x, y))}
+        return {"traffic": lambda x, y: (jnp.sum(rows(x, y)), jnp.zeros_like(x))}
+    if kind == FOCAL_SOFT:
+        return floors(SOFTMAX_SOFT, mode)
     raise ValueError(f"unknown shape kind {kind!r}")
 
 
@@ -158,12 +193,15 @@ def cpu_threads() -> int:
 
 def torch_case(
     kind: str, mode: str, x: jax.Array, y: jax.Array, device: str
-) -> tuple[Callable[[], object], Callable[[object], object]]:
+) -> tuple[Callable[[], object], Callable[[object], object]] | None:
     """``(fn, sync)`` running the PyTorch loss (``mean`` reduction) on copies of ``x, y``.
 
-    ``BCEWithLogitsLoss`` / ``CrossEntropyLoss`` (integer or probability targets); for
-    ``"vag"`` the loss and ``torch.autograd.grad`` w.r.t. the logits.
+    ``BCEWithLogitsLoss`` / ``CrossEntropyLoss`` (integer or probability targets) /
+    ``NLLLoss``; for ``"vag"`` the loss and ``torch.autograd.grad`` w.r.t. the logits. PyTorch
+    has no softmax focal loss: ``None`` for ``focal_soft``.
     """
+    if kind == FOCAL_SOFT:
+        return None
     import torch
     import torch.nn.functional as F
 
@@ -174,8 +212,8 @@ def torch_case(
         return t.to(device=device, dtype=dt)
 
     xt = to_torch(x, tdt)
-    yt = to_torch(y, torch.long if kind == SOFTMAX_INT else tdt)
-    loss = F.binary_cross_entropy_with_logits if kind == BINARY else F.cross_entropy
+    yt = to_torch(y, torch.long if kind in INTEGER_LABELS else tdt)
+    loss = {BINARY: F.binary_cross_entropy_with_logits, NLL: F.nll_loss}.get(kind, F.cross_entropy)
     if mode == "fwd":
 
         def fn():

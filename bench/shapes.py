@@ -15,7 +15,10 @@ import dataclasses
 BINARY = "binary"  # sigmoid BCE: logits (N,), float labels (N,)
 SOFTMAX_INT = "softmax_int"  # softmax CE: logits (N, K), integer labels (N,)
 SOFTMAX_SOFT = "softmax_soft"  # softmax CE: logits (N, K), label distributions (N, K)
-KINDS = (BINARY, SOFTMAX_INT, SOFTMAX_SOFT)
+NLL = "nll"  # negative log-likelihood: log-probabilities (N, K), integer labels (N,)
+FOCAL_SOFT = "focal_soft"  # softmax focal loss: logits (N, K), label distributions (N, K)
+KINDS = (BINARY, SOFTMAX_INT, SOFTMAX_SOFT, NLL, FOCAL_SOFT)
+INTEGER_LABELS = (SOFTMAX_INT, NLL)  # kinds whose labels are class indices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +53,10 @@ SHAPES: tuple[Shape, ...] = (
     _s("ce_soft_256x1000", SOFTMAX_SOFT, (256, 1000), "quick"),
     _s("ce_soft_1024x8192", SOFTMAX_SOFT, (1024, 8192)),
     _s("ce_soft_4096x32768", SOFTMAX_SOFT, (4096, 32768), "target"),
+    _s("nll_256x1000", NLL, (256, 1000), "quick"),
+    _s("nll_4096x32768", NLL, (4096, 32768)),
+    _s("focal_soft_256x1000", FOCAL_SOFT, (256, 1000), "quick"),
+    _s("focal_soft_4096x32768", FOCAL_SOFT, (4096, 32768)),
 )
 
 DTYPES = ("float32", "bfloat16")
