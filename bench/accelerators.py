@@ -801,15 +801,17 @@ def run_report(platforms: Sequence[str], quick: bool, log=print) -> list[dict]:
 # Targets
 # --------------------------------------------------------------------------------------------
 
-# H100 estimated HBM bytes over ideal, per (kind, mode): "1.0x" is read as < 1.05, "<= 1.0x"
-# as <= 1.001 (a few per-row scalars on top of 1 GiB are noise, not a pass over the logits).
+# H100 estimated HBM bytes over ideal, per (kind, mode): "1.0x" is read as < 1.05, "<= Nx"
+# as <= N + 0.001 (a few per-row vectors on top of 1 GiB are noise, not a pass over the
+# logits: 0.001 of the 4096 x 32768 float32 ideal is 64 floats per row).
+PER_ROW_SLACK = 0.001
 H100_IDEAL_TARGETS = {
     ("binary", "fwd"): (1.05, "1.0x"),
-    ("binary", "vag"): (1.25, "<= 1.25x"),
+    ("binary", "vag"): (1.25 + PER_ROW_SLACK, "<= 1.25x"),
     ("softmax_int", "fwd"): (1.05, "1.0x"),
-    ("softmax_int", "vag"): (1.5, "<= 1.5x"),
-    ("softmax_soft", "fwd"): (1.001, "<= 1.0x"),
-    ("softmax_soft", "vag"): (1.67, "<= 1.67x"),
+    ("softmax_int", "vag"): (1.5 + PER_ROW_SLACK, "<= 1.5x"),
+    ("softmax_soft", "fwd"): (1.0 + PER_ROW_SLACK, "<= 1.0x"),
+    ("softmax_soft", "vag"): (1.67 + PER_ROW_SLACK, "<= 1.67x"),
 }
 LINEAR_TEMP_RATIO = 16  # fused temp <= optax temp / 16
 LINEAR_MAX_KERNELS = 200

@@ -121,19 +121,21 @@ def row_reduce(logits, to_x, weights=None, method: str | None = None):
       blocks (an online softmax: each logit is a block of one class): the logits are read
       once. On an H100 and a TPU v5e it halves the HBM traffic of the forward pass
       (deviceless compile of 4096 x 32768 float32, ``python -m bench.accelerators``:
-      1.08 GB -> 0.55 GB for integer labels).
+      1.08 GB -> 0.55 GB for integer labels). Rows longer than :data:`GPU_ROW_BOUND` are
+      cut into a few equal pieces first (:func:`row_pieces`).
     - ``"two_pass"``: the max, then the sums. XLA:CPU runs the variadic reduction about 7x
       slower than the two passes (2048 x 32768 float32 on the 2-core dev box).
 
     ``None`` picks per platform when the program is lowered (``two_pass`` on CPU,
-    ``one_pass`` elsewhere), so a program compiled for a GPU or TPU on a CPU host gets its
-    platform's choice.
+    ``one_pass`` elsewhere, with uncut rows on TPU), so a program compiled for a GPU or TPU
+    on a CPU host gets its platform's choice.
     """
     if method is None:
         return jax.lax.platform_dependent(
             logits,
             weights,
             cpu=lambda v, w: _two_pass(v, to_x, w),
+            tpu=lambda v, w: _one_pass(v, to_x, w, pieces=1),
             default=lambda v, w: _one_pass(v, to_x, w),
         )
     if method not in LSE_METHODS:
@@ -161,24 +163,53 @@ def _two_pass(logits, to_x, weights):
     return m, sumexp, jnp.sum(w, axis=-1), jnp.where(impossible, -jnp.inf, s)
 
 
-def _one_pass(logits, to_x, weights):
-    def combine(a, b):
-        (m1, e1, *ws1), (m2, e2, *ws2) = a, b
-        m = jnp.maximum(m1, m2)
-        d1, d2 = m1 - _nonempty(m), m2 - _nonempty(m)
-        out = (m, e1 * jnp.exp(d1) + e2 * jnp.exp(d2))
-        if not ws1:
-            return out
-        (w1, s1), (w2, s2) = ws1, ws2
-        return *out, w1 + w2, s1 + _times(w1, d1) + s2 + _times(w2, d2)
+# XLA:GPU reduces a row of up to 16384 elements in one kernel; a longer row goes to two
+# kernels, the first writing a partial result per 256 columns to memory for the second to
+# read back (H100 deviceless compile, 4096 x 32768 float32 soft labels: 8 MiB of temp and
+# 1.6% more traffic than reading the logits once). A row cut into a few pieces of at most
+# this many columns, reduced in one kernel, and its pieces' carries merged (a few floats
+# per row) keeps the single read. TPU needs no cut (its reduction is not split; the reshape
+# would cost a relayout copy there).
+GPU_ROW_BOUND = 16384
+_MAX_PIECES = 64
 
+
+def row_pieces(k: int) -> int:
+    """The fewest equal pieces of at most :data:`GPU_ROW_BOUND` columns a row of ``k``
+    splits into; 1 if it is short enough, or has no such divisor up to 64 (left to XLA)."""
+    if k <= GPU_ROW_BOUND:
+        return 1
+    for c in range(-(-k // GPU_ROW_BOUND), _MAX_PIECES + 1):
+        if k % c == 0:
+            return c
+    return 1
+
+
+def _combine(a, b):
+    """The merge of two carries ``(m, e, [W, s])``: the rule of :func:`merge`."""
+    (m1, e1, *ws1), (m2, e2, *ws2) = a, b
+    m = jnp.maximum(m1, m2)
+    d1, d2 = m1 - _nonempty(m), m2 - _nonempty(m)
+    out = (m, e1 * jnp.exp(d1) + e2 * jnp.exp(d2))
+    if not ws1:
+        return out
+    (w1, s1), (w2, s2) = ws1, ws2
+    return *out, w1 + w2, s1 + _times(w1, d1) + s2 + _times(w2, d2)
+
+
+def _one_pass(logits, to_x, weights, pieces=None):
+    k = logits.shape[-1]
+    pieces = row_pieces(k) if pieces is None else pieces
     x = to_x(logits)
     zero = jnp.zeros((), x.dtype)
     operands, init = (x, jnp.ones_like(x)), (jnp.array(-jnp.inf, x.dtype), zero)
     if weights is not None:  # each logit: W = w, s = w (x - x) = 0
         operands += (jnp.broadcast_to(weights, x.shape).astype(x.dtype), jnp.zeros_like(x))
         init += (zero, zero)
-    out = jax.lax.reduce(operands, init, combine, (x.ndim - 1,))
+    if pieces > 1:  # [..., K] -> [..., pieces, K / pieces]: each piece's carry, then theirs
+        operands = tuple(o.reshape(*o.shape[:-1], pieces, k // pieces) for o in operands)
+        operands = jax.lax.reduce(operands, init, _combine, (x.ndim,))
+    out = jax.lax.reduce(operands, init, _combine, (x.ndim - 1,))
     return out if weights is not None else (*out, None, None)
 
 

@@ -626,6 +626,57 @@ def test_float32_extreme_logits_within_a_few_ulps_of_float64(target, implementat
     ref.assert_close(got_s, want, atol=float(np.finfo(np.float32).tiny))
 
 
+def test_row_pieces_cut_long_rows_into_equal_pieces_xla_gpu_reduces_in_one_kernel():
+    from jbce._stats import GPU_ROW_BOUND, row_pieces
+
+    assert row_pieces(GPU_ROW_BOUND) == 1 and row_pieces(1000) == 1
+    assert row_pieces(32768) == 2 and row_pieces(40000) == 4 and row_pieces(128256) == 8
+    assert row_pieces(48000) == 3 and row_pieces(50257) == 29  # GPT-2's 50257 = 29 x 1733
+    assert row_pieces(2 * 16411) == 1  # 16411 is prime: no divisor fits, left to XLA
+
+
+@pytest.mark.parametrize("kind", ["int", "soft"])
+def test_one_pass_over_rows_cut_into_pieces_matches_float64(kind):
+    # K = 40000: four pieces of 10000. One row's last piece is all -inf, another's whole
+    # first half; a -inf class carries label weight in a third (an impossible target).
+    rng = np.random.default_rng(11)
+    n, k = 4, 40000
+    x = (rng.normal(size=(n, k)) * 3).astype(np.float32)
+    x[0, 30000:] = -np.inf
+    x[1, :20000] = -np.inf
+    x[2, 5] = 1e4
+    if kind == "int":
+        lab = np.array([3, 25000, 5, 39999])
+        f = lambda a: ce_int(a, jnp.asarray(lab), label_smoothing=0.1, reduction="none",
+                             implementation="one_pass")  # fmt: skip
+        r = lambda a, xp=np: ref.ref_softmax_cross_entropy_with_integer_labels(
+            a, lab, label_smoothing=0.1, reduction="none", xp=xp
+        )
+    else:
+        lab = rng.dirichlet(np.ones(k), size=n).astype(np.float32)
+        lab[0, 30000:] = 0.0
+        lab[1, :20000] = 0.0
+        f = lambda a: ce_soft(a, jnp.asarray(lab), reduction="none", implementation="one_pass")
+        r = lambda a, xp=np: ref.ref_softmax_cross_entropy(
+            a, xp.asarray(lab, a.dtype), reduction="none", xp=xp
+        )
+    got = f(jnp.asarray(x))
+    g = jax.grad(lambda a: jnp.sum(f(a)))(jnp.asarray(x))
+    ref.assert_close(got, r(x.astype(np.float64)), rtol=2e-6)
+    gref = jax.grad(lambda a: jnp.sum(r(a, jnp)))(jnp.asarray(x, jnp.float64))
+    gref = np.where(np.isneginf(x), 0.0, np.asarray(gref))
+    # float32 sums over 40000 classes: ~1e-5 relative on each probability (~2.5e-5 here)
+    ref.assert_close(g, gref, rtol=1e-4, atol=2e-9)
+    two = ce_int if kind == "int" else ce_soft
+    kw = {"label_smoothing": 0.1} if kind == "int" else {}
+    np.testing.assert_allclose(
+        np.asarray(got),
+        np.asarray(two(jnp.asarray(x), jnp.asarray(lab), reduction="none",
+                       implementation="two_pass", **kw)),
+        rtol=1e-6,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("offset", [0.0, 30.0, 100.0, -60.0, -90.0])
 def test_one_pass_log_sum_exp_and_its_fallback_match_float64(offset):
     # The one-pass lse (sum of unshifted exps) serves offsets 0 and 30; at +100 the sums
