@@ -1,8 +1,9 @@
 """Binary cross-entropy losses: from logits, from probabilities, and focal loss.
 
-Each loss has an elementwise core with a hand-written ``jax.custom_vjp``. The cores take
-and save only their inputs (no sigmoid or log-probability tensors are kept for the backward
-pass), stay exact for any finite logit, and give finite gradients for infinite logits.
+Each loss has an elementwise core with hand-written derivatives (:func:`jbce._forward.lean_jvp`:
+forward mode, and reverse mode as its transpose). The cores save only their inputs for
+reverse mode (no sigmoid or log-probability tensors are kept for the backward pass), stay
+exact for any finite logit, and give finite gradients for infinite logits.
 Options that are plain arithmetic on the result (label smoothing, ``alpha``) are applied
 outside the cores, so they may be traced and differentiate for free. Weights, masks and
 reductions are applied by :mod:`jbce._reduce`.
@@ -10,13 +11,11 @@ reductions are applied by :mod:`jbce._reduce`.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jbce import _checks
+from jbce import _checks, _forward
 from jbce._dtypes import compute_dtype, to_compute
 from jbce._reduce import reduce_loss
 from jbce._vma import pvary_like
@@ -27,12 +26,6 @@ def _xmul(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.where(a == 0, jnp.zeros((), b.dtype), a * b)
 
 
-def _scaled(g: jax.Array, d: jax.Array) -> jax.Array:
-    """The cotangent ``g * d``, exactly 0 where ``g`` is 0 (an element the loss doesn't use
-    gets no gradient, whatever its input: NaN and infinite logits included)."""
-    return jnp.where(g == 0, jnp.zeros((), d.dtype), g * d)
-
-
 def _softplus_pair(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(softplus(x), softplus(-x)) = (-log sigmoid(-x), -log sigmoid(x)), one exp/log1p pair."""
     t = jnp.log1p(jnp.exp(-jnp.abs(x)))
@@ -41,7 +34,7 @@ def _softplus_pair(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def _sigmoid_pair(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(sigmoid(x), sigmoid(-x)), each accurate to the last bit in its own tail."""
-    e = jnp.exp(-jnp.abs(x))
+    e = jnp.exp(_neg_abs(x))
     big = 1 / (1 + e)
     small = e * big
     pos = x >= 0
@@ -49,14 +42,15 @@ def _sigmoid_pair(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 # --- sigmoid BCE core: l = a softplus(-x) + b softplus(x), a = pw y, b = 1 - y -------------
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _bce_logits(x: jax.Array, y: jax.Array, pw: jax.Array | None, dtype) -> jax.Array:
+def _bce_logits_value(x, y, pw, keep, dtype):
     """The loss per element (compute dtype) for inputs of one shape in any float dtypes.
 
     With ``softplus(+-x) = relu(+-x) + log1p(exp(-|x|))``: one exp/log1p pair per element,
     no cancellation (each linear term is nonzero for one sign of ``x`` only), and a zero
     coefficient switches its term off, so an infinite logit whose hard label agrees costs 0.
+    ``keep`` (the elements the loss uses, or None) only masks the derivatives.
     """
+    del keep
     x, y, pw = _inputs(dtype, x, y, pw)
     a = y if pw is None else pw * y
     b = 1 - y
@@ -70,30 +64,44 @@ def _inputs(dtype, *xs):
     return tuple(None if x is None else to_compute(x, dtype) for x in xs)
 
 
-def _bce_logits_fwd(x, y, pw, dtype):
-    # Residuals: the inputs only.
-    return _bce_logits(x, y, pw, dtype), (x, y, pw)
+def _neg_abs(x):
+    """``-|x|``, with the slope of the ``x >= 0`` side at 0 (so that the derivative of the
+    tails below, which are smooth at 0, is right there too: a zero-initialised logit)."""
+    return jnp.where(x >= 0, -x, x)
 
 
-def _bce_logits_bwd(dtype, res, g):
-    x0, y0, pw0 = res
+def _elementwise_tangent(keep, pairs, ndim):
+    """``sum_i c_i * dot a_i`` for the (coefficient, tangent) ``pairs`` of an elementwise core,
+    the coefficients exactly 0 outside ``keep``."""
+    terms = [_forward.contract(_forward.keep_where(keep, c), t, ndim) for c, t in pairs]
+    c0 = pairs[0][0]
+    return _forward.total(c0.shape, c0.dtype, *terms)
+
+
+def _bce_logits_tangent(primals, _, tangents, dtype):
+    x0, y0, pw0, keep = primals
+    dx, dy, dpw, _ = tangents
     x, y, pw = _inputs(dtype, x0, y0, pw0)
     # d/dx = (1 - y) sigmoid(x) - a sigmoid(-x), a = pw y. With s = sigmoid(-|x|) (one
     # logistic, accurate in the tail) and k = 1 - y + a this is (1 - y) - k s for x >= 0 and
     # k s - a for x < 0: each form is exact where the gradient is tiny (an agreeing label),
     # and exactly 1 - y or -a for x = +-inf.
-    s = jax.nn.sigmoid(-jnp.abs(x))
+    s = jax.nn.sigmoid(_neg_abs(x))
     a = y if pw is None else pw * y
     k = (1 - y + a) * s
-    dx = _scaled(g, jnp.where(x >= 0, (1 - y) - k, k - a))
-    sp_pos, sp_neg = _softplus_pair(x)
-    # d/dy = pw softplus(-x) - softplus(x); d/dpw = y softplus(-x)
-    dy = _scaled(g, (sp_neg if pw is None else pw * sp_neg) - sp_pos)
-    dpw = None if pw is None else _scaled(g, _xmul(y, sp_neg)).astype(pw0.dtype)
-    return dx.astype(x0.dtype), dy.astype(y0.dtype), dpw
+    cx = jnp.where(x >= 0, (1 - y) - k, k - a)
+    pairs = [(cx, dx)]
+    if dy is not None or dpw is not None:
+        sp_pos, sp_neg = _softplus_pair(x)
+        # d/dy = pw softplus(-x) - softplus(x); d/dpw = y softplus(-x)
+        pairs.append(((sp_neg if pw is None else pw * sp_neg) - sp_pos, dy))
+        if pw is not None:
+            pairs.append((_xmul(y, sp_neg), dpw))
+    return _elementwise_tangent(keep, pairs, x.ndim)
 
 
-_bce_logits.defvjp(_bce_logits_fwd, _bce_logits_bwd)
+# Residuals in reverse mode: the inputs only.
+_bce_logits = _forward.lean_jvp(_bce_logits_value, _bce_logits_tangent, num_static=1)
 
 
 def _like_logits(x: jax.Array, *args: jax.Array | None) -> tuple[jax.Array | None, ...]:
@@ -196,7 +204,7 @@ def sigmoid_binary_cross_entropy(
             pw = pw.astype(dt)
     _checks.debug_check_unit_interval("labels", y)
     y, pw = _like_logits(x, _smooth(y, e), pw)
-    loss = _bce_logits(x, y, pw, jnp.dtype(dt))
+    loss = _bce_logits(x, y, pw, where, jnp.dtype(dt))
     return reduce_loss(
         loss,
         reduction=reduction,
@@ -216,27 +224,25 @@ def _clamped_logs(p):
     return jnp.maximum(jnp.log(p), _LOG_CLAMP), jnp.maximum(jnp.log1p(-p), _LOG_CLAMP)
 
 
-@jax.custom_vjp
-def _bce_probs(p: jax.Array, y: jax.Array) -> jax.Array:
+def _bce_probs_value(p, y, keep):
+    del keep  # masks the derivatives only
     log_p, log_q = _clamped_logs(p)
     return -(y * log_p + (1 - y) * log_q)
 
 
-def _bce_probs_fwd(p, y):
-    # Residuals: the inputs only.
-    return _bce_probs(p, y), (p, y)
-
-
-def _bce_probs_bwd(res, g):
-    p, y = res
+def _bce_probs_tangent(primals, _, tangents):
+    p, y, keep = primals
+    dp, dy, _ = tangents
     # PyTorch's rule: (p - y) / max(p (1 - p), eps), finite at p = 0 and p = 1.
-    dp = _scaled(g, (p - y) / jnp.maximum(p * (1 - p), _GRAD_EPS))
-    log_p, log_q = _clamped_logs(p)
-    dy = _scaled(g, log_q - log_p)
-    return dp.astype(p.dtype), dy.astype(y.dtype)
+    pairs = [((p - y) / jnp.maximum(p * (1 - p), _GRAD_EPS), dp)]
+    if dy is not None:
+        log_p, log_q = _clamped_logs(p)
+        pairs.append((log_q - log_p, dy))
+    return _elementwise_tangent(keep, pairs, p.ndim)
 
 
-_bce_probs.defvjp(_bce_probs_fwd, _bce_probs_bwd)
+# Residuals in reverse mode: the inputs only.
+_bce_probs = _forward.lean_jvp(_bce_probs_value, _bce_probs_tangent)
 
 
 def binary_cross_entropy(
@@ -289,7 +295,7 @@ def binary_cross_entropy(
     _checks.debug_check_unit_interval("probs", p)
     _checks.debug_check_unit_interval("labels", y)
     (y,) = _like_logits(p, _smooth(y, e))
-    loss = _bce_probs(p, y)
+    loss = _bce_probs(p, y, where)
     return reduce_loss(
         loss,
         reduction=reduction,
@@ -309,20 +315,16 @@ def _focal_parts(x, y):
     return s_pos, s_neg, ce, m
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _focal(x: jax.Array, y: jax.Array, gamma: jax.Array, dtype) -> jax.Array:
+def _focal_value(x, y, gamma, keep, dtype):
+    del keep  # masks the derivatives only
     x, y, gamma = _inputs(dtype, x, y, gamma)
     _, _, ce, m = _focal_parts(x, y)
     return _xmul(ce, m**gamma)
 
 
-def _focal_fwd(x, y, gamma, dtype):
-    # Residuals: the inputs only.
-    return _focal(x, y, gamma, dtype), (x, y, gamma)
-
-
-def _focal_bwd(dtype, res, g):
-    x0, y0, gamma0 = res
+def _focal_tangent(primals, _, tangents, dtype):
+    x0, y0, gamma0, keep = primals
+    dx0, dy0, dgamma0, _ = tangents
     x, y, gamma = _inputs(dtype, x0, y0, gamma0)
     s_pos, s_neg, ce, m = _focal_parts(x, y)
     mg = m**gamma
@@ -331,17 +333,20 @@ def _focal_bwd(dtype, res, g):
     dm = (1 - 2 * y) * s_pos * s_neg
     ratio = jnp.where(m > 0, dm / jnp.where(m > 0, m, 1), jnp.zeros((), m.dtype))
     dce = (1 - y) * s_pos - y * s_neg
-    dx = _scaled(g, dce * mg + _xmul(gamma * ratio, _xmul(ce, mg)))
-    # d/dy: ce' = softplus(-x) - softplus(x) = -x, m' = sigmoid(-x) - sigmoid(x).
-    dmy = s_neg - s_pos
-    ratio_y = jnp.where(m > 0, dmy / jnp.where(m > 0, m, 1), jnp.zeros((), m.dtype))
-    dy = _scaled(g, _xmul(mg, -x) + _xmul(gamma * ratio_y, _xmul(ce, mg)))
-    log_m = jnp.log(jnp.where(m > 0, m, 1))
-    dgamma = _scaled(g, _xmul(_xmul(ce, mg), log_m))
-    return dx.astype(x0.dtype), dy.astype(y0.dtype), dgamma.astype(gamma0.dtype)
+    pairs = [(dce * mg + _xmul(gamma * ratio, _xmul(ce, mg)), dx0)]
+    if dy0 is not None:
+        # d/dy: ce' = softplus(-x) - softplus(x) = -x, m' = sigmoid(-x) - sigmoid(x).
+        dmy = s_neg - s_pos
+        ratio_y = jnp.where(m > 0, dmy / jnp.where(m > 0, m, 1), jnp.zeros((), m.dtype))
+        pairs.append((_xmul(mg, -x) + _xmul(gamma * ratio_y, _xmul(ce, mg)), dy0))
+    if dgamma0 is not None:
+        log_m = jnp.log(jnp.where(m > 0, m, 1))
+        pairs.append((_xmul(_xmul(ce, mg), log_m), dgamma0))
+    return _elementwise_tangent(keep, pairs, x.ndim)
 
 
-_focal.defvjp(_focal_fwd, _focal_bwd)
+# Residuals in reverse mode: the inputs only.
+_focal = _forward.lean_jvp(_focal_value, _focal_tangent, num_static=1)
 
 
 def sigmoid_focal_loss(
@@ -399,7 +404,7 @@ def sigmoid_focal_loss(
         alpha = _checks.hyperparameter("alpha", alpha, low=0.0, high=1.0)
     _checks.debug_check_unit_interval("labels", y)
     y, g = _like_logits(x, y, jnp.asarray(gamma, dt))
-    loss = _focal(x, y, g, jnp.dtype(dt))
+    loss = _focal(x, y, g, where, jnp.dtype(dt))
     if alpha is not None:
         y = to_compute(y, dt)
         loss = loss * (alpha * y + (1 - alpha) * (1 - y))

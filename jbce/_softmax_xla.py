@@ -5,20 +5,20 @@ The implementation behind :func:`jbce.softmax_cross_entropy` and
 max-shifted log-sum-exp pass over the logits (:func:`jbce._stats.block_stats`); with
 ``axis_name`` the class axis is sharded and each shard's statistics are merged with one
 ``pmax`` and one ``psum`` (:func:`jbce._stats.combine_over_axis`), so the logits are never
-gathered. The backward pass recomputes the softmax from the logits and the saved shift and
-log-sum-exp (:func:`jbce._stats.logits_grad`) and needs no communication.
+gathered. The derivatives are one tangent map, linear in the tangents
+(:func:`jbce._stats.stats_tangent`, :mod:`jbce._forward`): forward mode evaluates it and
+reverse mode is its transpose, which recomputes the softmax from the logits and the saved
+shift and log-sum-exp (the formula of :func:`jbce._stats.logits_grad`), a psum of one
+value per row for the sharded case.
 """
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
-from jbce import _stats
+from jbce import _forward, _stats
 from jbce._dtypes import to_compute
-from jbce._vma import psum_to_like
 
 
 def _local_labels(labels, num_local: int, axis_name):
@@ -28,8 +28,8 @@ def _local_labels(labels, num_local: int, axis_name):
     return labels - jax.lax.axis_index(axis_name).astype(labels.dtype) * num_local
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
-def softmax_stats(logits, labels, weights, mask, cap, rows, dtype, sums, soft, axis_name, method):
+def _softmax_stats(logits, labels, weights, mask, cap, rows, dtype, sums, soft, axis_name,
+                   method):  # fmt: skip
     """:class:`jbce._stats.Stats` of each row of ``logits`` ``[..., K]`` (classes last).
 
     Args:
@@ -38,7 +38,7 @@ def softmax_stats(logits, labels, weights, mask, cap, rows, dtype, sums, soft, a
       weights: ``[K]`` class weights, ``[..., K]`` soft labels (``soft=True``), or None.
       mask: ``[..., K]`` boolean class mask, or None.
       cap: logit soft-cap (a scalar array), or None.
-      rows: ``[...]`` boolean, the rows the loss uses (others get zero gradient), or None.
+      rows: ``[...]`` boolean, the rows the loss uses (others get zero derivatives), or None.
       dtype, sums, soft: see :func:`jbce._stats.block_stats`.
       axis_name: mesh axis the class axis is sharded over, or None.
       method: how the log-sum-exp is reduced (:func:`jbce._stats.row_reduce`).
@@ -57,37 +57,28 @@ def _to_x(dtype, cap):
     return lambda v: _stats.softcap(to_compute(v, dtype), cap)
 
 
-def _softmax_stats_fwd(logits, labels, weights, mask, cap, rows, dtype, sums, soft, axis_name,
-                       method):  # fmt: skip
-    st = softmax_stats(
-        logits, labels, weights, mask, cap, rows, dtype, sums, soft, axis_name, method
-    )
-    # Residuals: the inputs as given (bf16 stays bf16) and two floats per row, the shift and
-    # the shifted log-sum-exp; the softmax is recomputed in the backward pass.
-    return st, (logits, labels, weights, mask, cap, rows, st.shift, st.lse)
-
-
-def _softmax_stats_bwd(dtype, sums, soft, axis_name, method, res, g):
-    logits, labels, weights, mask, cap, rows, shift, lse = res
+def _softmax_stats_tangent(primals, saved, tangents, dtype, sums, soft, axis_name, method):
+    logits, labels, weights, mask, cap, rows = primals
+    dlogits, _, dweights, _, dcap, _ = tangents
     z = to_compute(logits, dtype)
     x = _stats.softcap(z, cap)
+    dx = _stats.softcap_jvp(z, cap, dlogits, dcap, rows)
     w = None if weights is None else to_compute(weights, dtype)
+    dw = None if dweights is None else dweights.astype(dtype)
     y = _local_labels(labels, x.shape[-1], axis_name)
-    saved = _stats.Stats(shift, lse, None)
-    dx, dw = _stats.logits_grad(x, y, saved, g, weights=w, mask=mask, rows=rows, soft=soft)
-    dz, dcap = _stats.softcap_vjp(z, cap, dx)
-    return (
-        psum_to_like(dz.astype(logits.dtype), logits),
-        _zero_cotangent(labels),
-        None if weights is None else psum_to_like(dw.astype(weights.dtype), weights),
-        _zero_cotangent(mask),
-        None if cap is None else psum_to_like(dcap.astype(cap.dtype), cap),
-        _zero_cotangent(rows),
-    )
+    tan = _stats.stats_tangent(
+        x, y, _stats.Stats(*saved, None), dx, weights=w, dweights=dw, mask=mask, rows=rows,
+        sums=sums, soft=soft,
+    )  # fmt: skip
+    if axis_name is None:
+        return tan
+    # Each shard's classes add to the row's statistics: one psum of the per-row tangents
+    # (its transpose, in reverse mode, needs no communication).
+    return _stats.Stats(*(None if f is None else jax.lax.psum(f, axis_name) for f in tan))
 
 
-def _zero_cotangent(a):
-    return None if a is None else jnp.zeros(a.shape, jax.dtypes.float0)
-
-
-softmax_stats.defvjp(_softmax_stats_fwd, _softmax_stats_bwd)
+# Residuals in reverse mode: the inputs as given (bf16 stays bf16) and two floats per row, the
+# shift and the shifted log-sum-exp; the softmax is recomputed in the backward pass.
+softmax_stats = _forward.lean_jvp(
+    _softmax_stats, _softmax_stats_tangent, num_static=5, saved=lambda st: (st.shift, st.lse)
+)

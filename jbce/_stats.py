@@ -75,6 +75,31 @@ def softcap_vjp(z: jax.Array, cap, dx: jax.Array):
     return dz, dcap
 
 
+def softcap_jvp(z: jax.Array, cap, dz: jax.Array | None, dcap, rows=None) -> jax.Array | None:
+    """The tangent of ``x = softcap(z, cap)`` (linear in ``dz``, ``dcap``; None: zero).
+
+    The coefficients are 0 in the rows outside ``rows`` (``[...]`` boolean, or None), and
+    the ``cap`` coefficient is 0 where ``z`` is infinite (where ``x`` is ``+-cap`` exactly).
+    """
+    zero = jnp.zeros((), z.dtype)
+
+    def coef(c):
+        return c if rows is None else jnp.where(_col(rows), c, zero)
+
+    if cap is None:
+        return None if dz is None else dz.astype(z.dtype)
+    t = jnp.tanh(z / cap)
+    slope = 1 - t * t
+    out = None
+    if dz is not None:
+        out = coef(slope) * dz.astype(z.dtype)
+    if dcap is not None:
+        z_over = jnp.where(slope == 0, zero, z / cap)  # 0 * inf = 0 at z = +-inf
+        d = coef(t - slope * z_over) * dcap.astype(z.dtype)
+        out = d if out is None else out + d
+    return out
+
+
 def _row_weights(w: jax.Array | None, x: jax.Array) -> jax.Array:
     """Class weights ``[k]`` or per-logit weights ``[..., k]`` shaped to broadcast with ``x``."""
     if w is None:
@@ -400,6 +425,77 @@ def logits_grad(
 
 def _col(v: jax.Array) -> jax.Array:
     return v[..., None]
+
+
+def stats_tangent(
+    x: jax.Array,
+    labels: jax.Array | None,
+    stats: Stats,
+    dx: jax.Array | None,
+    *,
+    weights: jax.Array | None = None,
+    dweights: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    rows: jax.Array | None = None,
+    sums: bool = False,
+    soft: bool = False,
+) -> Stats:
+    r"""The tangent of ``block_stats(x, labels, ...)`` for tangents ``dx`` and ``dweights``.
+
+    Linear in ``(dx, dweights)`` (either may be None: zero), with the coefficients of
+    :func:`logits_grad`, so that its transpose is that formula:
+
+    .. math::
+        \dot\ell = \sum_c p_c \dot x_c, \quad \dot t = \dot x_y, \quad
+        \dot s = \sum_c w_c \dot x_c + [c \in C]\, (x_c - m)\, \dot w_c, \quad
+        \dot W = \sum_c [c \in C]\, \dot w_c
+
+    (the shift and the count have no tangent: None). ``stats`` holds the row's full
+    ``shift`` and ``lse``. The target is selected as ``where(c == y, .)`` summed over the
+    row, so that its transpose is elementwise too (no scatter). A row outside ``rows`` gets
+    exactly zero, whatever its logits.
+    """
+    zero = jnp.zeros((), x.dtype)
+    rowmask = None if rows is None else _col(rows)
+
+    def coef(c):  # a coefficient, exactly 0 in the rows the loss does not use
+        c = jnp.broadcast_to(c, x.shape)
+        return c if rowmask is None else jnp.where(rowmask, c, zero)
+
+    def out(v):
+        if v is None:
+            return None
+        return v if rows is None else jnp.where(rows, v, jnp.zeros((), v.dtype))
+
+    onehot = None if labels is None else _onehot(labels, x)
+    target = target_weight = None
+    if onehot is not None and dx is not None:  # the label's own logit, even where masked
+        target = jnp.sum(coef(jnp.where(onehot, dx, zero)), axis=-1)
+    if onehot is not None and dweights is not None and weights is not None and not soft:
+        target_weight = jnp.sum(coef(jnp.where(onehot, dweights, zero)), axis=-1)
+    xm, wm = _masked(x, weights, mask, soft)
+    if mask is not None:
+        dx = None if dx is None else jnp.where(mask, dx, zero)
+        if soft and dweights is not None:
+            dweights = jnp.where(mask, dweights, zero)
+    lse = jnp.where(stats.lse == -jnp.inf, 0, stats.lse)  # a row without classes: p = 0
+    lse_dot = logit_sum = weight_sum = None
+    if dx is not None:
+        p = jnp.exp(xm - _col(stats.shift)) * _col(jnp.exp(-lse))
+        lse_dot = jnp.sum(coef(p) * dx, axis=-1)
+    if sums:
+        w, inc = _sum_weights(xm, wm, soft)
+        parts = []
+        if dx is not None:
+            parts.append(jnp.sum(coef(w) * dx, axis=-1))
+        if dweights is not None:
+            shifted = inc * _finite_shifted(xm, stats.shift)
+            parts.append(jnp.sum(coef(shifted) * dweights, axis=-1))
+            weight_sum = jnp.sum(coef(jnp.ones((), x.dtype) if soft else inc) * dweights, axis=-1)
+        logit_sum = sum(parts[1:], parts[0]) if parts else None
+    return Stats(
+        None, out(lse_dot), out(target), out(logit_sum), out(weight_sum), out(target_weight)
+    )
 
 
 def loss_terms(
