@@ -2,9 +2,9 @@
 
 Neither takes a softmax: ``nll_loss`` gathers one log-probability per example (its gradient
 is a scatter of one value per row; autodiff saves only the labels), and
-``categorical_cross_entropy`` sums ``-y log p`` with an elementwise custom VJP whose
-residuals are its inputs, as :func:`jbce.binary_cross_entropy` does. Weights, masks and
-reductions are applied by :mod:`jbce._reduce`.
+``categorical_cross_entropy`` sums ``-y log p`` with an elementwise core whose
+derivatives (:mod:`jbce._forward`) save its inputs, as :func:`jbce.binary_cross_entropy`
+does. Weights, masks and reductions are applied by :mod:`jbce._reduce`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jbce import _checks
+from jbce import _checks, _forward
 from jbce._dtypes import compute_dtype, to_compute
 from jbce._reduce import reduce_loss
 from jbce._softmax import batch_shape, to_rows
@@ -129,9 +129,13 @@ def _clamped_log(p):
     return jnp.maximum(jnp.log(p), _LOG_CLAMP)  # NaN stays NaN
 
 
-@jax.custom_vjp
-def _cce_terms(p: jax.Array, y: jax.Array) -> jax.Array:
-    """``-y max(log p, -100)`` elementwise, in the compute dtype of its (same-shaped) inputs."""
+def _cce_value(p: jax.Array, y: jax.Array, mask, rows) -> jax.Array:
+    """``-y max(log p, -100)`` elementwise, in the compute dtype of its (same-shaped) inputs.
+
+    ``mask`` (``[..., K]``) and ``rows`` (``[...]``), each None or boolean, mark the terms the
+    loss uses: the others get exactly zero derivatives, whatever their inputs.
+    """
+    del mask, rows
     p, y = _inputs(p, y)
     return -y * _clamped_log(p)
 
@@ -141,22 +145,24 @@ def _inputs(p, y):
     return to_compute(p, dt), to_compute(y, dt)
 
 
-def _cce_terms_fwd(p, y):
-    # Residuals: the inputs only.
-    return _cce_terms(p, y), (p, y)
-
-
-def _cce_terms_bwd(res, g):
-    p0, y0 = res
+def _cce_tangent(primals, _, tangents):
+    p0, y0, mask, rows = primals
+    dp, dy, _, _ = tangents
     p, y = _inputs(p0, y0)
+
+    def coef(c):
+        return _forward.keep_rows(rows, _forward.keep_where(mask, c))
+
     # d/dp = -y / max(p, 1e-12): PyTorch's BCE rule restricted to the log p term, finite at
     # p = 0 (where the clamped log itself would have slope 0 and stop all learning).
-    dp = jnp.where(g == 0, 0, -g * _xmul(y, 1 / jnp.maximum(p, _GRAD_EPS)))
-    dy = jnp.where(g == 0, 0, -g * _clamped_log(p))
-    return dp.astype(p0.dtype), dy.astype(y0.dtype)
+    terms = [_forward.contract(coef(-_xmul(y, 1 / jnp.maximum(p, _GRAD_EPS))), dp, p.ndim)]
+    if dy is not None:
+        terms.append(_forward.contract(coef(-_clamped_log(p)), dy, p.ndim))
+    return _forward.total(p.shape, p.dtype, *terms)
 
 
-_cce_terms.defvjp(_cce_terms_fwd, _cce_terms_bwd)
+# Residuals in reverse mode: the inputs only.
+_cce_terms = _forward.lean_jvp(_cce_value, _cce_tangent)
 
 
 def categorical_cross_entropy(
@@ -248,7 +254,7 @@ def categorical_cross_entropy(
         k = x.shape[-1] if class_mask is None else jnp.sum(class_mask, -1, keepdims=True)
         k = jnp.maximum(jnp.asarray(k, dt), 1)
         y = y * (1 - e) + e / k
-    terms = _cce_terms(x, y)
+    terms = _cce_terms(x, y, class_mask, rows)
     if class_mask is not None:  # a masked-out class's term is dropped, NaN or not
         terms = jnp.where(class_mask, terms, jnp.zeros((), terms.dtype))
         rows = _checks.both(rows, jnp.any(class_mask, axis=-1))

@@ -98,7 +98,10 @@ def contract(coef: jax.Array, tangent: jax.Array | None, ndim: int):
     """
     if tangent is None:
         return None
-    v = coef * tangent.astype(coef.dtype)
+    t = tangent.astype(coef.dtype)
+    if 0 < t.ndim < coef.ndim:  # explicit, for jax_numpy_rank_promotion="raise"
+        t = t.reshape((1,) * (coef.ndim - t.ndim) + t.shape)
+    v = coef * t
     if v.ndim > ndim:
         v = jnp.sum(v, axis=tuple(range(ndim, v.ndim)))
     return v
@@ -116,7 +119,7 @@ def total(shape, dtype, *terms) -> jax.Array:
 
 
 def keep_rows(rows: jax.Array | None, v: jax.Array) -> jax.Array:
-    """``v`` in the rows ``rows`` (``[...]``, ``v`` ``[...]`` or ``[..., K]``), exactly 0 elsewhere."""
+    """``v`` in the rows ``rows`` (``[...]``; ``v`` ``[...]`` or ``[..., K]``), 0 elsewhere."""
     if rows is None:
         return v
     m = rows.reshape(rows.shape + (1,) * (v.ndim - rows.ndim))
@@ -127,6 +130,8 @@ def keep_where(mask: jax.Array | None, v: jax.Array) -> jax.Array:
     """``v`` where ``mask`` (broadcastable to ``v``, numpy-style), exactly 0 elsewhere."""
     if mask is None:
         return v
+    if 0 < mask.ndim < v.ndim:  # explicit, for jax_numpy_rank_promotion="raise"
+        mask = mask.reshape((1,) * (v.ndim - mask.ndim) + mask.shape)
     return jnp.where(mask, v, jnp.zeros((), v.dtype))
 
 

@@ -1,8 +1,9 @@
 """Information measures behind cross-entropy: entropy, KL divergence (CE = H + KL) and the
 generalised Jensen-Shannon divergence used for distillation.
 
-The divergences are built on the lean custom VJPs of :mod:`jbce._softmax_terms` (the
-inputs and a few floats per row are saved, never a distribution); weights, masks and
+The divergences are built on the cores of :mod:`jbce._softmax_terms`, whose derivatives
+(forward and reverse mode, :mod:`jbce._forward`) save the inputs and a few floats per row,
+never a distribution; weights, masks and
 reductions are applied by :mod:`jbce._reduce`.
 """
 
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jbce import _checks
+from jbce import _checks, _forward
 from jbce._dtypes import compute_dtype, to_compute
 from jbce._reduce import check_global_options, divide_globally, reduce_loss
 from jbce._softmax import batch_shape, to_rows
@@ -22,26 +23,23 @@ from jbce._softmax_focal import soft_inputs
 from jbce._softmax_terms import jsd_loss, term_loss
 
 
-@jax.custom_vjp
-def _neg_xlogx(p: jax.Array) -> jax.Array:
+def _neg_xlogx_value(p: jax.Array) -> jax.Array:
     """-p log p elementwise, with 0 log 0 = 0."""
     # 0 where p == 0; NaN stays NaN.
     return -jnp.where(p == 0, 0, p * jnp.log(jnp.where(p == 0, 1, p)))
 
 
-def _neg_xlogx_fwd(p):
-    # Residual: the input only.
-    return _neg_xlogx(p), p
-
-
-def _neg_xlogx_bwd(p, g):
+def _neg_xlogx_tangent(primals, _, tangents):
+    (p,), (dp,) = primals, tangents
     # d/dp (-p log p) = -(log p + 1); at p = 0 the log is taken of the smallest normal
-    # number instead of 0, so the gradient is large but finite.
+    # number instead of 0, so the derivative is large but finite.
     tiny = jnp.finfo(p.dtype).tiny
-    return (g * -(jnp.log(jnp.maximum(p, tiny)) + 1),)
+    coef = -(jnp.log(jnp.maximum(p, tiny)) + 1)
+    return _forward.total(p.shape, p.dtype, _forward.contract(coef, dp, p.ndim))
 
 
-_neg_xlogx.defvjp(_neg_xlogx_fwd, _neg_xlogx_bwd)
+# Residual in reverse mode: the input only.
+_neg_xlogx = _forward.lean_jvp(_neg_xlogx_value, _neg_xlogx_tangent)
 
 
 def entropy(probs: ArrayLike, *, axis: int | Sequence[int] = -1) -> jax.Array:
@@ -154,7 +152,7 @@ def kl_divergence(
     )
     if not log_labels:
         _checks.debug_check_unit_interval("labels", y)
-    loss = term_loss(x, y, None, None, mask, "kl", bool(log_labels), dt)
+    loss = term_loss(x, y, None, None, mask, rows, "kl", bool(log_labels), dt)
     return _reduce(loss, reduction, weights, rows, bshape, normalizer, batch_axis_name)
 
 
@@ -242,5 +240,5 @@ def jensen_shannon_divergence(
         mode = "traced"
     else:
         mode = "forward" if b == 0 else "reverse" if b == 1 else "mix"
-    loss = jsd_loss(x, t, jnp.asarray(b, dt), jnp.asarray(temp, dt), mask, mode, dt)
+    loss = jsd_loss(x, t, jnp.asarray(b, dt), jnp.asarray(temp, dt), mask, rows, mode, dt)
     return _reduce(loss, reduction, weights, rows, bshape, normalizer, batch_axis_name)

@@ -1,9 +1,10 @@
 """Softmax focal loss (soft and integer labels) and the Poly-1 cross-entropy: the API.
 
 Validates the arguments, lays the logits out with the classes last (:func:`jbce._softmax.to_rows`)
-and builds each loss on a lean custom VJP: per-class terms of the log-probabilities
-(:func:`jbce._softmax_terms.term_loss`) for probability labels, and the softmax statistics
-(:func:`jbce._softmax_xla.softmax_stats`) with a per-row focal term for integer labels.
+and builds each loss on a core with lean derivatives (:mod:`jbce._forward`): per-class terms
+of the log-probabilities (:func:`jbce._softmax_terms.term_loss`) for probability labels, and
+the softmax statistics (:func:`jbce._softmax_xla.softmax_stats`) with a per-row focal term
+for integer labels.
 Weights, masks and reductions are applied by :mod:`jbce._reduce`.
 """
 
@@ -135,7 +136,7 @@ def softmax_focal_loss(
     a = _alpha(alpha, x.shape[-1], dt)
     g = _gamma(gamma, dt)
     _checks.debug_check_unit_interval("labels", y)
-    loss = term_loss(x, y, a, g, logit_mask, "focal", False, dt)
+    loss = term_loss(x, y, a, g, logit_mask, rows, "focal", False, dt)
     return reduce_loss(
         loss,
         reduction=reduction,
@@ -224,7 +225,7 @@ def softmax_focal_loss_with_integer_labels(
     st = softmax_stats(x, labels, None, logit_mask, None, rows, dt, False, False, None, None)
     has = st.lse != -jnp.inf  # a row with no class left is excluded (NaN rows count)
     log_p = (st.target - st.shift) - jnp.where(has, st.lse, 0)
-    loss = focal_of_log_prob(log_p, g)
+    loss = focal_of_log_prob(log_p, g, _checks.both(rows, has))
     in_range = (labels >= 0) & (labels < k)
     safe = jnp.clip(labels, 0, k - 1)
     if a is not None and a.ndim:
@@ -305,7 +306,7 @@ def poly_loss_cross_entropy(
     )  # fmt: skip
     eps = jnp.asarray(_checks.hyperparameter("epsilon", epsilon, low=-1.0), dt)
     _checks.debug_check_unit_interval("labels", y)
-    loss = term_loss(x, y, None, eps, logit_mask, "poly", False, dt)
+    loss = term_loss(x, y, None, eps, logit_mask, rows, "poly", False, dt)
     return reduce_loss(
         loss,
         reduction=reduction,

@@ -12,9 +12,11 @@ over its included classes (not ``-inf``, not masked out), with :math:`l_c = \log
     \frac{\partial L}{\partial x_j} = u_j - p_j \sum_c u_c, \quad u_c = a_c\, \phi'(l_c; \theta)
 
 for one of the terms of :data:`TERMS` (cross-entropy :math:`-l`, focal :math:`-q^\gamma l`,
-Poly-1 :math:`-l + \epsilon q`, and KL divergence :math:`\log y_c - l`). The backward pass
-recomputes :math:`l` from the logits and the two saved floats per row, so the residuals are the
-inputs and :math:`m, \ell`.
+Poly-1 :math:`-l + \epsilon q`, and KL divergence :math:`\log y_c - l`). The derivatives are a
+tangent map linear in the tangents (:func:`jbce._forward.lean_jvp`): forward mode evaluates it,
+reverse mode transposes it and recomputes :math:`l` from the logits and the two floats per row
+the core returns beside its value (:math:`m, \ell`, with their own tangent so that second
+derivatives are right), so the residuals are the inputs and :math:`m, \ell`.
 
 :func:`focal_of_log_prob` is the focal term of one log-probability per row (the integer-label
 focal loss builds it on :func:`jbce._softmax_xla.softmax_stats`), with the same finite
@@ -28,10 +30,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jbce import _stats
+from jbce import _forward, _stats
 from jbce._dtypes import to_compute
-from jbce._softmax_xla import softmax_stats
-from jbce._vma import psum_to_like
 
 TERMS = ("ce", "focal", "poly", "kl")
 
@@ -109,13 +109,17 @@ def _prepared(logits, labels, alpha, mask, dtype, log_labels):
 
 
 def _row_stats(x: jax.Array) -> _stats.Stats:
-    """The shift and shifted log-sum-exp of each row of ``x`` (compute dtype, classes last).
+    """The shift and shifted log-sum-exp of each row of ``x`` (compute dtype, classes last;
+    the platform's log-sum-exp reduction is chosen when the program is lowered)."""
+    return _stats.block_stats(x, None)
 
-    Through :func:`jbce._softmax_xla.softmax_stats`, whose own lean VJP differentiates them
-    when a higher derivative differentiates this module's forward passes (the platform's
-    log-sum-exp reduction is chosen when the program is lowered).
-    """
-    return softmax_stats(x, None, None, None, None, None, x.dtype, False, False, None, None)
+
+def _lse_tangent(x, shift, lse, dx, rows):
+    """The tangent of the shifted log-sum-exp, ``sum_c p_c dx_c`` (None: zero)."""
+    if dx is None:
+        return None
+    p = jnp.exp(_log_probs(x, shift, lse))
+    return _forward.keep_rows(rows, jnp.sum(_forward.keep_rows(rows, p) * dx, axis=-1))
 
 
 def _log_probs(x, shift, lse):
@@ -123,8 +127,7 @@ def _log_probs(x, shift, lse):
     return (x - shift[..., None]) - lse[..., None]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def term_loss(logits, labels, alpha, theta, mask, kind, log_labels, dtype):
+def term_loss(logits, labels, alpha, theta, mask, rows, kind, log_labels, dtype):
     r"""Per-row :math:`\sum_c a_c \phi(l_c; \theta)` of ``logits`` ``[..., K]`` (classes last).
 
     Args:
@@ -133,6 +136,7 @@ def term_loss(logits, labels, alpha, theta, mask, kind, log_labels, dtype):
       alpha: None, a scalar or a ``[K]`` class coefficient.
       theta: the term's scalar parameter (``gamma`` or ``epsilon``; ignored for ``"ce"``).
       mask: ``[..., K]`` boolean, False takes a class out of the softmax (and its target), or None.
+      rows: ``[...]`` boolean, the rows the loss uses (others get zero derivatives), or None.
       kind: one of :data:`TERMS`.
       log_labels: ``labels`` are log-probabilities.
       dtype: the compute dtype.
@@ -140,9 +144,15 @@ def term_loss(logits, labels, alpha, theta, mask, kind, log_labels, dtype):
     A class with :math:`a_c = 0` contributes nothing (even at a ``-inf`` logit); a positive
     target on a ``-inf`` logit costs ``+inf``; a NaN logit makes its row NaN.
     """
+    return _term_core(logits, labels, alpha, theta, mask, rows, kind, log_labels, dtype)[0]
+
+
+def _term_value(logits, labels, alpha, theta, mask, rows, kind, log_labels, dtype):
+    """(per-row loss, shift, shifted log-sum-exp)."""
+    del rows  # masks the derivatives only
     x, y, a, ly = _prepared(logits, labels, alpha, mask, dtype, log_labels)
     st = _row_stats(x)
-    return _row_loss(kind, x, y, a, ly, theta, st.shift, st.lse, dtype)
+    return _row_loss(kind, x, y, a, ly, theta, st.shift, st.lse, dtype), st.shift, st.lse
 
 
 def _log_y(y, ly):
@@ -158,94 +168,86 @@ def _row_loss(kind, x, y, a, ly, theta, shift, lse, dtype):
     return jnp.where(jnp.isnan(lse), jnp.nan, loss)  # a NaN logit hides behind a = 0 otherwise
 
 
-def _term_loss_fwd(logits, labels, alpha, theta, mask, kind, log_labels, dtype):
-    x, y, a, ly = _prepared(logits, labels, alpha, mask, dtype, log_labels)
-    st = _row_stats(x)
-    # Residuals: the inputs as given and two floats per row (the shift and the shifted
-    # log-sum-exp); the log-probabilities are recomputed in the backward pass.
-    loss = _row_loss(kind, x, y, a, ly, theta, st.shift, st.lse, dtype)
-    return loss, (logits, labels, alpha, theta, mask, st.shift, st.lse)
-
-
-def _scaled(g, d):
-    """``g * d`` with exactly 0 where ``g`` is 0 (an unused row gets no gradient)."""
-    return jnp.where(g == 0, jnp.zeros((), d.dtype), g * d)
-
-
-def _term_loss_bwd(kind, log_labels, dtype, res, g):
-    logits, labels, alpha, theta, mask, shift, lse = res
+def _term_tangent(primals, saved, tangents, kind, log_labels, dtype):
+    logits, labels, alpha, theta, mask, rows = primals
+    dlogits, dlabels, dalpha, dtheta, _, _ = tangents
+    shift, lse = saved
     x, y, a, ly = _prepared(logits, labels, alpha, mask, dtype, log_labels)
     lg = _log_probs(x, shift, lse)
     p = jnp.exp(lg)
     th = None if theta is None else to_compute(theta, dtype)
     dphi, dtheta_c = _phi_grads(kind, lg, th)
+    coef = functools.partial(_forward.keep_rows, rows)
+    nrow = x.ndim - 1
     u = _xmul(a, jnp.broadcast_to(dphi, lg.shape))
-    g = g[..., None]
-    dx = _scaled(g, u - p * jnp.sum(u, axis=-1, keepdims=True))
-    # d/da = phi(lg); a class outside the softmax (-inf or masked) gets 0, not the +inf slope.
-    inc = _stats.included(x, mask)
-    if kind == "kl":  # d/dy [y (log y - lg)] = log y - lg + 1, log y clamped at the tiny float
-        tiny = jnp.finfo(dtype).tiny
-        log_y = ly if ly is not None else jnp.log(jnp.maximum(y, tiny))
-        phi = log_y - lg + 1
-    else:
-        phi = _phi(kind, lg, th)
-    phi = jnp.where(inc, phi, jnp.zeros((), dtype))
-    da = _scaled(g, phi)
-    al = _class_coef(alpha, x.shape, dtype)
-    dy = da if al is None else al * da
-    if log_labels:
-        dy = _xmul(y, dy)  # through y = exp(log y)
-    if mask is not None:
-        dy = jnp.where(mask, dy, jnp.zeros((), dtype))
-    dalpha = None
-    if alpha is not None:
-        dalpha = jnp.sum((da * y).reshape(-1, x.shape[-1]), axis=0)
-        dalpha = (dalpha if alpha.ndim else jnp.sum(dalpha)).astype(alpha.dtype)
-    dtheta = None
-    if theta is not None:
-        dt = jnp.zeros((), dtype) if dtheta_c is None else jnp.sum(_scaled(g, _xmul(a, dtheta_c)))
-        dtheta = dt.astype(theta.dtype)
-    # Inside shard_map a replicated input (a scalar gamma, say) collects the sum of the
-    # shards' cotangents (psum_to_like; a no-op elsewhere).
-    return (
-        psum_to_like(dx.astype(logits.dtype), logits),
-        psum_to_like(dy.astype(labels.dtype), labels),
-        None if dalpha is None else psum_to_like(dalpha, alpha),
-        None if dtheta is None else psum_to_like(dtheta, theta),
-        _zero_cotangent(mask),
-    )
+    # d/dx_j = u_j - p_j sum_c u_c (through l = x - m - lse)
+    terms = [_forward.contract(coef(u - p * jnp.sum(u, axis=-1, keepdims=True)), dlogits, nrow)]
+    if dlabels is not None or dalpha is not None:
+        # d/da = phi(lg); a class outside the softmax (-inf or masked) gets 0, not the +inf
+        # slope.
+        inc = _stats.included(x, mask)
+        if kind == "kl":  # d/dy [y (log y - lg)] = log y - lg + 1, log y clamped at the tiny
+            tiny = jnp.finfo(dtype).tiny
+            log_y = ly if ly is not None else jnp.log(jnp.maximum(y, tiny))
+            phi = log_y - lg + 1
+        else:
+            phi = _phi(kind, lg, th)
+        phi = jnp.where(inc, phi, jnp.zeros((), dtype))
+        if dlabels is not None:
+            al = _class_coef(alpha, x.shape, dtype)
+            dy = phi if al is None else al * phi
+            if log_labels:
+                dy = _xmul(y, dy)  # through y = exp(log y)
+            if mask is not None:
+                dy = jnp.where(mask, dy, jnp.zeros((), dtype))
+            terms.append(_forward.contract(coef(dy), dlabels, nrow))
+        if dalpha is not None:
+            terms.append(_forward.contract(coef(phi * y), dalpha, nrow))
+    if dtheta is not None and dtheta_c is not None:
+        terms.append(_forward.contract(coef(_xmul(a, dtheta_c)), dtheta, nrow))
+    loss = _forward.total(lse.shape, dtype, *terms)
+    return loss, None, _lse_tangent(x, shift, lse, _cast(dlogits, dtype, mask), rows)
 
 
-def _zero_cotangent(a):
-    return None if a is None else jnp.zeros(a.shape, jax.dtypes.float0)
+def _cast(t, dtype, mask=None):
+    """A tangent in the compute dtype, 0 where ``mask`` is False (None: zero)."""
+    if t is None:
+        return None
+    t = t.astype(dtype)
+    return t if mask is None else jnp.where(mask, t, jnp.zeros((), dtype))
 
 
-term_loss.defvjp(_term_loss_fwd, _term_loss_bwd)
+# Residuals in reverse mode: the inputs as given and two floats per row (the shift and the
+# shifted log-sum-exp); the log-probabilities are recomputed in the backward pass.
+_term_core = _forward.lean_jvp(
+    _term_value, _term_tangent, num_static=3, saved=lambda out: (out[1], out[2])
+)
 
 
 # --- the focal term of one log-probability per row (integer labels) ----------------------------
-@jax.custom_vjp
-def focal_of_log_prob(lg: jax.Array, gamma: jax.Array) -> jax.Array:
-    r""":math:`-(1 - e^l)^\gamma\, l` elementwise, with a finite derivative for every gamma >= 0."""
+def _focal_of_log_prob(lg: jax.Array, gamma: jax.Array, keep: jax.Array | None) -> jax.Array:
+    r""":math:`-(1 - e^l)^\gamma\, l` elementwise, with a finite derivative for every gamma >= 0.
+
+    ``keep`` (``lg``'s shape, or None) marks the entries the loss uses: the others get
+    exactly zero derivatives, whatever their value.
+    """
+    del keep
     return _phi("focal", lg, gamma)
 
 
-def _focal_of_log_prob_fwd(lg, gamma):
-    # Residuals: the inputs (one value per row and the scalar gamma).
-    return focal_of_log_prob(lg, gamma), (lg, gamma)
+def _focal_of_log_prob_tangent(primals, _, tangents):
+    lg, gamma, keep = primals
+    dlg, dgamma, _ = tangents
+    dl, dg = _phi_grads("focal", lg, gamma)
+    terms = [
+        _forward.contract(_forward.keep_where(keep, dl), dlg, lg.ndim),
+        _forward.contract(_forward.keep_where(keep, dg), dgamma, lg.ndim),
+    ]
+    return _forward.total(lg.shape, lg.dtype, *terms)
 
 
-def _focal_of_log_prob_bwd(res, g):
-    lg, gamma = res
-    dl, dgamma = _phi_grads("focal", lg, gamma)
-    dgamma = jnp.sum(_scaled(g, dgamma)).reshape(jnp.shape(gamma))
-    return psum_to_like(_scaled(g, dl), lg), psum_to_like(
-        dgamma.astype(jnp.result_type(gamma)), gamma
-    )
-
-
-focal_of_log_prob.defvjp(_focal_of_log_prob_fwd, _focal_of_log_prob_bwd)
+# Residuals in reverse mode: the inputs (one value per row and the scalar gamma).
+focal_of_log_prob = _forward.lean_jvp(_focal_of_log_prob, _focal_of_log_prob_tangent)
 
 
 # --- generalised Jensen-Shannon divergence between two softmaxes ----------------------------
@@ -315,16 +317,16 @@ def _jsd_all(mode, lq, lp, beta):
     return tuple(pick(i) for i in range(4))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def jsd_loss(logits, teacher_logits, beta, temperature, mask, mode, dtype):
+def jsd_loss(logits, teacher_logits, beta, temperature, mask, rows, mode, dtype):
     r"""Per-row generalised JSD of ``Q = softmax(logits / T)`` and ``P = softmax(teacher / T)``.
 
     ``mode``: ``"forward"`` KL(P || Q) (beta = 0), ``"reverse"`` KL(Q || P) (beta = 1),
     ``"mix"`` :math:`\beta\,\mathrm{KL}(P\|M) + (1-\beta)\,\mathrm{KL}(Q\|M)` for
     0 < beta < 1, or ``"traced"`` (beta an array: each chosen by its value, with ``where``).
+    ``rows`` (``[...]`` boolean or None): the rows the loss uses, the others get zero
+    derivatives.
     """
-    value, _ = _jsd_fwd(logits, teacher_logits, beta, temperature, mask, mode, dtype)
-    return value
+    return _jsd_core(logits, teacher_logits, beta, temperature, mask, rows, mode, dtype)[0]
 
 
 def _jsd_value(mode, z, w, beta, sz, sw, dtype):
@@ -336,43 +338,51 @@ def _jsd_value(mode, z, w, beta, sz, sw, dtype):
     return lq, lp, parts, jnp.where(nan, jnp.nan, parts[0])
 
 
-def _jsd_fwd(logits, teacher_logits, beta, temperature, mask, mode, dtype):
+def _jsd_primal(logits, teacher_logits, beta, temperature, mask, rows, mode, dtype):
+    """(per-row value, shift and shifted log-sum-exp of each of the two softmaxes)."""
+    del rows  # masks the derivatives only
     z, w = _two_log_softmax(logits, teacher_logits, temperature, mask, dtype)
     sz, sw = _row_stats(z), _row_stats(w)
     *_, value = _jsd_value(mode, z, w, beta, sz, sw, dtype)
-    # Residuals: the inputs as given and four floats per row (shift and shifted log-sum-exp
-    # of each softmax); the distributions are recomputed in the backward pass.
-    return value, (
-        logits,
-        teacher_logits,
-        beta,
-        temperature,
-        mask,
-        sz.shift,
-        sz.lse,
-        sw.shift,
-        sw.lse,
-    )
+    return value, sz.shift, sz.lse, sw.shift, sw.lse
 
 
-def _jsd_bwd(mode, dtype, res, g):
-    logits, teacher, beta, temperature, mask, mz, lz, mw, lw = res
+def _jsd_tangent(primals, saved, tangents, mode, dtype):
+    logits, teacher, beta, temperature, mask, rows = primals
+    dlogits, dteacher, dbeta, dtemp, _, _ = tangents
+    mz, lz, mw, lw = saved
     z, w = _two_log_softmax(logits, teacher, temperature, mask, dtype)
     sz, sw = _stats.Stats(mz, lz, None), _stats.Stats(mw, lw, None)
     lq, lp, (_, gz, gw, gbeta), _ = _jsd_value(mode, z, w, beta, sz, sw, dtype)
     t = to_compute(temperature, dtype)
-    gc = g[..., None]
-    dz, dw = _scaled(gc, gz), _scaled(gc, gw)
+    coef = functools.partial(_forward.keep_rows, rows)
+    nrow = lz.ndim
     # z = x / T: d/dx = d/dz / T, and d/dT = -sum(d/dz z) / T (z read as log Q, which differs
     # by a per-row constant while d/dz sums to 0 over a row).
-    dt = -(jnp.sum(_xmul(dz, lq)) + jnp.sum(_xmul(dw, lp))) / t
-    return (
-        psum_to_like((dz / t).astype(logits.dtype), logits),
-        psum_to_like((dw / t).astype(teacher.dtype), teacher),
-        psum_to_like(jnp.sum(_scaled(g, gbeta)).astype(beta.dtype), beta),
-        psum_to_like(dt.astype(temperature.dtype), temperature),
-        _zero_cotangent(mask),
-    )
+    dxz, dxw = _cast(dlogits, dtype, mask), _cast(dteacher, dtype, mask)
+    value = _forward.total(
+        lz.shape, dtype,
+        _forward.contract(coef(gz / t), dxz, nrow),
+        _forward.contract(coef(gw / t), dxw, nrow),
+        _forward.contract(coef(gbeta), dbeta, nrow),
+        _forward.contract(
+            coef(-(jnp.sum(_xmul(gz, lq), -1) + jnp.sum(_xmul(gw, lp), -1)) / t), dtemp, nrow
+        ),
+    )  # fmt: skip
+    # The statistics of z = x / T: d lse = sum_c q_c (dx_c - z_c dT) / T.
+    lse_z = _softmax_lse_tangent(z, lq, dxz, t, dtemp, rows)
+    lse_w = _softmax_lse_tangent(w, lp, dxw, t, dtemp, rows)
+    return value, None, lse_z, None, lse_w
 
 
-jsd_loss.defvjp(_jsd_fwd, _jsd_bwd)
+def _softmax_lse_tangent(z, lg, dx, t, dt, rows):
+    q = _forward.keep_rows(rows, jnp.exp(lg))
+    terms = [_forward.contract(q / t, dx, z.ndim - 1)]
+    if dt is not None:
+        terms.append(_forward.contract(-jnp.sum(_xmul(q, z), -1) / t, dt, z.ndim - 1))
+    return _forward.keep_rows(rows, _forward.total(lg.shape[:-1], lg.dtype, *terms))
+
+
+# Residuals in reverse mode: the inputs as given and four floats per row (shift and shifted
+# log-sum-exp of each softmax); the distributions are recomputed in the backward pass.
+_jsd_core = _forward.lean_jvp(_jsd_primal, _jsd_tangent, num_static=2, saved=lambda out: out[1:])

@@ -15,7 +15,6 @@ value per row for the sharded case.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from jbce import _forward, _stats
 from jbce._dtypes import to_compute

@@ -468,6 +468,8 @@ def stats_tangent(
         return v if rows is None else jnp.where(rows, v, jnp.zeros((), v.dtype))
 
     onehot = None if labels is None else _onehot(labels, x)
+    if dweights is not None:
+        dweights = _row_weights(dweights, x)
     target = target_weight = None
     if onehot is not None and dx is not None:  # the label's own logit, even where masked
         target = jnp.sum(coef(jnp.where(onehot, dx, zero)), axis=-1)

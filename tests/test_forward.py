@@ -1,0 +1,480 @@
+"""Forward-mode derivatives (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) of every public loss.
+
+Each case differentiates a loss with respect to every float input it has (logits, labels,
+weights and traced hyperparameters) and compares, in float64 on small shapes, against the
+plain-``jnp`` reference formula differentiated by JAX: the JVP, ``jacfwd == jacrev``, the
+Hessian, and ``check_grads`` to second order in both modes (finite differences). Then the
+edges (logits of +-1e30 and ``-inf`` classes: finite tangents, zero contribution from a
+``-inf`` class), excluded rows (zero tangent whatever their logits) and the residuals of
+reverse mode (the inputs and per-row values only: forward mode costs reverse mode nothing).
+``linear_softmax_cross_entropy`` (the fused loss) has reverse mode only and is not here.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import jbce
+from tests import reference as ref
+
+pytestmark = pytest.mark.jax_strict(rank_promotion=False)
+
+N, K = 4, 5
+RNG = np.random.default_rng(1212)
+X = RNG.normal(size=(N, K)) * 1.5
+T = RNG.normal(size=(N, K)) * 1.5
+Y = RNG.dirichlet(np.ones(K), size=N)
+P = RNG.uniform(0.1, 0.9, size=(N, K))  # probabilities (elementwise)
+YB = RNG.uniform(0.1, 0.9, size=(N, K))  # soft binary labels
+LAB = np.array([1, 0, 4, -100])  # the last one ignored
+LAB_ALL = np.array([1, 0, 4, 2])
+W = RNG.uniform(0.5, 2.0, size=N)
+WB = RNG.uniform(0.5, 2.0, size=(N, K))
+CW = np.array([1.0, 2.0, 0.5, 3.0, 1.5])
+ROWS = np.array([True, False, True, True])
+WHERE_B = RNG.uniform(size=(N, K)) > 0.3
+
+
+def j(a):
+    return jnp.asarray(a)
+
+
+def f64(v):
+    return jnp.asarray(v, jnp.float64)
+
+
+# --- float64 references (plain jnp, differentiated by JAX) -------------------------------------
+def _reduce(values, reduction, weights=None, where=None, den=None):
+    if weights is not None:
+        values = values * weights
+    if reduction == "batchmean":
+        return ref.reduce(values, "sum", where=where, xp=jnp) / values.shape[0]
+    return ref.reduce(values, reduction, where=where, den=den, xp=jnp)
+
+
+def _log_softmax(x, mask=None):
+    if mask is not None:
+        x = jnp.where(mask, x, -jnp.inf)
+    return jax.nn.log_softmax(x, axis=-1)
+
+
+SAFE = jnp.asarray(np.where(LAB < 0, 0, LAB))
+
+
+def _reduce_int(loss, cw, reduction):
+    """An integer-label loss times w_y, ignored/excluded rows out, mean over sum of w_y."""
+    rows = j(ROWS) & j(LAB >= 0)
+    den = jnp.sum(jnp.where(rows, cw[SAFE], 0.0))
+    return _reduce(loss * cw[SAFE], reduction, j(W), rows, den)
+
+
+def ref_ce_int(x, cw, e, z, cap, *, labels, weights, where, reduction):
+    x = cap * jnp.tanh(x / cap)
+    kept = labels != -100
+    y = jnp.where(kept, labels, 0)
+    lse = jax.nn.logsumexp(x, axis=-1)
+    picked = jnp.take_along_axis(x, y[:, None], axis=-1)[:, 0]
+    wy = cw[y]
+    smooth = jnp.sum(cw * (lse[:, None] - x), axis=-1) / K
+    loss = (1 - e) * wy * (lse - picked) + e * smooth + z * lse**2
+    rows = kept & where
+    den = jnp.sum(jnp.where(rows, wy, 0.0))
+    return _reduce(loss, reduction, weights, rows, den)
+
+
+def ref_soft_terms(x, y, *, kind, theta=None, alpha=None, mask=None):
+    lp = _log_softmax(x, mask)
+    yy = y if mask is None else jnp.where(mask, y, 0.0)
+    a = yy if alpha is None else alpha * yy
+    if kind == "ce":
+        terms = -ref.xlogy(a, lp, jnp)
+    elif kind == "focal":
+        terms = -ref.xlogy(a * (-jnp.expm1(lp)) ** theta, lp, jnp)
+    elif kind == "poly":
+        terms = -ref.xlogy(a, lp, jnp) + theta * a * (-jnp.expm1(lp))
+    else:  # kl
+        terms = ref.xlogy(a, jnp.log(yy), jnp) - ref.xlogy(a, lp, jnp)
+    return jnp.sum(terms, axis=-1)
+
+
+def ref_jsd(x, t, beta, temp, *, mode):
+    lq = jax.nn.log_softmax(x / temp, axis=-1)
+    lp = jax.nn.log_softmax(t / temp, axis=-1)
+    q, p = jnp.exp(lq), jnp.exp(lp)
+    if mode == "forward":
+        return jnp.sum(p * (lp - lq), -1)
+    if mode == "reverse":
+        return jnp.sum(q * (lq - lp), -1)
+    lm = jnp.logaddexp(lp + jnp.log(beta), lq + jnp.log1p(-beta))
+    return beta * jnp.sum(p * (lp - lm), -1) + (1 - beta) * jnp.sum(q * (lq - lm), -1)
+
+
+# --- the cases: (jbce function of the float args, reference, the float args) ------------------
+def _cases():
+    cases = {}
+    for r in ("none", "sum", "mean"):
+        cases[f"sigmoid_bce-{r}"] = (
+            lambda x, y, pw, w, r=r: jbce.sigmoid_binary_cross_entropy(
+                x, y, pos_weight=pw, weights=w, label_smoothing=0.1, where=j(WHERE_B),
+                reduction=r,
+            ),
+            lambda x, y, pw, w, r=r: ref.ref_sigmoid_binary_cross_entropy(
+                x, y, pos_weight=pw, weights=w, label_smoothing=0.1, where=j(WHERE_B),
+                reduction=r, xp=jnp,
+            ),
+            (X, YB, CW, WB),
+        )  # fmt: skip
+        cases[f"bce_probs-{r}"] = (
+            lambda p, y, r=r: jbce.binary_cross_entropy(
+                p, y, weights=j(WB), label_smoothing=0.2, where=j(WHERE_B), reduction=r
+            ),
+            lambda p, y, r=r: ref.ref_binary_cross_entropy(
+                p, y, weights=j(WB), label_smoothing=0.2, where=j(WHERE_B), reduction=r, xp=jnp
+            ),
+            (P, YB),
+        )
+        cases[f"sigmoid_focal-{r}"] = (
+            lambda x, y, g, r=r: jbce.sigmoid_focal_loss(
+                x, y, alpha=0.25, gamma=g, weights=j(WB), where=j(WHERE_B), reduction=r
+            ),
+            lambda x, y, g, r=r: ref.ref_sigmoid_focal_loss(
+                x, y, alpha=0.25, gamma=g, weights=j(WB), where=j(WHERE_B), reduction=r, xp=jnp
+            ),
+            (X, YB, np.float64(1.5)),
+        )
+        cases[f"ce_int-{r}"] = (
+            lambda x, cw, e, z, c, r=r: jbce.softmax_cross_entropy_with_integer_labels(
+                x, j(LAB), class_weights=cw, label_smoothing=e, z_loss=z, logit_softcap=c,
+                weights=j(W), where=j(ROWS), reduction=r,
+            ),
+            lambda x, cw, e, z, c, r=r: ref_ce_int(
+                x, cw, e, z, c, labels=j(LAB), weights=j(W), where=j(ROWS), reduction=r
+            ),
+            (X, CW, np.float64(0.1), np.float64(1e-2), np.float64(4.0)),
+        )  # fmt: skip
+        cases[f"ce_soft-{r}"] = (
+            lambda x, y, r=r: jbce.softmax_cross_entropy(
+                x, y, weights=j(W), where=j(ROWS), reduction=r
+            ),
+            lambda x, y, r=r: _reduce(ref_soft_terms(x, y, kind="ce"), r, j(W), j(ROWS)),
+            (X, Y),
+        )
+        cases[f"ce_soft_smoothed-{r}"] = (
+            lambda x, y, r=r: jbce.softmax_cross_entropy(x, y, label_smoothing=0.1, reduction=r),
+            lambda x, y, r=r: _reduce(ref_soft_terms(x, 0.9 * y + 0.1 / K, kind="ce"), r),
+            (X, Y),
+        )
+        cases[f"softmax_focal-{r}"] = (
+            lambda x, y, a, g, r=r: jbce.softmax_focal_loss(
+                x, y, alpha=a, gamma=g, weights=j(W), where=j(ROWS), reduction=r
+            ),
+            lambda x, y, a, g, r=r: _reduce(
+                ref_soft_terms(x, y, kind="focal", theta=g, alpha=a), r, j(W), j(ROWS)
+            ),
+            (X, Y, CW / 2, np.float64(2.0)),
+        )
+        cases[f"softmax_focal_int-{r}"] = (
+            lambda x, a, g, cw, r=r: jbce.softmax_focal_loss_with_integer_labels(
+                x, j(LAB), alpha=a, gamma=g, class_weights=cw, weights=j(W), where=j(ROWS),
+                reduction=r,
+            ),
+            lambda x, a, g, cw, r=r: _reduce_int(
+                ref_soft_terms(x, jax.nn.one_hot(SAFE, K), kind="focal", theta=g, alpha=a), cw, r
+            ),
+            (X, CW / 2, np.float64(0.7), CW),
+        )  # fmt: skip
+        cases[f"poly-{r}"] = (
+            lambda x, y, eps, r=r: jbce.poly_loss_cross_entropy(
+                x, y, epsilon=eps, where=j(ROWS), reduction=r
+            ),
+            lambda x, y, eps, r=r: _reduce(
+                ref_soft_terms(x, y, kind="poly", theta=eps), r, where=j(ROWS)
+            ),
+            (X, Y, np.float64(2.0)),
+        )
+        cases[f"nll-{r}"] = (
+            lambda lp, cw, r=r: jbce.nll_loss(
+                lp, j(LAB), class_weights=cw, weights=j(W), where=j(ROWS), reduction=r
+            ),
+            lambda lp, cw, r=r: _reduce_int(
+                -jnp.take_along_axis(lp, SAFE[:, None], -1)[:, 0], cw, r
+            ),
+            (X, CW),
+        )  # fmt: skip
+        cases[f"cce-{r}"] = (
+            lambda p, y, r=r: jbce.categorical_cross_entropy(
+                p, y, label_smoothing=0.1, weights=j(W), where=j(ROWS), reduction=r
+            ),
+            lambda p, y, r=r: _reduce(
+                -jnp.sum((0.9 * y + 0.1 / K) * jnp.log(p), -1), r, j(W), j(ROWS)
+            ),
+            (P, Y),
+        )
+    for r in ("none", "sum", "mean", "batchmean"):
+        cases[f"kl-{r}"] = (
+            lambda x, y, r=r: jbce.kl_divergence(x, y, weights=j(W), where=j(ROWS), reduction=r),
+            lambda x, y, r=r: _reduce(ref_soft_terms(x, y, kind="kl"), r, j(W), j(ROWS)),
+            (X, Y),
+        )
+        cases[f"kl_log_labels-{r}"] = (
+            lambda x, ly, r=r: jbce.kl_divergence(x, ly, log_labels=True, reduction=r),
+            lambda x, ly, r=r: _reduce(ref_soft_terms(x, jnp.exp(ly), kind="kl"), r),
+            (X, np.log(Y)),
+        )
+        for mode, beta in (("mix", 0.3), ("forward", 0.0), ("reverse", 1.0)):
+            cases[f"jsd_{mode}-{r}"] = (
+                lambda x, t, temp, r=r, beta=beta: jbce.jensen_shannon_divergence(
+                    x, t, beta=beta, temperature=temp, weights=j(W), where=j(ROWS), reduction=r
+                ),
+                lambda x, t, temp, r=r, beta=beta, mode=mode: _reduce(
+                    ref_jsd(x, t, beta, temp, mode=mode), r, j(W), j(ROWS)
+                ),
+                (X, T, np.float64(1.7)),
+            )
+        cases[f"jsd_traced_beta-{r}"] = (
+            lambda x, t, b, r=r: jbce.jensen_shannon_divergence(x, t, beta=b, reduction=r),
+            lambda x, t, b, r=r: _reduce(ref_jsd(x, t, b, 1.0, mode="mix"), r),
+            (X, T, np.float64(0.6)),
+        )
+    cases["entropy"] = (jbce.entropy, lambda p: -jnp.sum(p * jnp.log(p), -1), (P,))
+    cases["discriminator"] = (
+        jbce.discriminator_loss,
+        lambda a, b: ref.ref_discriminator_loss(a, b, xp=jnp),
+        (X, T),
+    )
+    cases["generator"] = (jbce.generator_loss, lambda a: ref.ref_generator_loss(a, xp=jnp), (X,))
+    return cases
+
+
+CASES = _cases()
+IDS = sorted(CASES)
+# The reductions are the same arithmetic for every loss (checked by the JVPs of all of them);
+# the costlier checks take one reduction each: per-example outputs for the Jacobians, the mean
+# for the Hessian and the numerical check.
+PER_EXAMPLE = [n for n in IDS if n.endswith("-none") or "-" not in n]
+MEANS = [n for n in IDS if n.endswith("-mean") or "-" not in n]
+
+
+def _case(name):
+    f, r, args = CASES[name]
+    return f, r, tuple(f64(a) for a in args)
+
+
+def _tangents(args, seed=0):
+    rng = np.random.default_rng(seed)
+    return tuple(f64(rng.normal(size=np.shape(a))) for a in args)
+
+
+def _close(got, want, rtol=1e-9, atol=1e-11):
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("name", IDS)
+def test_jvp_matches_the_float64_reference(name):
+    f, r, args = _case(name)
+    tans = _tangents(args)
+    value, tangent = jax.jvp(f, args, tans)
+    want_value, want_tangent = jax.jvp(r, args, tans)
+    _close(value, want_value)
+    _close(tangent, want_tangent)
+
+
+@pytest.mark.parametrize("name", PER_EXAMPLE)
+def test_jacfwd_equals_jacrev_and_the_reference(name):
+    f, r, args = _case(name)
+    argnums = tuple(range(len(args)))
+    fwd = jax.jacfwd(f, argnums=argnums)(*args)
+    rev = jax.jacrev(f, argnums=argnums)(*args)
+    _close(fwd, rev, rtol=1e-12, atol=1e-14)
+    _close(fwd, jax.jacrev(r, argnums=argnums)(*args))
+
+
+@pytest.mark.parametrize("name", MEANS)
+def test_hessian_matches_the_reference(name):
+    f, r, args = _case(name)
+    argnums = tuple(range(len(args)))
+    scalar = lambda fn: lambda *a: jnp.sum(fn(*a))  # "none" and entropy: sum the output
+    got = jax.hessian(scalar(f), argnums=argnums)(*args)
+    want = jax.hessian(scalar(r), argnums=argnums)(*args)
+    _close(got, want, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", MEANS)
+def test_check_grads_to_second_order_in_both_modes(name):
+    f, _, args = _case(name)
+    check_grads(f, args, order=2, modes=("fwd", "rev"), atol=1e-5, rtol=1e-5)
+
+
+# --- edges ------------------------------------------------------------------------------------
+EXTREME = np.array(
+    [
+        [1e30, 0.0, -1.0, -np.inf, 2.0],
+        [-1e30, -1e30, -1e30, -np.inf, -1e30],
+        [3.0, -np.inf, 1e30, -1e30, 0.5],
+        [0.0, 0.0, 0.0, 0.0, 0.0],
+    ]
+)
+SOFT_EDGE = np.array(
+    [
+        [0.5, 0.25, 0.25, 0.0, 0.0],
+        [0.2, 0.2, 0.2, 0.0, 0.4],
+        [0.0, 0.0, 1.0, 0.0, 0.0],
+        [0.2, 0.2, 0.2, 0.2, 0.2],
+    ]
+)
+INT_EDGE = np.array([0, 4, 2, 3])
+EDGE_LOSSES = {
+    "ce_int": lambda x: jbce.softmax_cross_entropy_with_integer_labels(
+        x, j(INT_EDGE), label_smoothing=0.1, z_loss=1e-4, reduction="none"
+    ),
+    "ce_int_softcap": lambda x: jbce.softmax_cross_entropy_with_integer_labels(
+        x, j(INT_EDGE), logit_softcap=30.0, reduction="none"
+    ),
+    "ce_soft": lambda x: jbce.softmax_cross_entropy(x, j(SOFT_EDGE), reduction="none"),
+    "softmax_focal": lambda x: jbce.softmax_focal_loss(
+        x, j(SOFT_EDGE), gamma=0.5, reduction="none"
+    ),
+    "softmax_focal_int": lambda x: jbce.softmax_focal_loss_with_integer_labels(
+        x, j(INT_EDGE), gamma=0.5, reduction="none"
+    ),
+    "poly": lambda x: jbce.poly_loss_cross_entropy(x, j(SOFT_EDGE), reduction="none"),
+    "kl": lambda x: jbce.kl_divergence(x, j(SOFT_EDGE), reduction="none"),
+    "jsd": lambda x: jbce.jensen_shannon_divergence(
+        x, j(np.where(np.isinf(EXTREME), 0.0, EXTREME)), reduction="none"
+    ),
+    "sigmoid_bce": lambda x: jbce.sigmoid_binary_cross_entropy(
+        x, j(np.round(SOFT_EDGE)), reduction="none"
+    ),
+    "sigmoid_focal": lambda x: jbce.sigmoid_focal_loss(
+        x, j(np.round(SOFT_EDGE)), gamma=0.5, reduction="none"
+    ),
+}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("name", sorted(EDGE_LOSSES))
+def test_jvp_is_finite_at_extreme_logits_and_zero_from_minus_inf_classes(name, dtype):
+    f = EDGE_LOSSES[name]
+    x = jnp.asarray(EXTREME, dtype)
+    tan = jnp.asarray(np.random.default_rng(3).normal(size=EXTREME.shape), dtype)
+    value, tangent = jax.jit(lambda x, t: jax.jvp(f, (x,), (t,)))(x, tan)
+    assert np.all(np.isfinite(np.asarray(tangent))), tangent
+    # the tangent equals the reverse-mode gradient contracted with it
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(f(x))))(x)
+    np.testing.assert_allclose(
+        float(jnp.sum(tangent)), float(jnp.sum(grad * tan)), rtol=1e-4, atol=1e-4
+    )
+    if name.startswith("sigmoid") or name.endswith("softcap"):
+        return  # -inf is an ordinary (saturated) input there, not a class out of the softmax
+    only_minus_inf = jnp.where(jnp.isneginf(x), tan, jnp.zeros((), dtype))
+    _, t_inf = jax.jvp(f, (x,), (only_minus_inf,))
+    assert np.all(np.asarray(t_inf) == 0), t_inf
+
+
+BAD = [np.nan, np.inf]
+
+
+@pytest.mark.parametrize("bad", BAD, ids=("nan", "inf"))
+@pytest.mark.parametrize(
+    "name",
+    ["ce_int", "ce_soft", "softmax_focal", "softmax_focal_int", "poly", "kl", "jsd", "cce"],
+)
+def test_row_excluded_by_where_has_zero_tangent_and_gradient(name, bad):
+    where = j(ROWS)
+    fns = {
+        "ce_int": lambda x: jbce.softmax_cross_entropy_with_integer_labels(
+            x, j(LAB_ALL), where=where, z_loss=1e-3
+        ),
+        "ce_soft": lambda x: jbce.softmax_cross_entropy(x, j(Y), where=where),
+        "softmax_focal": lambda x: jbce.softmax_focal_loss(x, j(Y), gamma=0.5, where=where),
+        "softmax_focal_int": lambda x: jbce.softmax_focal_loss_with_integer_labels(
+            x, j(LAB_ALL), gamma=0.5, where=where
+        ),
+        "poly": lambda x: jbce.poly_loss_cross_entropy(x, j(Y), where=where),
+        "kl": lambda x: jbce.kl_divergence(x, j(Y), where=where),
+        "jsd": lambda x: jbce.jensen_shannon_divergence(x, j(T), where=where),
+        "cce": lambda p: jbce.categorical_cross_entropy(p, j(Y), where=where),
+    }
+    f = fns[name]
+    x = f64(P if name == "cce" else X).at[1].set(bad)  # row 1 is excluded
+    clean = f64(P if name == "cce" else X)
+    tan = _tangents((x,))[0]
+    _, t_bad = jax.jvp(f, (x,), (tan,))
+    _, t_clean = jax.jvp(f, (clean,), (tan.at[1].set(0.0),))
+    np.testing.assert_allclose(float(t_bad), float(t_clean), rtol=1e-12)
+    g = np.asarray(jax.grad(f)(x))
+    assert np.all(np.isfinite(g)) and np.all(g[1] == 0), g
+
+
+def test_hessian_of_sigmoid_losses_at_zero_logits_is_the_smooth_value():
+    # Zero-initialised logits: the formulas' |x| must not turn the curvature at 0 into 0.
+    x = jnp.zeros((3,), jnp.float64)
+    y = f64([1.0, 0.0, 0.3])
+    for f, r in (
+        (jbce.sigmoid_binary_cross_entropy, ref.ref_sigmoid_binary_cross_entropy),
+        (jbce.sigmoid_focal_loss, ref.ref_sigmoid_focal_loss),
+    ):
+        got = jax.hessian(lambda a, f=f: f(a, y, reduction="sum"))(x)
+        want = jax.hessian(lambda a, r=r: r(a, y, reduction="sum", xp=jnp))(x)
+        _close(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_bf16_tangent_is_computed_in_float32():
+    x = jnp.asarray(X, jnp.bfloat16)
+    tan = jnp.ones_like(x)
+    f = lambda a: jbce.softmax_cross_entropy_with_integer_labels(a, j(LAB_ALL))
+    value, tangent = jax.jvp(f, (x,), (tan,))
+    assert value.dtype == tangent.dtype == jnp.float32
+    # shifting every logit of a row leaves the loss unchanged: the tangent is 0
+    np.testing.assert_allclose(float(tangent), 0.0, atol=1e-6)
+
+
+def test_traced_hyperparameters_under_jit_have_forward_derivatives():
+    f = lambda e, z: jbce.softmax_cross_entropy_with_integer_labels(
+        f64(X), j(LAB_ALL), label_smoothing=e, z_loss=z
+    )
+    r = lambda e, z: ref_ce_int(
+        f64(X), jnp.ones(K), e, z, 1e30, labels=j(LAB_ALL), weights=None,
+        where=jnp.ones(N, bool), reduction="mean",
+    )  # fmt: skip
+    args = (f64(0.2), f64(1e-3))
+    _close(jax.jit(jax.jacfwd(f, argnums=(0, 1)))(*args), jax.jacfwd(r, argnums=(0, 1))(*args))
+
+
+# --- reverse mode keeps its lean residuals -----------------------------------------------------
+RESIDUAL_CASES = {
+    "ce_int": lambda x: jbce.softmax_cross_entropy_with_integer_labels(
+        x, j(LAB), label_smoothing=0.1, z_loss=1e-3, logit_softcap=5.0
+    ),
+    "ce_int_class_weights": lambda x: jbce.softmax_cross_entropy_with_integer_labels(
+        x, j(LAB), class_weights=j(CW), where=j(ROWS)
+    ),
+    "ce_soft": lambda x: jbce.softmax_cross_entropy(x, j(Y), label_smoothing=0.1),
+    "softmax_focal": lambda x: jbce.softmax_focal_loss(x, j(Y), alpha=0.25),
+    "softmax_focal_int": lambda x: jbce.softmax_focal_loss_with_integer_labels(x, j(LAB)),
+    "poly": lambda x: jbce.poly_loss_cross_entropy(x, j(Y)),
+    "kl": lambda x: jbce.kl_divergence(x, j(Y)),
+    "jsd": lambda x: jbce.jensen_shannon_divergence(x, j(T)),
+    "sigmoid_bce": lambda x: jbce.sigmoid_binary_cross_entropy(x, j(YB), where=j(WHERE_B)),
+    "sigmoid_focal": lambda x: jbce.sigmoid_focal_loss(x, j(YB)),
+}
+
+
+CORES = ("_forward.py", "_stats.py", "_softmax_xla.py", "_softmax_terms.py", "_binary.py")
+
+
+@pytest.mark.parametrize("name", sorted(RESIDUAL_CASES))
+def test_reverse_mode_saves_the_inputs_and_per_row_values_only(name):
+    x = f64(X)
+    res = ref.saved_residuals(RESIDUAL_CASES[name], x)
+    big = [(r, d) for r, d in res if np.prod(r.shape) >= N * K]
+    assert any("argument" in d for _, d in big), res  # the logits themselves
+    # nothing N x K computed by a core (a softmax, a sigmoid, log-probabilities)
+    computed = [(r, d) for r, d in big if any(c in d for c in CORES)]
+    assert not computed, computed
+    assert all(np.prod(r.shape) <= N for r, _ in res if np.prod(r.shape) < N * K), res
