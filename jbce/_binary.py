@@ -28,8 +28,12 @@ def _xmul(a: jax.Array, b: jax.Array) -> jax.Array:
 
 def _softplus_pair(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(softplus(x), softplus(-x)) = (-log sigmoid(-x), -log sigmoid(x)), one exp/log1p pair."""
-    t = jnp.log1p(jnp.exp(-jnp.abs(x)))
-    return jnp.maximum(x, 0) + t, jnp.maximum(-x, 0) + t
+    # Both sides of x = 0 written with the x >= 0 side's slope (not relu's and |x|'s tie
+    # rules), so that their derivatives, which differentiate these, are right at 0 too.
+    t = jnp.log1p(jnp.exp(_neg_abs(x)))
+    zero = jnp.zeros((), x.dtype)
+    pos = x >= 0
+    return jnp.where(pos, x, zero) + t, jnp.where(pos, zero, -x) + t
 
 
 def _sigmoid_pair(x: jax.Array) -> tuple[jax.Array, jax.Array]:
