@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jbce import _stats, _vma
+from jbce import _entropy_stats, _stats, _vma
 
 # Logits in one tile when the token chunk is picked automatically: 2**23 float32 logits are
 # 32 MiB; a tile holds the logits and their gradient. Few, large tiles keep the number of
@@ -326,3 +326,71 @@ def _linear_stats_bwd(dtype, tn, tv, sums, axis_name, res, g):
 
 
 linear_stats.defvjp(_linear_stats_fwd, _linear_stats_bwd)
+
+
+# --- log-probability and entropy statistics (jbce.linear_log_probs) ----------------------------
+def _scaled(z, temperature):
+    return z if temperature is None else z / temperature
+
+
+def _entropy_tile_stats(z, local, fresh, columns, params):
+    (temperature,) = params
+    return _entropy_stats.block_stats(_scaled(z, temperature), local, mask=fresh)
+
+
+def _entropy_tile_grad(z, local, fresh, keep, columns, params, per_row):
+    (temperature,) = params
+    rows, saved, g = per_row
+    x = _scaled(z, temperature)
+    rows = keep if rows is None else rows if keep is None else rows & keep
+    dx = _entropy_stats.logits_grad(x, local, saved, g, mask=fresh, rows=rows)
+    if temperature is None:
+        return dx, (), (None,)
+    # x = z / T: d z = d x / T and d T = -sum(d x * x) / T (d x is 0 on -inf logits).
+    dt = -jnp.sum(jnp.where(dx == 0, jnp.zeros((), dx.dtype), dx * x)) / temperature
+    return dx / temperature, (), (dt,)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def linear_entropy_stats(hidden, weight, bias, labels, temperature, dtype, tn, tv, axis_name):
+    """Per-token :class:`jbce._entropy_stats.EntropyStats` of ``(hidden @ weight + bias) / T``
+    (``temperature`` a scalar array, or None for 1); with ``axis_name`` ``weight`` and
+    ``bias`` hold this shard's vocabulary columns, labels are global ids and the statistics
+    are global (replicated)."""
+    y = _local_labels(labels, weight.shape[1], axis_name)
+    init = _entropy_stats.empty(hidden.shape[0], dtype)
+    st = tiled_stats(hidden, weight, bias, y, (), (temperature,), _entropy_tile_stats,
+                     _entropy_stats.merge, init, dtype, tn, tv)  # fmt: skip
+    return st if axis_name is None else _entropy_stats.combine_over_axis(st, axis_name)
+
+
+def _linear_entropy_stats_fwd(hidden, weight, bias, labels, temperature, dtype, tn, tv,
+                              axis_name):  # fmt: skip
+    st = linear_entropy_stats(hidden, weight, bias, labels, temperature, dtype, tn, tv, axis_name)
+    # Residuals: the inputs and three floats per token (shift, shifted log-sum-exp and the
+    # softmax mean of the shifted logits); each tile is recomputed backward.
+    return st, (hidden, weight, bias, labels, temperature, st.shift, st.lse, st.mean)
+
+
+def _linear_entropy_stats_bwd(dtype, tn, tv, axis_name, res, g):
+    hidden, weight, bias, labels, temperature, shift, lse, mean = res
+    y = _local_labels(labels, weight.shape[1], axis_name)
+    saved = _entropy_stats.EntropyStats(shift, lse, None, mean)
+    # Tokens whose statistics get no cotangent (masked out by the caller) get exactly zero
+    # gradient, whatever their hidden state.
+    used = (g.lse != 0) | (g.target != 0) | (g.mean != 0)
+    dh, dw, db, _, (dt,) = tiled_grads(
+        hidden, weight, bias, y, (), (temperature,), (used, saved, g),
+        _entropy_tile_grad, dtype, tn, tv,
+    )  # fmt: skip
+    like = _vma.psum_to_like
+    return (
+        like(dh.astype(hidden.dtype), hidden),
+        like(dw, weight),
+        None if bias is None else like(db.astype(bias.dtype), bias),
+        _zero_cotangent(labels),
+        None if temperature is None else like(dt.astype(temperature.dtype), temperature),
+    )
+
+
+linear_entropy_stats.defvjp(_linear_entropy_stats_fwd, _linear_entropy_stats_bwd)
