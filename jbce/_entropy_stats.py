@@ -110,9 +110,7 @@ def merge(a: EntropyStats, b: EntropyStats) -> EntropyStats:
         _stats.Stats(a.shift, a.lse, a.target), _stats.Stats(b.shift, b.lse, b.target)
     )
     da, db = a.shift - base.shift, b.shift - base.shift
-    mean = _share(a.lse, da, base.lse) * (a.mean + da) + _share(b.lse, db, base.lse) * (
-        b.mean + db
-    )
+    mean = _share(a.lse, da, base.lse) * (a.mean + da) + _share(b.lse, db, base.lse) * (b.mean + db)
     return EntropyStats(base.shift, base.lse, base.target, mean)
 
 

@@ -131,7 +131,7 @@ def linear_softmax_cross_entropy(
     if logit_softcap is not None:
         cap = _checks.hyperparameter("logit_softcap", logit_softcap, low=0.0, low_open=True)
     dt = compute_dtype(hidden, weight, bias, weights, class_weights, e, z, cap)
-    (n, d), v = hidden.shape, weight.shape[1]
+    (n, _), v = hidden.shape, weight.shape[1]
     num_classes = v if axis_name is None else v * lax.axis_size(axis_name)
     weights, cw, rows = _checks.integer_label_options(
         labels, bshape, v, weights=weights, class_weights=class_weights,

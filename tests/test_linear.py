@@ -359,9 +359,7 @@ def test_class_weights_vocabulary_parallel_under_vmap_match_unsharded():
 
     w_sh = jnp.moveaxis(w.reshape(d, shards, v // shards), 1, 0)
     b_sh, cw_sh = b.reshape(shards, -1), cw.reshape(shards, -1)
-    vag = jax.vmap(
-        jax.value_and_grad(sharded, (0, 1, 3)), in_axes=(None, 0, 0, 0), axis_name="v"
-    )
+    vag = jax.vmap(jax.value_and_grad(sharded, (0, 1, 3)), in_axes=(None, 0, 0, 0), axis_name="v")
     val, (dh, dw, dcw) = jax.jit(vag)(h, w_sh, b_sh, cw_sh)
     assert_tree_close(val, jnp.full((shards,), want_v), 1e-12)
     assert_tree_close(jnp.sum(dh, axis=0), gh, 1e-12)
