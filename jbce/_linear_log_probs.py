@@ -49,10 +49,9 @@ def linear_log_probs(
         \frac{\partial \log p_{ny}}{\partial x_{nj}} = [j = y] - p_{nj}, \qquad
         \frac{\partial H_n}{\partial x_{nj}} = -p_{nj} \Bigl(x_{nj} - \sum_c p_{nc} x_{nc}\Bigr).
 
-    The backward pass saves the inputs and three floats per token; a token whose two outputs
-    both get a zero cotangent (masked out by the caller) gets exactly zero gradient, even if
-    its hidden state is NaN. Computed in float32 (float64 for float64 inputs) from bf16/fp16
-    inputs; gradients come back in each input's dtype.
+    The backward pass saves the inputs and three floats per token (the shift, the shifted
+    log-sum-exp and the softmax mean of the shifted logits). Computed in float32 (float64
+    for float64 inputs) from bf16/fp16 inputs; gradients come back in each input's dtype.
 
     There is no ``ignore_index`` and no reduction: per-token masks (padding, prompt tokens)
     and the objective's mean are the caller's, e.g. ``jnp.where(mask, log_probs, 0)``. A
