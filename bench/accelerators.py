@@ -781,12 +781,17 @@ def report_cases(quick: bool) -> list[Case]:
     return out
 
 
-def run_report(platforms: Sequence[str], quick: bool, log=print) -> list[dict]:
-    """One row per (case, dtype, mode, platform) with jbce's and optax's compile stats."""
+def run_report(
+    platforms: Sequence[str], quick: bool, log=print, cases: Sequence[str] | None = None
+) -> list[dict]:
+    """One row per (case, dtype, mode, platform) with jbce's and optax's compile stats
+    (``cases``: only the cases of these names)."""
     import jax
 
     rows = []
     for case in report_cases(quick):
+        if cases is not None and case.name not in cases:
+            continue
         for mode in ("fwd", "vag"):
             for platform in platforms:
                 row = {
@@ -1373,6 +1378,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="bench/shapes.py's quick shapes")
     p.add_argument("--json", type=Path, help="write the rows (or check results) here")
     p.add_argument("--markdown", type=Path, help="write the table and targets as Markdown")
+    p.add_argument("--cases", help="comma-separated case names (default: every case)")
     p.add_argument(
         "--check-conditionals",
         action="store_true",
@@ -1412,7 +1418,8 @@ def main(argv=None) -> int:
         return 1 if n_bad else 0
 
     print(format_header(), flush=True)
-    rows = run_report(args.platforms, args.quick)
+    cases = None if args.cases is None else [c.strip() for c in args.cases.split(",")]
+    rows = run_report(args.platforms, args.quick, cases=cases)
     targets = check_targets(rows) if not args.quick else []
     if targets:
         print("\ntargets:")

@@ -1,24 +1,29 @@
 """Fused linear + softmax statistics in plain XLA: tiles of ``hidden @ weight``, never all of it.
 
-The implementation behind :func:`jbce.linear_softmax_cross_entropy` on every platform.
+The implementation behind :func:`jbce.linear_softmax_cross_entropy` and
+:func:`jbce.linear_log_probs` on every platform: one tiled walk that both share, each op
+passing in what it computes of a tile.
 
-- Forward: a loop over vocabulary chunks (and, for very long inputs, token chunks inside
-  it) computes one ``[token_chunk, vocab_chunk]`` tile of logits at a time, takes its
-  :class:`jbce._stats.Stats` and merges them into each token's running statistics
-  (:func:`jbce._stats.merge`, an online log-sum-exp). Only the per-token statistics leave
-  the loop.
-- Backward: the same walk recomputes each tile, turns it into its slice of ``d logits``
-  (:func:`jbce._stats.logits_grad`, the formula every softmax loss uses) and accumulates
-  ``d hidden`` (in the compute dtype) and ``d bias``; each ``d weight`` chunk is complete
-  after its vocabulary step and is written once, in ``weight``'s dtype, so no
-  ``[D, V]`` accumulator in float32 exists for bf16 weights.
+- Forward (:func:`tiled_stats`): a loop over vocabulary chunks (and, for very long
+  inputs, token chunks inside it) computes one ``[token_chunk, vocab_chunk]`` tile of
+  logits at a time, takes its per-token statistics and merges them into each token's
+  running statistics (an online log-sum-exp: :func:`jbce._stats.merge` for the
+  cross-entropy, :func:`jbce._entropy_stats.merge` for log-probabilities and entropy).
+  Only the per-token statistics leave the loop.
+- Backward (:func:`tiled_grads`): the same walk recomputes each tile, turns it into its
+  slice of ``d logits`` (:func:`jbce._stats.logits_grad`, the formula every softmax loss
+  uses, or :func:`jbce._entropy_stats.logits_grad`) and accumulates ``d hidden`` (in the
+  compute dtype), ``d bias`` and per-class gradients (class weights); each ``d weight``
+  chunk is complete after its vocabulary step and is written once, in ``weight``'s dtype,
+  so no ``[D, V]`` accumulator in float32 exists for bf16 weights.
 
-Residuals: the inputs and two floats per token (shift and shifted log-sum-exp).
+Residuals: the inputs and two (cross-entropy) or three (log-probabilities and entropy)
+floats per token.
 
 Chunks never pad or copy an operand: the last chunk of an axis is moved back to end at
 the axis' size and overlaps its predecessor; the overlapping columns are masked out of the
 statistics (and their gradient kept from the previous chunk), overlapping tokens are
-recomputed identically.
+recomputed identically and counted once.
 """
 
 from __future__ import annotations
@@ -247,8 +252,22 @@ def _local_labels(labels, v_local, axis_name):
     return labels - lax.axis_index(axis_name).astype(labels.dtype) * v_local
 
 
-def _zero_cotangent(a):
-    return None if a is None else jnp.zeros(a.shape, jax.dtypes.float0)
+def _cotangents(*pairs):
+    """The cotangent of each ``(primal, gradient)``: None for a None primal, float0 zeros for
+    an integer or boolean one (gradient None), else the gradient in the primal's dtype.
+
+    Inside shard_map an input replicated over a mesh axis its gradient varies on (weight
+    under data parallelism, hidden under vocabulary parallelism) gets the sum over it.
+    """
+    out = []
+    for x, g in pairs:
+        if x is None:
+            out.append(None)
+        elif g is None:
+            out.append(jnp.zeros(x.shape, jax.dtypes.float0))
+        else:
+            out.append(_vma.psum_to_like(g.astype(x.dtype), x))
+    return tuple(out)
 
 
 # --- softmax cross-entropy statistics (jbce.linear_softmax_cross_entropy) ----------------------
@@ -311,18 +330,10 @@ def _linear_stats_bwd(dtype, tn, tv, sums, axis_name, res, g):
         hidden, weight, bias, y, (class_weights,), (cap,), (rows, shift, lse, g),
         _ce_tile_grad, dtype, tn, tv,
     )  # fmt: skip
-    # Inside shard_map an input replicated over a mesh axis its gradient varies on (weight
-    # under data parallelism, hidden under vocabulary parallelism) gets the sum over it.
-    like = _vma.psum_to_like
-    return (
-        like(dh.astype(hidden.dtype), hidden),
-        like(dw, weight),
-        None if bias is None else like(db.astype(bias.dtype), bias),
-        _zero_cotangent(labels),
-        None if dcw is None else like(dcw.astype(class_weights.dtype), class_weights),
-        None if cap is None else like(dcap.astype(cap.dtype), cap),
-        _zero_cotangent(rows),
-    )
+    return _cotangents(
+        (hidden, dh), (weight, dw), (bias, db), (labels, None), (class_weights, dcw), (cap, dcap),
+        (rows, None),
+    )  # fmt: skip
 
 
 linear_stats.defvjp(_linear_stats_fwd, _linear_stats_bwd)
@@ -383,14 +394,7 @@ def _linear_entropy_stats_bwd(dtype, tn, tv, axis_name, res, g):
         hidden, weight, bias, y, (), (temperature,), (used, saved, g),
         _entropy_tile_grad, dtype, tn, tv,
     )  # fmt: skip
-    like = _vma.psum_to_like
-    return (
-        like(dh.astype(hidden.dtype), hidden),
-        like(dw, weight),
-        None if bias is None else like(db.astype(bias.dtype), bias),
-        _zero_cotangent(labels),
-        None if temperature is None else like(dt.astype(temperature.dtype), temperature),
-    )
+    return _cotangents((hidden, dh), (weight, dw), (bias, db), (labels, None), (temperature, dt))
 
 
 linear_entropy_stats.defvjp(_linear_entropy_stats_fwd, _linear_entropy_stats_bwd)
