@@ -609,7 +609,7 @@ def shard_map_psum_of_partial_sums_gives_global_mean(name, case):
 # 3. Global means: batch_axis_name (sharded batch) and normalizer (micro-batches).
 # ---------------------------------------------------------------------------------------
 # Losses whose value is a reduction (entropy returns per-row values: nothing to reduce).
-NOT_REDUCED = ("entropy",)
+NOT_REDUCED = ("entropy", "linear_log_probs")  # per-example outputs, no reduction
 
 
 def check_each_reduced_loss(fn):
