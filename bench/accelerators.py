@@ -709,6 +709,7 @@ class Case:
 
 
 def _losses(kind: str) -> dict[str, Callable]:
+    import jax
     import jax.numpy as jnp
     import optax
 
@@ -742,6 +743,18 @@ def _losses(kind: str) -> dict[str, Callable]:
                 jnp.matmul(h, w), y
             ).mean(),
         }
+    if kind == "linear_log_probs":  # "optax": the materialised equivalent (optax has none)
+
+        def materialised(h, w, y):
+            ls = jax.nn.log_softmax(jnp.matmul(h, w).astype(jnp.float32))
+            lp = jnp.take_along_axis(ls, y[:, None], axis=-1)[:, 0]
+            return jnp.mean(lp) - jnp.mean(jnp.sum(jnp.exp(ls) * ls, axis=-1))
+
+        def fused(h, w, y):
+            lp, ent = jbce.linear_log_probs(h, w, y)
+            return jnp.mean(lp) + jnp.mean(ent)
+
+        return {"jbce": fused, "optax": materialised}
     raise ValueError(f"unknown kind {kind!r}")
 
 
@@ -762,16 +775,23 @@ def report_cases(quick: bool) -> list[Case]:
                 specs = ((s.dims, dt), (s.dims, dt))
             out.append(Case(s.name, s.kind, dt, specs, (0,)))
         name, n, d, v = lin
-        out.append(Case(name, "linear", dt, (((n, d), dt), ((d, v), dt), ((n,), "int32")), (0, 1)))
+        lin_specs = (((n, d), dt), ((d, v), dt), ((n,), "int32"))
+        out.append(Case(name, "linear", dt, lin_specs, (0, 1)))
+        out.append(Case(f"lp_{n}x{d}x{v}", "linear_log_probs", dt, lin_specs, (0, 1)))
     return out
 
 
-def run_report(platforms: Sequence[str], quick: bool, log=print) -> list[dict]:
-    """One row per (case, dtype, mode, platform) with jbce's and optax's compile stats."""
+def run_report(
+    platforms: Sequence[str], quick: bool, log=print, cases: Sequence[str] | None = None
+) -> list[dict]:
+    """One row per (case, dtype, mode, platform) with jbce's and optax's compile stats
+    (``cases``: only the cases of these names)."""
     import jax
 
     rows = []
     for case in report_cases(quick):
+        if cases is not None and case.name not in cases:
+            continue
         for mode in ("fwd", "vag"):
             for platform in platforms:
                 row = {
@@ -839,7 +859,7 @@ def check_targets(rows: list[dict]) -> list[dict]:
             extra = f" (cheapest branches: {lo:.3f})" if lo != x else ""
             add(f"H100 {label(r)}: HBM/ideal {text}", x <= bound, f"{x:.3f}{extra}")
     for r in gpu:
-        if r["kind"] != "linear":
+        if r["kind"] not in ("linear", "linear_log_probs"):
             continue
         j, o = r["jbce"], r["optax"]
         add(
@@ -928,6 +948,8 @@ def _variants(dtype: str, size: str, *, wrappers: bool, options: bool) -> list[V
     only at ``"large"``: ``"sum"`` takes the path ``"mean"`` does); with ``wrappers`` also
     entropy, KL and the GAN losses; with ``options`` weights, masks, label smoothing, z-loss,
     soft-capping, class weights, ``pos_weight``, focal alpha/gamma, ``chunk_size``."""
+    import jax.numpy as jnp
+
     import jbce
 
     z = SIZES[size]
@@ -965,6 +987,14 @@ def _variants(dtype: str, size: str, *, wrappers: bool, options: bool) -> list[V
             hwl,
             (0, 1),
         )
+        if r == "mean":  # per-token outputs, no reduction: once per size
+            add(
+                "linear_log_probs",
+                "",
+                lambda h, w, y: jnp.stack(jbce.linear_log_probs(h, w, y)),
+                hwl,
+                (0, 1),
+            )
         # Losses newer than the ones above, where this jbce has them.
         for name, specs, argnums in _SOFTMAX_FAMILY:
             f = getattr(jbce, name, None)
@@ -1053,6 +1083,22 @@ def _variants(dtype: str, size: str, *, wrappers: bool, options: bool) -> list[V
         ),
         hwl + [((K,), X), ((N,), X)],
         (0, 1, 3),
+    )
+    add(
+        "linear_softmax_cross_entropy",
+        "class_weights,label_smoothing,ignore_index=None",
+        lambda h, w, y, cw: lin(h, w, y, class_weights=cw, label_smoothing=0.1, ignore_index=None),
+        hwl + [((K,), X)],
+        (0, 1, 3),
+    )
+    add(
+        "linear_log_probs",
+        "bias,temperature,chunk_size=(N/2,K/2)",
+        lambda h, w, y, b, t: jnp.stack(
+            jbce.linear_log_probs(h, w, y, bias=b, temperature=t, chunk_size=(N // 2, K // 2))
+        ),
+        hwl + [((K,), X), ((), "float32")],
+        (0, 1, 3, 4),
     )
     add(
         "linear_softmax_cross_entropy",
@@ -1332,6 +1378,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="bench/shapes.py's quick shapes")
     p.add_argument("--json", type=Path, help="write the rows (or check results) here")
     p.add_argument("--markdown", type=Path, help="write the table and targets as Markdown")
+    p.add_argument("--cases", help="comma-separated case names (default: every case)")
     p.add_argument(
         "--check-conditionals",
         action="store_true",
@@ -1371,7 +1418,8 @@ def main(argv=None) -> int:
         return 1 if n_bad else 0
 
     print(format_header(), flush=True)
-    rows = run_report(args.platforms, args.quick)
+    cases = None if args.cases is None else [c.strip() for c in args.cases.split(",")]
+    rows = run_report(args.platforms, args.quick, cases=cases)
     targets = check_targets(rows) if not args.quick else []
     if targets:
         print("\ntargets:")

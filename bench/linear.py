@@ -7,6 +7,7 @@ Usage (from the repository root)::
     python -m bench.linear --big              # also the shape naive cannot run in 24 GiB
     python -m bench.linear --accuracy         # also gradient errors against float64 naive
     python -m bench.linear --json out.json
+    python -m bench.linear --ops log_probs --modes vag   # jbce.linear_log_probs (issue 13)
 
 Three implementations of ``value_and_grad`` w.r.t. ``hidden`` and ``weight`` (``"vag"``;
 ``"fwd"`` is the loss alone):
@@ -14,6 +15,12 @@ Three implementations of ``value_and_grad`` w.r.t. ``hidden`` and ``weight`` (``
 - ``optax``:  ``optax.softmax_cross_entropy_with_integer_labels(hidden @ weight, y).mean()``
 - ``jbce``:   ``jbce.softmax_cross_entropy_with_integer_labels(hidden @ weight, y)``
 - ``fused``:  ``jbce.linear_softmax_cross_entropy(hidden, weight, y)``
+
+``--ops log_probs`` compares, for ``value_and_grad`` of ``mean(log p_y) + mean(H)``:
+
+- ``materialised``: ``jax.nn.log_softmax(hidden @ weight)``, its label entries and
+  ``-sum(p log p)``
+- ``fused``: ``jbce.linear_log_probs(hidden, weight, y)``
 
 Memory is XLA's compiled ``temp_size_in_bytes`` (exact, from ``memory_analysis()``; inputs
 and outputs, the gradients included, are not temp). Time is the median of interleaved
@@ -66,6 +73,8 @@ BIG = ("lm_32768x256x131072", 32768, 256, 131072)  # naive needs > 24 GiB
 # fused time <= 1.25 x optax time.
 MEMORY_RATIO = 16.0
 TIME_RATIO = 1.25
+# Issue 13's for linear_log_probs: temp <= materialised / 16, CPU time <= 1.3 x materialised.
+LOG_PROBS_TIME_RATIO = 1.3
 
 
 def make_inputs(n: int, d: int, v: int, dtype, seed: int = 0):
@@ -87,6 +96,25 @@ def losses(chunk_size=None):
         "jbce": lambda h, w, y: jbce.softmax_cross_entropy_with_integer_labels(h @ w, y),
         "fused": lambda h, w, y: jbce.linear_softmax_cross_entropy(h, w, y, chunk_size=chunk_size),
     }
+
+
+def log_prob_losses(chunk_size=None):
+    """``mean(log p_y) + mean(H)`` of the logits ``hidden @ weight``, materialised and fused."""
+
+    def materialised(h, w, y):
+        ls = jax.nn.log_softmax(h @ w)
+        lp = jnp.take_along_axis(ls, y[:, None], axis=-1)[:, 0]
+        ent = -jnp.sum(jnp.exp(ls) * ls, axis=-1)
+        return jnp.mean(lp) + jnp.mean(ent)
+
+    def fused(h, w, y):
+        lp, ent = jbce.linear_log_probs(h, w, y, chunk_size=chunk_size)
+        return jnp.mean(lp) + jnp.mean(ent)
+
+    return {"materialised": materialised, "fused": fused}
+
+
+OPS = {"ce": losses, "log_probs": log_prob_losses}
 
 
 def compile_case(f, mode, h, w, y):
@@ -114,12 +142,14 @@ def cpu_seconds(fn, calls: int = 3) -> float:
     return sorted(xs)[len(xs) // 2]
 
 
-def run_shape(shape, mode, *, dtype, names, budget_s, chunk_size) -> list[dict]:
+def run_shape(shape, mode, *, dtype, budget_s, chunk_size, op="ce") -> list[dict]:
     name, n, d, v = shape
     h, w, y = make_inputs(n, d, v, dtype)
-    compiled = {k: compile_case(f, mode, h, w, y) for k, f in losses(chunk_size).items()}
-    rows = {k: {"shape": name, "impl": k, "mode": mode, "dtype": jnp.dtype(dtype).name,
-                **memory(c)} for k, c in compiled.items()}  # fmt: skip
+    compiled = {k: compile_case(f, mode, h, w, y) for k, f in OPS[op](chunk_size).items()}
+    names = list(compiled)
+    rows = {k: {"shape": name, "op": op, "impl": k, "mode": mode,
+                "dtype": jnp.dtype(dtype).name, **memory(c)}
+            for k, c in compiled.items()}  # fmt: skip
     runners = {
         k: timing.simple_runner(lambda c=compiled[k]: c(h, w, y), jax.block_until_ready)
         for k in names
@@ -202,7 +232,36 @@ def _cell(r, c):
 
 
 def check_targets(rows) -> list[str]:
-    by = {(r["shape"], r["impl"], r["mode"]): r for r in rows if r.get("dtype") == "float32"}
+    return _check_ce_targets(rows) + _check_log_prob_targets(rows)
+
+
+def _check_log_prob_targets(rows) -> list[str]:
+    by = {
+        (r["shape"], r["impl"], r["mode"]): r
+        for r in rows
+        if r.get("dtype") == "float32" and r.get("op") == "log_probs"
+    }
+    mat, fused = by.get((TARGET[0], "materialised", "vag")), by.get((TARGET[0], "fused", "vag"))
+    if not (mat and fused):
+        return []
+    mem = mat["temp_bytes"] / max(fused["temp_bytes"], 1)
+    t = fused["time_s"] / mat["time_s"]
+    cpu = fused["cpu_s"] / mat["cpu_s"]
+    return [
+        f"log_probs memory: materialised temp / fused temp = {mem:.1f} "
+        f"(target >= {MEMORY_RATIO:g}): " + ("PASS" if mem >= MEMORY_RATIO else "FAIL"),
+        f"log_probs time: fused / materialised = {t:.2f} wall, {cpu:.2f} CPU "
+        f"(target <= {LOG_PROBS_TIME_RATIO:g}, CPU): "
+        + ("PASS" if cpu <= LOG_PROBS_TIME_RATIO else "FAIL"),
+    ]
+
+
+def _check_ce_targets(rows) -> list[str]:
+    by = {
+        (r["shape"], r["impl"], r["mode"]): r
+        for r in rows
+        if r.get("dtype") == "float32" and r.get("op", "ce") == "ce"
+    }
     opt, fused = by.get((TARGET[0], "optax", "vag")), by.get((TARGET[0], "fused", "vag"))
     if not (opt and fused):
         return []
@@ -227,6 +286,7 @@ def main(argv=None) -> int:
     p.add_argument("--accuracy", action="store_true", help="gradient errors vs float64 optax")
     p.add_argument("--dtypes", default="float32", help="comma-separated, e.g. float32,bfloat16")
     p.add_argument("--modes", default="vag,fwd")
+    p.add_argument("--ops", default="ce", help="comma-separated: ce, log_probs")
     p.add_argument("--chunk-size", type=int, default=None)
     p.add_argument("--budget-s", type=float, default=30.0, help="timing budget per case")
     p.add_argument("--json", metavar="PATH")
@@ -236,11 +296,15 @@ def main(argv=None) -> int:
           f"chunk_size={args.chunk_size or 'auto'}")  # fmt: skip
     shape = QUICK if args.quick else TARGET
     rows = []
-    for dtype in args.dtypes.split(","):
-        for mode in args.modes.split(","):
-            rows += run_shape(shape, mode, dtype=jnp.dtype(dtype), names=["optax", "jbce", "fused"],
-                              budget_s=args.budget_s, chunk_size=args.chunk_size)  # fmt: skip
-    cols = ["shape", "dtype", "mode", "impl", "temp_bytes", "output_bytes", "time_s", "cpu_s"]
+    for op in args.ops.split(","):
+        if op not in OPS:
+            p.error(f"--ops takes {', '.join(OPS)}; got {op!r}")
+        for dtype in args.dtypes.split(","):
+            for mode in args.modes.split(","):
+                rows += run_shape(shape, mode, dtype=jnp.dtype(dtype), budget_s=args.budget_s,
+                                  chunk_size=args.chunk_size, op=op)  # fmt: skip
+    cols = ["shape", "op", "dtype", "mode", "impl", "temp_bytes", "output_bytes", "time_s",
+            "cpu_s"]  # fmt: skip
     print_table(rows, cols)
     for line in check_targets(rows):
         print(line)

@@ -8,6 +8,7 @@ computed by the tiled implementation in :mod:`jbce._linear_xla`.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import jax
@@ -30,6 +31,7 @@ def linear_softmax_cross_entropy(
     *,
     bias: ArrayLike | None = None,
     weights: ArrayLike | None = None,
+    class_weights: ArrayLike | None = None,
     ignore_index: int | None = -100,
     label_smoothing: float | ArrayLike = 0.0,
     z_loss: float | ArrayLike = 0.0,
@@ -46,12 +48,16 @@ def linear_softmax_cross_entropy(
     Equals :func:`jbce.softmax_cross_entropy_with_integer_labels` applied to
     ``hidden @ weight + bias`` with the same options: with
     :math:`x_{nc} = h_n \cdot W_{:c} + b_c` (soft-capped to :math:`c \tanh(x/c)` with
-    ``logit_softcap``), :math:`\ell_n = \log\sum_c e^{x_{nc}}` and label smoothing
-    :math:`e` over :math:`V` classes,
+    ``logit_softcap``), :math:`\ell_n = \log\sum_c e^{x_{nc}}`, class weights :math:`w`
+    (1 without ``class_weights``) and label smoothing :math:`e` over :math:`V` classes,
 
     .. math::
-        L_n = (1 - e) (\ell_n - x_{n y_n}) + \frac{e}{V} \sum_c (\ell_n - x_{nc})
-              + z\, \ell_n^2
+        L_n = (1 - e)\, w_{y_n} (\ell_n - x_{n y_n})
+              + \frac{e}{V} \sum_c w_c (\ell_n - x_{nc}) + z\, \ell_n^2
+
+    ``reduction="mean"`` divides the sum by the number of non-ignored tokens, or with
+    ``class_weights`` by :math:`\sum_n w_{y_n}` over them (times ``weights``), as PyTorch's
+    ``cross_entropy(weight=...)`` does.
 
     but the ``[N, V]`` logits only ever exist one ``[token_chunk, vocab_chunk]`` tile at a
     time: the forward pass keeps an online log-sum-exp, and the backward pass recomputes
@@ -70,6 +76,9 @@ def linear_softmax_cross_entropy(
       labels: integer array ``[...]`` (``hidden``'s shape without ``D``).
       bias: optional ``[V]``.
       weights: optional per-token multiplier, broadcastable to ``labels``.
+      class_weights: optional ``[V]`` weight per class (PyTorch's ``weight``); with
+        ``axis_name`` each shard passes the slice of its own classes, like ``weight``'s
+        columns. Differentiable.
       ignore_index: label value whose tokens are excluded (``None`` for none).
       label_smoothing: e in [0, 1]; a Python number or a scalar array (a jit argument).
       z_loss: coefficient >= 0 of the :math:`\ell^2` auxiliary loss (PaLM); number or array.
@@ -88,7 +97,8 @@ def linear_softmax_cross_entropy(
       implementation: ``"xla"`` (the tiled loop; also what ``None``, the default, picks
         on every platform today).
       axis_name: mesh axis over which ``weight``'s (and ``bias``'s) vocabulary axis is
-        sharded: each shard passes its ``[D, V / n]`` columns (shard ``i`` owning classes
+        sharded: each shard passes its ``[D, V / n]`` columns (and ``[V / n]`` of ``bias`` and
+        ``class_weights``; shard ``i`` owning classes
         ``[i V / n, (i+1) V / n)``), the labels are global class ids and the loss comes out
         replicated. Inside ``shard_map`` the gradient of a replicated ``hidden`` is summed
         over the shards; under ``pmap``/``vmap`` each shard returns its classes' share.
@@ -107,15 +117,61 @@ def linear_softmax_cross_entropy(
       >>> [g.shape for g in grads]
       [(2, 2), (2, 3)]
     """
-    hidden = _checks.as_array("hidden", hidden)
-    weight = _checks.as_array("weight", weight)
-    _checks.check_float("hidden", hidden)
-    _checks.check_float("weight", weight)
+    hidden, weight, labels, bias, bshape = linear_operands(hidden, weight, labels, bias)
     _checks.check_reduction(reduction)
     if implementation not in (None, *IMPLEMENTATIONS):
         raise ValueError(
             f"implementation must be None or one of {IMPLEMENTATIONS}; got {implementation!r}"
         )
+    check_chunk_size(chunk_size)
+    ignore_index = _checks.check_ignore_index(ignore_index)
+    e = _checks.hyperparameter("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    z = _checks.hyperparameter("z_loss", z_loss, low=0.0)
+    cap = None
+    if logit_softcap is not None:
+        cap = _checks.hyperparameter("logit_softcap", logit_softcap, low=0.0, low_open=True)
+    dt = compute_dtype(hidden, weight, bias, weights, class_weights, e, z, cap)
+    (n, _), v = hidden.shape, weight.shape[1]
+    num_classes = v if axis_name is None else v * lax.axis_size(axis_name)
+    weights, cw, rows = _checks.integer_label_options(
+        labels, bshape, v, weights=weights, class_weights=class_weights,
+        ignore_index=ignore_index, num_classes=num_classes, dtype=dt,
+    )  # fmt: skip
+    glob = {"normalizer": normalizer, "batch_axis_name": batch_axis_name}
+    if n == 0:
+        loss = jnp.zeros(bshape, dt)
+        return reduce_loss(loss, reduction=reduction, weights=weights, **glob)
+    tn, tv = tile_sizes(n, v, chunk_size)
+    st = linear_stats(
+        hidden, weight, bias, labels.reshape(n), cw,
+        None if cap is None else jnp.asarray(cap, dt),
+        None if rows is None else rows.reshape(n),
+        dt, tn, tv, not _checks.is_zero(e), axis_name,
+    )  # fmt: skip
+    st = _stats.Stats(*(None if f is None else f.reshape(bshape) for f in st))
+    loss, has = _stats.loss_terms(
+        st, labels, num_classes=num_classes, label_smoothing=e, z_loss=z,
+        class_weighted=cw is not None,
+    )  # fmt: skip
+    keep = has if rows is None else has & rows
+    return reduce_loss(
+        loss,
+        reduction=reduction,
+        weights=weights,
+        where=keep,
+        denominator_weights=None if cw is None else st.target_weight,
+        **glob,
+    )
+
+
+def linear_operands(hidden, weight, labels, bias):
+    """``(hidden [N, D], weight, labels, bias, batch shape)`` of a fused linear op, checked:
+    ``hidden`` ``[..., D]`` flattened to ``[N, D]``, ``weight`` ``[D, V]``, int32 labels of
+    ``hidden``'s batch shape (flattened to ``[N]``) and an optional ``[V]`` bias."""
+    hidden = _checks.as_array("hidden", hidden)
+    weight = _checks.as_array("weight", weight)
+    _checks.check_float("hidden", hidden)
+    _checks.check_float("weight", weight)
     if hidden.ndim < 1:
         raise ValueError(f"hidden must have shape [..., D]; got {hidden.shape}")
     d = hidden.shape[-1]
@@ -134,39 +190,10 @@ def linear_softmax_cross_entropy(
         bias = _checks.as_array("bias", bias)
         _checks.check_float("bias", bias)
         _checks.check_shape("bias", bias, (v,), f"to match weight {weight.shape}")
-    _check_chunk_size(chunk_size)
-    ignore_index = _checks.check_ignore_index(ignore_index)
-    e = _checks.hyperparameter("label_smoothing", label_smoothing, low=0.0, high=1.0)
-    z = _checks.hyperparameter("z_loss", z_loss, low=0.0)
-    cap = None
-    if logit_softcap is not None:
-        cap = _checks.hyperparameter("logit_softcap", logit_softcap, low=0.0, low_open=True)
-    dt = compute_dtype(hidden, weight, bias, weights, e, z, cap)
-    if weights is not None:
-        _checks.check_broadcastable("weights", weights, "labels", bshape)
-        weights = _checks.as_array("weights", weights).astype(dt)
-    num_classes = v if axis_name is None else v * lax.axis_size(axis_name)
-    _checks.debug_check_labels("labels", labels, num_classes, ignore_index)
-    rows = None if ignore_index is None else labels != ignore_index
-    glob = {"normalizer": normalizer, "batch_axis_name": batch_axis_name}
-    n = labels.size
-    if n == 0:
-        loss = jnp.zeros(bshape, dt)
-        return reduce_loss(loss, reduction=reduction, weights=weights, **glob)
-    tn, tv = tile_sizes(n, v, chunk_size)
-    st = linear_stats(
-        hidden.reshape(n, d), weight, bias, labels.reshape(n),
-        None if cap is None else jnp.asarray(cap, dt),
-        None if rows is None else rows.reshape(n),
-        dt, tn, tv, not _checks.is_zero(e), axis_name,
-    )  # fmt: skip
-    st = _stats.Stats(*(None if f is None else f.reshape(bshape) for f in st))
-    loss, has = _stats.loss_terms(st, labels, num_classes=num_classes, label_smoothing=e, z_loss=z)
-    keep = has if rows is None else has & rows
-    return reduce_loss(loss, reduction=reduction, weights=weights, where=keep, **glob)
+    return hidden.reshape(math.prod(bshape), d), weight, labels, bias, bshape
 
 
-def _check_chunk_size(chunk_size) -> None:
+def check_chunk_size(chunk_size) -> None:
     sizes = chunk_size if isinstance(chunk_size, tuple) else (chunk_size,)
     ok = chunk_size is None or (
         len(sizes) in (1, 2)

@@ -1,24 +1,29 @@
 """Fused linear + softmax statistics in plain XLA: tiles of ``hidden @ weight``, never all of it.
 
-The implementation behind :func:`jbce.linear_softmax_cross_entropy` on every platform.
+The implementation behind :func:`jbce.linear_softmax_cross_entropy` and
+:func:`jbce.linear_log_probs` on every platform: one tiled walk that both share, each op
+passing in what it computes of a tile.
 
-- Forward: a loop over vocabulary chunks (and, for very long inputs, token chunks inside
-  it) computes one ``[token_chunk, vocab_chunk]`` tile of logits at a time, takes its
-  :class:`jbce._stats.Stats` and merges them into each token's running statistics
-  (:func:`jbce._stats.merge`, an online log-sum-exp). Only the per-token statistics leave
-  the loop.
-- Backward: the same walk recomputes each tile, turns it into its slice of ``d logits``
-  (:func:`jbce._stats.logits_grad`, the formula every softmax loss uses) and accumulates
-  ``d hidden`` (in the compute dtype) and ``d bias``; each ``d weight`` chunk is complete
-  after its vocabulary step and is written once, in ``weight``'s dtype, so no
-  ``[D, V]`` accumulator in float32 exists for bf16 weights.
+- Forward (:func:`tiled_stats`): a loop over vocabulary chunks (and, for very long
+  inputs, token chunks inside it) computes one ``[token_chunk, vocab_chunk]`` tile of
+  logits at a time, takes its per-token statistics and merges them into each token's
+  running statistics (an online log-sum-exp: :func:`jbce._stats.merge` for the
+  cross-entropy, :func:`jbce._entropy_stats.merge` for log-probabilities and entropy).
+  Only the per-token statistics leave the loop.
+- Backward (:func:`tiled_grads`): the same walk recomputes each tile, turns it into its
+  slice of ``d logits`` (:func:`jbce._stats.logits_grad`, the formula every softmax loss
+  uses, or :func:`jbce._entropy_stats.logits_grad`) and accumulates ``d hidden`` (in the
+  compute dtype), ``d bias`` and per-class gradients (class weights); each ``d weight``
+  chunk is complete after its vocabulary step and is written once, in ``weight``'s dtype,
+  so no ``[D, V]`` accumulator in float32 exists for bf16 weights.
 
-Residuals: the inputs and two floats per token (shift and shifted log-sum-exp).
+Residuals: the inputs and two (cross-entropy) or three (log-probabilities and entropy)
+floats per token.
 
 Chunks never pad or copy an operand: the last chunk of an axis is moved back to end at
 the axis' size and overlaps its predecessor; the overlapping columns are masked out of the
 statistics (and their gradient kept from the previous chunk), overlapping tokens are
-recomputed identically.
+recomputed identically and counted once.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jbce import _stats, _vma
+from jbce import _entropy_stats, _stats, _vma
 
 # Logits in one tile when the token chunk is picked automatically: 2**23 float32 logits are
 # 32 MiB; a tile holds the logits and their gradient. Few, large tiles keep the number of
@@ -67,8 +72,8 @@ def _num_chunks(total: int, size: int) -> int:
     return -(-total // size)
 
 
-def _tile(hidden, weight, bias, labels, j, c0, tv, cap, dtype):
-    """(pre-cap logits z, capped logits x, labels in tile columns, fresh-column mask)."""
+def _tile(hidden, weight, bias, labels, j, c0, tv, dtype):
+    """(logits ``z`` of the tile, labels as tile columns, fresh-column mask or None)."""
     w = lax.dynamic_slice_in_dim(weight, c0, tv, 1)
     if hidden.dtype == w.dtype:
         z = jnp.dot(hidden, w, preferred_element_type=dtype).astype(dtype)
@@ -81,18 +86,24 @@ def _tile(hidden, weight, bias, labels, j, c0, tv, cap, dtype):
     fresh = None if weight.shape[1] % tv == 0 else cols >= j * tv
     # A label seen by an earlier chunk must not be hit again in the overlap.
     local = jnp.where(labels >= j * tv, labels - c0, -1)
-    return z, _stats.softcap(z, cap), local, fresh
+    return z, local, fresh
+
+
+def _columns(columns, c0, tv):
+    """The vocabulary chunk ``[c0, c0 + tv)`` of each ``[V]`` array (None stays None)."""
+    return tuple(None if c is None else lax.dynamic_slice_in_dim(c, c0, tv, 0) for c in columns)
 
 
 def _token_slices(n, tn):
-    """(number of token chunks, slicer) over the tokens; one chunk needs no slicing."""
+    """(number of token chunks, slicer of a pytree of ``[N, ...]`` arrays); one chunk needs no
+    slicing."""
     count = _num_chunks(n, tn)
 
-    def take(i, *arrays):
+    def take(i, tree):
         if count == 1:
-            return arrays
+            return tree
         r0 = _chunk_start(i, tn, n)
-        return tuple(None if a is None else lax.dynamic_slice_in_dim(a, r0, tn, 0) for a in arrays)
+        return jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, r0, tn, 0), tree)
 
     return count, take
 
@@ -105,100 +116,134 @@ def _repeated_rows(i, n, tn):
 
 
 def _put(i, n, tn, full, part):
+    """``part`` (a pytree of ``[tn, ...]``) written into ``full`` at token chunk ``i``."""
     if _num_chunks(n, tn) == 1:
         return part
     r0 = _chunk_start(i, tn, n)
-    return lax.dynamic_update_slice_in_dim(full, part, r0, 0)
+    return jax.tree.map(lambda f, p: lax.dynamic_update_slice_in_dim(f, p, r0, 0), full, part)
 
 
-def _empty_stats(n, dtype, sums, vary):
-    zero = jnp.zeros((n,), dtype)
-    lse = jnp.full((n,), -jnp.inf, dtype)
-    fields = (zero, lse, zero) + ((zero, zero, None, zero) if sums else ())
-    return _stats.Stats(*(None if f is None else vary(f) for f in fields))
+def _loop(count, body, init):
+    return lax.fori_loop(0, count, body, init) if count > 1 else body(0, init)
 
 
-def tiled_stats(hidden, weight, bias, labels, cap, dtype, tn, tv, sums):
-    """Per-token :class:`jbce._stats.Stats` of ``hidden @ weight + bias`` ([N, D], [D, V])."""
+def tiled_stats(hidden, weight, bias, labels, columns, params, tile_stats, merge, init, dtype,
+                tn, tv):  # fmt: skip
+    """Per-token statistics of the logits ``hidden @ weight + bias`` ([N, D], [D, V]).
+
+    The one forward walk over ``[tn, tv]`` tiles that every fused op shares.
+
+    Args:
+      columns: tuple of ``[V]`` arrays (class weights) or None; each tile gets its chunk.
+      params: tuple of scalar arrays (soft-cap, temperature) or None, passed to every tile.
+      tile_stats: ``(z, local_labels, fresh, columns, params) -> stats`` of one tile's
+        logits ``z`` ``[tn, tv]``: a pytree of ``[tn]`` arrays. ``fresh`` (None, or
+        ``[1, tv]`` boolean) marks the columns an overlapping last chunk has not seen yet:
+        the others must be left out.
+      merge: ``(old, new) -> stats`` of two disjoint blocks of the same rows' classes.
+      init: the statistics of no class, ``[N]`` leaves.
+    """
     n, v = hidden.shape[0], weight.shape[1]
-    vary = _vma.varying_like(hidden, weight, bias, labels, cap)
+    vary = _vma.varying_like(hidden, weight, bias, labels, *columns, *params)
     count, take = _token_slices(n, tn)
 
     def vocab_chunk(j, acc):
         c0 = _chunk_start(j, tv, v)
+        cols = _columns(columns, c0, tv)
 
         def token_chunk(i, acc):
-            h, y = take(i, hidden, labels)
-            _, x, local, fresh = _tile(h, weight, bias, y, j, c0, tv, cap, dtype)
-            tile = _stats.block_stats(x, local, mask=fresh, sums=sums)
-            old = _stats.Stats(*take(i, *acc))
-            new = _stats.merge(old, tile)
+            h, y = take(i, (hidden, labels))
+            z, local, fresh = _tile(h, weight, bias, y, j, c0, tv, dtype)
+            old = take(i, acc)
+            new = merge(old, tile_stats(z, local, fresh, cols, params))
             # Rows an overlapping last token chunk shares with its predecessor have this tile
             # merged in already.
             again = _repeated_rows(i, n, tn)
             if again is not None:
-                new = _stats.Stats(*(None if f is None else jnp.where(again, o, f)
-                                     for o, f in zip(old, new)))  # fmt: skip
-            return _stats.Stats(*(None if f is None else _put(i, n, tn, a, f)
-                                  for a, f in zip(acc, new)))  # fmt: skip
+                new = jax.tree.map(lambda o, f: jnp.where(again, o, f), old, new)
+            return _put(i, n, tn, acc, new)
 
-        return lax.fori_loop(0, count, token_chunk, acc) if count > 1 else token_chunk(0, acc)
+        return _loop(count, token_chunk, acc)
 
-    return lax.fori_loop(0, _num_chunks(v, tv), vocab_chunk, _empty_stats(n, dtype, sums, vary))
+    return lax.fori_loop(0, _num_chunks(v, tv), vocab_chunk, jax.tree.map(vary, init))
 
 
-def tiled_grads(hidden, weight, bias, labels, cap, rows, saved, g, dtype, tn, tv):
-    """(d hidden, d weight, d bias, d cap) for the cotangents ``g`` of :func:`tiled_stats`."""
+def tiled_grads(hidden, weight, bias, labels, columns, params, per_row, tile_grad, dtype,
+                tn, tv):  # fmt: skip
+    """``(d hidden, d weight, d bias, d columns, d params)``: the backward walk every fused op
+    shares, recomputing each tile of :func:`tiled_stats`.
+
+    Args:
+      columns, params: as for :func:`tiled_stats`.
+      per_row: a pytree of ``[N]`` arrays (saved statistics, their cotangents, row masks);
+        each tile gets its token chunk.
+      tile_grad: ``(z, local_labels, fresh, keep, columns, params, per_row) -> (d z,
+        d columns, d params)`` for one tile: ``d z`` ``[tn, tv]``, a tuple like ``columns``
+        of ``[tv]`` (None for None) and a tuple like ``params``. ``keep`` (None, or ``[tn]``
+        boolean) marks the rows this tile counts: the others (covered by an earlier,
+        overlapping token chunk) must get exactly zero gradient.
+
+    ``d hidden`` is in the compute dtype, ``d weight`` in ``weight``'s, the others in the
+    compute dtype.
+    """
     n, d = hidden.shape
     v = weight.shape[1]
-    vary = _vma.varying_like(hidden, weight, bias, labels, cap, rows, saved.lse, g.lse)
+    vary = _vma.varying_like(hidden, weight, bias, labels, *columns, *params,
+                             *jax.tree.leaves(per_row))  # fmt: skip
     count, take = _token_slices(n, tn)
 
     def vocab_chunk(j, carry):
-        dh, dw, db, dcap = carry
+        dh, dw, db, dcols, dps = carry
         c0 = _chunk_start(j, tv, v)
         w_j = lax.dynamic_slice_in_dim(weight, c0, tv, 1).astype(dtype)
+        cols = _columns(columns, c0, tv)
 
         def token_chunk(i, carry):
-            dh, dw_j, db_j, dcap = carry
-            h, y, r, shift, lse = take(i, hidden, labels, rows, saved.shift, saved.lse)
-            g_i = _stats.Stats(*take(i, *g))
-            z, x, local, fresh = _tile(h, weight, bias, y, j, c0, tv, cap, dtype)
-            dx, _ = _stats.logits_grad(
-                x, local, _stats.Stats(shift, lse, None), g_i, mask=fresh, rows=r
-            )
+            dh, dw_j, db_j, dcols_j, dps = carry
+            h, y, rows = take(i, (hidden, labels, per_row))
+            z, local, fresh = _tile(h, weight, bias, y, j, c0, tv, dtype)
             again = _repeated_rows(i, n, tn)
-            if again is not None:  # rows an overlapping last chunk shares count once
-                dx = jnp.where(again[:, None], 0, dx)
-            dz, dc = _stats.softcap_vjp(z, cap, dx)
-            dh_i = take(i, dh)[0] + jnp.dot(dz, w_j.T)
-            dh = _put(i, n, tn, dh, dh_i)
+            keep = None if again is None else ~again  # rows a shared chunk counts once
+            dz, dc, dp = tile_grad(z, local, fresh, keep, cols, params, rows)
+            dh = _put(i, n, tn, dh, take(i, dh) + jnp.dot(dz, w_j.T))
             dw_j = dw_j + jnp.dot(h.astype(dtype).T, dz)
-            db_j = db_j + jnp.sum(dz, axis=0)
-            return dh, dw_j, db_j, (None if dc is None else dcap + dc)
+            db_j = None if db_j is None else db_j + jnp.sum(dz, axis=0)
+            return dh, dw_j, db_j, _add(dcols_j, dc), _add(dps, dp)
 
-        init = (dh, vary(jnp.zeros((d, tv), dtype)), vary(jnp.zeros((tv,), dtype)), dcap)
-        dh, dw_j, db_j, dcap = (
-            lax.fori_loop(0, count, token_chunk, init) if count > 1 else token_chunk(0, init)
-        )
+        zeros = tuple(None if c is None else vary(jnp.zeros((tv,), dtype)) for c in columns)
+        db_j = None if db is None else vary(jnp.zeros((tv,), dtype))
+        init = (dh, vary(jnp.zeros((d, tv), dtype)), db_j, zeros, dps)
+        dh, dw_j, db_j, dcols_j, dps = _loop(count, token_chunk, init)
         dw_j = dw_j.astype(dw.dtype)
+        parts = (dw_j, db_j, dcols_j)
+        fulls = (dw, db, dcols)
         if v % tv:  # columns an overlapping last chunk shares with its predecessor keep theirs
             fresh = (c0 + jnp.arange(tv)) >= j * tv
-            dw_j = jnp.where(fresh[None, :], dw_j, lax.dynamic_slice_in_dim(dw, c0, tv, 1))
-            if db is not None:
-                db_j = jnp.where(fresh, db_j, lax.dynamic_slice_in_dim(db, c0, tv, 0))
-        dw = lax.dynamic_update_slice_in_dim(dw, dw_j, c0, 1)
-        if db is not None:
-            db = lax.dynamic_update_slice_in_dim(db, db_j, c0, 0)
-        return dh, dw, db, dcap
+            parts = jax.tree.map(lambda p, f: _keep_fresh(fresh, p, f, c0, tv), parts, fulls)
+        dw, db, dcols = jax.tree.map(
+            lambda f, p: lax.dynamic_update_slice_in_dim(f, p, c0, f.ndim - 1), fulls, parts
+        )
+        return dh, dw, db, dcols, dps
 
     init = (
         vary(jnp.zeros((n, d), dtype)),
         vary(jnp.zeros((d, v), weight.dtype)),
         None if bias is None else vary(jnp.zeros((v,), dtype)),
-        None if cap is None else vary(jnp.zeros((), dtype)),
+        tuple(None if c is None else vary(jnp.zeros((v,), dtype)) for c in columns),
+        tuple(None if p is None else vary(jnp.zeros((), dtype)) for p in params),
     )
     return lax.fori_loop(0, _num_chunks(v, tv), vocab_chunk, init)
+
+
+def _keep_fresh(fresh, part, full, c0, tv):
+    """``part`` (a chunk of a ``[..., V]`` gradient) where ``fresh``, else what ``full`` has."""
+    old = lax.dynamic_slice_in_dim(full, c0, tv, full.ndim - 1)
+    return jnp.where(fresh.reshape((1,) * (part.ndim - 1) + (tv,)), part, old)
+
+
+def _add(acc, part):
+    """Elementwise sum of two tuples with None in the same places."""
+    return tuple(None if a is None else a + b for a, b in zip(acc, part, strict=True))
 
 
 def _local_labels(labels, v_local, axis_name):
@@ -207,38 +252,149 @@ def _local_labels(labels, v_local, axis_name):
     return labels - lax.axis_index(axis_name).astype(labels.dtype) * v_local
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
-def linear_stats(hidden, weight, bias, labels, cap, rows, dtype, tn, tv, sums, axis_name):
-    """Per-token Stats of ``hidden @ weight + bias``; with ``axis_name`` ``weight`` (and
-    ``bias``) hold this shard's vocabulary columns, labels are global ids and the
-    statistics are global (replicated)."""
+def _cotangents(*pairs):
+    """The cotangent of each ``(primal, gradient)``: None for a None primal, float0 zeros for
+    an integer or boolean one (gradient None), else the gradient in the primal's dtype.
+
+    Inside shard_map an input replicated over a mesh axis its gradient varies on (weight
+    under data parallelism, hidden under vocabulary parallelism) gets the sum over it.
+    """
+    out = []
+    for x, g in pairs:
+        if x is None:
+            out.append(None)
+        elif g is None:
+            out.append(jnp.zeros(x.shape, jax.dtypes.float0))
+        else:
+            out.append(_vma.psum_to_like(g.astype(x.dtype), x))
+    return tuple(out)
+
+
+# --- softmax cross-entropy statistics (jbce.linear_softmax_cross_entropy) ----------------------
+def _ce_init(n, dtype, sums, weighted):
+    zero = jnp.zeros((n,), dtype)
+    lse = jnp.full((n,), -jnp.inf, dtype)
+    tw = zero if weighted else None
+    if not sums:
+        return _stats.Stats(zero, lse, zero, target_weight=tw)
+    return _stats.Stats(zero, lse, zero, zero, zero, tw, zero)
+
+
+def _ce_tile_stats(sums):
+    def tile_stats(z, local, fresh, columns, params):
+        (cw,), (cap,) = columns, params
+        x = _stats.softcap(z, cap)
+        return _stats.block_stats(x, local, weights=cw, mask=fresh, sums=sums)
+
+    return tile_stats
+
+
+def _ce_tile_grad(z, local, fresh, keep, columns, params, per_row):
+    (cw,), (cap,) = columns, params
+    rows, shift, lse, g = per_row
+    x = _stats.softcap(z, cap)
+    rows = keep if rows is None else rows if keep is None else rows & keep
+    saved = _stats.Stats(shift, lse, None)
+    dx, dcw = _stats.logits_grad(x, local, saved, g, weights=cw, mask=fresh, rows=rows)
+    dz, dcap = _stats.softcap_vjp(z, cap, dx)
+    return dz, (dcw,), (dcap,)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
+def linear_stats(hidden, weight, bias, labels, class_weights, cap, rows, dtype, tn, tv, sums,
+                 axis_name):  # fmt: skip
+    """Per-token :class:`jbce._stats.Stats` of ``hidden @ weight + bias`` (soft-capped with
+    ``cap``), with ``class_weights`` ``[V]`` (or None); with ``axis_name`` ``weight`` (and
+    ``bias``, ``class_weights``) hold this shard's vocabulary columns, labels are global ids
+    and the statistics are global (replicated). ``rows`` (``[N]`` boolean or None): the
+    tokens the loss uses, the others get exactly zero gradient."""
     y = _local_labels(labels, weight.shape[1], axis_name)
-    st = tiled_stats(hidden, weight, bias, y, cap, dtype, tn, tv, sums)
+    init = _ce_init(hidden.shape[0], dtype, sums, class_weights is not None)
+    st = tiled_stats(hidden, weight, bias, y, (class_weights,), (cap,), _ce_tile_stats(sums),
+                     _stats.merge, init, dtype, tn, tv)  # fmt: skip
     return st if axis_name is None else _stats.combine_over_axis(st, axis_name)
 
 
-def _linear_stats_fwd(hidden, weight, bias, labels, cap, rows, dtype, tn, tv, sums, axis_name):
-    st = linear_stats(hidden, weight, bias, labels, cap, rows, dtype, tn, tv, sums, axis_name)
+def _linear_stats_fwd(hidden, weight, bias, labels, class_weights, cap, rows, dtype, tn, tv,
+                      sums, axis_name):  # fmt: skip
+    st = linear_stats(hidden, weight, bias, labels, class_weights, cap, rows, dtype, tn, tv,
+                      sums, axis_name)  # fmt: skip
     # Residuals: the inputs and two floats per token; each tile is recomputed backward.
-    return st, (hidden, weight, bias, labels, cap, rows, st.shift, st.lse)
+    return st, (hidden, weight, bias, labels, class_weights, cap, rows, st.shift, st.lse)
 
 
 def _linear_stats_bwd(dtype, tn, tv, sums, axis_name, res, g):
-    hidden, weight, bias, labels, cap, rows, shift, lse = res
+    hidden, weight, bias, labels, class_weights, cap, rows, shift, lse = res
     y = _local_labels(labels, weight.shape[1], axis_name)
-    saved = _stats.Stats(shift, lse, None)
-    dh, dw, db, dcap = tiled_grads(hidden, weight, bias, y, cap, rows, saved, g, dtype, tn, tv)
-    # Inside shard_map an input replicated over a mesh axis its gradient varies on (weight
-    # under data parallelism, hidden under vocabulary parallelism) gets the sum over it.
-    like = _vma.psum_to_like
-    return (
-        like(dh.astype(hidden.dtype), hidden),
-        like(dw, weight),
-        None if bias is None else like(db.astype(bias.dtype), bias),
-        jnp.zeros(labels.shape, jax.dtypes.float0),
-        None if cap is None else like(dcap.astype(cap.dtype), cap),
-        None if rows is None else jnp.zeros(rows.shape, jax.dtypes.float0),
-    )
+    dh, dw, db, (dcw,), (dcap,) = tiled_grads(
+        hidden, weight, bias, y, (class_weights,), (cap,), (rows, shift, lse, g),
+        _ce_tile_grad, dtype, tn, tv,
+    )  # fmt: skip
+    return _cotangents(
+        (hidden, dh), (weight, dw), (bias, db), (labels, None), (class_weights, dcw), (cap, dcap),
+        (rows, None),
+    )  # fmt: skip
 
 
 linear_stats.defvjp(_linear_stats_fwd, _linear_stats_bwd)
+
+
+# --- log-probability and entropy statistics (jbce.linear_log_probs) ----------------------------
+def _scaled(z, temperature):
+    return z if temperature is None else z / temperature
+
+
+def _entropy_tile_stats(z, local, fresh, columns, params):
+    (temperature,) = params
+    return _entropy_stats.block_stats(_scaled(z, temperature), local, mask=fresh)
+
+
+def _entropy_tile_grad(z, local, fresh, keep, columns, params, per_row):
+    (temperature,) = params
+    rows, saved, g = per_row
+    x = _scaled(z, temperature)
+    rows = keep if rows is None else rows if keep is None else rows & keep
+    dx = _entropy_stats.logits_grad(x, local, saved, g, mask=fresh, rows=rows)
+    if temperature is None:
+        return dx, (), (None,)
+    # x = z / T: d z = d x / T and d T = -sum(d x * x) / T (d x is 0 on -inf logits).
+    dt = -jnp.sum(jnp.where(dx == 0, jnp.zeros((), dx.dtype), dx * x)) / temperature
+    return dx / temperature, (), (dt,)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def linear_entropy_stats(hidden, weight, bias, labels, temperature, dtype, tn, tv, axis_name):
+    """Per-token :class:`jbce._entropy_stats.EntropyStats` of ``(hidden @ weight + bias) / T``
+    (``temperature`` a scalar array, or None for 1); with ``axis_name`` ``weight`` and
+    ``bias`` hold this shard's vocabulary columns, labels are global ids and the statistics
+    are global (replicated)."""
+    y = _local_labels(labels, weight.shape[1], axis_name)
+    init = _entropy_stats.empty(hidden.shape[0], dtype)
+    st = tiled_stats(hidden, weight, bias, y, (), (temperature,), _entropy_tile_stats,
+                     _entropy_stats.merge, init, dtype, tn, tv)  # fmt: skip
+    return st if axis_name is None else _entropy_stats.combine_over_axis(st, axis_name)
+
+
+def _linear_entropy_stats_fwd(hidden, weight, bias, labels, temperature, dtype, tn, tv,
+                              axis_name):  # fmt: skip
+    st = linear_entropy_stats(hidden, weight, bias, labels, temperature, dtype, tn, tv, axis_name)
+    # Residuals: the inputs and three floats per token (shift, shifted log-sum-exp and the
+    # softmax mean of the shifted logits); each tile is recomputed backward.
+    return st, (hidden, weight, bias, labels, temperature, st.shift, st.lse, st.mean)
+
+
+def _linear_entropy_stats_bwd(dtype, tn, tv, axis_name, res, g):
+    hidden, weight, bias, labels, temperature, shift, lse, mean = res
+    y = _local_labels(labels, weight.shape[1], axis_name)
+    saved = _entropy_stats.EntropyStats(shift, lse, None, mean)
+    # Tokens whose statistics get no cotangent (masked out by the caller) get exactly zero
+    # gradient, whatever their hidden state.
+    used = (g.lse != 0) | (g.target != 0) | (g.mean != 0)
+    dh, dw, db, _, (dt,) = tiled_grads(
+        hidden, weight, bias, y, (), (temperature,), (used, saved, g),
+        _entropy_tile_grad, dtype, tn, tv,
+    )  # fmt: skip
+    return _cotangents((hidden, dh), (weight, dw), (bias, db), (labels, None), (temperature, dt))
+
+
+linear_entropy_stats.defvjp(_linear_entropy_stats_fwd, _linear_entropy_stats_bwd)

@@ -333,6 +333,102 @@ def linear_vocab_parallel_matches_unsharded():
     close(got, ref)
 
 
+def _lp_objective(lp, ent):
+    """A per-token mix of both outputs (as a policy-gradient loss with an entropy bonus)."""
+    a = jnp.linspace(-1.0, 2.0, lp.shape[0], dtype=jnp.float32)
+    return jnp.sum(a * lp) + 0.1 * jnp.sum(ent)
+
+
+def _materialised_log_probs(h, w, b, y, t):
+    ls = jax.nn.log_softmax((h @ w + b) / t)
+    p = jnp.exp(ls)
+    ent = -jnp.sum(p * jnp.where(p == 0, 0, ls), axis=-1)
+    return jnp.take_along_axis(ls, y[:, None], axis=-1)[:, 0], ent
+
+
+@check
+def linear_log_probs_vocab_parallel_matches_unsharded():
+    # linear_log_probs with the weight's (and bias') vocabulary axis sharded over 8 devices,
+    # a -inf bias class and a traced temperature: both outputs and the gradients of hidden
+    # (replicated), weight and bias shards and temperature.
+    rng = np.random.default_rng(5)
+    h = jnp.asarray(rng.normal(size=(B, 12)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(12, K)) / 3, jnp.float32)
+    b = jnp.asarray(rng.normal(size=K), jnp.float32).at[9].set(-jnp.inf)
+    labels = jnp.asarray(rng.integers(0, K, size=B), jnp.int32)
+    labels = jnp.where(labels == 9, 0, labels)
+    t = jnp.asarray(0.8, jnp.float32)
+    sharded = jax.shard_map(
+        lambda h, w, b, t: jbce.linear_log_probs(
+            h, w, labels, bias=b, temperature=t, chunk_size=3, axis_name="vocab"
+        ),
+        mesh=VOCAB_MESH, in_specs=(P(), P(None, "vocab"), P("vocab"), P()), out_specs=P(),
+    )  # fmt: skip
+    close(jax.jit(sharded)(h, w, b, t), _materialised_log_probs(h, w, b, labels, t))
+    got = jax.jit(jax.value_and_grad(lambda *a: _lp_objective(*sharded(*a)), (0, 1, 2, 3)))(
+        h, w, b, t
+    )
+    # (-1e30 for the reference: d(-inf / T)/dT is NaN there, though its cotangent is 0.)
+    b_ref = jnp.where(jnp.isfinite(b), b, -1e30)
+    ref = jax.jit(
+        jax.value_and_grad(
+            lambda h, w, b, t: _lp_objective(*_materialised_log_probs(h, w, b, labels, t)),
+            (0, 1, 2, 3),
+        )
+    )(h, w, b_ref, t)
+    close(got, ref)
+    hlo = jax.jit(jax.grad(lambda *a: _lp_objective(*sharded(*a)))).lower(h, w, b, t)
+    assert "all-gather" not in hlo.compile().as_text(), "linear_log_probs gathers something"
+
+
+@check
+def linear_class_weights_data_and_vocab_parallel_give_global_mean():
+    # The fused loss with class weights on a ("data", "vocab") = (2, 4) mesh: tokens over
+    # "data", weight columns and class weights over "vocab"; the global PyTorch mean is
+    # psum(sum) / psum(the class weights of the kept tokens' labels).
+    rng = np.random.default_rng(6)
+    h = jnp.asarray(rng.normal(size=(B, 12)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(12, K)) / 3, jnp.float32)
+    _, labels, cw = int_ce_case()
+    labels = labels.at[: B // 2].set(-100).at[B // 2].set(3)  # first data shard: 1 token
+    kw = {"label_smoothing": 0.1, "z_loss": 1e-3}
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "vocab"))
+
+    @partial(
+        jax.shard_map, mesh=mesh,
+        in_specs=(P("data"), P(None, "vocab"), P("data"), P("vocab")), out_specs=P(),
+    )  # fmt: skip
+    def loss(h, w, y, c):
+        total = jbce.linear_softmax_cross_entropy(
+            h, w, y, class_weights=c, reduction="sum", axis_name="vocab", **kw
+        )
+        # The mean's denominator: the class weight of each kept token's label, which lives
+        # on one "vocab" shard.
+        local = y - jax.lax.axis_index("vocab") * c.shape[0]
+        here = (y != -100) & (local >= 0) & (local < c.shape[0])
+        den = jnp.sum(jnp.where(here, c[jnp.clip(local, 0, c.shape[0] - 1)], 0))
+        return jax.lax.psum(total, "data") / jax.lax.psum(den, ("data", "vocab"))
+
+    got = jax.jit(jax.value_and_grad(loss, (0, 1, 3)))(h, w, labels, cw)
+    ref = jax.jit(
+        jax.value_and_grad(
+            lambda h, w, c: jbce.softmax_cross_entropy_with_integer_labels(
+                h @ w, labels, class_weights=c, **kw
+            ),
+            (0, 1, 2),
+        )
+    )(h, w, cw)
+    close(got, ref)
+    # On one "vocab" axis alone the mean comes out of the loss itself.
+    mean = jax.shard_map(
+        lambda h, w, c: jbce.linear_softmax_cross_entropy(
+            h, w, labels, class_weights=c, axis_name="vocab", **kw
+        ),
+        mesh=VOCAB_MESH, in_specs=(P(), P(None, "vocab"), P("vocab")), out_specs=P(),
+    )  # fmt: skip
+    close(jax.jit(jax.value_and_grad(mean, (0, 1, 2)))(h, w, cw), ref)
+
+
 @check
 def data_and_vocab_parallel_2d_mesh_gives_global_mean():
     # Batch over "data" (2), classes over "vocab" (4): per-shard sums and counts are
@@ -421,6 +517,15 @@ def loss_cases():
             lambda hh, yy, **kw: jbce.linear_softmax_cross_entropy(hh, jnp.asarray(w), yy, **kw),
             (h, labels), {"label_smoothing": 0.1}, labels != -100,
         )  # fmt: skip
+    if hasattr(jbce, "linear_log_probs"):  # per-token outputs: no reduction, valid labels
+        h = RNG.normal(size=(n, 6)).astype(np.float32)
+        w = RNG.normal(size=(6, 7)).astype(np.float32)
+        cases["linear_log_probs"] = (
+            lambda hh, yy: (lambda lp, ent: lp + 0.5 * ent)(
+                *jbce.linear_log_probs(hh, jnp.asarray(w), yy)
+            ),
+            (h, np.maximum(labels, 0)), None, None,
+        )  # fmt: skip
     assert set(jbce.__all__) <= set(cases), set(jbce.__all__) - set(cases)
     return {
         k: (f, tuple(jnp.asarray(a) for a in args), kw, wh)
@@ -504,7 +609,7 @@ def shard_map_psum_of_partial_sums_gives_global_mean(name, case):
 # 3. Global means: batch_axis_name (sharded batch) and normalizer (micro-batches).
 # ---------------------------------------------------------------------------------------
 # Losses whose value is a reduction (entropy returns per-row values: nothing to reduce).
-NOT_REDUCED = ("entropy",)
+NOT_REDUCED = ("entropy", "linear_log_probs")  # per-example outputs, no reduction
 
 
 def check_each_reduced_loss(fn):

@@ -198,6 +198,18 @@ def test_the_conditional_check_covers_every_public_loss():
     assert {"none", "sum", "mean"} <= reductions
 
 
+def test_the_conditional_check_covers_the_fused_ops_options():
+    cases = acc.conditional_cases()
+    lp = {(v.options, v.dtype, v.size) for v in cases if v.loss == "linear_log_probs"}
+    # Plain at both sizes and dtypes, and a traced temperature, a bias and both chunks.
+    assert {("", dt, size) for dt in ("float32", "bfloat16") for size in acc.SIZES} <= lp
+    assert any("temperature" in o and "chunk_size" in o for o, _, _ in lp), lp
+    linear = {v.options for v in cases if v.loss == "linear_softmax_cross_entropy"}
+    assert any("class_weights" in o for o in linear), linear
+    kinds = {c.kind for c in acc.report_cases(quick=True)}
+    assert "linear_log_probs" in kinds
+
+
 def _accel_python() -> Path:
     if ACCEL_PYTHON.exists():
         return ACCEL_PYTHON

@@ -261,6 +261,127 @@ def test_vocabulary_parallel_under_vmap_matches_unsharded():
     assert_tree_close(db.reshape(v)[fin], gb[fin], 1e-12)
 
 
+CLASS_WEIGHT_OPTIONS = {
+    "plain": {},
+    "smoothing": {"label_smoothing": 0.2},
+    "smoothing_z_loss_softcap": {"label_smoothing": 0.1, "z_loss": 1e-2, "logit_softcap": 3.0},
+    "weights": {"weights": np.linspace(0.0, 2.0, 37), "label_smoothing": 0.1},
+    "sum": {"reduction": "sum", "label_smoothing": 0.1},
+    "none": {"reduction": "none"},
+    "no_ignore_index": {"ignore_index": None, "label_smoothing": 0.3},
+}
+
+
+def class_weighted(y, cs=None, **opts):
+    """(fused, materialised) as functions of (hidden, weight, bias, class_weights)."""
+
+    def fused(h, w, b, cw):
+        out = jbce.linear_softmax_cross_entropy(
+            h, w, y, bias=b, class_weights=cw, chunk_size=cs, **opts
+        )
+        return jnp.sum(out)
+
+    def ref(h, w, b, cw):
+        logits = h @ w + b[None, :]
+        return jnp.sum(
+            jbce.softmax_cross_entropy_with_integer_labels(logits, y, class_weights=cw, **opts)
+        )
+
+    return fused, ref
+
+
+def class_weights_for(v, seed=1):
+    return jax.random.uniform(jax.random.key(seed), (v,), F64, 0.2, 3.0)
+
+
+@pytest.mark.parametrize("name", list(CLASS_WEIGHT_OPTIONS))
+def test_class_weights_match_materialised_loss_value_and_all_gradients(name):
+    opts = CLASS_WEIGHT_OPTIONS[name]
+    h, w, b, y = make(37, 6, 23, ignore=() if "ignore_index" in opts else (3, 30))
+    cw = class_weights_for(23)
+    _, ref = class_weighted(y, **opts)
+    vag = lambda f: jax.jit(jax.value_and_grad(f, (0, 1, 2, 3)))(h, w, b, cw)
+    want = vag(ref)
+    for cs in (None, 5, (7, 5)):  # one tile; overlapping last vocabulary and token chunks
+        fused, _ = class_weighted(y, cs, **opts)
+        assert_tree_close(vag(fused), want, 1e-12)
+
+
+def test_class_weighted_mean_divides_by_the_kept_tokens_class_weights_like_pytorch():
+    pytest.importorskip("torch")
+    h, w, b, y = make(12, 4, 9, ignore=(2, 7))
+    cw = class_weights_for(9)
+    got = jbce.linear_softmax_cross_entropy(
+        h, w, y, bias=b, class_weights=cw, label_smoothing=0.15, chunk_size=4
+    )
+    want = reference.torch_cross_entropy(
+        np.asarray(h @ w + b[None, :]), np.asarray(y), weight=np.asarray(cw),
+        label_smoothing=0.15,
+    )  # fmt: skip
+    reference.assert_close(got, want, rtol=1e-12)
+
+
+def test_class_weights_with_all_tokens_ignored_give_zero_loss_and_gradient():
+    h, w, b, y = make(6, 4, 9)
+    y = jnp.full_like(y, -100)
+    cw = class_weights_for(9)
+    fused, _ = class_weighted(y, 4, label_smoothing=0.1)
+    loss, grads = jax.jit(jax.value_and_grad(fused, (0, 1, 2, 3)))(h, w, b, cw)
+    assert float(loss) == 0.0
+    for g in grads:
+        assert not np.any(np.asarray(g))
+
+
+def test_class_weights_with_minus_inf_bias_classes():
+    h, w, b, y = make(8, 4, 10, ignore=(1,))
+    b = b.at[jnp.array([2, 7])].set(-jnp.inf)
+    y = jnp.where((y == 2) | (y == 7), 0, y)
+    cw = class_weights_for(10)
+    fused, ref = class_weighted(y, 3, label_smoothing=0.2)
+    vag = lambda f: jax.jit(jax.value_and_grad(f, (0, 1, 3)))(h, w, b, cw)
+    assert_tree_close(vag(fused), vag(ref), 1e-12)
+
+
+def test_class_weights_vocabulary_parallel_under_vmap_match_unsharded():
+    shards, n, d, v = 3, 7, 4, 12
+    h, w, b, y = make(n, d, v, ignore=(2,))
+    cw = class_weights_for(v)
+    opts = {"label_smoothing": 0.1, "z_loss": 1e-3}
+    _, ref = class_weighted(y, **opts)
+    want_v, (gh, gw, gcw) = jax.value_and_grad(ref, (0, 1, 3))(h, w, b, cw)
+
+    def sharded(h, w_local, b_local, cw_local):
+        out = jbce.linear_softmax_cross_entropy(
+            h, w_local, y, bias=b_local, class_weights=cw_local, chunk_size=3,
+            axis_name="v", **opts,
+        )  # fmt: skip
+        return jnp.sum(out)
+
+    w_sh = jnp.moveaxis(w.reshape(d, shards, v // shards), 1, 0)
+    b_sh, cw_sh = b.reshape(shards, -1), cw.reshape(shards, -1)
+    vag = jax.vmap(jax.value_and_grad(sharded, (0, 1, 3)), in_axes=(None, 0, 0, 0), axis_name="v")
+    val, (dh, dw, dcw) = jax.jit(vag)(h, w_sh, b_sh, cw_sh)
+    assert_tree_close(val, jnp.full((shards,), want_v), 1e-12)
+    assert_tree_close(jnp.sum(dh, axis=0), gh, 1e-12)
+    assert_tree_close(jnp.moveaxis(dw, 0, 1).reshape(d, v), gw, 1e-12)
+    assert_tree_close(dcw.reshape(v), gcw, 1e-12)
+
+
+@pytest.mark.no_x64
+def test_class_weights_in_bfloat16_keep_their_dtype_and_accuracy():
+    h, w, b, y = make(64, 16, 300, dtype=jnp.bfloat16, ignore=(5,))
+    cw = jax.random.uniform(jax.random.key(3), (300,), jnp.float32, 0.5, 2.0)
+    fused, _ = class_weighted(y, 128, label_smoothing=0.1)
+    loss, grads = jax.jit(jax.value_and_grad(fused, (0, 1, 3)))(h, w, b, cw)
+    assert loss.dtype == jnp.float32
+    assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.bfloat16, jnp.float32]
+    with jax.enable_x64(True):
+        _, ref = class_weighted(y, label_smoothing=0.1)
+        args64 = [a.astype(F64) for a in (h, w, b, cw)]
+        want = jax.jit(jax.value_and_grad(ref, (0, 1, 3)))(*args64)
+        assert_tree_close((loss, grads), want, 1e-2)
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
@@ -271,6 +392,7 @@ def test_vocabulary_parallel_under_vmap_matches_unsharded():
         ({"chunk_size": 0}, "chunk_size must be a positive int"),
         ({"logit_softcap": 0.0}, "logit_softcap must be > 0"),
         ({"reduction": "avg"}, "reduction must be one of"),
+        ({"class_weights": jnp.ones((8,))}, r"class_weights must have shape \(9,\)"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, match):

@@ -206,6 +206,8 @@ VOCAB_CHECKS = [
     "vocab_parallel_bf16_logits_keep_dtype",
     "vocab_parallel_over_a_tuple_of_axes_matches_unsharded",
     "linear_vocab_parallel_matches_unsharded",
+    "linear_log_probs_vocab_parallel_matches_unsharded",
+    "linear_class_weights_data_and_vocab_parallel_give_global_mean",
     "data_and_vocab_parallel_2d_mesh_gives_global_mean",
 ]
 DATA_CHECKS = (
@@ -225,7 +227,7 @@ DATA_CHECKS = (
             "micro_batches_with_normalizer_add_up_to_full_batch",
         )
         for loss in jbce.__all__
-        if loss != "entropy"
+        if loss not in ("entropy", "linear_log_probs")  # no reduction
     ]
     + [
         "micro_batches_with_class_weights_use_the_summed_target_weight",
@@ -329,3 +331,43 @@ def test_two_process_run_matches_single_process(tmp_path):
     rtol_close(result["losses"], losses)
     rtol_close(np.asarray(result["grad0"]), grad0)
     assert losses[-1] < losses[0]
+
+
+def test_two_process_fused_class_weights_and_log_probs_match_one_device(tmp_path):
+    # tests/_two_process_fused.py: 2 processes x 4 CPU devices over gloo, a ("data", "vocab")
+    # mesh; compared with the materialised losses here.
+    from tests import _two_process_fused as two
+
+    out = tmp_path / "fused.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "_two_process_fused.py"), "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    got = json.loads(out.read_text())
+    assert got["mesh"] == {"data": 2, "vocab": 4}
+    h, w, b, y, cw, t = (jnp.asarray(a) for a in two.problem())
+    y_ce, a = jnp.asarray(two.ignored(np.asarray(y))), jnp.asarray(two.coefficients())
+
+    def ce(h, w, c):
+        return CE(h @ w, y_ce, class_weights=c, label_smoothing=two.SMOOTHING)
+
+    ref, ref_grads = jax.value_and_grad(ce, (0, 1, 2))(h, w, cw)
+    rtol_close(got["ce"], ref)
+    rtol_close([jnp.asarray(g) for g in got["ce_grads"]], list(ref_grads))
+
+    def materialised(h, w, b, t):
+        ls = jax.nn.log_softmax((h @ w + b) / t)
+        ent = -jnp.sum(jnp.exp(ls) * ls, axis=-1)
+        return jnp.take_along_axis(ls, y[:, None], axis=-1)[:, 0], ent
+
+    rtol_close([jnp.asarray(o) for o in got["log_probs"]], list(materialised(h, w, b, t)))
+
+    def objective(h, w, b, t):
+        lp, ent = materialised(h, w, b, t)
+        return jnp.sum(a * lp) + 0.1 * jnp.sum(ent)
+
+    ref, ref_grads = jax.value_and_grad(objective, (0, 1, 2, 3))(h, w, b, t)
+    rtol_close(got["lp_objective"], ref)
+    rtol_close([jnp.asarray(g) for g in got["lp_grads"]], list(ref_grads))

@@ -1,0 +1,190 @@
+"""The fused linear ops across 2 processes x 4 CPU devices (gloo over 127.0.0.1).
+
+Run by tests/test_parallel.py: ``python tests/_two_process_fused.py --out result.json``
+launches two copies of itself (``--process-id 0/1``), which build a ``("data", "vocab")`` =
+``(2, 4)`` mesh over both processes: tokens over ``"data"`` (each process feeds its own
+rows), the weight's, bias' and class weights' vocabulary axis over each process' devices.
+Process 0 writes the values and gradients of
+
+- ``linear_softmax_cross_entropy`` with ``class_weights`` and label smoothing, its global
+  PyTorch mean taken as ``psum(sum) / psum(kept tokens' class weights)``;
+- ``linear_log_probs`` at a traced temperature: both per-token outputs and the gradients of
+  a per-token mix of them;
+
+and the test compares them with the materialised losses on one device (:func:`problem`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+B, D, K = 16, 8, 32
+SMOOTHING = 0.1
+
+
+def problem():
+    """(hidden [B, D], weight [D, K], bias [K], labels [B], class weights [K], temperature)."""
+    import numpy as np
+
+    rng = np.random.default_rng(11)
+    h = rng.normal(size=(B, D)).astype(np.float32)
+    w = (rng.normal(size=(D, K)) / 2).astype(np.float32)
+    b = rng.normal(size=K).astype(np.float32)
+    y = rng.integers(0, K, size=B).astype(np.int32)
+    cw = rng.uniform(0.5, 2.0, size=K).astype(np.float32)
+    return h, w, b, y, cw, np.float32(0.8)
+
+
+def ignored(y):
+    """The CE's labels: the first process' rows mostly ignored (unequal token counts)."""
+    y = y.copy()
+    y[[0, 1, 2, 4, 5, 6, 13]] = -100
+    return y
+
+
+def coefficients():
+    import numpy as np
+
+    return np.linspace(-1.0, 2.0, B).astype(np.float32)
+
+
+def run() -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.experimental import multihost_utils
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import jbce
+
+    n_proc, n_local = jax.process_count(), jax.local_device_count()
+    mesh = Mesh(np.array(jax.devices()).reshape(n_proc, n_local), ("data", "vocab"))
+    h, w, b, y, cw, t = problem()
+    y_ce, a = ignored(y), coefficients()
+
+    def put(x, spec):
+        sh = NamedSharding(mesh, spec)
+        return jax.make_array_from_callback(x.shape, sh, lambda idx: x[idx])
+
+    args = (put(h, P("data")), put(w, P(None, "vocab")), put(b, P("vocab")), put(cw, P("vocab")))
+    tokens = (put(y, P("data")), put(y_ce, P("data")), put(a, P("data")))
+    temp = put(np.asarray(t), P())
+
+    def ce(h, w, c, y):
+        total = jbce.linear_softmax_cross_entropy(
+            h, w, y, class_weights=c, label_smoothing=SMOOTHING, reduction="sum",
+            chunk_size=3, axis_name="vocab",
+        )  # fmt: skip
+        local = y - jax.lax.axis_index("vocab") * c.shape[0]
+        here = (y != -100) & (local >= 0) & (local < c.shape[0])
+        den = jnp.sum(jnp.where(here, c[jnp.clip(local, 0, c.shape[0] - 1)], 0))
+        return jax.lax.psum(total, "data") / jax.lax.psum(den, ("data", "vocab"))
+
+    ce_sm = jax.shard_map(
+        ce, mesh=mesh, in_specs=(P("data"), P(None, "vocab"), P("vocab"), P("data")),
+        out_specs=P(),
+    )  # fmt: skip
+
+    def lp(h, w, b, t, y):
+        return jbce.linear_log_probs(
+            h, w, y, bias=b, temperature=t, chunk_size=(3, 5), axis_name="vocab"
+        )
+
+    lp_sm = jax.shard_map(
+        lp, mesh=mesh, in_specs=(P("data"), P(None, "vocab"), P("vocab"), P(), P("data")),
+        out_specs=(P("data"), P("data")),
+    )  # fmt: skip
+
+    def objective(h, w, b, t, y, a):
+        log_p, ent = lp_sm(h, w, b, t, y)
+        return jnp.sum(a * log_p) + 0.1 * jnp.sum(ent)
+
+    hs, ws, bs, cws = args
+    ys, ys_ce, as_ = tokens
+    ce_val, ce_grads = jax.jit(jax.value_and_grad(ce_sm, (0, 1, 2)))(hs, ws, cws, ys_ce)
+    outs = jax.jit(lp_sm)(hs, ws, bs, temp, ys)
+    lp_val, lp_grads = jax.jit(jax.value_and_grad(objective, (0, 1, 2, 3)))(
+        hs, ws, bs, temp, ys, as_
+    )
+
+    def gather(x):
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True)).tolist()
+
+    return {
+        "mesh": dict(mesh.shape),
+        "ce": float(ce_val),
+        "ce_grads": [gather(g) for g in ce_grads],
+        "log_probs": [gather(o) for o in outs],
+        "lp_objective": float(lp_val),
+        "lp_grads": [gather(g) for g in lp_grads],
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(out: Path, timeout: float) -> int:
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                __file__,
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--process-id",
+                str(i),
+                "--out",
+                str(out),
+            ],
+            cwd=ROOT,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    try:
+        codes = [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return max(abs(c) for c in codes)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--coordinator")
+    ap.add_argument("--process-id", type=int)
+    ap.add_argument("--timeout", type=float, default=240)
+    args = ap.parse_args(argv)
+    if args.coordinator is None:
+        return launch(args.out, args.timeout)
+
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", 4)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(args.coordinator, 2, args.process_id, initialization_timeout=120)
+    result = run()
+    if jax.process_index() == 0:
+        args.out.write_text(json.dumps(result))
+    jax.distributed.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
