@@ -181,10 +181,9 @@ def linear_distillation_loss(
     n = math.prod(bshape)
     if n == 0:
         return reduce_loss(jnp.zeros(bshape, dt), reduction=reduction, weights=weights, where=rows)
-    fwd_tiles, bwd_tiles = tile_sizes(n, v, chunk_size)
+    tiles = (tile_sizes(n, v, chunk_size), tile_sizes(n, v, chunk_size, accelerator=True))
     loss = distillation_rows(
         hidden.reshape(n, d), weight, bias, teacher_hidden.reshape(n, dt_), teacher_weight,
-        teacher_bias, jnp.asarray(b, dt), jnp.asarray(temp, dt), mode, dt, fwd_tiles,
-        bwd_tiles, axis_name,
+        teacher_bias, jnp.asarray(b, dt), jnp.asarray(temp, dt), mode, dt, tiles, axis_name,
     )  # fmt: skip
     return reduce_loss(loss.reshape(bshape), reduction=reduction, weights=weights, where=rows)

@@ -1,4 +1,4 @@
-r"""Fused linear + Jensen-Shannon distillation in plain XLA: tiles of both models' logits, never all.
+r"""Fused linear + Jensen-Shannon distillation in plain XLA: tiles of both models' logits only.
 
 The implementation behind :func:`jbce.linear_distillation_loss` on every platform. With the
 student's tile :math:`z = (h W + b) / T` (log-probabilities :math:`\log Q`) and the teacher's
@@ -41,14 +41,20 @@ from jbce import _stats, _vma
 from jbce._linear_xla import _chunk_start, _num_chunks
 
 # The numerically careful pieces of the materialised JSD, so that both compute the same
-# numbers: the mixture's log-ratios from d = log Q - log P, 0 * inf = 0, and g * d with an
-# exact 0 for an unused row.
-from jbce._softmax_terms import _log_ratio, _mixture_logs, _scaled, _xmul
+# numbers: d = log Q - log P, 0 * inf = 0, and g * d with an exact 0 for an unused row.
+from jbce._softmax_terms import _log_ratio, _scaled, _xmul
 
-# Logits per model in one tile when a chunk is picked automatically (32 MiB in float32).
+# Logits per model in one tile when a chunk is picked automatically: on CPU 2**23 (32 MiB in
+# float32 per model), elsewhere 2**25, so that an accelerator runs a few large tiles (each
+# launches a handful of kernels, and each token block of the forward pass reads the weights
+# once): at N=4096, V=32768 the deviceless H100 compile launches about a quarter of the
+# kernels (`python -m bench.accelerators`, the distill case).
 TILE_ELEMENTS = 1 << 23
-# The backward pass's default vocabulary chunk (as the fused cross-entropy's).
+ACCELERATOR_TILE_ELEMENTS = 1 << 25
+# The backward pass's default vocabulary chunk: the fused cross-entropy's on CPU, larger
+# (fewer loop steps) elsewhere.
 BACKWARD_VOCAB_CHUNK = 2048
+ACCELERATOR_BACKWARD_VOCAB_CHUNK = 8192
 
 MODES = ("forward", "reverse", "mix", "traced")
 # The per-token sums each mode needs: KL(P||Q), KL(Q||P), KL(P||M), KL(Q||M).
@@ -60,28 +66,41 @@ SUMS = {
 }
 
 
-def tile_sizes(n: int, v: int, chunk_size) -> tuple[tuple[int, int], tuple[int, int]]:
+def tile_sizes(n: int, v: int, chunk_size, *, accelerator: bool = False):
     """((token chunk, vocabulary chunk) of the forward pass, the same of the backward pass).
 
-    ``chunk_size`` None: the forward pass takes whole vocabulary rows (``min(n, 2**23 // v)``
-    tokens a block) and the backward pass ``[min(n, 2**23 // 2048), 2048]`` tiles; an int:
-    the vocabulary chunk of both passes; a pair ``(token_chunk, vocab_chunk)``: both passes'
-    tiles. A missing token chunk keeps a tile at 2**23 logits. Clipped into ``[1, n]``,
-    ``[1, v]``.
+    ``chunk_size`` None: the forward pass takes whole vocabulary rows (``min(n, E // v)``
+    tokens a block, ``E`` = 2**23 logits on CPU, 2**25 with ``accelerator``) and the
+    backward pass ``[min(n, E // c), c]`` tiles (``c`` = 2048 on CPU, 8192 with
+    ``accelerator``); an int: the vocabulary chunk of both passes; a pair
+    ``(token_chunk, vocab_chunk)``: both passes' tiles. A missing token chunk keeps a tile
+    at ``E`` logits. Clipped into ``[1, n]``, ``[1, v]``.
     """
+    elements = ACCELERATOR_TILE_ELEMENTS if accelerator else TILE_ELEMENTS
 
     def clip(tn, tv):
         tv = max(1, min(v, tv))
-        tn = TILE_ELEMENTS // tv if tn is None else tn
+        tn = elements // tv if tn is None else tn
         return max(1, min(n, tn)), tv
 
     if chunk_size is None:
-        return clip(None, v), clip(None, BACKWARD_VOCAB_CHUNK)
+        chunk = ACCELERATOR_BACKWARD_VOCAB_CHUNK if accelerator else BACKWARD_VOCAB_CHUNK
+        return clip(None, v), clip(None, chunk)
     if isinstance(chunk_size, tuple):
         both = clip(*chunk_size)
     else:
         both = clip(None, chunk_size)
     return both, both
+
+
+def per_platform(fn, cpu, other, *args):
+    """``fn(*args, *tiles)`` with the CPU's or the accelerators' ``tiles``, chosen when the
+    program is lowered (no conditional); directly when they are the same."""
+    if cpu == other:
+        return fn(*args, *cpu)
+    return lax.platform_dependent(
+        *args, cpu=lambda *a: fn(*a, *cpu), default=lambda *a: fn(*a, *other)
+    )
 
 
 def _logits(h, w, b, c0, tv, temperature, dtype):
@@ -116,6 +135,17 @@ def _log_probs(x, st):
     return (x - st.shift[:, None]) - lse[:, None]
 
 
+def _mixture_logs(d, beta):
+    r"""(log P - log M, log Q - log M) from d = log Q - log P, bit for bit the numbers of
+    :func:`jbce._softmax_terms._mixture_logs` (``-log1p((1 - beta) expm1(d))`` for d <= 0,
+    ``-d - log1p(beta expm1(-d))`` above) with one ``expm1`` and one ``log1p`` per class
+    instead of one of each per branch: both branches read ``expm1(-|d|)``."""
+    neg = d <= 0
+    coef = jnp.where(neg, 1 - beta, beta)
+    lg = jnp.log1p(coef * jnp.expm1(-jnp.abs(d)))
+    return -lg - jnp.maximum(d, 0), jnp.minimum(d, 0) - lg
+
+
 def _safe_beta(mode, beta):
     """beta, with a traced beta at 0 or 1 replaced by 0.5 in the mixture's (unused) branch."""
     if mode != "traced":
@@ -136,7 +166,26 @@ def _tile_sums(mode, lq, lp, beta):
         e, f = _mixture_logs(d, _safe_beta(mode, beta))
         out["kl_pm"] = _xmul(p, e)
         out["kl_qm"] = _xmul(q, f)
-    return tuple(jnp.sum(out[k], axis=-1) for k in SUMS[mode])
+    return _row_sums(tuple(out[k] for k in SUMS[mode]))
+
+
+def _row_sums(terms):
+    """Row sums of each ``[tn, tv]`` term. Off CPU one variadic reduction, so that the terms'
+    common producer (the transcendentals of both softmaxes) fuses into it rather than being
+    written out for separate reductions (deviceless H100 compile: one 3-output elementwise
+    kernel and its reader replaced by one kernel); XLA:CPU runs separate sums faster."""
+
+    def separate(*t):
+        return tuple(jnp.sum(a, axis=-1) for a in t)
+
+    def variadic(*t):
+        init = tuple(jnp.zeros((), a.dtype) for a in t)
+        add = lambda x, y: tuple(a + b for a, b in zip(x, y))
+        return tuple(lax.reduce(t, init, add, (t[0].ndim - 1,)))
+
+    if len(terms) == 1:
+        return separate(*terms)
+    return lax.platform_dependent(*terms, cpu=separate, default=variadic)
 
 
 def _select(mode, beta, forward, reverse, mix):
@@ -196,7 +245,9 @@ def _class_grads(mode, lq, lp, beta, sums):
         return {"forward": forward, "reverse": reverse, "mix": mix}[mode]()
     lo, hi = beta == 0, beta == 1
     parts = forward(), reverse(), mix()
-    return tuple(jnp.where(lo, parts[0][k], jnp.where(hi, parts[1][k], parts[2][k])) for k in (0, 1))
+    return tuple(
+        jnp.where(lo, parts[0][k], jnp.where(hi, parts[1][k], parts[2][k])) for k in (0, 1)
+    )
 
 
 def _empty_stats(n, dtype, vary):
@@ -275,36 +326,46 @@ def _loss(mode, rows, beta):
     return jnp.where(jnp.isnan(lz) | jnp.isnan(ly), jnp.nan, value)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11, 12))
-def distillation_rows(h, w, b, ht, wt, bt, beta, temperature, mode, dtype, fwd_tiles, bwd_tiles,
-                      axis_name):  # fmt: skip
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11))
+def distillation_rows(h, w, b, ht, wt, bt, beta, temperature, mode, dtype, tiles, axis_name):
     r"""Per-token generalised JSD between ``softmax((h w + b) / T)`` (student, Q) and
     ``softmax((h_t w_t + b_t) / T)`` (teacher, P); ``h`` ``[N, D]``, ``w`` ``[D, V]``,
     ``ht`` ``[N, D_t]``, ``wt`` ``[D_t, V]``, biases ``[V]`` or None, ``beta`` and
-    ``temperature`` scalars in ``dtype``. ``mode``: one of :data:`MODES`. With
+    ``temperature`` scalars in ``dtype``. ``mode``: one of :data:`MODES`; ``tiles``: the
+    (forward, backward) tile shapes of :func:`tile_sizes` on CPU and elsewhere. With
     ``axis_name`` the weights and biases hold this shard's vocabulary columns and the
     result is global (replicated)."""
     args = (h, w, b, ht, wt, bt, beta, temperature)
-    rows = forward_rows(args, mode, dtype, *fwd_tiles, axis_name)
-    return _loss(mode, rows, beta)
+    return _loss(mode, _forward(args, mode, dtype, tiles, axis_name), beta)
 
 
-def _distillation_rows_fwd(h, w, b, ht, wt, bt, beta, temperature, mode, dtype, fwd_tiles,
-                           bwd_tiles, axis_name):  # fmt: skip
+def _forward(args, mode, dtype, tiles, axis_name):
+    (cpu, _), (other, _) = tiles
+    return per_platform(
+        lambda *a: forward_rows(a[:8], mode, dtype, a[8], a[9], axis_name), cpu, other, *args
+    )
+
+
+def _distillation_rows_fwd(h, w, b, ht, wt, bt, beta, temperature, mode, dtype, tiles,
+                           axis_name):  # fmt: skip
     primals = (h, w, b, ht, wt, bt, beta, temperature)
     args = tuple(None if a is None else a.value for a in primals)
     # Which inputs are differentiated, as pytree structure (static): () yes, None no.
     wanted = tuple(() if a is not None and a.perturbed else None for a in primals)
-    rows = forward_rows(args, mode, dtype, *fwd_tiles, axis_name)
+    rows = _forward(args, mode, dtype, tiles, axis_name)
     # Residuals: the inputs and a few floats per token (two per model and the sums).
     return _loss(mode, rows, args[6]), (args, rows, wanted)
 
 
-def _distillation_rows_bwd(mode, dtype, fwd_tiles, bwd_tiles, axis_name, res, g):
+def _distillation_rows_bwd(mode, dtype, tiles, axis_name, res, g):
     args, rows, wanted = res
     h, w, b, ht, wt, bt, beta, temperature = args
     want = [x is not None for x in wanted]
-    grads = backward(args, rows, g, want, mode, dtype, *bwd_tiles)
+    (_, cpu), (_, other) = tiles
+    grads = per_platform(
+        lambda args, rows, g, tn, tv: backward(args, rows, g, want, mode, dtype, tn, tv),
+        cpu, other, args, rows, g,
+    )  # fmt: skip
     # Inside shard_map an input replicated over an axis its cotangent varies on gets the sum.
     return tuple(
         None if ct is None else _vma.psum_to_like(ct.astype(a.dtype), a)
@@ -379,8 +440,10 @@ def backward(args, rows, g, want, mode, dtype, tn, tv):
                 dbt_j = dbt_j + jnp.sum(dy, axis=0)
             return dh, dw_j, db_j, dht, dwt_j, dbt_j, dtemp
 
-        init = (dh, zeros((d, tv), dtype, want_w), zeros((tv,), dtype, want_b),
-                dht, zeros((dt_, tv), dtype, want_wt), zeros((tv,), dtype, want_bt), dtemp)  # fmt: skip
+        init = (
+            dh, zeros((d, tv), dtype, want_w), zeros((tv,), dtype, want_b),
+            dht, zeros((dt_, tv), dtype, want_wt), zeros((tv,), dtype, want_bt), dtemp,
+        )  # fmt: skip
         out = lax.fori_loop(0, count, token_chunk, init) if count > 1 else token_chunk(0, init)
         dh, dw_j, db_j, dht, dwt_j, dbt_j, dtemp = out
         dw = _write_columns(dw, dw_j, c0, fresh)
@@ -399,9 +462,7 @@ def backward(args, rows, g, want, mode, dtype, tn, tv):
         zeros((), dtype, want_t),
     )
     if student or teacher or want_t:
-        dh, dw, db, dht, dwt, dbt, dtemp = lax.fori_loop(
-            0, _num_chunks(v, tv), vocab_chunk, init
-        )
+        dh, dw, db, dht, dwt, dbt, dtemp = lax.fori_loop(0, _num_chunks(v, tv), vocab_chunk, init)
     else:
         dh = dw = db = dht = dwt = dbt = dtemp = None
     dbeta = None
