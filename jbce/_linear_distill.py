@@ -38,6 +38,8 @@ def linear_distillation_loss(
     ignore_index: int | None = -100,
     weights: ArrayLike | None = None,
     reduction: str = "mean",
+    normalizer: float | ArrayLike | None = None,
+    batch_axis_name: str | tuple[str, ...] | None = None,
     chunk_size: int | tuple[int, int] | None = None,
     axis_name: str | None = None,
 ) -> jax.Array:
@@ -89,6 +91,12 @@ def linear_distillation_loss(
       weights: optional per-token multiplier, broadcastable to the batch shape.
       reduction: ``"mean"`` (over tokens that are not ignored; weights multiply, as in every
         jbce loss), ``"sum"`` or ``"none"`` (per-token divergences, 0 for ignored tokens).
+      normalizer: optional denominator of ``"mean"`` in place of the count of tokens that
+        are not ignored (gradient accumulation: the whole batch's count, so the
+        micro-batch losses and their gradients add up to the whole batch's mean).
+      batch_axis_name: optional mesh axis the tokens are sharded on (data parallelism,
+        inside ``shard_map`` or ``pmap``): ``"sum"`` and ``"mean"`` are then over the
+        global batch. Independent of ``axis_name``, the vocabulary's axis.
       chunk_size: vocabulary columns per tile (default: whole rows forward, 2048 backward),
         or a pair ``(token_chunk, vocab_chunk)`` for both passes. Without a token chunk a
         tile holds at most 2**23 logits.
@@ -178,12 +186,15 @@ def linear_distillation_loss(
         mode = "traced"
     else:
         mode = "forward" if b == 0 else "reverse" if b == 1 else "mix"
+    glob = {"normalizer": normalizer, "batch_axis_name": batch_axis_name}
     n = math.prod(bshape)
     if n == 0:
-        return reduce_loss(jnp.zeros(bshape, dt), reduction=reduction, weights=weights, where=rows)
+        loss = jnp.zeros(bshape, dt)
+        return reduce_loss(loss, reduction=reduction, weights=weights, where=rows, **glob)
     tiles = (tile_sizes(n, v, chunk_size), tile_sizes(n, v, chunk_size, accelerator=True))
     loss = distillation_rows(
         hidden.reshape(n, d), weight, bias, teacher_hidden.reshape(n, dt_), teacher_weight,
         teacher_bias, jnp.asarray(b, dt), jnp.asarray(temp, dt), mode, dt, tiles, axis_name,
     )  # fmt: skip
-    return reduce_loss(loss.reshape(bshape), reduction=reduction, weights=weights, where=rows)
+    loss = loss.reshape(bshape)
+    return reduce_loss(loss, reduction=reduction, weights=weights, where=rows, **glob)

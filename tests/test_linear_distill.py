@@ -123,6 +123,22 @@ def test_mean_is_over_tokens_that_are_not_ignored():
     np.testing.assert_allclose(float(none_ignored), float(np.mean(np.asarray(per))), rtol=1e-14)
 
 
+def test_micro_batches_with_normalizer_add_up_to_the_full_batch():
+    # Gradient accumulation with unequal valid-token counts (the first micro-batch has none).
+    args = make(10, 4, 3, 9, seed=13)
+    y = labels_with(10, ignore=(0, 1, 6))
+    full, _ = fused_and_ref(y, beta=0.3, chunk_size=4)
+    want = value_and_grads(full, *args, argnums=(0, 1))
+    count = float(jnp.sum(y != -100))
+    total, gw, ghs = 0.0, 0.0, []
+    for lo, hi in ((0, 2), (2, 5), (5, 10)):
+        part, _ = fused_and_ref(y[lo:hi], beta=0.3, chunk_size=4, normalizer=count)
+        h, w, b, ht, wt, bt = args
+        v, (gh, g) = value_and_grads(part, h[lo:hi], w, b, ht[lo:hi], wt, bt, argnums=(0, 1))
+        total, gw, ghs = total + v, gw + g, [*ghs, gh]
+    assert_tree_close((total, (jnp.concatenate(ghs), gw)), want, 1e-12)
+
+
 def test_all_ignored_batch_gives_zero_loss_and_zero_gradients():
     args = make(6, 4, 3, 9)
     y = jnp.full((6,), -100, jnp.int32)
