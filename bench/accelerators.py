@@ -755,6 +755,13 @@ def _losses(kind: str) -> dict[str, Callable]:
             return jnp.mean(lp) + jnp.mean(ent)
 
         return {"jbce": fused, "optax": materialised}
+    if kind == "distill":  # optax has no JSD: the "optax" column is the materialised jbce loss
+        return {
+            "jbce": lambda h, w, ht, wt: jbce.linear_distillation_loss(h, w, ht, wt),
+            "optax": lambda h, w, ht, wt: jbce.jensen_shannon_divergence(
+                jnp.matmul(h, w), jnp.matmul(ht, wt)
+            ),
+        }
     raise ValueError(f"unknown kind {kind!r}")
 
 
@@ -778,6 +785,9 @@ def report_cases(quick: bool) -> list[Case]:
         lin_specs = (((n, d), dt), ((d, v), dt), ((n,), "int32"))
         out.append(Case(name, "linear", dt, lin_specs, (0, 1)))
         out.append(Case(f"lp_{n}x{d}x{v}", "linear_log_probs", dt, lin_specs, (0, 1)))
+        # The fused distillation loss (bench/linear_distill.py), teacher frozen, same shape.
+        hw = (((n, d), dt), ((d, v), dt))
+        out.append(Case(name.replace("lm_", "distill_"), "distill", dt, hw + hw, (0, 1)))
     return out
 
 
@@ -874,6 +884,21 @@ def check_targets(rows: list[dict]) -> list[dict]:
         )
         add(
             f"H100 {label(r)}: fused HBM <= optax's",
+            j["hbm_bytes"] <= o["hbm_bytes"],
+            f"{r['hbm_jbce_over_optax']:.2f}x",
+        )
+
+    for r in gpu:  # issue 13: the fused distillation loss against the materialised JSD
+        if r["kind"] != "distill":
+            continue
+        j, o = r["jbce"], r["optax"]
+        add(
+            f"H100 {label(r)}: fused kernels <= {LINEAR_MAX_KERNELS}",
+            j["kernels"] <= LINEAR_MAX_KERNELS,
+            f"{j['kernels']}",
+        )
+        add(
+            f"H100 {label(r)}: fused HBM <= materialised JSD's",
             j["hbm_bytes"] <= o["hbm_bytes"],
             f"{r['hbm_jbce_over_optax']:.2f}x",
         )
@@ -1000,6 +1025,14 @@ def _variants(dtype: str, size: str, *, wrappers: bool, options: bool) -> list[V
             f = getattr(jbce, name, None)
             if f is not None:
                 add(name, r, lambda *a, f=f, r=r: f(*a, reduction=r), [xl, xy][specs], argnums)
+        if hasattr(jbce, "linear_distillation_loss"):
+            add(
+                "linear_distillation_loss",
+                r,
+                lambda h, w, ht, wt, r=r: jbce.linear_distillation_loss(h, w, ht, wt, reduction=r),
+                hwl[:2] + hwl[:2],
+                (0, 1),
+            )
     if wrappers:
         add("entropy", "", lambda p: jbce.entropy(p), xy[:1])
         add("kl_divergence", "", lambda x, y: jbce.kl_divergence(x, y), xy, (0, 1))
@@ -1107,6 +1140,28 @@ def _variants(dtype: str, size: str, *, wrappers: bool, options: bool) -> list[V
         hwl,
         (0, 1),
     )
+    if hasattr(jbce, "linear_distillation_loss"):
+        dist = jbce.linear_distillation_loss
+        add(
+            "linear_distillation_loss",
+            "beta=0,temperature=2,bias,teacher_bias,labels,weights,chunk_size=K/2",
+            lambda h, w, ht, wt, b, bt, y, wt_: dist(
+                h, w, ht, wt, beta=0.0, temperature=2.0, bias=b, teacher_bias=bt, labels=y,
+                weights=wt_, chunk_size=K // 2,
+            ),
+            hwl[:2] + hwl[:2] + [((K,), X), ((K,), X), ((N,), S32), ((N,), X)],
+            (0, 1, 2, 3, 4, 5),
+        )  # fmt: skip
+        add(
+            "linear_distillation_loss",
+            "traced beta and temperature,beta=1,sum",
+            lambda h, w, ht, wt, b, t: (
+                dist(h, w, ht, wt, beta=b, temperature=t, reduction="sum")
+                + dist(h, w, ht, wt, beta=1.0, reduction="sum")
+            ),
+            hwl[:2] + hwl[:2] + [((), X), ((), X)],
+            (0, 1, 4, 5),
+        )
     extra = {  # name: (options, call, extra argument specs)
         "softmax_focal_loss": (
             "alpha=0.25,gamma=0.5,weights,where per logit",

@@ -5,6 +5,7 @@ from jbce._categorical import categorical_cross_entropy, nll_loss
 from jbce._gan import discriminator_loss, generator_loss
 from jbce._info import entropy, jensen_shannon_divergence, kl_divergence
 from jbce._linear import linear_softmax_cross_entropy
+from jbce._linear_distill import linear_distillation_loss
 from jbce._linear_log_probs import linear_log_probs
 from jbce._softmax import softmax_cross_entropy, softmax_cross_entropy_with_integer_labels
 from jbce._softmax_focal import (
@@ -21,6 +22,7 @@ __all__ = [
     "generator_loss",
     "jensen_shannon_divergence",
     "kl_divergence",
+    "linear_distillation_loss",
     "linear_log_probs",
     "linear_softmax_cross_entropy",
     "nll_loss",

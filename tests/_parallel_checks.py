@@ -526,6 +526,16 @@ def loss_cases():
             ),
             (h, np.maximum(labels, 0)), None, None,
         )  # fmt: skip
+    if hasattr(jbce, "linear_distillation_loss"):
+        hs, hts = RNG.normal(size=(n, 6)), RNG.normal(size=(n, 4))
+        ws, wts = RNG.normal(size=(6, 7)) / 2, RNG.normal(size=(4, 7)) / 2
+        cases["linear_distillation_loss"] = (
+            lambda hh, tt, yy, **kw: jbce.linear_distillation_loss(
+                hh, jnp.asarray(ws, jnp.float32), tt, jnp.asarray(wts, jnp.float32), labels=yy,
+                **kw),
+            (hs.astype(np.float32), hts.astype(np.float32), labels), {"beta": 0.3},
+            labels != -100,
+        )  # fmt: skip
     assert set(jbce.__all__) <= set(cases), set(jbce.__all__) - set(cases)
     return {
         k: (f, tuple(jnp.asarray(a) for a in args), kw, wh)

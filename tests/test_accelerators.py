@@ -252,3 +252,43 @@ def test_no_public_loss_compiles_a_conditional_on_h100_or_tpu(tmp_path):
         f"{len(bad)} of {len(results)} calls compile a conditional (forward or value_and_grad; "
         "`python -m bench.accelerators --check-conditionals` reproduces):\n" + "\n".join(bad)
     )
+
+
+def test_the_report_compares_the_fused_distillation_loss_with_the_materialised_jsd():
+    cases = [c for c in acc.report_cases(quick=False) if c.kind == "distill"]
+    assert {c.dtype for c in cases} == {"float32", "bfloat16"}
+    for c in cases:  # student and teacher (hidden, weight); gradients of the student only
+        assert [s for s, _ in c.specs] == [(4096, 512), (512, 32768)] * 2 and c.argnums == (0, 1)
+    options = {v.options for v in acc.conditional_cases() if v.loss == "linear_distillation_loss"}
+    assert "traced beta and temperature,beta=1,sum" in options
+
+
+DISTILL_SCRIPT = """
+import json
+from bench import accelerators as acc
+acc.setup_environment()
+import jax
+case = next(c for c in acc.report_cases(False) if c.kind == "distill" and c.dtype == "float32")
+out = {}
+for impl, f in acc._losses("distill").items():
+    g = jax.value_and_grad(f, argnums=case.argnums)
+    out[impl] = acc.compiled_stats(acc.compile_for(g, case.specs, "gpu"))
+print(json.dumps(out))
+"""
+
+
+def test_fused_distillation_on_h100_has_no_conditional_few_kernels_and_less_hbm(tmp_path):
+    # Issue 13's deviceless targets at N=4096, D=512, V=32768 float32 value_and_grad.
+    python = _accel_python()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [str(python), "-c", DISTILL_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    stats = json.loads(proc.stdout.strip().splitlines()[-1])
+    fused, materialised = stats["jbce"], stats["optax"]
+    assert fused["conditionals"] == 0
+    assert fused["kernels"] <= acc.LINEAR_MAX_KERNELS, fused["kernels"]
+    assert fused["hbm_bytes"] <= materialised["hbm_bytes"], (fused, materialised)
+    assert fused["temp_bytes"] * 4 <= materialised["temp_bytes"], (fused, materialised)

@@ -1,0 +1,200 @@
+"""Fused linear + distillation loss: the JSD of two models' ``hidden @ weight`` without the logits.
+
+Distilling a language model compares two ``[N, V]`` softmaxes, twice the memory of a fused
+cross-entropy's logits. This API validates the arguments and reduces the per-token
+divergences computed by the tiled implementation in :mod:`jbce._linear_distill_xla`, which
+uses the same formulas as :func:`jbce.jensen_shannon_divergence` (so every option means
+exactly what it means there).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from jbce import _checks
+from jbce._dtypes import compute_dtype
+from jbce._linear import _check_chunk_size
+from jbce._linear_distill_xla import distillation_rows, tile_sizes
+from jbce._reduce import reduce_loss
+
+IMPLEMENTATIONS = ("xla",)
+
+
+def linear_distillation_loss(
+    hidden: ArrayLike,
+    weight: ArrayLike,
+    teacher_hidden: ArrayLike,
+    teacher_weight: ArrayLike,
+    *,
+    labels: ArrayLike | None = None,
+    beta: float | ArrayLike = 0.5,
+    temperature: float | ArrayLike = 1.0,
+    bias: ArrayLike | None = None,
+    teacher_bias: ArrayLike | None = None,
+    ignore_index: int | None = -100,
+    weights: ArrayLike | None = None,
+    reduction: str = "mean",
+    normalizer: float | ArrayLike | None = None,
+    batch_axis_name: str | tuple[str, ...] | None = None,
+    chunk_size: int | tuple[int, int] | None = None,
+    axis_name: str | None = None,
+) -> jax.Array:
+    r"""Generalised Jensen-Shannon divergence between a student's and a teacher's output
+    layers, the ``[N, V]`` logits of neither ever materialised.
+
+    Equals :func:`jbce.jensen_shannon_divergence` of the logits ``hidden @ weight + bias``
+    (the student) and ``teacher_hidden @ teacher_weight + teacher_bias`` (the teacher) with
+    the same ``beta`` and ``temperature``: with :math:`Q = \mathrm{softmax}((h W + b) / T)`
+    and :math:`P = \mathrm{softmax}((h_t W_t + b_t) / T)` per token,
+
+    .. math::
+        \mathrm{JSD}_\beta = \beta\, \mathrm{KL}(P \,\|\, M)
+            + (1 - \beta)\, \mathrm{KL}(Q \,\|\, M), \qquad M = \beta P + (1 - \beta) Q
+
+    for :math:`0 < \beta < 1`, and the two KL directions at the ends (as in GKD):
+    ``beta=0`` the forward :math:`\mathrm{KL}(P \,\|\, Q)` (teacher || student), ``beta=1``
+    the reverse :math:`\mathrm{KL}(Q \,\|\, P)`. No :math:`T^2` factor is applied.
+
+    The logits exist one tile at a time. The forward pass walks blocks of tokens (whole
+    vocabulary rows by default, at most 2**23 logits per model): an online log-sum-exp of
+    both models, then the divergence given both; each model's logits are computed once.
+    The backward pass recomputes the tiles and accumulates the gradients; it saves the
+    inputs and at most eight floats per token. Gradients flow to every differentiated
+    input: the student's ``hidden``, ``weight`` and ``bias`` as usual, and the teacher's
+    only if they are differentiated too (an argument of ``jax.grad`` or a closed-over
+    variable that is). A teacher that is not (a constant, or wrapped in
+    ``jax.lax.stop_gradient``) costs no gradient work: the teacher is not differentiated
+    unless asked. ``beta`` and ``temperature`` get their gradients when they are arrays
+    that are differentiated.
+
+    A bias of ``-inf`` removes that class from its model (vocabulary padding) exactly, as a
+    ``-inf`` logit does in :func:`jbce.jensen_shannon_divergence`; a class ``-inf`` in both
+    drops out.
+
+    Args:
+      hidden: the student's float array ``[..., D]``.
+      weight: the student's ``[D, V]`` (a Flax ``Dense`` kernel).
+      teacher_hidden: the teacher's ``[..., D_t]`` (``hidden``'s batch shape; ``D_t`` may
+        differ from ``D``).
+      teacher_weight: the teacher's ``[D_t, V]``.
+      labels: optional integer array of ``hidden``'s batch shape, used only to mark ignored
+        tokens (those equal to ``ignore_index``).
+      beta: weight in [0, 1] of the teacher's term; a Python number or a scalar array.
+      temperature: T > 0 dividing both models' logits; a Python number or a scalar array.
+      bias: optional ``[V]`` of the student.
+      teacher_bias: optional ``[V]`` of the teacher.
+      ignore_index: label value of ignored tokens (``None``: none ignored).
+      weights: optional per-token multiplier, broadcastable to the batch shape.
+      reduction: ``"mean"`` (over tokens that are not ignored; weights multiply, as in every
+        jbce loss), ``"sum"`` or ``"none"`` (per-token divergences, 0 for ignored tokens).
+      normalizer: optional denominator of ``"mean"`` in place of the count of tokens that
+        are not ignored (gradient accumulation: the whole batch's count, so the
+        micro-batch losses and their gradients add up to the whole batch's mean).
+      batch_axis_name: optional mesh axis the tokens are sharded on (data parallelism,
+        inside ``shard_map`` or ``pmap``): ``"sum"`` and ``"mean"`` are then over the
+        global batch. Independent of ``axis_name``, the vocabulary's axis.
+      chunk_size: vocabulary columns per tile (default: whole rows forward, 2048 backward),
+        or a pair ``(token_chunk, vocab_chunk)`` for both passes. Without a token chunk a
+        tile holds at most 2**23 logits.
+      axis_name: mesh axis over which both weights' (and biases') vocabulary axis is
+        sharded: each shard passes its ``[D, V / n]`` and ``[D_t, V / n]`` columns (shard
+        ``i`` owning classes ``[i V / n, (i+1) V / n)``) and the loss comes out replicated.
+        Inside ``shard_map`` the gradient of a replicated ``hidden`` is summed over the
+        shards; under ``pmap``/``vmap`` each shard returns its classes' share.
+
+    Returns:
+      A float32 scalar (float64 for float64 inputs), or the per-token divergences for
+      ``"none"``.
+
+    References:
+      Agarwal et al., "On-Policy Distillation of Language Models: Learning from
+      Self-Generated Mistakes" (GKD), ICLR 2024.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jbce
+      >>> hidden = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+      >>> weight = jnp.array([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+      >>> teacher_hidden = jnp.array([[1.0], [2.0]])
+      >>> teacher_weight = jnp.array([[1.0, 0.0, -1.0]])
+      >>> jbce.linear_distillation_loss(hidden, weight, teacher_hidden, teacher_weight)
+      Array(0.1281..., dtype=float32)
+      >>> jbce.linear_distillation_loss(hidden, weight, teacher_hidden, teacher_weight,
+      ...                               beta=0.0, labels=jnp.array([3, -100]))
+      Array(0.0766..., dtype=float32)
+      >>> grads = jax.grad(jbce.linear_distillation_loss, (0, 1))(
+      ...     hidden, weight, teacher_hidden, teacher_weight)
+      >>> [g.shape for g in grads]
+      [(2, 2), (2, 3)]
+    """
+    hidden = _checks.as_array("hidden", hidden)
+    weight = _checks.as_array("weight", weight)
+    teacher_hidden = _checks.as_array("teacher_hidden", teacher_hidden)
+    teacher_weight = _checks.as_array("teacher_weight", teacher_weight)
+    for name, x in (("hidden", hidden), ("weight", weight), ("teacher_hidden", teacher_hidden),
+                    ("teacher_weight", teacher_weight)):  # fmt: skip
+        _checks.check_float(name, x)
+    _checks.check_reduction(reduction)
+    if hidden.ndim < 1:
+        raise ValueError(f"hidden must have shape [..., D]; got {hidden.shape}")
+    d = hidden.shape[-1]
+    if weight.ndim != 2 or weight.shape[0] != d:
+        raise ValueError(
+            f"weight must have shape ({d}, V) to match hidden {hidden.shape}; got {weight.shape}"
+            " (a Flax Dense kernel; transpose a PyTorch Linear weight)"
+        )
+    v = weight.shape[1]
+    if v == 0:
+        raise ValueError(f"weight must have at least one class column; got {weight.shape}")
+    bshape = hidden.shape[:-1]
+    if teacher_hidden.ndim != hidden.ndim or teacher_hidden.shape[:-1] != bshape:
+        raise ValueError(
+            f"teacher_hidden must have shape {bshape + ('D_t',)} to match hidden "
+            f"{hidden.shape} without D; got {teacher_hidden.shape}"
+        )
+    dt_ = teacher_hidden.shape[-1]
+    _checks.check_shape(
+        "teacher_weight", teacher_weight, (dt_, v),
+        f"to match teacher_hidden {teacher_hidden.shape} and weight {weight.shape}",
+    )  # fmt: skip
+    for name, bb in (("bias", bias), ("teacher_bias", teacher_bias)):
+        if bb is not None:
+            bb = _checks.as_array(name, bb)
+            _checks.check_float(name, bb)
+            _checks.check_shape(name, bb, (v,), f"to match weight {weight.shape}")
+    bias = None if bias is None else _checks.as_array("bias", bias)
+    teacher_bias = None if teacher_bias is None else _checks.as_array("teacher_bias", teacher_bias)
+    _check_chunk_size(chunk_size)
+    ignore_index = _checks.check_ignore_index(ignore_index)
+    rows = None
+    if labels is not None:
+        labels = _checks.integer_labels("labels", labels)
+        _checks.check_shape("labels", labels, bshape, f"to match hidden {hidden.shape} without D")
+        if ignore_index is not None:
+            rows = labels != ignore_index
+    b = _checks.hyperparameter("beta", beta, low=0.0, high=1.0)
+    temp = _checks.hyperparameter("temperature", temperature, low=0.0, low_open=True)
+    dt = compute_dtype(hidden, weight, teacher_hidden, teacher_weight, bias, teacher_bias,
+                       weights, b, temp)  # fmt: skip
+    if weights is not None:
+        _checks.check_broadcastable("weights", weights, "hidden's batch shape", bshape)
+        weights = _checks.as_array("weights", weights).astype(dt)
+    if isinstance(b, jax.Array):
+        mode = "traced"
+    else:
+        mode = "forward" if b == 0 else "reverse" if b == 1 else "mix"
+    glob = {"normalizer": normalizer, "batch_axis_name": batch_axis_name}
+    n = math.prod(bshape)
+    if n == 0:
+        loss = jnp.zeros(bshape, dt)
+        return reduce_loss(loss, reduction=reduction, weights=weights, where=rows, **glob)
+    tiles = (tile_sizes(n, v, chunk_size), tile_sizes(n, v, chunk_size, accelerator=True))
+    loss = distillation_rows(
+        hidden.reshape(n, d), weight, bias, teacher_hidden.reshape(n, dt_), teacher_weight,
+        teacher_bias, jnp.asarray(b, dt), jnp.asarray(temp, dt), mode, dt, tiles, axis_name,
+    )  # fmt: skip
+    loss = loss.reshape(bshape)
+    return reduce_loss(loss, reduction=reduction, weights=weights, where=rows, **glob)
