@@ -17,13 +17,9 @@ from jax.typing import ArrayLike
 
 from jbce import _checks, _forward
 from jbce._dtypes import compute_dtype, to_compute
+from jbce._math import xmul
 from jbce._reduce import reduce_loss
 from jbce._vma import pvary_like
-
-
-def _xmul(a: jax.Array, b: jax.Array) -> jax.Array:
-    """a * b with 0 * inf = 0: a zero coefficient switches a term off entirely."""
-    return jnp.where(a == 0, jnp.zeros((), b.dtype), a * b)
 
 
 def _softplus_pair(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -59,7 +55,7 @@ def _bce_logits_value(x, y, pw, keep, dtype):
     a = y if pw is None else pw * y
     b = 1 - y
     t = jnp.log1p(jnp.exp(-jnp.abs(x)))
-    return _xmul(a, jnp.maximum(-x, 0)) + _xmul(b, jnp.maximum(x, 0)) + (a + b) * t
+    return xmul(a, jnp.maximum(-x, 0)) + xmul(b, jnp.maximum(x, 0)) + (a + b) * t
 
 
 def _inputs(dtype, *xs):
@@ -100,7 +96,7 @@ def _bce_logits_tangent(primals, _, tangents, dtype):
         # d/dy = pw softplus(-x) - softplus(x); d/dpw = y softplus(-x)
         pairs.append(((sp_neg if pw is None else pw * sp_neg) - sp_pos, dy))
         if pw is not None:
-            pairs.append((_xmul(y, sp_neg), dpw))
+            pairs.append((xmul(y, sp_neg), dpw))
     return _elementwise_tangent(keep, pairs, x.ndim)
 
 
@@ -314,7 +310,7 @@ def binary_cross_entropy(
 def _focal_parts(x, y):
     s_pos, s_neg = _sigmoid_pair(x)
     sp_pos, sp_neg = _softplus_pair(x)
-    ce = _xmul(y, sp_neg) + _xmul(1 - y, sp_pos)
+    ce = xmul(y, sp_neg) + xmul(1 - y, sp_pos)
     m = y * s_neg + (1 - y) * s_pos
     return s_pos, s_neg, ce, m
 
@@ -323,7 +319,7 @@ def _focal_value(x, y, gamma, keep, dtype):
     del keep  # masks the derivatives only
     x, y, gamma = _inputs(dtype, x, y, gamma)
     _, _, ce, m = _focal_parts(x, y)
-    return _xmul(ce, m**gamma)
+    return xmul(ce, m**gamma)
 
 
 def _focal_tangent(primals, _, tangents, dtype):
@@ -337,15 +333,15 @@ def _focal_tangent(primals, _, tangents, dtype):
     dm = (1 - 2 * y) * s_pos * s_neg
     ratio = jnp.where(m > 0, dm / jnp.where(m > 0, m, 1), jnp.zeros((), m.dtype))
     dce = (1 - y) * s_pos - y * s_neg
-    pairs = [(dce * mg + _xmul(gamma * ratio, _xmul(ce, mg)), dx0)]
+    pairs = [(dce * mg + xmul(gamma * ratio, xmul(ce, mg)), dx0)]
     if dy0 is not None:
         # d/dy: ce' = softplus(-x) - softplus(x) = -x, m' = sigmoid(-x) - sigmoid(x).
         dmy = s_neg - s_pos
         ratio_y = jnp.where(m > 0, dmy / jnp.where(m > 0, m, 1), jnp.zeros((), m.dtype))
-        pairs.append((_xmul(mg, -x) + _xmul(gamma * ratio_y, _xmul(ce, mg)), dy0))
+        pairs.append((xmul(mg, -x) + xmul(gamma * ratio_y, xmul(ce, mg)), dy0))
     if dgamma0 is not None:
         log_m = jnp.log(jnp.where(m > 0, m, 1))
-        pairs.append((_xmul(_xmul(ce, mg), log_m), dgamma0))
+        pairs.append((xmul(xmul(ce, mg), log_m), dgamma0))
     return _elementwise_tangent(keep, pairs, x.ndim)
 
 

@@ -17,6 +17,7 @@ from jax.typing import ArrayLike
 
 from jbce import _checks, _forward
 from jbce._dtypes import compute_dtype, to_compute
+from jbce._math import xmul
 from jbce._reduce import reduce_loss
 from jbce._softmax import batch_shape, to_rows
 
@@ -120,11 +121,6 @@ _LOG_CLAMP = -100.0
 _GRAD_EPS = 1e-12
 
 
-def _xmul(a: jax.Array, b: jax.Array) -> jax.Array:
-    """a * b with 0 * inf = 0."""
-    return jnp.where(a == 0, jnp.zeros((), b.dtype), a * b)
-
-
 def _clamped_log(p):
     return jnp.maximum(jnp.log(p), _LOG_CLAMP)  # NaN stays NaN
 
@@ -155,7 +151,7 @@ def _cce_tangent(primals, _, tangents):
 
     # d/dp = -y / max(p, 1e-12): PyTorch's BCE rule restricted to the log p term, finite at
     # p = 0 (where the clamped log itself would have slope 0 and stop all learning).
-    terms = [_forward.contract(coef(-_xmul(y, 1 / jnp.maximum(p, _GRAD_EPS))), dp, p.ndim)]
+    terms = [_forward.contract(coef(-xmul(y, 1 / jnp.maximum(p, _GRAD_EPS))), dp, p.ndim)]
     if dy is not None:
         terms.append(_forward.contract(coef(-_clamped_log(p)), dy, p.ndim))
     return _forward.total(p.shape, p.dtype, *terms)

@@ -17,7 +17,7 @@ from jax.typing import ArrayLike
 
 from jbce import _checks
 from jbce._dtypes import compute_dtype
-from jbce._linear import _check_chunk_size
+from jbce._linear import check_chunk_size
 from jbce._linear_distill_xla import distillation_rows, tile_sizes
 from jbce._reduce import reduce_loss
 
@@ -167,7 +167,7 @@ def linear_distillation_loss(
             _checks.check_shape(name, bb, (v,), f"to match weight {weight.shape}")
     bias = None if bias is None else _checks.as_array("bias", bias)
     teacher_bias = None if teacher_bias is None else _checks.as_array("teacher_bias", teacher_bias)
-    _check_chunk_size(chunk_size)
+    check_chunk_size(chunk_size)
     ignore_index = _checks.check_ignore_index(ignore_index)
     rows = None
     if labels is not None:

@@ -38,11 +38,11 @@ from jax import lax
 from jbce import _stats, _vma
 
 # The chunk arithmetic of the fused cross-entropy, shared as is.
-from jbce._linear_xla import _chunk_start, _num_chunks
+from jbce._linear_xla import chunk_start, num_chunks
 
 # The numerically careful pieces of the materialised JSD, so that both compute the same
 # numbers: d = log Q - log P, 0 * inf = 0, and g * d with an exact 0 for an unused row.
-from jbce._softmax_terms import _log_ratio, _scaled, _xmul
+from jbce._math import log_ratio, xmul
 
 # Logits per model in one tile when a chunk is picked automatically: on CPU 2**23 (32 MiB in
 # float32 per model), elsewhere 2**25, so that an accelerator runs a few large tiles (each
@@ -156,16 +156,16 @@ def _safe_beta(mode, beta):
 def _tile_sums(mode, lq, lp, beta):
     """This tile's share of each of :data:`SUMS` ``[mode]``, per token."""
     q, p = jnp.exp(lq), jnp.exp(lp)
-    d = _log_ratio(lq, lp)
+    d = log_ratio(lq, lp)
     out = {}
     if mode in ("forward", "traced"):
-        out["kl_pq"] = _xmul(p, -d)
+        out["kl_pq"] = xmul(p, -d)
     if mode in ("reverse", "traced"):
-        out["kl_qp"] = _xmul(q, d)
+        out["kl_qp"] = xmul(q, d)
     if mode in ("mix", "traced"):
         e, f = _mixture_logs(d, _safe_beta(mode, beta))
-        out["kl_pm"] = _xmul(p, e)
-        out["kl_qm"] = _xmul(q, f)
+        out["kl_pm"] = xmul(p, e)
+        out["kl_qm"] = xmul(q, f)
     return _row_sums(tuple(out[k] for k in SUMS[mode]))
 
 
@@ -228,18 +228,18 @@ def _class_grads(mode, lq, lp, beta, sums):
     """(d JSD / d z, d JSD / d y) of a tile, from the tokens' full sums (``[tn]`` each)."""
     s = {k: v[:, None] for k, v in zip(SUMS[mode], sums)}
     q, p = jnp.exp(lq), jnp.exp(lp)
-    d = _log_ratio(lq, lp)
+    d = log_ratio(lq, lp)
 
     def forward():  # KL(P || Q)
-        return q - p, _xmul(p, -d - s["kl_pq"])
+        return q - p, xmul(p, -d - s["kl_pq"])
 
     def reverse():  # KL(Q || P)
-        return _xmul(q, d - s["kl_qp"]), p - q
+        return xmul(q, d - s["kl_qp"]), p - q
 
     def mix():
         b = _safe_beta(mode, beta)
         e, f = _mixture_logs(d, b)
-        return (1 - b) * _xmul(q, f - s["kl_qm"]), b * _xmul(p, e - s["kl_pm"])
+        return (1 - b) * xmul(q, f - s["kl_qm"]), b * xmul(p, e - s["kl_pm"])
 
     if mode != "traced":
         return {"forward": forward, "reverse": reverse, "mix": mix}[mode]()
@@ -257,7 +257,7 @@ def _empty_stats(n, dtype, vary):
 def _by_token_blocks(fn, n, tn):
     """``fn(r0)`` for every block of ``tn`` tokens (the last moved back to end at ``n``),
     its per-token outputs ``[tn]`` assembled into ``[n]``."""
-    count = _num_chunks(n, tn)
+    count = num_chunks(n, tn)
     if count == 1:
         return fn(0)
     starts = jnp.minimum(jnp.arange(count) * tn, n - tn)
@@ -271,7 +271,7 @@ def forward_rows(args, mode, dtype, tn, tv, axis_name):
     """Per token: (student shift, lse, teacher shift, lse, *sums), each ``[N]``."""
     h, w, b, ht, wt, bt, beta, temperature = args
     n, v = h.shape[0], w.shape[1]
-    count = _num_chunks(v, tv)
+    count = num_chunks(v, tv)
     vary = _vma.varying_like(*args)
 
     def block(r0):
@@ -279,7 +279,7 @@ def forward_rows(args, mode, dtype, tn, tv, axis_name):
         hts = lax.dynamic_slice_in_dim(ht, r0, tn, 0) if tn != n else ht
 
         def tiles(j):
-            c0 = _chunk_start(j, tv, v)
+            c0 = chunk_start(j, tv, v)
             fresh = _fresh(j, c0, tv, v)
             z = _masked(_logits(hs, w, b, c0, tv, temperature, dtype), fresh)
             y = _masked(_logits(hts, wt, bt, c0, tv, temperature, dtype), fresh)
@@ -386,7 +386,7 @@ def backward(args, rows, g, want, mode, dtype, tn, tv):
     want_b, want_bt = want_b and b is not None, want_bt and bt is not None
     student, teacher = want_h or want_w or want_b, want_ht or want_wt or want_bt
     vary = _vma.varying_like(*args, g, lz, ly)
-    count = _num_chunks(n, tn)
+    count = num_chunks(n, tn)
     repeated = count > 1 and n % tn != 0
 
     def zeros(shape, dt, on):
@@ -395,17 +395,17 @@ def backward(args, rows, g, want, mode, dtype, tn, tv):
     def rows_of(i, *arrays):
         if count == 1:
             return arrays
-        r0 = _chunk_start(i, tn, n)
+        r0 = chunk_start(i, tn, n)
         return tuple(lax.dynamic_slice_in_dim(a, r0, tn, 0) for a in arrays)
 
     def put(i, full, part):
         if count == 1:
             return part
-        return lax.dynamic_update_slice_in_dim(full, part, _chunk_start(i, tn, n), 0)
+        return lax.dynamic_update_slice_in_dim(full, part, chunk_start(i, tn, n), 0)
 
     def vocab_chunk(j, carry):
         dh, dw, db, dht, dwt, dbt, dtemp = carry
-        c0 = _chunk_start(j, tv, v)
+        c0 = chunk_start(j, tv, v)
         fresh = _fresh(j, c0, tv, v)
         w_j = lax.dynamic_slice_in_dim(w, c0, tv, 1).astype(dtype) if want_h else None
         wt_j = lax.dynamic_slice_in_dim(wt, c0, tv, 1).astype(dtype) if want_ht else None
@@ -420,11 +420,11 @@ def backward(args, rows, g, want, mode, dtype, tn, tv):
             gz, gy = _class_grads(mode, lq, lp, beta, ss)
             gcol = gs[:, None]
             if repeated:  # rows an overlapping last token chunk shares count once
-                again = (_chunk_start(i, tn, n) + jnp.arange(tn)) < i * tn
+                again = (chunk_start(i, tn, n) + jnp.arange(tn)) < i * tn
                 gcol = jnp.where(again[:, None], jnp.zeros((), gcol.dtype), gcol)
-            dz, dy = _scaled(gcol, gz), _scaled(gcol, gy)
+            dz, dy = xmul(gcol, gz), xmul(gcol, gy)
             if want_t:  # z = x / T: d/dT = -sum(d/dz z) / T, z read as log Q (see _softmax_terms)
-                dtemp = dtemp + jnp.sum(_xmul(dz, lq)) + jnp.sum(_xmul(dy, lp))
+                dtemp = dtemp + jnp.sum(xmul(dz, lq)) + jnp.sum(xmul(dy, lp))
             dz, dy = dz / temperature, dy / temperature
             if want_h:
                 dh = put(i, dh, rows_of(i, dh)[0] + jnp.dot(dz, w_j.T))
@@ -462,12 +462,12 @@ def backward(args, rows, g, want, mode, dtype, tn, tv):
         zeros((), dtype, want_t),
     )
     if student or teacher or want_t:
-        dh, dw, db, dht, dwt, dbt, dtemp = lax.fori_loop(0, _num_chunks(v, tv), vocab_chunk, init)
+        dh, dw, db, dht, dwt, dbt, dtemp = lax.fori_loop(0, num_chunks(v, tv), vocab_chunk, init)
     else:
         dh = dw = db = dht = dwt = dbt = dtemp = None
     dbeta = None
     if want_beta:
-        dbeta = jnp.sum(_scaled(g, _beta_grad(mode, sums, beta)))
+        dbeta = jnp.sum(xmul(g, _beta_grad(mode, sums, beta)))
     if dtemp is not None:
         dtemp = -dtemp / temperature
     return dh, dw, db, dht, dwt, dbt, dbeta, dtemp

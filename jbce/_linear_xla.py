@@ -63,12 +63,12 @@ def tile_sizes(n: int, v: int, chunk_size) -> tuple[int, int]:
     return max(1, min(n, tn)), tv
 
 
-def _chunk_start(i, size: int, total: int):
+def chunk_start(i, size: int, total: int):
     """Start of chunk ``i``; the last chunk is moved back to end at ``total`` (it overlaps)."""
     return jnp.minimum(i * size, total - size)
 
 
-def _num_chunks(total: int, size: int) -> int:
+def num_chunks(total: int, size: int) -> int:
     return -(-total // size)
 
 
@@ -97,12 +97,12 @@ def _columns(columns, c0, tv):
 def _token_slices(n, tn):
     """(number of token chunks, slicer of a pytree of ``[N, ...]`` arrays); one chunk needs no
     slicing."""
-    count = _num_chunks(n, tn)
+    count = num_chunks(n, tn)
 
     def take(i, tree):
         if count == 1:
             return tree
-        r0 = _chunk_start(i, tn, n)
+        r0 = chunk_start(i, tn, n)
         return jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, r0, tn, 0), tree)
 
     return count, take
@@ -110,16 +110,16 @@ def _token_slices(n, tn):
 
 def _repeated_rows(i, n, tn):
     """Rows of token chunk ``i`` that an earlier chunk covered (None with one chunk)."""
-    if _num_chunks(n, tn) == 1:
+    if num_chunks(n, tn) == 1:
         return None
-    return (_chunk_start(i, tn, n) + jnp.arange(tn)) < i * tn
+    return (chunk_start(i, tn, n) + jnp.arange(tn)) < i * tn
 
 
 def _put(i, n, tn, full, part):
     """``part`` (a pytree of ``[tn, ...]``) written into ``full`` at token chunk ``i``."""
-    if _num_chunks(n, tn) == 1:
+    if num_chunks(n, tn) == 1:
         return part
-    r0 = _chunk_start(i, tn, n)
+    r0 = chunk_start(i, tn, n)
     return jax.tree.map(lambda f, p: lax.dynamic_update_slice_in_dim(f, p, r0, 0), full, part)
 
 
@@ -148,7 +148,7 @@ def tiled_stats(hidden, weight, bias, labels, columns, params, tile_stats, merge
     count, take = _token_slices(n, tn)
 
     def vocab_chunk(j, acc):
-        c0 = _chunk_start(j, tv, v)
+        c0 = chunk_start(j, tv, v)
         cols = _columns(columns, c0, tv)
 
         def token_chunk(i, acc):
@@ -165,7 +165,7 @@ def tiled_stats(hidden, weight, bias, labels, columns, params, tile_stats, merge
 
         return _loop(count, token_chunk, acc)
 
-    return lax.fori_loop(0, _num_chunks(v, tv), vocab_chunk, jax.tree.map(vary, init))
+    return lax.fori_loop(0, num_chunks(v, tv), vocab_chunk, jax.tree.map(vary, init))
 
 
 def tiled_grads(hidden, weight, bias, labels, columns, params, per_row, tile_grad, dtype,
@@ -194,7 +194,7 @@ def tiled_grads(hidden, weight, bias, labels, columns, params, per_row, tile_gra
 
     def vocab_chunk(j, carry):
         dh, dw, db, dcols, dps = carry
-        c0 = _chunk_start(j, tv, v)
+        c0 = chunk_start(j, tv, v)
         w_j = lax.dynamic_slice_in_dim(weight, c0, tv, 1).astype(dtype)
         cols = _columns(columns, c0, tv)
 
@@ -232,7 +232,7 @@ def tiled_grads(hidden, weight, bias, labels, columns, params, per_row, tile_gra
         tuple(None if c is None else vary(jnp.zeros((v,), dtype)) for c in columns),
         tuple(None if p is None else vary(jnp.zeros((), dtype)) for p in params),
     )
-    return lax.fori_loop(0, _num_chunks(v, tv), vocab_chunk, init)
+    return lax.fori_loop(0, num_chunks(v, tv), vocab_chunk, init)
 
 
 def _keep_fresh(fresh, part, full, c0, tv):

@@ -32,13 +32,9 @@ import jax.numpy as jnp
 
 from jbce import _forward, _stats
 from jbce._dtypes import to_compute
+from jbce._math import log_ratio, xmul
 
 TERMS = ("ce", "focal", "poly", "kl")
-
-
-def _xmul(a: jax.Array, b: jax.Array) -> jax.Array:
-    """a * b with 0 * inf = 0: a zero coefficient switches a term off entirely."""
-    return jnp.where(a == 0, jnp.zeros((), b.dtype), a * b)
 
 
 def _one_minus_p(lg: jax.Array) -> jax.Array:
@@ -54,7 +50,7 @@ def _focal_parts(lg, gamma):
     # for gamma < 1 (it would be 0 * inf at q = 0).
     r = jnp.where(q > 0, lg / jnp.where(q > 0, q, 1), -jnp.ones((), lg.dtype))
     qg = q**gamma
-    return qg, 1 - gamma * _xmul(p, r), q
+    return qg, 1 - gamma * xmul(p, r), q
 
 
 def _phi(kind, lg, theta, log_y=None):
@@ -65,7 +61,7 @@ def _phi(kind, lg, theta, log_y=None):
         return log_y - lg
     q = _one_minus_p(lg)
     if kind == "focal":
-        return -_xmul(q**theta, lg)
+        return -xmul(q**theta, lg)
     return -lg + theta * q  # poly
 
 
@@ -76,7 +72,7 @@ def _phi_grads(kind, lg, theta):
     if kind == "focal":
         qg, bracket, q = _focal_parts(lg, theta)
         log_q = jnp.log(jnp.where(q > 0, q, 1))
-        return -qg * bracket, -_xmul(log_q, _xmul(qg, lg))
+        return -qg * bracket, -xmul(log_q, xmul(qg, lg))
     p = jnp.exp(lg)
     return -1 - theta * p, _one_minus_p(lg)  # poly
 
@@ -164,7 +160,7 @@ def _row_loss(kind, x, y, a, ly, theta, shift, lse, dtype):
     lg = _log_probs(x, shift, lse)
     th = None if theta is None else to_compute(theta, dtype)
     log_y = _log_y(y, ly) if kind == "kl" else None
-    loss = jnp.sum(_xmul(a, _phi(kind, lg, th, log_y)), axis=-1)
+    loss = jnp.sum(xmul(a, _phi(kind, lg, th, log_y)), axis=-1)
     return jnp.where(jnp.isnan(lse), jnp.nan, loss)  # a NaN logit hides behind a = 0 otherwise
 
 
@@ -179,7 +175,7 @@ def _term_tangent(primals, saved, tangents, kind, log_labels, dtype):
     dphi, dtheta_c = _phi_grads(kind, lg, th)
     coef = functools.partial(_forward.keep_rows, rows)
     nrow = x.ndim - 1
-    u = _xmul(a, jnp.broadcast_to(dphi, lg.shape))
+    u = xmul(a, jnp.broadcast_to(dphi, lg.shape))
     # d/dx_j = u_j - p_j sum_c u_c (through l = x - m - lse)
     terms = [_forward.contract(coef(u - p * jnp.sum(u, axis=-1, keepdims=True)), dlogits, nrow)]
     if dlabels is not None or dalpha is not None:
@@ -197,14 +193,14 @@ def _term_tangent(primals, saved, tangents, kind, log_labels, dtype):
             al = _class_coef(alpha, x.shape, dtype)
             dy = phi if al is None else al * phi
             if log_labels:
-                dy = _xmul(y, dy)  # through y = exp(log y)
+                dy = xmul(y, dy)  # through y = exp(log y)
             if mask is not None:
                 dy = jnp.where(mask, dy, jnp.zeros((), dtype))
             terms.append(_forward.contract(coef(dy), dlabels, nrow))
         if dalpha is not None:
             terms.append(_forward.contract(coef(phi * y), dalpha, nrow))
     if dtheta is not None and dtheta_c is not None:
-        terms.append(_forward.contract(coef(_xmul(a, dtheta_c)), dtheta, nrow))
+        terms.append(_forward.contract(coef(xmul(a, dtheta_c)), dtheta, nrow))
     loss = _forward.total(lse.shape, dtype, *terms)
     return loss, None, _lse_tangent(x, shift, lse, _cast(dlogits, dtype, mask), rows)
 
@@ -265,12 +261,6 @@ def _two_log_softmax(logits, teacher, temperature, mask, dtype):
     return z, w
 
 
-def _log_ratio(lq, lp):
-    """d = log Q - log P per class, 0 where both are -inf (a class neither distribution has)."""
-    both = (lq == -jnp.inf) & (lp == -jnp.inf)
-    return jnp.where(both, jnp.zeros((), lq.dtype), lq - lp)
-
-
 def _mixture_logs(d, beta):
     r"""(log P - log M, log Q - log M) for M = beta P + (1 - beta) Q, from d = log Q - log P.
 
@@ -291,19 +281,19 @@ def _mixture_logs(d, beta):
 def _jsd_parts(mode, lq, lp, beta):
     """(per-row value, d/dz, d/dw, d/dbeta per row) for one mode (not "traced")."""
     q, p = jnp.exp(lq), jnp.exp(lp)
-    d = _log_ratio(lq, lp)
+    d = log_ratio(lq, lp)
     if mode == "forward":  # KL(P || Q)
-        kl = jnp.sum(_xmul(p, -d), axis=-1)
-        return kl, q - p, _xmul(p, -d - kl[..., None]), jnp.zeros_like(kl)
+        kl = jnp.sum(xmul(p, -d), axis=-1)
+        return kl, q - p, xmul(p, -d - kl[..., None]), jnp.zeros_like(kl)
     if mode == "reverse":  # KL(Q || P)
-        kl = jnp.sum(_xmul(q, d), axis=-1)
-        return kl, _xmul(q, d - kl[..., None]), p - q, jnp.zeros_like(kl)
+        kl = jnp.sum(xmul(q, d), axis=-1)
+        return kl, xmul(q, d - kl[..., None]), p - q, jnp.zeros_like(kl)
     e, f = _mixture_logs(d, beta)
-    kl_p = jnp.sum(_xmul(p, e), axis=-1)  # KL(P || M)
-    kl_q = jnp.sum(_xmul(q, f), axis=-1)  # KL(Q || M)
+    kl_p = jnp.sum(xmul(p, e), axis=-1)  # KL(P || M)
+    kl_q = jnp.sum(xmul(q, f), axis=-1)  # KL(Q || M)
     value = beta * kl_p + (1 - beta) * kl_q
-    gz = (1 - beta) * _xmul(q, f - kl_q[..., None])
-    gw = beta * _xmul(p, e - kl_p[..., None])
+    gz = (1 - beta) * xmul(q, f - kl_q[..., None])
+    gw = beta * xmul(p, e - kl_p[..., None])
     return value, gz, gw, kl_p - kl_q
 
 
@@ -366,7 +356,7 @@ def _jsd_tangent(primals, saved, tangents, mode, dtype):
         _forward.contract(coef(gw / t), dxw, nrow),
         _forward.contract(coef(gbeta), dbeta, nrow),
         _forward.contract(
-            coef(-(jnp.sum(_xmul(gz, lq), -1) + jnp.sum(_xmul(gw, lp), -1)) / t), dtemp, nrow
+            coef(-(jnp.sum(xmul(gz, lq), -1) + jnp.sum(xmul(gw, lp), -1)) / t), dtemp, nrow
         ),
     )  # fmt: skip
     # The statistics of z = x / T: d lse = sum_c q_c (dx_c - z_c dT) / T.
@@ -379,7 +369,7 @@ def _softmax_lse_tangent(z, lg, dx, t, dt, rows):
     q = _forward.keep_rows(rows, jnp.exp(lg))
     terms = [_forward.contract(q / t, dx, z.ndim - 1)]
     if dt is not None:
-        terms.append(_forward.contract(-jnp.sum(_xmul(q, z), -1) / t, dt, z.ndim - 1))
+        terms.append(_forward.contract(-jnp.sum(xmul(q, z), -1) / t, dt, z.ndim - 1))
     return _forward.keep_rows(rows, _forward.total(lg.shape[:-1], lg.dtype, *terms))
 
 

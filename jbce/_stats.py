@@ -37,6 +37,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jbce._math import xmul
+
 
 class Stats(NamedTuple):
     """Per-row statistics (see the module docstring); ``None`` for a field a loss doesn't need.
@@ -219,7 +221,7 @@ def _combine(a, b):
     if not ws1:
         return out
     (w1, s1), (w2, s2) = ws1, ws2
-    return *out, w1 + w2, s1 + _times(w1, d1) + s2 + _times(w2, d2)
+    return *out, w1 + w2, s1 + xmul(w1, d1) + s2 + xmul(w2, d2)
 
 
 def _one_pass(logits, to_x, weights, pieces=None):
@@ -236,11 +238,6 @@ def _one_pass(logits, to_x, weights, pieces=None):
         operands = jax.lax.reduce(operands, init, _combine, (x.ndim,))
     out = jax.lax.reduce(operands, init, _combine, (x.ndim - 1,))
     return out if weights is not None else (*out, None, None)
-
-
-def _times(w, d):
-    """``w * d`` with ``0 * -inf = 0`` (an empty side of a merge moves nothing)."""
-    return jnp.where(w == 0, jnp.zeros((), d.dtype), w * d)
 
 
 def _identity(v):
