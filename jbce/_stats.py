@@ -468,10 +468,12 @@ def stats_tangent(
     if dweights is not None:
         dweights = _row_weights(dweights, x)
     target = target_weight = None
-    if onehot is not None and dx is not None:  # the label's own logit, even where masked
-        target = jnp.sum(coef(jnp.where(onehot, dx, zero)), axis=-1)
+    # The label's own logit, even where masked; its coefficient is 1 (finite), so masking the
+    # output row is enough.
+    if onehot is not None and dx is not None:
+        target = jnp.sum(jnp.where(onehot, dx, zero), axis=-1)
     if onehot is not None and dweights is not None and weights is not None and not soft:
-        target_weight = jnp.sum(coef(jnp.where(onehot, dweights, zero)), axis=-1)
+        target_weight = jnp.sum(jnp.where(onehot, dweights, zero), axis=-1)
     xm, wm = _masked(x, weights, mask, soft)
     if mask is not None:
         dx = None if dx is None else jnp.where(mask, dx, zero)
