@@ -485,19 +485,22 @@ ht = jax.random.normal(k[3], (n, dt), jnp.float64)
 wt = jax.random.normal(k[4], (dt, v), jnp.float64)
 bt = jax.random.normal(k[5], (v,), jnp.float64).at[7].set(-jnp.inf)
 y = jnp.arange(n).at[3].set(-100)
-cases = [(0.4, (8,), ("vocab",), (3, 2)), (0.0, (2, 4), ("data", "vocab"), (3, 2)),
-         (1.0, (8,), ("vocab",), (3, 2)), (0.4, (2, 4), ("data", "vocab"), None)]
-for beta, shape, names, chunk in cases:
-    opts = dict(beta=beta, temperature=1.3, reduction="sum")
+cases = [(0.4, (8,), ("vocab",), (3, 2), "sum"), (0.0, (2, 4), ("data", "vocab"), (3, 2), "sum"),
+         (1.0, (8,), ("vocab",), (3, 2), "sum"), (0.4, (2, 4), ("data", "vocab"), None, "sum"),
+         (0.3, (2, 4), ("data", "vocab"), (3, 2), "mean")]  # mean: batch_axis_name="data"
+for beta, shape, names, chunk, reduction in cases:
+    opts = dict(beta=beta, temperature=1.3, reduction=reduction)
     def ref(h, w, b, ht, wt, bt):
         return jbce.jensen_shannon_divergence(h @ w + b, ht @ wt + bt, where=y != -100, **opts)
     want = jax.value_and_grad(ref, (0, 1, 2, 3, 4, 5))(h, w, b, ht, wt, bt)
     mesh = Mesh(np.array(jax.devices()).reshape(shape), names)
+    mean = reduction == "mean"  # the data shards hold 4 and 5 tokens that count
     tok = P("data") if "data" in names else P()
     def local(h, w, b, ht, wt, bt, y):
         out = jbce.linear_distillation_loss(h, w, ht, wt, bias=b, teacher_bias=bt, labels=y,
-                                            chunk_size=chunk, axis_name="vocab", **opts)
-        return jax.lax.psum(out, "data") if "data" in names else out
+                                            chunk_size=chunk, axis_name="vocab", **opts,
+                                            **({"batch_axis_name": "data"} if mean else {}))
+        return jax.lax.psum(out, "data") if "data" in names and not mean else out
     col = P(None, "vocab")
     f = jax.shard_map(local, mesh=mesh, out_specs=P(),
                       in_specs=(tok, col, P("vocab"), tok, col, P("vocab"), tok))
