@@ -1326,6 +1326,210 @@ def check_conditionals(platforms: Sequence[str] = PLATFORMS, log=None) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
+# --------------------------------------------------------------------------------------------
+# The Pallas kernels of the fused linear loss (implementation="pallas")
+# --------------------------------------------------------------------------------------------
+
+# (N, D, V): the bench shape and a ragged one (N, V not multiples of any block size).
+PALLAS_SHAPES = {
+    "lm_4096x512x32768": (4096, 512, 32768),
+    "lm_ragged_4100x512x32001": (4100, 512, 32001),
+}
+PALLAS_QUICK_SHAPES = {
+    "lm_512x128x4096": (512, 128, 4096),
+    "lm_ragged_300x96x1000": (300, 96, 1000),
+}
+PALLAS_MAX_KERNELS = 8  # value_and_grad
+PALLAS_TEMP_RATIO = 64  # temp <= optax's / 64 at the bench shape
+PALLAS_HBM_OVER_IDEAL = 1.5  # custom-call operands + outputs <= 1.5x ideal (+ block re-reads)
+PALLAS_TARGETS = ("__gpu$xla.gpu.triton", "tpu_custom_call", "mosaic_gpu", "mosaic_gpu_v2")
+
+
+def pallas_custom_calls(text: str) -> int:
+    """Custom calls of a compiled module that run a Pallas kernel (Triton, Mosaic)."""
+    return sum(
+        1
+        for m in re.finditer(r'custom_call_target="([^"]*)"', text)
+        if m.group(1) in PALLAS_TARGETS
+    )
+
+
+def pallas_block_reads(platform: str, n: int, d: int, v: int, itemsize: int) -> dict:
+    """Bytes of ``weight`` and ``hidden`` the value_and_grad kernels load, from their block
+    sizes: ``{"weight": ..., "hidden": ..., "weight_rereads": ..., "hidden_rereads": ...}``.
+
+    The HBM estimate counts each custom-call operand once; a kernel that walks its tiles
+    loads blocks of an operand again (``*_rereads``: the loads beyond one full read per
+    kernel). GPU: every token-block program of the forward and d hidden kernels reads all
+    of ``weight`` (the d hidden kernel once more per ``td`` slice of D), every vocabulary
+    program of d weight all of ``hidden``; a program's own block (its rows of ``hidden``,
+    its columns of ``weight``) is reloaded per step, which the L1/L2 caches mostly serve.
+    TPU: the pipeline fetches a block when its index changes, so the forward and d hidden
+    kernels read ``weight`` once per token block, d weight ``hidden`` once per vocabulary
+    block. Caches are not modelled: an upper bound on what reaches HBM.
+    """
+    from jbce import _linear_pallas_gpu as gpu
+    from jbce import _linear_pallas_tpu as tpu
+
+    W, H = d * v * itemsize, n * d * itemsize
+    if platform == "gpu":
+        tn, tv, _, td = gpu.block_sizes(max(n, 16), d + (-d % 16), max(v, 16))
+        ni, nj, nd = -(-n // tn), -(-v // tv), d // td
+        weight = ni * W + (ni * nd * W + ni * W) + nd * ni * W
+        hidden = nj * H + nd * nj * H + (nj * nd * H + nj * H)
+    else:
+        tn, tv = tpu.block_sizes(n, d, v, itemsize)
+        ni, nj = -(-n // tn), -(-v // tv)
+        weight = ni * W + ni * W + W
+        hidden = H + H + nj * H
+    return {
+        "blocks": [tn, tv],
+        "weight": weight,
+        "hidden": hidden,
+        "weight_rereads": weight - 3 * W,
+        "hidden_rereads": hidden - 3 * H,
+    }
+
+
+def pallas_report(
+    platforms: Sequence[str],
+    quick: bool = False,
+    log=print,
+    *,
+    compare: bool = True,
+    dtypes: Sequence[str] = ("float32", "bfloat16"),
+) -> list[dict]:
+    """value_and_grad of ``implementation="pallas"`` per (shape, dtype, platform), with (if
+    ``compare``) the XLA tiled loop and optax's materialised loss at the bench shape (the
+    first) beside it."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import jbce
+
+    impls = {
+        "pallas": lambda h, w, y: jbce.linear_softmax_cross_entropy(
+            h, w, y, implementation="pallas"
+        ),
+        "xla": lambda h, w, y: jbce.linear_softmax_cross_entropy(h, w, y, implementation="xla"),
+        "optax": lambda h, w, y: optax.losses.softmax_cross_entropy_with_integer_labels(
+            jnp.matmul(h, w), y
+        ).mean(),
+    }
+    shapes = PALLAS_QUICK_SHAPES if quick else PALLAS_SHAPES
+    rows = []
+    for k, (name, (n, d, v)) in enumerate(shapes.items()):
+        for dt in dtypes:
+            specs = (((n, d), dt), ((d, v), dt), ((n,), "int32"))
+            for platform in platforms:
+                row = {"case": name, "dtype": dt, "platform": platform, "mode": "vag"}
+                row["device"] = DEVICE_NAMES[platform]
+                for impl, f in impls.items():
+                    if impl != "pallas" and (k or not compare):
+                        continue  # the comparisons only at the bench shape
+                    t0 = time.perf_counter()
+                    compiled = compile_for(jax.value_and_grad(f, (0, 1)), specs, platform)
+                    st = compiled_stats(compiled)
+                    st["compile_s"] = round(time.perf_counter() - t0, 2)
+                    st["hbm_over_ideal"] = st["hbm_bytes"] / max(st["ideal_bytes"], 1)
+                    if impl == "pallas":
+                        st["pallas_calls"] = pallas_custom_calls(compiled.as_text())
+                        itemsize = 2 if dt == "bfloat16" else 4
+                        st["block_reads"] = pallas_block_reads(platform, n, d, v, itemsize)
+                    row[impl] = st
+                rows.append(row)
+                log(format_pallas_row(row), flush=True)
+    return rows
+
+
+def check_pallas_targets(rows: list[dict]) -> list[dict]:
+    """The issue's targets for the kernels (value_and_grad): kernels, temp, HBM/ideal."""
+    out = []
+    for r in rows:
+        p = r["pallas"]
+        label = f"{r['device']} {r['case']} {r['dtype']} vag (pallas)"
+        out.append(
+            {
+                "target": f"{label}: {PALLAS_MAX_KERNELS} kernels at most",
+                "met": p["kernels"] <= PALLAS_MAX_KERNELS,
+                "detail": f"{p['kernels']} ({p['pallas_calls']} Pallas)",
+            }
+        )
+        out.append(
+            {
+                "target": f"{label}: 0 conditionals",
+                "met": p["conditionals"] == 0,
+                "detail": f"{p['conditionals']}",
+            }
+        )
+        out.append(
+            {
+                "target": f"{label}: HBM (operands + outputs) <= {PALLAS_HBM_OVER_IDEAL}x ideal",
+                "met": p["hbm_over_ideal"] <= PALLAS_HBM_OVER_IDEAL,
+                "detail": f"{p['hbm_over_ideal']:.2f}x; block re-reads not in it: weight "
+                f"{fmt_bytes(p['block_reads']['weight_rereads'])}, hidden "
+                f"{fmt_bytes(p['block_reads']['hidden_rereads'])}",
+            }
+        )
+        if "optax" in r:
+            o = r["optax"]
+            out.append(
+                {
+                    "target": f"{label}: temp <= optax's / {PALLAS_TEMP_RATIO}",
+                    "met": p["temp_bytes"] * PALLAS_TEMP_RATIO <= o["temp_bytes"],
+                    "detail": f"{fmt_bytes(p['temp_bytes'])} vs {fmt_bytes(o['temp_bytes'])}",
+                }
+            )
+    return out
+
+
+PALLAS_COLUMNS = (
+    "device", "case", "dtype", "kernels p/x/o", "Pallas calls", "temp p/x/o",
+    "HBM p/x/o", "ideal", "HBM/ideal p", "weight re-reads", "hidden re-reads",
+)  # fmt: skip
+_PALLAS_WIDTHS = (8, 25, 9, 14, 12, 26, 26, 9, 11, 15, 15)
+
+
+def _pallas_cells(r: dict) -> list[str]:
+    p = r["pallas"]
+    others = [r.get(k) for k in ("pallas", "xla", "optax")]
+
+    def each(key, fmt=str):
+        return "/".join("-" if o is None else fmt(o[key]) for o in others)
+
+    return [
+        r["device"],
+        r["case"],
+        r["dtype"],
+        each("kernels"),
+        str(p["pallas_calls"]),
+        each("temp_bytes", fmt_bytes),
+        each("hbm_bytes", fmt_bytes),
+        fmt_bytes(p["ideal_bytes"]),
+        f"{p['hbm_over_ideal']:.2f}",
+        fmt_bytes(p["block_reads"]["weight_rereads"]),
+        fmt_bytes(p["block_reads"]["hidden_rereads"]),
+    ]
+
+
+def format_pallas_row(r: dict) -> str:
+    return "  ".join(c.ljust(w) for c, w in zip(_pallas_cells(r), _PALLAS_WIDTHS)).rstrip()
+
+
+def format_pallas_header() -> str:
+    return "  ".join(c.ljust(w) for c, w in zip(PALLAS_COLUMNS, _PALLAS_WIDTHS)).rstrip()
+
+
+PALLAS_LEGEND = (
+    'p/x/o: implementation="pallas" / the XLA tiled loop / optax materialised (the last '
+    "two at the\nbench shape only); HBM: custom-call (kernel) operands + outputs, each "
+    "operand once; re-reads:\nloads of weight/hidden blocks beyond one read per kernel, "
+    "from the block sizes (not in HBM; caches\nnot modelled, an upper bound); value_and_grad "
+    "w.r.t. hidden and weight."
+)
+
+
 def fmt_bytes(n: float | None) -> str:
     """``1.5GiB``, ``512MiB``, ``17.5KiB``, ``16B`` (three significant digits)."""
     if n is None:
@@ -1439,6 +1643,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="only the no-conditional check of every public loss (two small sizes)",
     )
+    p.add_argument(
+        "--pallas",
+        action="store_true",
+        help='only the Pallas kernels (implementation="pallas") of the fused linear loss',
+    )
+    p.add_argument(
+        "--pallas-check",
+        action="store_true",
+        help="--pallas without the XLA/optax comparisons, float32 only (the CI compile check)",
+    )
     args = p.parse_args(argv)
     args.platforms = [s.strip() for s in args.platforms.split(",") if s.strip()]
     for s in args.platforms:
@@ -1471,6 +1685,22 @@ def main(argv=None) -> int:
             doc["environment"] = environment()
             args.json.write_text(json.dumps(doc, indent=1) + "\n")
         return 1 if n_bad else 0
+
+    if args.pallas or args.pallas_check:
+        print(format_pallas_header(), flush=True)
+        check = dict(compare=False, dtypes=("float32",)) if args.pallas_check else {}
+        rows = pallas_report(args.platforms, args.quick, **check)
+        targets = check_pallas_targets(rows)
+        print("\ntargets:")
+        for t in targets:
+            print(f"  {'met    ' if t['met'] else 'NOT met'}  {t['target']}: {t['detail']}")
+        print("\n" + PALLAS_LEGEND)
+        print(f"\n{len(rows)} cases in {time.perf_counter() - t0:.0f}s")
+        if args.json:
+            doc = {"environment": environment(), "quick": args.quick, "rows": rows}
+            doc["targets"] = targets
+            args.json.write_text(json.dumps(doc, indent=1) + "\n")
+        return 0
 
     print(format_header(), flush=True)
     cases = None if args.cases is None else [c.strip() for c in args.cases.split(",")]

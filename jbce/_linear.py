@@ -16,12 +16,12 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from jbce import _checks, _stats
+from jbce import _checks, _linear_pallas, _stats
 from jbce._dtypes import compute_dtype
 from jbce._linear_xla import linear_stats, tile_sizes
 from jbce._reduce import reduce_loss
 
-IMPLEMENTATIONS = ("xla",)
+IMPLEMENTATIONS = ("xla", "pallas")
 
 
 def linear_softmax_cross_entropy(
@@ -42,6 +42,7 @@ def linear_softmax_cross_entropy(
     chunk_size: int | tuple[int, int] | None = None,
     axis_name: str | None = None,
     implementation: str | None = None,
+    gradient_filter: float | None = None,
 ) -> jax.Array:
     r"""Softmax cross-entropy of the logits ``hidden @ weight + bias``, never materialised.
 
@@ -95,7 +96,18 @@ def linear_softmax_cross_entropy(
         ``(token_chunk, vocab_chunk)``. Without a token chunk it is
         ``min(N, 2**23 // vocab_chunk)``, so a tile holds at most 2**23 logits.
       implementation: ``"xla"`` (the tiled loop; also what ``None``, the default, picks
-        on every platform today).
+        on every platform today) or ``"pallas"``: Pallas kernels that keep each logits
+        tile on chip (Triton on GPUs, Mosaic on TPUs; on other platforms the tiled loop).
+        The kernels compute in float32 (float64 inputs are refused), choose their own
+        block sizes (``chunk_size`` must be None) and do not take ``class_weights`` yet.
+        Not the default until measured faster on hardware.
+      gradient_filter: ``"pallas"`` only: skip, in the backward pass, a tile whose every
+        softmax probability is below this threshold and that holds no token's label (Cut
+        Cross-Entropy's gradient filtering, whose default is ``jnp.finfo(dtype).eps / 32``
+        for the inputs' dtype: 2**-12 for bfloat16). Each gradient entry it drops is below
+        the threshold times the token's cotangent. ``None`` (the default) filters nothing:
+        the gradient is exact. With label smoothing no tile is skipped (every class has a
+        gradient).
       axis_name: mesh axis over which ``weight``'s (and ``bias``'s) vocabulary axis is
         sharded: each shard passes its ``[D, V / n]`` columns (and ``[V / n]`` of ``bias`` and
         ``class_weights``; shard ``i`` owning classes
@@ -137,17 +149,26 @@ def linear_softmax_cross_entropy(
         labels, bshape, v, weights=weights, class_weights=class_weights,
         ignore_index=ignore_index, num_classes=num_classes, dtype=dt,
     )  # fmt: skip
+    _linear_pallas.check_options(implementation, chunk_size, gradient_filter, dt, cw)
     glob = {"normalizer": normalizer, "batch_axis_name": batch_axis_name}
     if n == 0:
         loss = jnp.zeros(bshape, dt)
         return reduce_loss(loss, reduction=reduction, weights=weights, **glob)
-    tn, tv = tile_sizes(n, v, chunk_size)
-    st = linear_stats(
-        hidden, weight, bias, labels.reshape(n), cw,
-        None if cap is None else jnp.asarray(cap, dt),
-        None if rows is None else rows.reshape(n),
-        dt, tn, tv, not _checks.is_zero(e), axis_name,
-    )  # fmt: skip
+    if implementation == "pallas":
+        st = _linear_pallas.linear_stats(
+            hidden, weight, bias, labels.reshape(n),
+            None if cap is None else jnp.asarray(cap, dt),
+            None if rows is None else rows.reshape(n),
+            not _checks.is_zero(e), gradient_filter, axis_name, _linear_pallas.interpreting(),
+        )  # fmt: skip
+    else:
+        tn, tv = tile_sizes(n, v, chunk_size)
+        st = linear_stats(
+            hidden, weight, bias, labels.reshape(n), cw,
+            None if cap is None else jnp.asarray(cap, dt),
+            None if rows is None else rows.reshape(n),
+            dt, tn, tv, not _checks.is_zero(e), axis_name,
+        )  # fmt: skip
     st = _stats.Stats(*(None if f is None else f.reshape(bshape) for f in st))
     loss, has = _stats.loss_terms(
         st, labels, num_classes=num_classes, label_smoothing=e, z_loss=z,

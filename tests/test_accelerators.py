@@ -292,3 +292,46 @@ def test_fused_distillation_on_h100_has_no_conditional_few_kernels_and_less_hbm(
     assert fused["kernels"] <= acc.LINEAR_MAX_KERNELS, fused["kernels"]
     assert fused["hbm_bytes"] <= materialised["hbm_bytes"], (fused, materialised)
     assert fused["temp_bytes"] * 4 <= materialised["temp_bytes"], (fused, materialised)
+
+
+def test_pallas_kernels_compile_for_h100_and_tpu_v5e(tmp_path):
+    """implementation="pallas" value_and_grad compiles deviceless for an H100 (sm_90, the
+    Triton kernels) and a TPU v5e (Mosaic) at the bench shape and at a ragged one, as three
+    Pallas custom calls, no conditional, and on the H100 at most 8 kernels in all."""
+    python = _accel_python()
+    out = tmp_path / "pallas.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [str(python), "-m", "bench.accelerators", "--pallas-check", "--json", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    if not out.exists():
+        pytest.fail(f"the check wrote no results (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["platform"], r["case"]) for r in rows} == {
+        (p, c) for p in acc.PLATFORMS for c in acc.PALLAS_SHAPES
+    }
+    for r in rows:
+        p = r["pallas"]
+        where = f"{r['device']} {r['case']}"
+        assert p["pallas_calls"] == 3, where  # forward, d hidden, d weight
+        assert p["conditionals"] == 0, where
+        if r["platform"] == "gpu":
+            assert p["kernels"] <= acc.PALLAS_MAX_KERNELS, where
+
+
+def test_pallas_block_reads_count_the_kernels_walks():
+    n, d, v = 4096, 512, 32768
+    tpu = acc.pallas_block_reads("tpu", n, d, v, 4)
+    tn, tv = tpu["blocks"]
+    W, H = d * v * 4, n * d * 4
+    # forward and d hidden: weight once per token block; d weight: hidden once per class block
+    assert tpu["weight_rereads"] == 2 * (n // tn - 1) * W
+    assert tpu["hidden_rereads"] == (v // tv - 1) * H
+    gpu = acc.pallas_block_reads("gpu", n, d, v, 4)
+    assert gpu["weight_rereads"] > tpu["weight_rereads"]
+    assert acc.pallas_custom_calls('custom_call_target="tpu_custom_call", x') == 1

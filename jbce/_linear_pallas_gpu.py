@@ -1,0 +1,288 @@
+"""The fused linear cross-entropy as Pallas kernels for GPUs (the Triton lowering).
+
+Three kernels; each walks its tiles with loops inside the kernel, reading the operands
+straight from HBM (the refs are whole arrays; every load is a ``pl.ds`` window):
+
+- forward (grid: token blocks): for each vocabulary block, the logits tile is
+  ``hidden[rows] @ weight[:, cols]`` (accumulated over ``tk``-wide slices of D, in
+  float32) and folds into the rows' running statistics
+  (:func:`jbce._linear_pallas_tiles.update_stats`); only the per-token statistics are
+  written.
+- d hidden (grid: token blocks x ``td``-wide slices of D): recomputes each tile, turns it
+  into ``d logits`` and accumulates ``d logits @ weight[d_slice, cols].T``; it also writes
+  each row's share of ``d logit_softcap``.
+- d weight, d bias (grid: vocabulary blocks x slices of D): the same over token blocks,
+  accumulating ``hidden[rows, d_slice].T @ d logits``.
+
+Ragged sizes are handled without padding an operand: the last block of an axis is moved
+back to end at the axis' size and overlaps its predecessor (the overlap is masked out of
+the statistics and the reductions; overlapping outputs are written twice with the same
+values). Only tiny axes (fewer than 16 tokens or classes, or a D that is not a multiple of
+16, the Triton ``dot``'s minimum) are padded by the caller (:func:`pad`).
+
+Block sizes (powers of two, as Triton requires): ``TN`` tokens x ``TV`` classes per tile,
+``TK`` of D per ``dot``, ``TD`` of D per backward program. They are starting points, not
+tuned on hardware (no GPU was available when they were chosen).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from jbce import _linear_pallas_tiles as tiles
+
+TN = 64
+TV = 128
+TK = 64
+TD = 256
+MIN_BLOCK = 16  # the smallest dimension of a Triton dot
+NUM_WARPS = 4
+NUM_STAGES = 2
+
+
+def _floor_pow2(x: int) -> int:
+    return 1 << (x.bit_length() - 1)
+
+
+def block_sizes(n: int, d: int, v: int, caps=None) -> tuple[int, int, int, int]:
+    """(tn, tv, tk, td) for an ``[n, d] @ [d, v]`` problem already padded by :func:`pad`;
+    ``caps`` replaces the maxima ``(TN, TV, TK, TD)``."""
+    max_n, max_v, max_k, max_d = caps or (TN, TV, TK, TD)
+    tn = min(max_n, _floor_pow2(n))
+    tv = min(max_v, _floor_pow2(v))
+    low = d & -d  # the largest power of two dividing d
+    return tn, tv, min(max_k, low), min(max_d, low)
+
+
+def pad(hidden, weight, bias, labels, keep=None):
+    """Operands padded where an axis is below 16 or D isn't a multiple of 16 (zeros; padded
+    classes are masked out by the kernels, padded tokens dropped by the caller)."""
+    n, d = hidden.shape
+    v = weight.shape[1]
+    pn, pv, pd = max(0, MIN_BLOCK - n), max(0, MIN_BLOCK - v), -d % MIN_BLOCK
+    if pn or pd:
+        hidden = jnp.pad(hidden, ((0, pn), (0, pd)))
+    if pv or pd:
+        weight = jnp.pad(weight, ((0, pd), (0, pv)))
+    if bias is not None and pv:
+        bias = jnp.pad(bias, ((0, 0), (0, pv)))
+    if pn:
+        labels = jnp.pad(labels, ((0, pn), (0, 0)), constant_values=-1)
+        keep = None if keep is None else jnp.pad(keep, ((0, pn), (0, 0)))
+    return hidden, weight, bias, labels, keep
+
+
+def _start(i, size: int, total: int):
+    """Start of block ``i``; the last block ends at ``total`` (overlapping its predecessor)."""
+    return jnp.minimum(i * size, total - size)
+
+
+def _logits(h_ref, w_ref, b_ref, r0, c0, tn, tv, tk, d):
+    """``hidden[r0:r0+tn] @ weight[:, c0:c0+tv] + bias`` in float32, D in ``tk`` slices."""
+
+    def step(k, acc):
+        hk = h_ref[pl.ds(r0, tn), pl.ds(k * tk, tk)]
+        wk = w_ref[pl.ds(k * tk, tk), pl.ds(c0, tv)]
+        if hk.dtype != wk.dtype:
+            hk, wk = hk.astype(jnp.float32), wk.astype(jnp.float32)
+        return acc + tiles.matmul(hk, wk)
+
+    z = lax.fori_loop(0, d // tk, step, jnp.zeros((tn, tv), jnp.float32))
+    if b_ref is not None:
+        z = z + b_ref[:, pl.ds(c0, tv)].astype(jnp.float32)
+    return z
+
+
+def _split(refs, has_bias, has_cap, n_in):
+    refs = list(refs)
+    h_ref, w_ref = refs[0], refs[1]
+    k = 2
+    b_ref = refs[k] if has_bias else None
+    k += has_bias
+    y_ref = refs[k]
+    k += 1
+    cap_ref = refs[k] if has_cap else None
+    k += has_cap
+    rest = refs[k:]
+    return h_ref, w_ref, b_ref, y_ref, cap_ref, rest[: n_in - k], rest[n_in - k :]
+
+
+def _forward_kernel(*refs, n, v, vp, d, tn, tv, tk, has_bias, has_cap, sums, n_in):
+    h_ref, w_ref, b_ref, y_ref, cap_ref, _, outs = _split(refs, has_bias, has_cap, n_in)
+    r0 = _start(pl.program_id(0), tn, n)
+    y = y_ref[pl.ds(r0, tn), :]
+    cap = cap_ref[...] if has_cap else None
+
+    def vocab_block(j, acc):
+        c0 = _start(j, tv, vp)
+        z = _logits(h_ref, w_ref, b_ref, r0, c0, tn, tv, tk, d)
+        cols = c0 + lax.broadcasted_iota(jnp.int32, (1, tv), 1)
+        valid = (cols >= j * tv) & (cols < v)
+        hit = (cols == y) & (y >= j * tv)
+        return tiles.update_stats(acc, tiles.softcap(z, cap), valid, hit)
+
+    acc = lax.fori_loop(0, pl.cdiv(vp, tv), vocab_block, tiles.empty(tn, sums))
+    for ref, val in zip(outs, tiles.finish(acc), strict=True):
+        ref[pl.ds(r0, tn), :] = val
+
+
+def _params():
+    return plt.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+
+
+def _column(n):
+    return jax.ShapeDtypeStruct((n, 1), jnp.float32)
+
+
+def forward(hidden, weight, bias, labels, cap, *, v, sums, interpret, blocks=None):
+    """Per-token ``(shift, lse, target[, logit_sum, weight_sum])``, ``[n, 1]`` float32 each,
+    for padded operands (:func:`pad`); ``v`` is the number of real classes."""
+    n, d = hidden.shape
+    vp = weight.shape[1]
+    tn, tv, tk, _ = block_sizes(n, d, vp, blocks)
+    args = [a for a in (hidden, weight, bias, labels, cap) if a is not None]
+    kernel = functools.partial(
+        _forward_kernel,
+        n=n, v=v, vp=vp, d=d, tn=tn, tv=tv, tk=tk,
+        has_bias=bias is not None, has_cap=cap is not None, sums=sums, n_in=len(args),
+    )  # fmt: skip
+    return pl.pallas_call(
+        kernel,
+        out_shape=[_column(n)] * (5 if sums else 3),
+        grid=(pl.cdiv(n, tn),),
+        compiler_params=_params(),
+        interpret=interpret,
+        name="jbce_linear_ce_fwd_gpu",
+    )(*args)
+
+
+def _row_inputs(refs, r0, tn):
+    """keep (bool), shift, lse, g_lse, g_t[, g_s] columns of rows ``r0:r0+tn``."""
+    cols = [r[pl.ds(r0, tn), :] for r in refs]
+    return (cols[0] != 0, *cols[1:])
+
+
+def _dhidden_kernel(*refs, n, v, vp, d, tn, tv, tk, td, has_bias, has_cap, sums, thr, n_in):
+    h_ref, w_ref, b_ref, y_ref, cap_ref, rows, outs = _split(refs, has_bias, has_cap, n_in)
+    dh_ref, dcap_ref = outs[0], outs[1] if has_cap else None
+    i, kd = pl.program_id(0), pl.program_id(1)
+    r0 = _start(i, tn, n)
+    y = y_ref[pl.ds(r0, tn), :]
+    keep, m, lse, g_lse, g_t, *g_s = _row_inputs(rows, r0, tn)
+    g_s = g_s[0] if sums else None
+    cap = cap_ref[...] if has_cap else None
+
+    def vocab_block(j, carry):
+        acc, dcap = carry
+        c0 = _start(j, tv, vp)
+        z = _logits(h_ref, w_ref, b_ref, r0, c0, tn, tv, tk, d)
+        cols = c0 + lax.broadcasted_iota(jnp.int32, (1, tv), 1)
+        valid = (cols >= j * tv) & (cols < v)
+        hit = (cols == y) & (y >= j * tv)
+        dx, p = tiles.logits_grad(tiles.softcap(z, cap), valid, hit, keep, m, lse, g_lse, g_t, g_s)
+        dz, dc = tiles.softcap_grad(z, cap, dx)
+        if dc is not None:
+            dcap = dcap + dc
+
+        def add(acc):
+            wd = w_ref[pl.ds(kd * td, td), pl.ds(c0, tv)].astype(jnp.float32)
+            return acc + tiles.matmul(dz, wd, transpose_b=True)
+
+        if thr is None:
+            return add(acc), dcap
+        return lax.cond(tiles.small(p, hit, thr), lambda a: a, add, acc), dcap
+
+    init = (jnp.zeros((tn, td), jnp.float32), jnp.zeros((tn, 1), jnp.float32))
+    acc, dcap = lax.fori_loop(0, pl.cdiv(vp, tv), vocab_block, init)
+    dh_ref[pl.ds(r0, tn), pl.ds(kd * td, td)] = acc.astype(dh_ref.dtype)
+    if dcap_ref is not None:
+        dcap_ref[pl.ds(r0, tn), :] = dcap
+
+
+def _dweight_kernel(*refs, n, v, vp, d, tn, tv, tk, td, has_bias, has_cap, sums, thr, n_in):
+    h_ref, w_ref, b_ref, y_ref, cap_ref, rows, outs = _split(refs, has_bias, has_cap, n_in)
+    dw_ref, db_ref = outs[0], outs[1] if has_bias else None
+    j, kd = pl.program_id(0), pl.program_id(1)
+    c0 = _start(j, tv, vp)
+    cols = c0 + lax.broadcasted_iota(jnp.int32, (1, tv), 1)
+    valid = cols < v  # every real class of this block (overlapping ones too: same values)
+    cap = cap_ref[...] if has_cap else None
+
+    def token_block(i, carry):
+        acc, db = carry
+        r0 = _start(i, tn, n)
+        y = y_ref[pl.ds(r0, tn), :]
+        keep, m, lse, g_lse, g_t, *g_s = _row_inputs(rows, r0, tn)
+        g_s = g_s[0] if sums else None
+        fresh = (r0 + lax.broadcasted_iota(jnp.int32, (tn, 1), 0)) >= i * tn
+        z = _logits(h_ref, w_ref, b_ref, r0, c0, tn, tv, tk, d)
+        hit = cols == y
+        x = tiles.softcap(z, cap)
+        dx, p = tiles.logits_grad(x, valid, hit, keep & fresh, m, lse, g_lse, g_t, g_s)
+        dz, _ = tiles.softcap_grad(z, cap, dx)
+
+        def add(carry):
+            acc, db = carry
+            hd = h_ref[pl.ds(r0, tn), pl.ds(kd * td, td)].astype(jnp.float32)
+            return acc + tiles.matmul(hd, dz, transpose_a=True), db + jnp.sum(dz, 0, keepdims=True)
+
+        if thr is None:
+            return add((acc, db))
+        return lax.cond(tiles.small(p, hit & fresh, thr), lambda c: c, add, (acc, db))
+
+    init = (jnp.zeros((td, tv), jnp.float32), jnp.zeros((1, tv), jnp.float32))
+    acc, db = lax.fori_loop(0, pl.cdiv(n, tn), token_block, init)
+    dw_ref[pl.ds(kd * td, td), pl.ds(c0, tv)] = acc.astype(dw_ref.dtype)
+    if db_ref is not None:
+        db_ref[:, pl.ds(c0, tv)] = db
+
+
+def backward(
+    hidden, weight, bias, labels, cap, rows, *, v, sums, threshold, interpret, blocks=None
+):
+    """(d hidden, d weight (in their inputs' dtypes), d bias ``[1, vp]`` f32 or None, per-row
+    d cap ``[n, 1]`` or None)
+    for padded operands; ``rows`` = (keep, shift, lse, g_lse, g_t[, g_s]) ``[n, 1]``
+    columns (keep int32)."""
+    n, d = hidden.shape
+    vp = weight.shape[1]
+    tn, tv, tk, td = block_sizes(n, d, vp, blocks)
+    args = [a for a in (hidden, weight, bias, labels, cap) if a is not None] + list(rows)
+    static = dict(
+        n=n, v=v, vp=vp, d=d, tn=tn, tv=tv, tk=tk, td=td, has_bias=bias is not None,
+        has_cap=cap is not None, sums=sums, thr=threshold, n_in=len(args),
+    )  # fmt: skip
+    dh_out = [jax.ShapeDtypeStruct((n, d), hidden.dtype)]  # accumulated in f32, written once
+    if cap is not None:
+        dh_out.append(_column(n))
+    dh = pl.pallas_call(
+        functools.partial(_dhidden_kernel, **static),
+        out_shape=dh_out,
+        grid=(pl.cdiv(n, tn), d // td),
+        compiler_params=_params(),
+        interpret=interpret,
+        name="jbce_linear_ce_dhidden_gpu",
+    )(*args)
+    dw_out = [jax.ShapeDtypeStruct((d, vp), weight.dtype)]
+    if bias is not None:
+        dw_out.append(jax.ShapeDtypeStruct((1, vp), jnp.float32))
+    dw = pl.pallas_call(
+        functools.partial(_dweight_kernel, **static),
+        out_shape=dw_out,
+        grid=(pl.cdiv(vp, tv), d // td),
+        compiler_params=_params(),
+        interpret=interpret,
+        name="jbce_linear_ce_dweight_gpu",
+    )(*args)
+    return (
+        dh[0],
+        dw[0],
+        dw[1] if bias is not None else None,
+        dh[1] if cap is not None else None,
+    )

@@ -1,0 +1,141 @@
+r"""The tile math shared by the Pallas kernels of the fused linear cross-entropy.
+
+Plain ``jnp`` on one ``[token_block, vocab_block]`` tile, written with the operations both
+Pallas lowerings (Triton for GPUs, Mosaic for TPUs) and interpret mode accept: ``where``,
+row ``max``/``sum``, ``exp``, ``log``, ``tanh`` and ``iota`` comparisons (no gathers). The
+GPU and TPU kernels (:mod:`jbce._linear_pallas_gpu`, :mod:`jbce._linear_pallas_tpu`) differ
+only in how they walk the tiles; what each tile contributes is defined here once, and
+matches :mod:`jbce._stats` (the statistics every jbce softmax loss is assembled from):
+
+- forward, per row, running over the vocabulary blocks (an online log-sum-exp):
+  :math:`m` (row max, 0 for a row without classes), :math:`\sigma = \sum_C e^{x - m}`
+  (``lse = log sigma``), :math:`t = x_y`, and with label smoothing
+  :math:`s = \sum_C (x - m)` and :math:`W = |C|` (:func:`update_stats`);
+- backward, per tile, :math:`\partial L / \partial x_c = \bar\ell p_c + \bar t [c = y] +
+  \bar s [c \in C]` (:func:`logits_grad`, the formula of :func:`jbce._stats.logits_grad`)
+  and the soft-cap's chain rule (:func:`softcap_grad`).
+
+Every per-row quantity is a ``[rows, 1]`` column so that it broadcasts against a tile.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+class Running(NamedTuple):
+    """Per-row running statistics, ``[rows, 1]`` float32 each (``s``/``w`` None without sums).
+
+    ``m`` is the running max (``-inf`` until a class is seen), ``se`` the sum of
+    ``exp(x - shift(m))``; ``t`` the label's logit; ``s`` the sum of ``x - shift(m)`` and
+    ``w`` the number of included classes.
+    """
+
+    m: jax.Array
+    se: jax.Array
+    t: jax.Array
+    s: jax.Array | None
+    w: jax.Array | None
+
+
+def shift(m):
+    """The statistics' shift: the row max, or 0 for a row without classes."""
+    return jnp.where(m == -jnp.inf, jnp.zeros((), m.dtype), m)
+
+
+def empty(rows: int, sums: bool) -> Running:
+    col = (rows, 1)
+    zero = jnp.zeros(col, jnp.float32)
+    return Running(
+        jnp.full(col, -jnp.inf, jnp.float32),
+        zero,
+        zero,
+        zero if sums else None,
+        zero if sums else None,
+    )
+
+
+def matmul(a, b, *, transpose_a=False, transpose_b=False):
+    """``a @ b`` (optionally transposed) with float32 accumulation; float32 inputs are
+    multiplied at full precision (no TF32 / one-pass bf16)."""
+    full = a.dtype == jnp.float32 or b.dtype == jnp.float32
+    dims = (((0,) if transpose_a else (1,), (1,) if transpose_b else (0,)), ((), ()))
+    return lax.dot_general(
+        a,
+        b,
+        dims,
+        precision=lax.Precision.HIGHEST if full else None,
+        preferred_element_type=jnp.float32,
+    )
+
+
+def softcap(z, cap):
+    """``cap * tanh(z / cap)``; ``cap`` None leaves ``z``."""
+    return z if cap is None else cap * jnp.tanh(z / cap)
+
+
+def softcap_grad(z, cap, dx):
+    """(d z, per-row d cap ``[rows, 1]``) for ``x = softcap(z, cap)`` and ``dx``."""
+    if cap is None:
+        return dx, None
+    t = jnp.tanh(z / cap)
+    dt = 1 - t * t
+    return dx * dt, jnp.sum(dx * (t - (z / cap) * dt), axis=1, keepdims=True)
+
+
+def update_stats(acc: Running, x, valid, target_hit) -> Running:
+    """``acc`` merged with one tile of logits ``x`` ``[rows, cols]``.
+
+    ``valid`` (broadcastable to ``x``) marks the columns this tile contributes (real
+    classes not counted by an earlier tile); ``target_hit`` the label's column (valid or
+    not: the label's own logit counts even for a ``-inf`` class, as in the materialised
+    loss).
+    """
+    neg = jnp.full((), -jnp.inf, x.dtype)
+    xm = jnp.where(valid, x, neg)
+    m = jnp.maximum(acc.m, jnp.max(xm, axis=1, keepdims=True))
+    base, old = shift(m), shift(acc.m)
+    se = acc.se * jnp.exp(acc.m - base) + jnp.sum(jnp.exp(xm - base), axis=1, keepdims=True)
+    t = acc.t + jnp.sum(jnp.where(target_hit, x, jnp.zeros((), x.dtype)), axis=1, keepdims=True)
+    if acc.s is None:
+        return Running(m, se, t, None, None)
+    inc = xm != neg  # NaN logits are included
+    s_tile = jnp.sum(jnp.where(inc, xm - base, jnp.zeros((), x.dtype)), axis=1, keepdims=True)
+    moved = jnp.where(acc.w == 0, jnp.zeros((), x.dtype), acc.w * (old - base))
+    s = acc.s + moved + s_tile
+    w = acc.w + jnp.sum(inc.astype(x.dtype), axis=1, keepdims=True)
+    return Running(m, se, t, s, w)
+
+
+def finish(acc: Running) -> tuple[jax.Array, ...]:
+    """(shift, lse, target[, logit_sum, weight_sum]) columns from the running statistics."""
+    out = (shift(acc.m), jnp.log(acc.se), acc.t)
+    return out if acc.s is None else (*out, acc.s, acc.w)
+
+
+def logits_grad(x, valid, target_hit, keep, shift_, lse, g_lse, g_t, g_s):
+    """``d x`` of one tile for the cotangents of (lse, target, logit_sum) (``g_s`` None
+    without sums) and the tile's probabilities; ``keep`` ``[rows, 1]`` zeroes rows the loss
+    does not use, ``valid`` the columns this tile does not own (both in d x and p)."""
+    zero = jnp.zeros((), x.dtype)
+    xm = jnp.where(valid, x, jnp.full((), -jnp.inf, x.dtype))
+    lse0 = jnp.where(lse == -jnp.inf, zero, lse)  # a row without classes: p = 0
+    p = jnp.exp(xm - shift_) * jnp.exp(-lse0)
+    dx = g_lse * p + jnp.where(target_hit, g_t, zero)
+    if g_s is not None:
+        dx = dx + jnp.where(xm != -jnp.inf, g_s, zero)
+    used = keep & valid
+    return jnp.where(used, dx, zero), jnp.where(used, p, zero)
+
+
+def small(p, target_hit, threshold):
+    """Whether a tile may be skipped by gradient filtering: every probability (of the rows
+    and columns it owns, as :func:`logits_grad` returns them) below ``threshold`` and no
+    row's label in it."""
+    # max of a float 0/1 rather than any(): Triton has no boolean reduction
+    hits = jnp.max(jnp.where(target_hit, 1.0, 0.0).astype(jnp.float32))
+    return (jnp.max(p) < threshold) & (hits == 0)

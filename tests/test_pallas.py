@@ -1,0 +1,298 @@
+"""The Pallas kernels of the fused linear cross-entropy, run in Pallas interpret mode on a CPU.
+
+Both kernel sets (GPU: Triton-style loops inside the kernel; TPU: Mosaic-style sequential
+grid with VMEM accumulators) run through ``jbce._linear_pallas.interpret`` with small block
+caps, so that inputs of a few dozen tokens and classes span several ragged blocks (the GPU
+kernels' overlapping last blocks, the TPU kernels' partial last blocks). Each is checked,
+value and gradients w.r.t. hidden, weight and bias, against the materialised loss in
+float64: float32 inputs within 1e-5 (relative to the largest entry), bfloat16 within 1e-2.
+Every call is jitted (interpret mode is slow eagerly).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jbce
+from jbce import _linear_pallas
+from tests import reference as oracle
+
+pytestmark = pytest.mark.jax_strict
+
+F64 = jnp.float64
+# Caps that make N=37, V=300 ragged: GPU (tn, tv, tk, td), TPU (tn, tv).
+BLOCKS = {"gpu": (16, 64, 16, 16), "tpu": (16, 128)}
+PLATFORMS = list(BLOCKS)
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
+
+
+def make(n=37, d=32, v=300, *, dtype=jnp.float32, seed=0, ignore=(3, 11), bias=True):
+    kh, kw, kb, ky = jax.random.split(jax.random.key(seed), 4)
+    h = jax.random.normal(kh, (n, d), jnp.float32).astype(dtype)
+    w = (jax.random.normal(kw, (d, v), jnp.float32) * 0.7).astype(dtype)
+    b = jax.random.normal(kb, (v,), jnp.float32).astype(dtype) if bias else None
+    y = jax.random.randint(ky, (n,), 0, v, jnp.int32)
+    for i in ignore:
+        y = y.at[i].set(-100)
+    return h, w, b, y
+
+
+def reference(h, w, b, y, **opts):
+    """Value and gradients of the materialised loss, in float64."""
+    opts = {k: (np.asarray(a, np.float64) if k == "weights" else a) for k, a in opts.items()}
+
+    def loss(h, w, b):
+        logits = h @ w if b is None else h @ w + b[None, :]
+        out = jbce.softmax_cross_entropy_with_integer_labels(logits, y, **opts)
+        return jnp.sum(out)
+
+    args = tuple(None if a is None else jnp.asarray(a, F64) for a in (h, w, b))
+    return jax.value_and_grad(loss, (0, 1) if b is None else (0, 1, 2))(*args)
+
+
+def pallas(h, w, b, y, platform, *, gradient_filter=None, **opts):
+    """Value and gradients of the fused loss with ``platform``'s kernels, interpreted."""
+
+    def loss(h, w, b):
+        out = jbce.linear_softmax_cross_entropy(
+            h, w, y, bias=b, implementation="pallas", gradient_filter=gradient_filter, **opts
+        )
+        return jnp.sum(out)
+
+    with _linear_pallas.interpret(platform, block_sizes=BLOCKS[platform]):
+        f = jax.jit(jax.value_and_grad(loss, (0, 1) if b is None else (0, 1, 2)))
+        return f(h, w, b)
+
+
+def assert_close(got, want, rtol):
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert g.shape == r.shape
+        r = np.asarray(r, np.float64)
+        scale = float(np.max(np.abs(r), initial=0.0))
+        np.testing.assert_allclose(np.asarray(g, np.float64), r, rtol=rtol, atol=rtol * scale)
+
+
+OPTIONS = {
+    "plain": {},
+    "smoothing_z_loss": {"label_smoothing": 0.2, "z_loss": 1e-2},
+    "softcap": {"logit_softcap": 2.5},
+    "all": {"label_smoothing": 0.1, "z_loss": 1e-3, "logit_softcap": 4.0},
+    "sum": {"reduction": "sum", "label_smoothing": 0.1},
+    "none_weights": {"reduction": "none", "weights": np.linspace(0.0, 2.0, 37, dtype=np.float32)},
+    "no_ignore_index": {"ignore_index": None},
+}
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_every_option_matches_float64_materialised_loss(platform, name):
+    h, w, b, y = make(ignore=() if name == "no_ignore_index" else (3, 11))
+    opts = OPTIONS[name]
+    assert_close(pallas(h, w, b, y, platform, **opts), reference(h, w, b, y, **opts), 1e-5)
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_without_bias_and_with_batch_axes(platform):
+    h, w, _, y = make(n=36, bias=False)
+    h3, y3 = h.reshape(2, 18, -1), y.reshape(2, 18)
+    got = pallas(h3, w, None, y3, platform, label_smoothing=0.1)
+    want = reference(h, w, None, y, label_smoothing=0.1)
+    assert_close((got[0], got[1][0].reshape(h.shape), got[1][1]), want, 1e-5)
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_bfloat16_inputs_within_1e_2(platform):
+    h, w, b, y = make(dtype=jnp.bfloat16)
+    opts = {"label_smoothing": 0.1, "logit_softcap": 5.0}
+    got = pallas(h, w, b, y, platform, **opts)
+    assert all(g.dtype == jnp.bfloat16 for g in got[1])
+    assert_close(got, reference(h, w, b, y, **opts), 1e-2)
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_minus_inf_bias_removes_classes(platform):
+    h, w, b, y = make()
+    b = b.at[250:].set(-jnp.inf).at[::7].set(-jnp.inf)  # padding columns and holes
+    y = jnp.where((y >= 250) | (y % 7 == 0), 1, y)
+    for opts in ({}, {"label_smoothing": 0.2}):
+        got = pallas(h, w, b, y, platform, **opts)
+        assert np.all(np.asarray(got[1][2])[250:] == 0)
+        want = reference(h, w, b, y, **opts)
+        # the reference's bias gradient is NaN-free zero on -inf classes too
+        assert_close(got, want, 1e-5)
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_sizes_below_and_at_one_block(platform):
+    for n, d, v in ((3, 8, 5), (16, 16, 64), (1, 4, 1)):
+        h, w, b, y = make(n, d, v, ignore=())
+        assert_close(pallas(h, w, b, y, platform), reference(h, w, b, y), 1e-5)
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_all_ignored_tokens_give_zero_loss_and_gradient(platform):
+    h, w, b, _ = make()
+    y = jnp.full((37,), -100, jnp.int32)
+    value, grads = pallas(h, w, b, y, platform)
+    assert float(value) == 0.0
+    assert all(not np.any(np.asarray(g)) for g in grads)
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_nan_hidden_row_gives_nan_loss_and_an_ignored_one_only_nan_weight_grad(platform):
+    h, w, b, y = make()
+    bad = h.at[5].set(jnp.nan)
+    assert np.isnan(float(pallas(bad, w, b, y, platform)[0]))
+    ignored_nan = h.at[3].set(jnp.nan)  # token 3 is ignored
+    value, (dh, dw, db) = pallas(ignored_nan, w, b, y, platform)
+    assert np.isfinite(float(value))
+    assert np.all(np.isfinite(np.asarray(dh)))  # d logits of an ignored row are exactly 0
+    # d weight = hidden.T @ d logits meets 0 * NaN, as the materialised loss's does.
+    _, (_, want_dw, want_db) = reference(ignored_nan, w, b, y)
+    np.testing.assert_array_equal(np.isnan(np.asarray(dw)), np.isnan(np.asarray(want_dw)))
+    np.testing.assert_array_equal(np.isnan(np.asarray(db)), np.isnan(np.asarray(want_db)))
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_traced_hyperparameters_under_jit(platform):
+    h, w, b, y = make()
+
+    def loss(h, w, e, z, c):
+        return jbce.linear_softmax_cross_entropy(
+            h, w, y, bias=b, label_smoothing=e, z_loss=z, logit_softcap=c, implementation="pallas"
+        )
+
+    with _linear_pallas.interpret(platform, block_sizes=BLOCKS[platform]):
+        f = jax.jit(jax.value_and_grad(loss, (0, 1, 4)))
+        got = f(h, w, jnp.float32(0.1), jnp.float32(1e-3), jnp.float32(3.0))
+
+    def ref(h, w, c):
+        logits = h @ w + b.astype(F64)[None, :]
+        return jbce.softmax_cross_entropy_with_integer_labels(
+            logits, y, label_smoothing=0.1, z_loss=1e-3, logit_softcap=c
+        )
+
+    want = jax.value_and_grad(ref, (0, 1, 2))(h.astype(F64), w.astype(F64), F64(3.0))
+    assert_close(got, want, 1e-5)
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_gradient_filter_off_is_the_unfiltered_gradient_exactly(platform):
+    h, w, b, y = make()
+    # A threshold of 0 compiles the filtering branch but never skips a tile.
+    off = pallas(h, w, b, y, platform)
+    zero = pallas(h, w, b, y, platform, gradient_filter=0.0)
+    for a, c in zip(jax.tree.leaves(off), jax.tree.leaves(zero), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_gradient_filter_drops_only_tiny_probabilities(platform):
+    h, w, b, y = make()
+    # The first 64 classes (and every label) favoured by e**30: the tiles of the others hold
+    # tiny probabilities only, and no label.
+    b = b.at[:64].add(30.0)
+    y = jnp.where(y >= 0, y % 64, y)
+    exact = pallas(h, w, b, y, platform)
+    thr = 1e-3
+    filtered = pallas(h, w, b, y, platform, gradient_filter=thr)
+    assert float(filtered[0]) == float(exact[0])  # the forward pass is not filtered
+    diffs = [np.asarray(f, np.float64) - np.asarray(e, np.float64)
+             for f, e in zip(filtered[1], exact[1], strict=True)]  # fmt: skip
+    assert np.any(diffs[1] != 0)  # some tile was skipped: d weight of rare classes is 0
+    assert not np.any(np.asarray(filtered[1][1])[:, 192:])  # every tile there skipped
+    # Each d logits entry dropped is < thr / 35 (the mean over 35 tokens), so an entry of
+    # d hidden moves by < 300 of them times |w|, of d weight by < 37 times |h|.
+    bound = thr / 35 * 300 * max(float(jnp.max(jnp.abs(w))), float(jnp.max(jnp.abs(h))), 1.0)
+    assert max(float(np.max(np.abs(dd))) for dd in diffs) < bound
+    # with label smoothing every class has a gradient: nothing is skipped
+    smooth = pallas(h, w, b, y, platform, label_smoothing=0.1)
+    smooth_f = pallas(h, w, b, y, platform, label_smoothing=0.1, gradient_filter=thr)
+    for a, c in zip(jax.tree.leaves(smooth), jax.tree.leaves(smooth_f), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+
+
+def test_pallas_on_cpu_runs_the_tiled_loop():
+    h, w, b, y = make()
+    f = jax.jit(
+        lambda h, w: jbce.linear_softmax_cross_entropy(h, w, y, bias=b, implementation="pallas")
+    )
+    g = jax.jit(lambda h, w: jbce.linear_softmax_cross_entropy(h, w, y, bias=b))
+    assert_close(jax.value_and_grad(f, (0, 1))(h, w), jax.value_and_grad(g, (0, 1))(h, w), 1e-6)
+
+
+def test_residuals_are_the_inputs_and_two_floats_per_token():
+    h, w, b, y = make()
+
+    def loss(h, w, b):
+        return jbce.linear_softmax_cross_entropy(h, w, y, bias=b, implementation="pallas")
+
+    with _linear_pallas.interpret("tpu", block_sizes=BLOCKS["tpu"]):
+        res = oracle.saved_residuals(loss, h, w, b)
+    shapes = [tuple(aval.shape) for aval, _ in res]
+    assert (37, 300) not in shapes, shapes  # no logits, probabilities or their gradient
+    assert all(int(np.prod(s)) <= 32 * 300 for s in shapes), shapes
+    assert {(37, 32), (32, 300), (300,), (37,)} <= set(shapes)  # inputs, per-token floats
+
+
+@pytest.mark.parametrize(
+    ("opts", "match"),
+    [
+        ({"implementation": "pallas", "chunk_size": 128}, "chunk_size must be None"),
+        ({"gradient_filter": 1e-3}, 'implementation="pallas" only'),
+        ({"implementation": "pallas", "gradient_filter": -1.0}, "gradient_filter must be"),
+        ({"implementation": "pallas", "gradient_filter": True}, "gradient_filter must be"),
+        ({"implementation": "triton"}, "implementation must be"),
+        (
+            {"implementation": "pallas", "class_weights": np.ones(300, np.float32)},
+            "class_weights are not supported",
+        ),
+    ],
+)
+def test_bad_options_name_the_argument(opts, match):
+    h, w, b, y = make()
+    with pytest.raises(ValueError, match=match):
+        jbce.linear_softmax_cross_entropy(h, w, y, bias=b, **opts)
+
+
+def test_float64_inputs_are_refused():
+    h, w, b, y = make()
+    with pytest.raises(ValueError, match="computes in float32"):
+        jbce.linear_softmax_cross_entropy(h.astype(F64), w, y, implementation="pallas")
+
+
+def test_interpret_names_its_platform():
+    with pytest.raises(ValueError, match="platform must be one of"):
+        with _linear_pallas.interpret("cuda"):
+            pass
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_vocabulary_parallel_under_vmap_matches_unsharded(platform):
+    shards, v = 3, 150
+    h, w, b, y = make(v=v)
+    b = b.at[5].set(-jnp.inf)
+    y = jnp.where(y == 5, 0, y)
+    opts = {"label_smoothing": 0.1, "z_loss": 1e-3}
+    want_v, (gh, gw, gb) = reference(h, w, b, y, **opts)
+
+    def sharded(h, w_local, b_local):
+        out = jbce.linear_softmax_cross_entropy(
+            h, w_local, y, bias=b_local, axis_name="v", implementation="pallas", **opts
+        )
+        return jnp.sum(out)
+
+    d = h.shape[1]
+    w_sh = jnp.moveaxis(w.reshape(d, shards, v // shards), 1, 0)
+    b_sh = b.reshape(shards, v // shards)
+    vag = jax.vmap(jax.value_and_grad(sharded, (0, 1, 2)), in_axes=(None, 0, 0), axis_name="v")
+    with _linear_pallas.interpret(platform, block_sizes=BLOCKS[platform]):
+        val, (dh, dw, db) = jax.jit(vag)(h, w_sh, b_sh)
+    assert_close(val, jnp.full((shards,), want_v), 1e-5)
+    assert_close(jnp.sum(dh, axis=0), gh, 1e-5)  # each shard's share of d hidden
+    assert_close(jnp.moveaxis(dw, 0, 1).reshape(d, v), gw, 1e-5)
+    fin = np.isfinite(np.asarray(b))
+    assert_close(db.reshape(v)[fin], gb[fin], 1e-5)
