@@ -55,11 +55,17 @@ from examples import _data, _models, _plot, _train  # noqa: E402
 # --------------------------------------------------------------------------------------------
 
 
-def lm_loss(model: _models.TransformerLM, batch) -> jax.Array:
+def lm_loss(*, chunk_size: int | None = None):
     """Mean next-token cross-entropy, fused: the head's logits exist one tile at a time."""
-    tokens = batch["tokens"]
-    hidden = model.hidden(tokens[:, :-1])
-    return jbce.linear_softmax_cross_entropy(hidden, model.head.kernel[...], tokens[:, 1:])
+
+    def loss_fn(model: _models.TransformerLM, batch) -> jax.Array:
+        tokens = batch["tokens"]
+        hidden = model.hidden(tokens[:, :-1])
+        return jbce.linear_softmax_cross_entropy(
+            hidden, model.head.kernel[...], tokens[:, 1:], chunk_size=chunk_size
+        )
+
+    return loss_fn
 
 
 def materialised_lm_loss(model: _models.TransformerLM, batch) -> jax.Array:
@@ -67,6 +73,12 @@ def materialised_lm_loss(model: _models.TransformerLM, batch) -> jax.Array:
     tokens = batch["tokens"]
     logits = model.hidden(tokens[:, :-1]) @ model.head.kernel[...]
     return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+
+def headless_loss(model: nnx.Module, batch) -> jax.Array:
+    """A stand-in loss that skips the head (``mean(hidden ** 2)``): the step without any
+    logits, whose memory is the model's own (activations, optimizer) that no loss can save."""
+    return jnp.mean(model.hidden(batch["tokens"][:, :-1]) ** 2)
 
 
 def _distillation_loss_fn():
@@ -79,7 +91,7 @@ def _distillation_loss_fn():
     return fn
 
 
-def distill_loss(*, beta: float, temperature: float):
+def distill_loss(*, beta: float, temperature: float, chunk_size: int | None = None):
     """The student's fused JSD_beta to the (frozen) teacher's next-token distribution."""
     fused = _distillation_loss_fn()
 
@@ -93,9 +105,17 @@ def distill_loss(*, beta: float, temperature: float):
             jax.lax.stop_gradient(teacher.head.kernel[...]),
             beta=beta,
             temperature=temperature,
+            chunk_size=chunk_size,
         )
 
     return loss_fn
+
+
+def headless_distill_loss(student: nnx.Module, teacher: nnx.Module, batch) -> jax.Array:
+    """Both models' forward passes and the student's backward pass, without either head."""
+    inputs = batch["tokens"][:, :-1]
+    teacher_term = jax.lax.stop_gradient(jnp.mean(teacher.hidden(inputs) ** 2))
+    return jnp.mean(student.hidden(inputs) ** 2) + teacher_term
 
 
 def materialised_distill_loss(*, beta: float, temperature: float):
@@ -118,14 +138,19 @@ def materialised_distill_loss(*, beta: float, temperature: float):
 
 
 def make_model(config: dict, seed: int) -> _models.TransformerLM:
-    return _models.TransformerLM(
-        config["vocab"],
-        d_model=config["d_model"],
-        heads=config["heads"],
-        layers=config["layers"],
-        context=config["context"],
-        rngs=nnx.Rngs(seed),
-    )
+    """The model initialised inside one ``nnx.jit`` (one compile, not one per initialiser)."""
+
+    def create():
+        return _models.TransformerLM(
+            config["vocab"],
+            d_model=config["d_model"],
+            heads=config["heads"],
+            layers=config["layers"],
+            context=config["context"],
+            rngs=nnx.Rngs(seed),
+        )
+
+    return nnx.jit(create)()
 
 
 def optimizer(model: nnx.Module, *, lr: float, steps: int, weight_decay: float) -> nnx.Optimizer:
@@ -143,7 +168,7 @@ def optimizer(model: nnx.Module, *, lr: float, steps: int, weight_decay: float) 
             mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params),
         ),
     )
-    return nnx.Optimizer(model, tx, wrt=nnx.Param)
+    return nnx.jit(lambda m: nnx.Optimizer(m, tx, wrt=nnx.Param))(model)
 
 
 def compiled_temp_bytes(step: _train.Step, state, batch) -> int:
@@ -244,17 +269,17 @@ def train(
     graphdef: nnx.GraphDef,
     state,
     step: _train.Step,
-    materialised_step: _train.Step,
+    compare: dict[str, _train.Step],
     *,
     pick,
     data: dict[str, np.ndarray],
     args,
 ) -> tuple:
-    """Compares the compiled memory of the two steps, then trains with ``step``, evaluating
-    on the validation windows every ``--eval-every`` steps. Returns (state, report)."""
+    """Compiles ``step`` and the ``compare`` steps for their memory, then trains with ``step``,
+    evaluating on the validation windows every ``--eval-every`` steps. Returns (state, report)."""
     example = {"tokens": jnp.asarray(data["train"][: args.batch_size]), "step": jnp.int32(0)}
-    fused_temp = compiled_temp_bytes(step, state, example)
-    materialised_temp = compiled_temp_bytes(materialised_step, state, example)
+    temp = {"fused": compiled_temp_bytes(step, state, example)}
+    temp.update({k: compiled_temp_bytes(s, state, example) for k, s in compare.items()})
     evaluate = evaluator(graphdef, pick, data["val"], args.eval_batch)
     val_steps, val_losses = [0], [evaluate(state)]
 
@@ -277,7 +302,7 @@ def train(
     )
     train_loss = history["loss"]
     report = {
-        "temp_bytes": {"fused": fused_temp, "materialised": materialised_temp},
+        "temp_bytes": temp,
         "steps": len(train_loss),
         "final_train_loss": float(np.mean(train_loss[-args.eval_every :])),
         "val_loss": val_losses[-1],
@@ -310,10 +335,12 @@ def mib(n: int) -> str:
 
 def print_memory(what: str, temp: dict[str, int], logits_bytes: int) -> None:
     ratio = temp["materialised"] / max(temp["fused"], 1)
+    fused, mat = (temp[k] - temp["headless"] for k in ("fused", "materialised"))
     print(
         f"{what} step, compiled temp memory: fused {mib(temp['fused'])}, materialised "
-        f"{mib(temp['materialised'])} ({ratio:.1f}x; the f32 logits alone are "
-        f"{mib(logits_bytes)})"
+        f"{mib(temp['materialised'])} ({ratio:.1f}x). Over the same step without a head "
+        f"({mib(temp['headless'])}), the loss adds {mib(fused)} fused and {mib(mat)} "
+        f"materialised (the f32 logits alone are {mib(logits_bytes)})"
     )
 
 
@@ -341,8 +368,11 @@ def run_lm(args, tokenizer, data) -> tuple[_models.TransformerLM, dict, dict]:
         "lm",
         graphdef,
         state,
-        _train.supervised_step(graphdef, lm_loss),
-        _train.supervised_step(graphdef, materialised_lm_loss),
+        _train.supervised_step(graphdef, lm_loss(chunk_size=args.chunk_size)),
+        {
+            "materialised": _train.supervised_step(graphdef, materialised_lm_loss),
+            "headless": _train.supervised_step(graphdef, headless_loss),
+        },
         pick=lambda objs: objs[0],
         data=data,
         args=args,
@@ -371,17 +401,18 @@ def run_distill(args, tokenizer, data, teacher, teacher_report) -> tuple[nnx.Mod
         "context": teacher.context,
     }
     student = make_model(config, args.seed + 1)
-    opt = optimizer(
-        student, lr=args.lr, steps=args.distill_steps, weight_decay=args.weight_decay
-    )
+    opt = optimizer(student, lr=args.lr, steps=args.distill_steps, weight_decay=args.weight_decay)
     graphdef, state = nnx.split((student, opt, teacher))
     options = {"beta": args.beta, "temperature": args.distill_temperature}
     state, report = train(
         "distill",
         graphdef,
         state,
-        _train.distill_step(graphdef, distill_loss(**options)),
-        _train.distill_step(graphdef, materialised_distill_loss(**options)),
+        _train.distill_step(graphdef, distill_loss(**options, chunk_size=args.chunk_size)),
+        {
+            "materialised": _train.distill_step(graphdef, materialised_distill_loss(**options)),
+            "headless": _train.distill_step(graphdef, headless_distill_loss),
+        },
         pick=lambda objs: objs[0],
         data=data,
         args=args,
@@ -462,6 +493,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=8, help="windows per step")
     p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
     p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--chunk-size", type=int, default=None, help="fused loss's vocab tile")
     p.add_argument("--eval-every", type=int, default=50, help="steps between validations")
     p.add_argument("--val-windows", type=int, default=64, help="validation windows (0: all)")
     p.add_argument("--eval-batch", type=int, default=32)
@@ -471,7 +503,7 @@ def parse_args(argv=None):
     p.add_argument("--distill-steps", type=int, default=200)
     p.add_argument("--beta", type=float, default=0.0, help="JSD weight (0: forward KL)")
     p.add_argument("--distill-temperature", type=float, default=1.0)
-    p.add_argument("--prompt", default="def ", help="text the samples continue")
+    p.add_argument("--prompt", default="def", help="text the samples continue")
     p.add_argument("--sample-tokens", type=int, default=96)
     p.add_argument("--temperature", type=float, default=0.7, help="sampling (0: greedy)")
     p.add_argument("--seed", type=int, default=0)
@@ -489,7 +521,8 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     if args.mode in ("distill", "both"):
         _distillation_loss_fn()  # fail before training a teacher, not after
-    metrics: dict = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    options = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    metrics: dict = {"args": options}
     if args.mode == "distill":
         from tokenizers import Tokenizer
 
@@ -502,7 +535,17 @@ def main(argv=None) -> dict:
             )
         teacher = make_model(config, args.seed)
         load_params(args.teacher / "model.npz", teacher)
-        teacher_report = json.loads((args.teacher / "metrics.json").read_text())["lm"]
+        saved = json.loads((args.teacher / "metrics.json").read_text())["lm"]["val_loss"]
+        graphdef, params = nnx.split(teacher)
+        teacher_report = {
+            "val_loss": evaluator(graphdef, lambda m: m, data["val"], args.eval_batch)(params),
+            "saved_val_loss": saved,
+        }
+        print(
+            f"teacher {args.teacher}: validation loss {teacher_report['val_loss']:.4f} "
+            f"(its run saved {saved:.4f})"
+        )
+        metrics["teacher"] = {"config": config, **teacher_report}
     else:
         tokenizer, data, metrics["data"] = load_data(args)
         teacher, config, teacher_report = run_lm(args, tokenizer, data)
