@@ -493,7 +493,10 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=8, help="windows per step")
     p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
     p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--chunk-size", type=int, default=None, help="fused loss's vocab tile")
+    # Vocabulary columns per tile of both fused losses. 2048 is linear_softmax_cross_entropy's
+    # own default; linear_distillation_loss's default keeps whole rows in its forward pass
+    # (tiles of up to 2**23 logits, half of both models' logits at 1024 tokens).
+    p.add_argument("--chunk-size", type=int, default=2048, help="fused losses' vocab tile")
     p.add_argument("--eval-every", type=int, default=50, help="steps between validations")
     p.add_argument("--val-windows", type=int, default=64, help="validation windows (0: all)")
     p.add_argument("--eval-batch", type=int, default=32)
