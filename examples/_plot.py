@@ -97,17 +97,20 @@ def train_val_panels(
     *,
     ylabels: dict[str, str] | None = None,
     smooth: tuple[str, ...] = (),
+    decay: float = 0.9,
 ) -> None:
     """Loss panels side by side whose curves each carry their own steps: ``{title: {name:
-    (steps, values)}}``. A name in ``smooth`` is drawn faintly with its moving average on top
-    (noisy minibatch losses); the others with markers (evaluations every few hundred steps)."""
+    (steps, values)}}``. A name in ``smooth`` is drawn faintly with its moving average
+    (``decay``; 0.9 follows a few-hundred-step curve without lagging) on top; the others with
+    markers (evaluations every few dozen steps), or as a dashed line for a single value."""
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.6), dpi=110)
     for ax, (title, curves) in zip(np.atleast_1d(axes), panels.items()):
         for name, (steps, values) in curves.items():
             steps, values = np.asarray(steps), np.asarray(values, np.float64)
             if name in smooth:
                 (line,) = ax.plot(steps, values, alpha=0.25, linewidth=0.8)
-                ax.plot(steps, ema(values), color=line.get_color(), label=f"{name} (EMA)")
+                smoothed = ema(values, decay)
+                ax.plot(steps, smoothed, color=line.get_color(), label=f"{name} (EMA)")
             elif len(values) == 1:
                 ax.axhline(values[0], linestyle="--", color="gray", label=name)
             else:
