@@ -1,4 +1,4 @@
-"""Examples for jbce: logistic regression and a GAN, trained with Flax NNX and optax.
+"""Examples for jbce: logistic regression, a GAN and a small language model (Flax NNX, optax).
 
-``python -m examples [--out DIR]`` runs both with their default settings.
+``python -m examples [--out DIR]`` runs them all with their default settings.
 """

@@ -1,6 +1,7 @@
-"""``python -m examples [--out DIR]``: runs both examples with their default settings.
+"""``python -m examples [--out DIR]``: runs the examples with their default settings.
 
-Logistic regression writes to ``DIR/logistic_regression`` and the GAN to ``DIR/gan``
+Logistic regression writes to ``DIR/logistic_regression``, the GAN to ``DIR/gan`` and the
+language model (trained, then distilled into a smaller student) to ``DIR/language_model``
 (``DIR`` defaults to ``runs/``).
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from examples import gan, logistic_regression
+from examples import gan, language_model, logistic_regression
 
 
 def main(argv=None) -> dict:
@@ -23,7 +24,9 @@ def main(argv=None) -> dict:
     lr = logistic_regression.main(["--out", str(args.out / "logistic_regression"), *common])
     print("\n== GAN ==")
     g = gan.main(["--out", str(args.out / "gan"), *common])
-    return {"logistic_regression": lr, "gan": g}
+    print("\n== language model ==")
+    lm = language_model.main(["--out", str(args.out / "language_model"), *common])
+    return {"logistic_regression": lr, "gan": g, "language_model": lm}
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Data for the examples: scikit-learn's bundled datasets and an IDX (MNIST) reader/writer.
+"""Data for the examples: scikit-learn's datasets, IDX (MNIST) files, and the stdlib as text.
 
 Everything here returns plain NumPy arrays; the training code never sees a file or a DataFrame.
 """
@@ -162,3 +162,123 @@ def batches(n: int, batch_size: int, steps: int, seed: int) -> Iterator[np.ndarr
             order = np.concatenate([order, rng.permutation(n)])
         yield order[:batch_size]
         order = order[batch_size:]
+
+
+# --------------------------------------------------------------------------------------------
+# Text every machine has: the Python standard library's own source files, and a byte-level BPE
+# vocabulary trained on them with the `tokenizers` package.
+# --------------------------------------------------------------------------------------------
+
+END_OF_TEXT = "<|endoftext|>"
+
+
+class Corpus(NamedTuple):
+    """Source files split by file: names (relative to ``root``) and their text."""
+
+    root: Path
+    train_names: list[str]
+    train_texts: list[str]
+    val_names: list[str]
+    val_texts: list[str]
+
+
+def stdlib_corpus(val_percent: int = 10) -> Corpus:
+    """The top-level ``*.py`` modules of the running Python's standard library, split by file.
+
+    Files are sorted by name (a deterministic list) and a file is held out for validation when
+    ``zlib.crc32(name) % 100 < val_percent``: each file's side of the split depends on its name
+    alone, so a module that one Python version adds or drops does not move the others.
+    """
+    import sysconfig
+    import zlib
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    names = sorted(p.name for p in root.glob("*.py"))
+    if not names:
+        raise FileNotFoundError(f"no *.py files in the standard library directory {root}")
+    train, val = ([], []), ([], [])
+    for name in names:
+        text = (root / name).read_text(encoding="utf-8", errors="replace")
+        part = val if zlib.crc32(name.encode()) % 100 < val_percent else train
+        part[0].append(name)
+        part[1].append(text)
+    if not val[0] or not train[0]:
+        raise ValueError(f"val_percent={val_percent} leaves an empty split of {len(names)} files")
+    return Corpus(root, train[0], train[1], val[0], val[1])
+
+
+def train_bpe(texts: list[str], vocab_size: int):
+    """A byte-level BPE ``tokenizers.Tokenizer`` (GPT-2 style) trained on ``texts``.
+
+    Every byte is in the initial alphabet, so any text encodes (no unknown token) and decodes
+    back exactly. Token 0 is ``<|endoftext|>``, which separates files in the token stream.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[END_OF_TEXT],
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    return tokenizer
+
+
+def token_stream(tokenizer, texts: list[str]) -> np.ndarray:
+    """All ``texts`` encoded and concatenated, each followed by ``<|endoftext|>``; int32."""
+    eot = tokenizer.token_to_id(END_OF_TEXT)
+    ids = [np.asarray(e.ids + [eot], np.int32) for e in tokenizer.encode_batch(texts)]
+    return np.concatenate(ids)
+
+
+def windows(stream: np.ndarray, context: int) -> np.ndarray:
+    """Non-overlapping training windows ``[n, context + 1]``: inputs ``w[:, :-1]``, targets
+    ``w[:, 1:]``. Window ``i`` starts at ``i * context``, so every token is a target once."""
+    n = (len(stream) - 1) // context
+    if n < 1:
+        raise ValueError(f"{len(stream)} tokens make no window of context {context} + 1")
+    idx = np.arange(n)[:, None] * context + np.arange(context + 1)[None, :]
+    return stream[idx]
+
+
+def cached_stdlib_tokens(vocab_size: int, cache: Path | None, val_percent: int = 10):
+    """``(tokenizer, train_stream, val_stream, corpus, cache_hit)`` for :func:`stdlib_corpus`.
+
+    The tokenizer is trained on the train files only. With a ``cache`` directory, the tokenizer
+    and both token streams are stored under a key that hashes the Python version, the
+    ``tokenizers`` version, ``vocab_size``, the split and every file's name and text, so a
+    second run skips the few seconds of BPE training and encoding; a changed file retrains.
+    """
+    import hashlib
+    import sys
+
+    import tokenizers
+    from tokenizers import Tokenizer
+
+    corpus = stdlib_corpus(val_percent)
+    h = hashlib.sha256(f"{sys.version}|{tokenizers.__version__}|{vocab_size}".encode())
+    for part, names, texts in (
+        ("train", corpus.train_names, corpus.train_texts),
+        ("val", corpus.val_names, corpus.val_texts),
+    ):
+        for name, text in zip(names, texts):
+            h.update(f"|{part}:{name}:".encode() + text.encode("utf-8", "replace"))
+    key = h.hexdigest()[:16]
+    if cache is not None:
+        tok_path, arr_path = cache / f"bpe-{key}.json", cache / f"tokens-{key}.npz"
+        if tok_path.exists() and arr_path.exists():
+            with np.load(arr_path) as arrays:
+                train, val = arrays["train"], arrays["val"]
+            return Tokenizer.from_file(str(tok_path)), train, val, corpus, True
+    tokenizer = train_bpe(corpus.train_texts, vocab_size)
+    train = token_stream(tokenizer, corpus.train_texts)
+    val = token_stream(tokenizer, corpus.val_texts)
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(str(tok_path))
+        np.savez(arr_path, train=train, val=val)
+    return tokenizer, train, val, corpus, False

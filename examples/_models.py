@@ -1,8 +1,9 @@
-"""Flax NNX models for the examples: linear classifiers, an MLP, and a small MLP GAN."""
+"""Flax NNX models for the examples: linear classifiers, MLPs, a small GAN and a transformer."""
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 
@@ -59,3 +60,76 @@ class Discriminator(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.net(x)[:, 0]
+
+
+# --------------------------------------------------------------------------------------------
+# A small decoder-only transformer (GPT-2 layout: learned positions, pre-norm blocks).
+# --------------------------------------------------------------------------------------------
+
+
+class CausalSelfAttention(nnx.Module):
+    """Multi-head self-attention in which token ``t`` only attends to tokens ``<= t``."""
+
+    def __init__(self, d_model: int, heads: int, *, layers: int, rngs: nnx.Rngs):
+        if d_model % heads:
+            raise ValueError(f"d_model ({d_model}) must be a multiple of heads ({heads})")
+        self.heads = heads
+        init = nnx.initializers.normal(0.02)
+        # GPT-2's scaled init: each residual branch's output projection gets 0.02 / sqrt(2 L).
+        out_init = nnx.initializers.normal(0.02 / (2 * layers) ** 0.5)
+        self.qkv = nnx.Linear(d_model, 3 * d_model, kernel_init=init, rngs=rngs)
+        self.out = nnx.Linear(d_model, d_model, kernel_init=out_init, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, t, d = x.shape
+        q, k, v = jnp.split(self.qkv(x).reshape(b, t, 3 * self.heads, d // self.heads), 3, axis=2)
+        return self.out(jax.nn.dot_product_attention(q, k, v, is_causal=True).reshape(b, t, d))
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    def __init__(self, d_model: int, heads: int, *, layers: int, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(0.02)
+        out_init = nnx.initializers.normal(0.02 / (2 * layers) ** 0.5)
+        self.norm1 = nnx.LayerNorm(d_model, rngs=rngs)
+        self.attn = CausalSelfAttention(d_model, heads, layers=layers, rngs=rngs)
+        self.norm2 = nnx.LayerNorm(d_model, rngs=rngs)
+        self.up = nnx.Linear(d_model, 4 * d_model, kernel_init=init, rngs=rngs)
+        self.down = nnx.Linear(4 * d_model, d_model, kernel_init=out_init, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x + self.attn(self.norm1(x))
+        return x + self.down(nnx.gelu(self.up(self.norm2(x))))
+
+
+class TransformerLM(nnx.Module):
+    """A decoder-only language model whose head is a bias-free ``[d_model, vocab]`` kernel.
+
+    ``hidden(tokens)`` gives the final (normed) hidden states ``[batch, time, d_model]``: the
+    training loss multiplies them by ``head.kernel`` inside ``jbce.linear_softmax_cross_entropy``
+    so the ``[batch * time, vocab]`` logits never exist. ``__call__`` returns those logits, for
+    sampling a few positions.
+    """
+
+    def __init__(
+        self, vocab: int, *, d_model: int, heads: int, layers: int, context: int, rngs: nnx.Rngs
+    ):
+        init = nnx.initializers.normal(0.02)
+        self.context = context
+        self.embed = nnx.Embed(vocab, d_model, embedding_init=init, rngs=rngs)
+        self.positions = nnx.Param(init(rngs.params(), (context, d_model)))
+        self.blocks = nnx.List(
+            [Block(d_model, heads, layers=layers, rngs=rngs) for _ in range(layers)]
+        )
+        self.norm = nnx.LayerNorm(d_model, rngs=rngs)
+        self.head = nnx.Linear(d_model, vocab, use_bias=False, kernel_init=init, rngs=rngs)
+
+    def hidden(self, tokens: jax.Array) -> jax.Array:
+        x = self.embed(tokens) + self.positions[: tokens.shape[-1]]
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return self.head(self.hidden(tokens))

@@ -89,3 +89,37 @@ def image_grid(
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def train_val_panels(
+    path: str | os.PathLike,
+    panels: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]],
+    *,
+    ylabels: dict[str, str] | None = None,
+    smooth: tuple[str, ...] = (),
+    decay: float = 0.9,
+) -> None:
+    """Loss panels side by side whose curves each carry their own steps: ``{title: {name:
+    (steps, values)}}``. A name in ``smooth`` is drawn faintly with its moving average
+    (``decay``; 0.9 follows a few-hundred-step curve without lagging) on top; the others with
+    markers (evaluations every few dozen steps), or as a dashed line for a single value."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 3.6), dpi=110)
+    for ax, (title, curves) in zip(np.atleast_1d(axes), panels.items()):
+        for name, (steps, values) in curves.items():
+            steps, values = np.asarray(steps), np.asarray(values, np.float64)
+            if name in smooth:
+                (line,) = ax.plot(steps, values, alpha=0.25, linewidth=0.8)
+                smoothed = ema(values, decay)
+                ax.plot(steps, smoothed, color=line.get_color(), label=f"{name} (EMA)")
+            elif len(values) == 1:
+                ax.axhline(values[0], linestyle="--", color="gray", label=name)
+            else:
+                ax.plot(steps, values, marker="o", label=name)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel((ylabels or {}).get(title, "loss"))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -40,6 +40,25 @@ def supervised_step(
     return train_step
 
 
+def distill_step(
+    graphdef: nnx.GraphDef,
+    loss_fn: Callable[[nnx.Module, nnx.Module, Batch], jax.Array],
+) -> Step:
+    """A pure step on the state of ``(student, optimizer, teacher)``; only the student learns.
+
+    ``loss_fn(student, teacher, batch)`` is differentiated with respect to the student alone;
+    the teacher rides along in the state unchanged (a jit argument, not a baked-in constant).
+    """
+
+    def train_step(state, batch):
+        student, optimizer, teacher = nnx.merge(graphdef, state)
+        loss, grads = nnx.value_and_grad(loss_fn)(student, teacher, batch)
+        optimizer.update(student, grads)
+        return nnx.state((student, optimizer, teacher)), {"loss": loss}
+
+    return train_step
+
+
 def newton_step(graphdef: nnx.GraphDef, loss_fn: Callable[[nnx.Module, Batch], jax.Array]):
     """A pure Newton step ``(params, batch) -> (params, metrics)`` on a model's parameters.
 
@@ -73,11 +92,14 @@ def fit(
     desc: str,
     chunk: int = 50,
     progress: bool = True,
+    on_chunk: Callable[[Any, int], dict[str, float] | None] | None = None,
 ) -> tuple[Any, dict[str, np.ndarray]]:
     """Runs ``steps`` minibatch steps of ``train_step`` and returns the state and per-step metrics.
 
     Each batch is ``{name: data[name][indices], "step": step_number}``; the indices come from
     :func:`examples._data.batches`, so a run is deterministic for a given ``seed``.
+    ``on_chunk(state, steps_done)``, if given, runs after every ``chunk`` steps (an evaluation,
+    say); the numbers it returns are shown on the progress bar.
     """
     arrays = {k: jnp.asarray(v) for k, v in data.items()}
     n = len(next(iter(data.values())))
@@ -105,7 +127,10 @@ def fit(
                 history.setdefault(k, []).append(np.asarray(v))
             done += size
             bar.update(size)
-            bar.set_postfix({k: f"{float(np.mean(v[-1])):.4f}" for k, v in history.items()})
+            postfix = {k: f"{float(np.mean(v[-1])):.4f}" for k, v in history.items()}
+            extra = on_chunk(state, done) if on_chunk is not None else None
+            postfix.update({k: f"{v:.4f}" for k, v in (extra or {}).items()})
+            bar.set_postfix(postfix)
     return state, {k: np.concatenate(v) for k, v in history.items()}
 
 

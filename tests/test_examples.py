@@ -30,14 +30,14 @@ ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def run_example(*args: str) -> str:
+def run_example(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> str:
     proc = subprocess.run(
         [sys.executable, *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=300,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        timeout=timeout,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})},
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stdout
@@ -233,3 +233,142 @@ def test_gan_trains_on_mnist_idx_files(tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert m["dataset"].startswith("MNIST") and m["n_train"] == 120 and m["n_test"] == 40
     assert_png(out / "samples.png")
+
+
+LM_TINY = (
+    *("--vocab", "2048", "--context", "32", "--batch-size", "4", "--chunk-size", "256"),
+    *("--d-model", "32", "--heads", "2", "--layers", "1", "--lr", "1e-2"),
+    *("--student-d-model", "16", "--student-heads", "2", "--student-layers", "1"),
+    *("--eval-every", "6", "--val-windows", "16", "--eval-batch", "8", "--sample-tokens", "12"),
+    "--no-progress",
+)
+
+
+def test_language_model_trains_distils_and_reloads_its_teacher(tmp_path):
+    pytest.importorskip("tokenizers")
+    from tokenizers import Tokenizer
+
+    # Compiling (a dozen training steps, evaluations and samplers) is most of this test's time:
+    # LLVM's optimisation level 0 halves it (buffer assignment, hence the memory figures, is
+    # unchanged), and the second run finds the first one's programs in a compilation cache.
+    env = {
+        "XLA_FLAGS": "--xla_backend_optimization_level=0",
+        "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
+    cache, out = tmp_path / "cache", tmp_path / "lm"
+    stdout = run_example(
+        *("-m", "examples.language_model", *LM_TINY, "--cache", str(cache), "--out", str(out)),
+        *("--mode", "both", "--steps", "18", "--distill-steps", "12", "--prompt", "import "),
+        env=env,
+        timeout=900,  # ~60 CPU-seconds, mostly compiling; far longer on a loaded box
+    )
+    assert "compiled temp memory" in stdout and "perplexity" in stdout
+    m = json.loads((out / "metrics.json").read_text())
+    data = m["data"]
+    assert data["vocab"] == 2048 and not data["tokenizer_cache_hit"]
+    assert data["train_files"] > 50 and 0 < data["val_files"] < data["train_files"]
+    assert data["val_windows_evaluated"] == 16
+
+    lm, distill = m["lm"], m["distill"]
+    # The fused step never holds the [batch * context, vocab] logits, the materialised one does.
+    for report in (lm, distill):
+        temp = report["temp_bytes"]
+        assert temp["headless"] <= temp["fused"] < temp["materialised"]
+    logits = 4 * 4 * 32 * 2048
+    assert lm["temp_bytes"]["materialised"] - lm["temp_bytes"]["fused"] > logits / 2
+
+    h = lm["history"]
+    assert len(h["train_loss"]) == 18 and h["val_steps"] == [0, 6, 12, 18]
+    # From ~log(2048) = 7.6 nats at initialisation, 18 steps learn the unigram statistics.
+    assert h["val_loss"][0] == pytest.approx(np.log(2048), abs=0.3)
+    assert h["val_loss"][-1] < h["val_loss"][0] - 0.5
+    assert np.mean(h["train_loss"][-6:]) < np.mean(h["train_loss"][:6])
+    assert lm["val_perplexity"] == pytest.approx(np.exp(lm["val_loss"]))
+
+    d = distill["history"]
+    assert len(distill["distill_loss_history"]) == 12 and d["val_steps"] == [0, 6, 12]
+    kl = distill["distill_loss_history"]
+    assert all(np.isfinite(kl)) and min(kl) >= 0 and np.mean(kl[-4:]) < np.mean(kl[:4])
+    assert d["val_loss"][-1] < d["val_loss"][0] - 0.3
+    assert distill["teacher_val_loss"] == lm["val_loss"]
+
+    # The sample is the prompt's tokens and then sampled ones, decoded by the saved tokenizer.
+    tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
+    prompt = tokenizer.encode("import ").ids
+    for report, name in ((lm, "sample.txt"), (distill, "student_sample.txt")):
+        s = report["sample"]
+        assert s["ids"][: len(prompt)] == prompt and len(prompt) < len(s["ids"]) <= 32
+        assert all(0 <= i < 2048 for i in s["ids"])
+        assert isinstance(s["text"], str) and s["text"] == tokenizer.decode(s["ids"])
+        assert s["text"].startswith("import ") and (out / name).read_text() == s["text"]
+    assert_png(out / "losses.png")
+    assert_png(out / "distill_losses.png")
+
+    # --mode distill reloads the saved teacher and tokenizer (same validation loss).
+    out2 = tmp_path / "student"
+    run_example(
+        *("examples/language_model.py", *LM_TINY, "--cache", str(cache), "--out", str(out2)),
+        *("--mode", "distill", "--teacher", str(out), "--distill-steps", "12"),
+        env=env,
+    )
+    m2 = json.loads((out2 / "metrics.json").read_text())
+    assert m2["teacher"]["val_loss"] == pytest.approx(lm["val_loss"], rel=1e-5)
+    assert m2["data"]["val_tokens"] == data["val_tokens"] and "lm" not in m2
+    # Same student seed, data and reloaded teacher: the same distillation run as in `both`.
+    np.testing.assert_allclose(
+        m2["distill"]["distill_loss_history"], distill["distill_loss_history"], rtol=1e-5
+    )
+    assert_png(out2 / "distill_losses.png")
+
+
+def test_language_model_tokens_round_trip_and_windows_cover_each_target_once(tmp_path):
+    pytest.importorskip("tokenizers")
+    texts = ["def f(x):\n    return x + 1\n", "import os\nprint(os.sep)  # ünïcode\n"] * 20
+    tokenizer = _data.train_bpe(texts, 300)
+    stream = _data.token_stream(tokenizer, texts[:2])
+    eot = tokenizer.token_to_id(_data.END_OF_TEXT)
+    assert eot == 0 and stream.dtype == np.int32 and np.sum(stream == eot) == 2
+    pieces = np.split(stream, np.flatnonzero(stream == eot) + 1)[:2]
+    assert [tokenizer.decode(p[:-1].tolist()) for p in pieces] == texts[:2]
+
+    w = _data.windows(np.arange(10, dtype=np.int32), 3)
+    np.testing.assert_array_equal(w, [[0, 1, 2, 3], [3, 4, 5, 6], [6, 7, 8, 9]])
+    np.testing.assert_array_equal(np.concatenate([r[1:] for r in w]), np.arange(1, 10))
+    with pytest.raises(ValueError, match="no window"):
+        _data.windows(np.arange(3, dtype=np.int32), 3)
+
+
+def test_stdlib_split_is_by_file_name_and_deterministic():
+    a, b = _data.stdlib_corpus(), _data.stdlib_corpus()
+    assert a.train_names == b.train_names and a.val_names == b.val_names
+    assert not set(a.train_names) & set(a.val_names)
+    assert a.train_names == sorted(a.train_names) and all(n.endswith(".py") for n in a.val_names)
+    assert 0.02 < len(a.val_names) / (len(a.val_names) + len(a.train_names)) < 0.3
+
+
+def test_transformer_is_causal_and_generate_continues_the_prompt():
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from examples import _models
+    from examples.language_model import generate
+
+    model = _models.TransformerLM(50, d_model=16, heads=2, layers=2, context=8, rngs=nnx.Rngs(0))
+    tokens = jnp.asarray([[3, 1, 4, 1, 5, 9, 2, 6]], jnp.int32)
+    changed = tokens.at[0, 5].set(7)
+    h, h2 = model.hidden(tokens), model.hidden(changed)
+    assert h.shape == (1, 8, 16) and model(tokens).shape == (1, 8, 50)
+    # Positions before the changed token cannot see it; the changed one and later ones do.
+    np.testing.assert_array_equal(np.asarray(h[:, :5]), np.asarray(h2[:, :5]))
+    assert not np.allclose(np.asarray(h[:, 5:]), np.asarray(h2[:, 5:]))
+
+    ids = generate(model, [3, 1], new_tokens=20, temperature=0.0, seed=0)
+    assert ids[:2] == [3, 1] and len(ids) == 8  # stops at the context length
+    # Greedy decoding: each new id is the argmax of the logits at the previous position.
+    logits = np.asarray(model(jnp.asarray([ids], jnp.int32))[0])
+    assert ids[2:] == logits[1:-1].argmax(-1).tolist()
+    assert generate(model, [3, 1], new_tokens=3, temperature=1.0, seed=1)[:2] == [3, 1]
+    with pytest.raises(ValueError, match="prompt must have 1 to 7 tokens"):
+        generate(model, list(range(8)), new_tokens=1, temperature=0.0, seed=0)
