@@ -27,6 +27,7 @@ the coefficients: an excluded NaN or infinite input gets exactly zero gradient.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 
@@ -142,3 +143,34 @@ def unsupported(name: str):
         "for a Hessian use jax.jacrev(jax.grad(f)) instead of jax.hessian, and jax.jacrev "
         "instead of jax.jacfwd or jax.jvp."
     )
+
+
+@contextlib.contextmanager
+def reverse_only(name: str):
+    """Turns JAX's generic "can't apply forward-mode autodiff (jvp) to a custom_vjp function"
+    raised inside the block into :func:`unsupported`'s error naming the jbce loss."""
+    try:
+        yield
+    except TypeError as e:
+        if "forward-mode" in str(e) and "custom_vjp" in str(e):
+            raise unsupported(name) from e
+        raise
+
+
+def first_order_only(name: str, alternative: str):
+    """An identity whose derivative raises: wraps the cotangents a ``custom_vjp`` backward
+    pass returns when its second derivatives are not right, so ``jax.hessian`` or
+    ``jax.jacrev(jax.grad(f))`` raise instead of returning wrong numbers."""
+
+    @jax.custom_jvp
+    def identity(x):
+        return x
+
+    @identity.defjvp
+    def _raise(primals, tangents):
+        raise TypeError(
+            f"jbce.{name} has first-order derivatives only (jax.grad, jax.vjp); for second "
+            f"derivatives use {alternative}."
+        )
+
+    return identity

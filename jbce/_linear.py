@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from jbce import _checks, _linear_pallas, _stats
+from jbce import _checks, _forward, _linear_pallas, _stats
 from jbce._dtypes import compute_dtype
 from jbce._linear_xla import linear_stats, tile_sizes
 from jbce._reduce import reduce_loss
@@ -155,20 +155,22 @@ def linear_softmax_cross_entropy(
         loss = jnp.zeros(bshape, dt)
         return reduce_loss(loss, reduction=reduction, weights=weights, **glob)
     if implementation == "pallas":
-        st = _linear_pallas.linear_stats(
-            hidden, weight, bias, labels.reshape(n),
-            None if cap is None else jnp.asarray(cap, dt),
-            None if rows is None else rows.reshape(n),
-            not _checks.is_zero(e), gradient_filter, axis_name, _linear_pallas.interpreting(),
-        )  # fmt: skip
+        with _forward.reverse_only("linear_softmax_cross_entropy"):
+            st = _linear_pallas.linear_stats(
+                hidden, weight, bias, labels.reshape(n),
+                None if cap is None else jnp.asarray(cap, dt),
+                None if rows is None else rows.reshape(n),
+                not _checks.is_zero(e), gradient_filter, axis_name, _linear_pallas.interpreting(),
+            )  # fmt: skip
     else:
         tn, tv = tile_sizes(n, v, chunk_size)
-        st = linear_stats(
-            hidden, weight, bias, labels.reshape(n), cw,
-            None if cap is None else jnp.asarray(cap, dt),
-            None if rows is None else rows.reshape(n),
-            dt, tn, tv, not _checks.is_zero(e), axis_name,
-        )  # fmt: skip
+        with _forward.reverse_only("linear_softmax_cross_entropy"):
+            st = linear_stats(
+                hidden, weight, bias, labels.reshape(n), cw,
+                None if cap is None else jnp.asarray(cap, dt),
+                None if rows is None else rows.reshape(n),
+                dt, tn, tv, not _checks.is_zero(e), axis_name,
+            )  # fmt: skip
     st = _stats.Stats(*(None if f is None else f.reshape(bshape) for f in st))
     loss, has = _stats.loss_terms(
         st, labels, num_classes=num_classes, label_smoothing=e, z_loss=z,

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jbce import _checks
+from jbce import _checks, _forward
 from jbce._dtypes import compute_dtype
 from jbce._linear import check_chunk_size
 from jbce._linear_distill_xla import distillation_rows, tile_sizes
@@ -192,9 +192,10 @@ def linear_distillation_loss(
         loss = jnp.zeros(bshape, dt)
         return reduce_loss(loss, reduction=reduction, weights=weights, where=rows, **glob)
     tiles = (tile_sizes(n, v, chunk_size), tile_sizes(n, v, chunk_size, accelerator=True))
-    loss = distillation_rows(
-        hidden.reshape(n, d), weight, bias, teacher_hidden.reshape(n, dt_), teacher_weight,
-        teacher_bias, jnp.asarray(b, dt), jnp.asarray(temp, dt), mode, dt, tiles, axis_name,
-    )  # fmt: skip
+    with _forward.reverse_only("linear_distillation_loss"):
+        loss = distillation_rows(
+            hidden.reshape(n, d), weight, bias, teacher_hidden.reshape(n, dt_), teacher_weight,
+            teacher_bias, jnp.asarray(b, dt), jnp.asarray(temp, dt), mode, dt, tiles, axis_name,
+        )  # fmt: skip
     loss = loss.reshape(bshape)
     return reduce_loss(loss, reduction=reduction, weights=weights, where=rows, **glob)

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jbce import _stats, _vma
+from jbce._forward import first_order_only
 
 # The chunk arithmetic of the fused cross-entropy, shared as is.
 from jbce._linear_xla import chunk_start, num_chunks
@@ -367,10 +368,18 @@ def _distillation_rows_bwd(mode, dtype, tiles, axis_name, res, g):
         cpu, other, args, rows, g,
     )  # fmt: skip
     # Inside shard_map an input replicated over an axis its cotangent varies on gets the sum.
+    # Differentiating this backward pass again gives wrong numbers (not derived for it):
+    # second derivatives raise.
     return tuple(
-        None if ct is None else _vma.psum_to_like(ct.astype(a.dtype), a)
+        None if ct is None else _SECOND_ORDER(_vma.psum_to_like(ct.astype(a.dtype), a))
         for ct, a in zip(grads, args)
     )
+
+
+_SECOND_ORDER = first_order_only(
+    "linear_distillation_loss",
+    "jbce.jensen_shannon_divergence on the materialised logits (jax.hessian works there)",
+)
 
 
 distillation_rows.defvjp(_distillation_rows_fwd, _distillation_rows_bwd, symbolic_zeros=True)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from jbce import _checks, _entropy_stats
+from jbce import _checks, _entropy_stats, _forward
 from jbce._dtypes import compute_dtype
 from jbce._linear import check_chunk_size, linear_operands
 from jbce._linear_xla import linear_entropy_stats, tile_sizes
@@ -105,7 +105,10 @@ def linear_log_probs(
         return jnp.zeros(bshape, dt), jnp.zeros(bshape, dt)
     tn, tv = tile_sizes(n, v, chunk_size)
     temp = None if isinstance(t, (int, float)) and t == 1 else jnp.asarray(t, dt)
-    st = linear_entropy_stats(hidden, weight, bias, labels.reshape(n), temp, dt, tn, tv, axis_name)
+    with _forward.reverse_only("linear_log_probs"):
+        st = linear_entropy_stats(
+            hidden, weight, bias, labels.reshape(n), temp, dt, tn, tv, axis_name
+        )
     log_p, entropy = _entropy_stats.log_probs_and_entropy(
         _entropy_stats.EntropyStats(*(f.reshape(bshape) for f in st))
     )

@@ -479,3 +479,48 @@ def test_reverse_mode_saves_the_inputs_and_per_row_values_only(name):
     computed = [(r, d) for r, d in big if any(c in d for c in CORES) and "_like_logits" not in d]
     assert not computed, computed
     assert all(np.prod(r.shape) <= N for r, _ in res if np.prod(r.shape) < N * K), res
+
+
+FUSED = {
+    "linear_softmax_cross_entropy": lambda h, w, y: jbce.linear_softmax_cross_entropy(h, w, y),
+    "linear_log_probs": lambda h, w, y: jnp.sum(jbce.linear_log_probs(h, w, y)[0]),
+    "linear_distillation_loss": lambda h, w, y: jbce.linear_distillation_loss(h, w, h, w[:, ::-1]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FUSED))
+def test_fused_losses_say_they_are_reverse_mode_only_and_name_the_alternative(name):
+    h = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
+    w = jnp.linspace(-2.0, 2.0, 15).reshape(3, 5)
+    y = jnp.array([0, 1, 2, 4])
+    f = lambda a: FUSED[name](a, w, y)
+    with pytest.raises(TypeError, match=rf"jbce\.{name} supports reverse-mode") as info:
+        jax.jvp(f, (h,), (h,))
+    assert jax.grad(f)(h).shape == h.shape  # reverse mode untouched
+    if name == "linear_distillation_loss":  # its backward pass is not differentiable
+        for second in (jax.hessian(f), jax.jacrev(jax.grad(f))):
+            with pytest.raises(TypeError, match="first-order derivatives only"):
+                second(h)
+        return
+    assert "jax.jacrev(jax.grad(f))" in str(info.value)
+    with pytest.raises(TypeError, match=rf"jbce\.{name} supports reverse-mode"):
+        jax.hessian(f)(h)
+    assert jax.jacrev(jax.grad(f))(h).shape == h.shape * 2
+
+
+def test_fused_losses_reverse_over_reverse_equals_the_materialised_hessian():
+    h = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
+    w = jnp.linspace(-2.0, 2.0, 15).reshape(3, 5)
+    y = jnp.array([0, 1, 2, 4])
+    ce = lambda a: jbce.linear_softmax_cross_entropy(a, w, y, label_smoothing=0.1)
+    ce_ref = lambda a: jbce.softmax_cross_entropy_with_integer_labels(a @ w, y, label_smoothing=0.1)
+    lp = lambda a: jnp.sum(jnp.stack(jbce.linear_log_probs(a, w, y, temperature=0.5)))
+
+    def lp_ref(a):
+        ls = jax.nn.log_softmax(a @ w / 0.5)
+        return jnp.sum(jnp.take_along_axis(ls, y[:, None], -1)) - jnp.sum(jnp.exp(ls) * ls)
+
+    for f, r in ((ce, ce_ref), (lp, lp_ref)):
+        np.testing.assert_allclose(
+            jax.jacrev(jax.grad(f))(h), jax.hessian(r)(h), rtol=1e-5, atol=1e-6
+        )
