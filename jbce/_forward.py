@@ -78,7 +78,9 @@ def _call(tangent_map, static, primals, kept, tangents):
 def _zero_if_none(o, t):
     if o is None:
         return None
-    return jnp.zeros(jnp.shape(o), jnp.result_type(o)) if t is None else t
+    # zeros_like keeps the primal's varying mesh axes (a zero of float32[8]{V:data} inside
+    # shard_map must be varying too)
+    return jnp.zeros_like(o) if t is None else t
 
 
 def _nonzero(t):

@@ -114,12 +114,27 @@ def _tpu_stats(hidden, weight, bias, labels, cap, *, sums, interpret, blocks=Non
     return tuple(o[:, 0] for o in out)
 
 
-def _xla_stats(hidden, weight, bias, labels, cap, *, sums):
+def _xla(hidden, weight, bias, labels, cap, rows, sums):
+    """The XLA tiled loop's statistics as a function of (hidden, weight, bias, cap)."""
     n, v = hidden.shape[0], weight.shape[1]
     tn, tv = _linear_xla.tile_sizes(n, v, None)
-    b = None if bias is None else bias[0]
-    c = None if cap is None else cap[0, 0]
-    st = _linear_xla.tiled_stats(hidden, weight, b, labels[:, 0], c, jnp.float32, tn, tv, sums)
+
+    def stats(h, w, b, c):
+        return _linear_xla.linear_stats(
+            h, w, b, labels, None, c, rows, jnp.float32, tn, tv, sums, None
+        )
+
+    return stats, (
+        hidden,
+        weight,
+        None if bias is None else bias[0],
+        None if cap is None else cap[0, 0],
+    )
+
+
+def _xla_stats(hidden, weight, bias, labels, cap, *, sums):
+    stats, args = _xla(hidden, weight, bias, labels[:, 0], cap, None, sums)
+    st = stats(*args)
     return tuple(
         f for f in (st.shift, st.lse, st.target, st.logit_sum, st.weight_sum) if f is not None
     )
@@ -219,16 +234,14 @@ def _tpu_grads(hidden, weight, bias, labels, cap, rows, *, sums, threshold, inte
 
 
 def _xla_grads(hidden, weight, bias, labels, cap, rows, *, sums, threshold):
-    del sums, threshold  # the XLA loop has no filtering: its gradient is the exact one
-    n, v = hidden.shape[0], weight.shape[1]
-    tn, tv = _linear_xla.tile_sizes(n, v, None)
-    keep, shift, lse, g_lse, g_t, *g_s = (r[:, 0] for r in rows)
-    saved = _stats.Stats(shift, lse, None)
-    g = _stats.Stats(None, g_lse, g_t, g_s[0] if g_s else None)
-    dh, dw, db, dcap = _linear_xla.tiled_grads(
-        hidden, weight, None if bias is None else bias[0], labels[:, 0],
-        None if cap is None else cap[0, 0], keep != 0, saved, g, jnp.float32, tn, tv,
-    )  # fmt: skip
+    del threshold  # the XLA loop has no filtering: its gradient is the exact one
+    keep, _, _, g_lse, g_t, *g_s = (r[:, 0] for r in rows)
+    stats, args = _xla(hidden, weight, bias, labels[:, 0], cap, keep != 0, sums)
+    st, vjp = jax.vjp(stats, *args)
+    g = jax.tree.map(jnp.zeros_like, st)._replace(lse=g_lse, target=g_t)
+    if g_s:
+        g = g._replace(logit_sum=g_s[0])
+    dh, dw, db, dcap = vjp(g)
     return dh, dw, db, dcap
 
 
