@@ -150,6 +150,7 @@ def softmax_cross_entropy_with_integer_labels(
     st = softmax_stats(
         x, labels, cw, logit_mask, _scalar(cap, dt), rows, dt,
         not _checks.is_zero(e), False, axis_name, implementation,
+        loss_name="softmax_cross_entropy_with_integer_labels",
     )  # fmt: skip
     loss, has = _stats.loss_terms(
         st, labels, num_classes=num_classes, label_smoothing=e, z_loss=z,

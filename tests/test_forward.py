@@ -524,3 +524,21 @@ def test_fused_losses_reverse_over_reverse_equals_the_materialised_hessian():
         np.testing.assert_allclose(
             jax.jacrev(jax.grad(f))(h), jax.hessian(r)(h), rtol=1e-5, atol=1e-6
         )
+
+
+def test_vocabulary_parallel_ce_is_reverse_mode_only_and_says_so():
+    # Sharded classes keep the hand-written backward pass (right under pmap and shard_map);
+    # forward mode there raises an error naming the loss. Simulated with vmap over 2 shards.
+    x = jnp.linspace(-2.0, 2.0, 24).reshape(2, 3, 4)  # [shards, N, K / shards]
+    y = jnp.array([0, 5, 7])
+
+    def loss(a):
+        f = lambda s: jbce.softmax_cross_entropy_with_integer_labels(s, y, axis_name="v")
+        return jax.vmap(f, axis_name="v")(a)[0]
+
+    with pytest.raises(TypeError, match="softmax_cross_entropy_with_integer_labels supports"):
+        jax.jvp(loss, (x,), (x,))
+    full = lambda a: jbce.softmax_cross_entropy_with_integer_labels(
+        jnp.concatenate([a[0], a[1]], axis=-1), y
+    )
+    np.testing.assert_allclose(jax.grad(loss)(x), jax.grad(full)(x), rtol=1e-6, atol=1e-7)
