@@ -10,6 +10,8 @@ Process 0 writes the values and gradients of
   PyTorch mean taken as ``psum(sum) / psum(kept tokens' class weights)``;
 - ``linear_log_probs`` at a traced temperature: both per-token outputs and the gradients of
   a per-token mix of them;
+- ``linear_distillation_loss`` against a teacher of another hidden size, its global mean over
+  the non-ignored tokens through ``batch_axis_name="data"``, and the student's gradients;
 
 and the test compares them with the materialised losses on one device (:func:`problem`).
 """
@@ -42,6 +44,18 @@ def problem():
     y = rng.integers(0, K, size=B).astype(np.int32)
     cw = rng.uniform(0.5, 2.0, size=K).astype(np.float32)
     return h, w, b, y, cw, np.float32(0.8)
+
+
+def teacher():
+    """(teacher hidden [B, 6], teacher weight [6, K]): another hidden size than the student."""
+    import numpy as np
+
+    rng = np.random.default_rng(12)
+    return (rng.normal(size=(B, 6)).astype(np.float32),
+            (rng.normal(size=(6, K)) / 2).astype(np.float32))  # fmt: skip
+
+
+BETA = 0.3
 
 
 def ignored(y):
@@ -109,8 +123,24 @@ def run() -> dict:
         log_p, ent = lp_sm(h, w, b, t, y)
         return jnp.sum(a * log_p) + 0.1 * jnp.sum(ent)
 
+    ht, wt = teacher()
+    hts, wts = put(ht, P("data")), put(wt, P(None, "vocab"))
+
+    def distill(h, w, ht, wt, y):
+        return jbce.linear_distillation_loss(
+            h, w, ht, wt, labels=y, beta=BETA, chunk_size=5, axis_name="vocab",
+            batch_axis_name="data",
+        )  # fmt: skip
+
+    distill_sm = jax.shard_map(
+        distill, mesh=mesh,
+        in_specs=(P("data"), P(None, "vocab"), P("data"), P(None, "vocab"), P("data")),
+        out_specs=P(),
+    )  # fmt: skip
+
     hs, ws, bs, cws = args
     ys, ys_ce, as_ = tokens
+    js_val, js_grads = jax.jit(jax.value_and_grad(distill_sm, (0, 1)))(hs, ws, hts, wts, ys_ce)
     ce_val, ce_grads = jax.jit(jax.value_and_grad(ce_sm, (0, 1, 2)))(hs, ws, cws, ys_ce)
     outs = jax.jit(lp_sm)(hs, ws, bs, temp, ys)
     lp_val, lp_grads = jax.jit(jax.value_and_grad(objective, (0, 1, 2, 3)))(
@@ -127,6 +157,8 @@ def run() -> dict:
         "log_probs": [gather(o) for o in outs],
         "lp_objective": float(lp_val),
         "lp_grads": [gather(g) for g in lp_grads],
+        "distill": float(js_val),
+        "distill_grads": [gather(g) for g in js_grads],
     }
 
 

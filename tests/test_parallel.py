@@ -333,7 +333,7 @@ def test_two_process_run_matches_single_process(tmp_path):
     assert losses[-1] < losses[0]
 
 
-def test_two_process_fused_class_weights_and_log_probs_match_one_device(tmp_path):
+def test_two_process_fused_class_weights_log_probs_and_distillation_match_one_device(tmp_path):
     # tests/_two_process_fused.py: 2 processes x 4 CPU devices over gloo, a ("data", "vocab")
     # mesh; compared with the materialised losses here.
     from tests import _two_process_fused as two
@@ -371,3 +371,12 @@ def test_two_process_fused_class_weights_and_log_probs_match_one_device(tmp_path
     ref, ref_grads = jax.value_and_grad(objective, (0, 1, 2, 3))(h, w, b, t)
     rtol_close(got["lp_objective"], ref)
     rtol_close([jnp.asarray(g) for g in got["lp_grads"]], list(ref_grads))
+
+    ht, wt = (jnp.asarray(a) for a in two.teacher())
+
+    def distill(h, w):
+        return jbce.jensen_shannon_divergence(h @ w, ht @ wt, beta=two.BETA, where=y_ce != -100)
+
+    ref, ref_grads = jax.value_and_grad(distill, (0, 1))(h, w)
+    rtol_close(got["distill"], ref)
+    rtol_close([jnp.asarray(g) for g in got["distill_grads"]], list(ref_grads))
