@@ -32,11 +32,14 @@ N_DEV = 8
 RESULTS: dict[str, dict] = {}
 # By hand, JBCE_PARALLEL_ONLY=<prefix> runs only the checks whose names start with it.
 ONLY = os.environ.get("JBCE_PARALLEL_ONLY", "")
+# The checks run when this file runs as a script; importing it (pytest's doctest collection
+# imports every module under tests/) must not run them on the importer's devices.
+RUN = __name__ == "__main__"
 
 
 def record(name, fn, *args):
     """Runs ``fn(*args)``; an exception marks the check failed with its traceback."""
-    if not name.startswith(ONLY):
+    if not RUN or not name.startswith(ONLY):
         return
     t0 = time.perf_counter()
     try:
