@@ -299,7 +299,13 @@ def test_out_of_range_label_is_nan_not_a_silent_finite_value_without_checkify():
     assert np.isnan(float(val))
 
 
-def test_forward_mode_is_refused_with_a_clear_error():
-    # custom_vjp rules are reverse-mode only; the docs point to jax.jacrev / reverse-over-reverse
-    with pytest.raises(TypeError, match="custom_vjp"):
-        jax.jvp(lambda a: jbce.sigmoid_binary_cross_entropy(a, z((3,))), (z((3,)),), (z((3,)),))
+def test_forward_mode_works_and_the_reverse_only_fused_loss_says_so():
+    # Issue 12: the materialised losses support jvp; a fused loss names itself and the
+    # jax.jacrev(jax.grad(f)) alternative instead of JAX's generic custom_vjp error.
+    x, v = jnp.array([0.5, -1.0, 2.0], F), jnp.array([1.0, 0.0, -1.0], F)
+    f = lambda a: jbce.sigmoid_binary_cross_entropy(a, z((3,)))
+    _, t = jax.jvp(f, (x,), (v,))
+    np.testing.assert_allclose(t, jnp.vdot(jax.grad(f)(x), v), rtol=1e-6)
+    g = lambda a: jbce.linear_softmax_cross_entropy(a, z((3, 4)), jnp.array([0, 1], INT))
+    with pytest.raises(TypeError, match=r"jbce\.linear_softmax_cross_entropy .*jacrev"):
+        jax.jvp(g, (z((2, 3)),), (z((2, 3)),))
