@@ -241,7 +241,7 @@ def eight_devices():
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "_parallel_checks.py")],
-        capture_output=True, text=True, timeout=900, env=env, cwd=ROOT,
+        capture_output=True, text=True, timeout=2400, env=env, cwd=ROOT,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-5000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
