@@ -99,22 +99,8 @@ def _logits(h_ref, w_ref, b_ref, r0, c0, tn, tv, tk, d):
     return z
 
 
-def _split(refs, has_bias, has_cap, n_in):
-    refs = list(refs)
-    h_ref, w_ref = refs[0], refs[1]
-    k = 2
-    b_ref = refs[k] if has_bias else None
-    k += has_bias
-    y_ref = refs[k]
-    k += 1
-    cap_ref = refs[k] if has_cap else None
-    k += has_cap
-    rest = refs[k:]
-    return h_ref, w_ref, b_ref, y_ref, cap_ref, rest[: n_in - k], rest[n_in - k :]
-
-
 def _forward_kernel(*refs, n, v, vp, d, tn, tv, tk, has_bias, has_cap, sums, n_in):
-    h_ref, w_ref, b_ref, y_ref, cap_ref, _, outs = _split(refs, has_bias, has_cap, n_in)
+    h_ref, w_ref, b_ref, y_ref, cap_ref, _, outs = tiles.split_refs(refs, has_bias, has_cap, n_in)
     r0 = _start(pl.program_id(0), tn, n)
     y = y_ref[pl.ds(r0, tn), :]
     cap = cap_ref[...] if has_cap else None
@@ -169,7 +155,9 @@ def _row_inputs(refs, r0, tn):
 
 
 def _dhidden_kernel(*refs, n, v, vp, d, tn, tv, tk, td, has_bias, has_cap, sums, thr, n_in):
-    h_ref, w_ref, b_ref, y_ref, cap_ref, rows, outs = _split(refs, has_bias, has_cap, n_in)
+    h_ref, w_ref, b_ref, y_ref, cap_ref, rows, outs = tiles.split_refs(
+        refs, has_bias, has_cap, n_in
+    )
     dh_ref, dcap_ref = outs[0], outs[1] if has_cap else None
     i, kd = pl.program_id(0), pl.program_id(1)
     r0 = _start(i, tn, n)
@@ -206,7 +194,9 @@ def _dhidden_kernel(*refs, n, v, vp, d, tn, tv, tk, td, has_bias, has_cap, sums,
 
 
 def _dweight_kernel(*refs, n, v, vp, d, tn, tv, tk, td, has_bias, has_cap, sums, thr, n_in):
-    h_ref, w_ref, b_ref, y_ref, cap_ref, rows, outs = _split(refs, has_bias, has_cap, n_in)
+    h_ref, w_ref, b_ref, y_ref, cap_ref, rows, outs = tiles.split_refs(
+        refs, has_bias, has_cap, n_in
+    )
     dw_ref, db_ref = outs[0], outs[1] if has_bias else None
     j, kd = pl.program_id(0), pl.program_id(1)
     c0 = _start(j, tv, vp)

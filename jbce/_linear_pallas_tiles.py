@@ -139,3 +139,19 @@ def small(p, target_hit, threshold):
     # max of a float 0/1 rather than any(): Triton has no boolean reduction
     hits = jnp.max(jnp.where(target_hit, 1.0, 0.0).astype(jnp.float32))
     return (jnp.max(p) < threshold) & (hits == 0)
+
+
+def split_refs(refs, has_bias, has_cap, n_in):
+    """A kernel's refs as (hidden, weight, bias or None, labels, cap or None, the other
+    ``n_in`` inputs, the outputs and scratch): the layout both kernel sets pass."""
+    refs = list(refs)
+    h_ref, w_ref = refs[0], refs[1]
+    k = 2
+    b_ref = refs[k] if has_bias else None
+    k += has_bias
+    y_ref = refs[k]
+    k += 1
+    cap_ref = refs[k] if has_cap else None
+    k += has_cap
+    rest = refs[k:]
+    return h_ref, w_ref, b_ref, y_ref, cap_ref, rest[: n_in - k], rest[n_in - k :]

@@ -50,20 +50,6 @@ def block_sizes(n: int, d: int, v: int, itemsize: int, caps=None) -> tuple[int, 
     return tn, tv
 
 
-def _split(refs, has_bias, has_cap, n_in):
-    refs = list(refs)
-    h_ref, w_ref = refs[0], refs[1]
-    k = 2
-    b_ref = refs[k] if has_bias else None
-    k += has_bias
-    y_ref = refs[k]
-    k += 1
-    cap_ref = refs[k] if has_cap else None
-    k += has_cap
-    rest = refs[k:]
-    return h_ref, w_ref, b_ref, y_ref, cap_ref, rest[: n_in - k], rest[n_in - k :]
-
-
 def _logits(h, w, b_ref):
     if h.dtype != w.dtype:
         h, w = h.astype(jnp.float32), w.astype(jnp.float32)
@@ -76,7 +62,7 @@ def _cols(j, tv):
 
 
 def _forward_kernel(*refs, v, tv, has_bias, has_cap, sums, n_in, n_out):
-    h_ref, w_ref, b_ref, y_ref, cap_ref, _, rest = _split(refs, has_bias, has_cap, n_in)
+    h_ref, w_ref, b_ref, y_ref, cap_ref, _, rest = tiles.split_refs(refs, has_bias, has_cap, n_in)
     outs, scratch = rest[:n_out], rest[n_out:]
     j = pl.program_id(1)
     tn = h_ref.shape[0]
@@ -156,7 +142,9 @@ def forward(hidden, weight, bias, labels, cap, *, sums, interpret, blocks=None):
 
 def _dlogits(refs, i, j, *, n, v, tn, tv, has_bias, has_cap, sums, n_in):
     """(refs split, d z, p, valid columns, label hits, row mask) of tile (i, j)."""
-    h_ref, w_ref, b_ref, y_ref, cap_ref, rows, outs = _split(refs, has_bias, has_cap, n_in)
+    h_ref, w_ref, b_ref, y_ref, cap_ref, rows, outs = tiles.split_refs(
+        refs, has_bias, has_cap, n_in
+    )
     keep, m, lse, g_lse, g_t, *g_s = (r[...] for r in rows)
     cap = cap_ref[...] if has_cap else None
     cols = _cols(j, tv)
