@@ -36,8 +36,10 @@ def safe_divide(num: jax.Array, den: jax.Array) -> jax.Array:
     return jnp.where(nonzero, num / jnp.where(nonzero, den, 1), jnp.zeros((), num.dtype))
 
 
-def global_sum(x: jax.Array, axis_name) -> jax.Array:
-    """The sum of ``x`` over the mesh axis ``axis_name`` (``x`` itself for ``None``).
+def global_sum(x, axis_name):
+    """The sum of ``x`` (an array or a tuple of them) over the mesh axis ``axis_name``.
+
+    ``x`` itself for ``None``.
 
     A plain ``psum``, so gradients follow JAX's own convention: inside ``shard_map`` each
     shard's terms get the global loss's gradient; under ``pmap`` (and ``shard_map`` with
@@ -66,11 +68,13 @@ def check_global_options(reduction: str, normalizer, batch_axis_name) -> None:
 
 def divide_globally(total, den, *, normalizer=None, batch_axis_name=None):
     """``total / den`` summed over ``batch_axis_name``; ``normalizer`` replaces ``den``."""
-    total = global_sum(total, batch_axis_name)
     if normalizer is not None:
+        total = global_sum(total, batch_axis_name)
         den = jnp.asarray(normalizer, total.dtype)
     else:
-        den = global_sum(jnp.asarray(den, total.dtype), batch_axis_name)
+        # One collective for both: one all-reduce launch instead of two, and no pair of
+        # independent all-reduces that processes could run in different orders.
+        total, den = global_sum((total, jnp.asarray(den, total.dtype)), batch_axis_name)
     return safe_divide(total, den)
 
 
