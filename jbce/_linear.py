@@ -99,7 +99,8 @@ def linear_softmax_cross_entropy(
         on every platform today) or ``"pallas"``: Pallas kernels that keep each logits
         tile on chip (Triton on GPUs, Mosaic on TPUs; on other platforms the tiled loop).
         The kernels compute in float32 (float64 inputs are refused), choose their own
-        block sizes (``chunk_size`` must be None) and do not take ``class_weights`` yet.
+        block sizes (``chunk_size`` must be None) and take ``class_weights`` only
+        without label smoothing.
         Not the default until measured faster on hardware.
       gradient_filter: ``"pallas"`` only: skip, in the backward pass, a tile whose every
         softmax probability is below this threshold and that holds no token's label (Cut
@@ -149,7 +150,8 @@ def linear_softmax_cross_entropy(
         labels, bshape, v, weights=weights, class_weights=class_weights,
         ignore_index=ignore_index, num_classes=num_classes, dtype=dt,
     )  # fmt: skip
-    _linear_pallas.check_options(implementation, chunk_size, gradient_filter, dt, cw)
+    smoothing = not _checks.is_zero(e)
+    _linear_pallas.check_options(implementation, chunk_size, gradient_filter, dt, cw, smoothing)
     glob = {"normalizer": normalizer, "batch_axis_name": batch_axis_name}
     if n == 0:
         loss = jnp.zeros(bshape, dt)
@@ -157,10 +159,10 @@ def linear_softmax_cross_entropy(
     if implementation == "pallas":
         with _forward.reverse_only("linear_softmax_cross_entropy"):
             st = _linear_pallas.linear_stats(
-                hidden, weight, bias, labels.reshape(n),
+                hidden, weight, bias, labels.reshape(n), cw,
                 None if cap is None else jnp.asarray(cap, dt),
                 None if rows is None else rows.reshape(n),
-                not _checks.is_zero(e), gradient_filter, axis_name, _linear_pallas.interpreting(),
+                smoothing, gradient_filter, axis_name, _linear_pallas.interpreting(),
             )  # fmt: skip
     else:
         tn, tv = tile_sizes(n, v, chunk_size)
@@ -169,7 +171,7 @@ def linear_softmax_cross_entropy(
                 hidden, weight, bias, labels.reshape(n), cw,
                 None if cap is None else jnp.asarray(cap, dt),
                 None if rows is None else rows.reshape(n),
-                dt, tn, tv, not _checks.is_zero(e), axis_name,
+                dt, tn, tv, smoothing, axis_name,
             )  # fmt: skip
     st = _stats.Stats(*(None if f is None else f.reshape(bshape) for f in st))
     loss, has = _stats.loss_terms(

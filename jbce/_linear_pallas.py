@@ -61,8 +61,12 @@ def interpreting() -> tuple | None:
     return _INTERPRET.get()
 
 
-def check_options(implementation, chunk_size, gradient_filter, dtype, class_weights=None) -> None:
-    """Errors for options the Pallas implementation does not take (or only it takes)."""
+def check_options(
+    implementation, chunk_size, gradient_filter, dtype, class_weights=None, smoothing=False
+) -> None:
+    """Errors for options the Pallas implementation does not take (or only it takes);
+    ``smoothing``: whether the loss has a label-smoothing term (a nonzero or traced
+    ``label_smoothing``)."""
     if implementation != "pallas":
         if gradient_filter is not None:
             raise ValueError(
@@ -70,10 +74,12 @@ def check_options(implementation, chunk_size, gradient_filter, dtype, class_weig
                 f"got implementation={implementation!r}"
             )
         return
-    if class_weights is not None:
+    if class_weights is not None and smoothing:
         raise ValueError(
-            'class_weights are not supported with implementation="pallas" yet; got an array '
-            "of shape " + f'{class_weights.shape} (use implementation="xla")'
+            'class_weights with label smoothing are not supported with implementation="pallas" '
+            "yet (the kernels' smoothing sums are unweighted); got class_weights of shape "
+            f"{class_weights.shape} and a nonzero or traced label_smoothing (use "
+            'implementation="xla", or label_smoothing=0)'
         )
     if chunk_size is not None:
         raise ValueError(
@@ -165,16 +171,30 @@ def _operands(hidden, weight, bias, labels, cap):
     )
 
 
+def _label_weights(y, class_weights):
+    """``w_y`` per token from this shard's classes (0 for a label outside them, e.g.
+    ``ignore_index``): the :class:`jbce._stats.Stats` field ``target_weight``. Without label
+    smoothing it is the only place class weights enter the loss, so it is taken outside the
+    kernels (a gather of N weights; its gradient a scatter-add onto the labels' classes)."""
+    v = class_weights.shape[0]
+    here = (y >= 0) & (y < v)
+    zero = jnp.zeros((), class_weights.dtype)
+    return jnp.where(here, class_weights[jnp.clip(y, 0, v - 1)], zero), here
+
+
 def _local_labels(labels, v_local, axis_name):
     if axis_name is None:
         return labels
     return labels - lax.axis_index(axis_name).astype(labels.dtype) * v_local
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def linear_stats(hidden, weight, bias, labels, cap, rows, sums, threshold, axis_name, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def linear_stats(
+    hidden, weight, bias, labels, class_weights, cap, rows, sums, threshold, axis_name, interpret
+):
     """Per-token :class:`jbce._stats.Stats` (float32) of ``hidden @ weight + bias``
-    (``[N, D]``, ``[D, V]``, ``[V]``); ``rows`` (``[N]`` bool or None) are the tokens the
+    (``[N, D]``, ``[D, V]``, ``[V]``), with ``class_weights`` ``[V]`` or None (without
+    ``sums`` only); ``rows`` (``[N]`` bool or None) are the tokens the
     loss uses (the others get zero gradient); ``sums``: also ``logit_sum``, ``weight_sum``
     and ``count`` (label smoothing); ``threshold``: gradient filtering (None: off);
     ``interpret``: None (compiled kernels, picked per platform) or :func:`interpreting`'s
@@ -188,15 +208,20 @@ def linear_stats(hidden, weight, bias, labels, cap, rows, sums, threshold, axis_
     st = _stats.Stats(shift, lse, target)
     if sums:
         st = _stats.Stats(shift, lse, target, fields[3], fields[4], None, fields[4])
+    if class_weights is not None:
+        st = st._replace(target_weight=_label_weights(y, class_weights)[0])
     return st if axis_name is None else _stats.combine_over_axis(st, axis_name)
 
 
-def _fwd(hidden, weight, bias, labels, cap, rows, sums, threshold, axis_name, interpret):
+def _fwd(
+    hidden, weight, bias, labels, class_weights, cap, rows, sums, threshold, axis_name, interpret
+):
     st = linear_stats(
-        hidden, weight, bias, labels, cap, rows, sums, threshold, axis_name, interpret
-    )
+        hidden, weight, bias, labels, class_weights, cap, rows, sums, threshold, axis_name,
+        interpret,
+    )  # fmt: skip
     # Residuals: the inputs and two floats per token; each tile is recomputed backward.
-    return st, (hidden, weight, bias, labels, cap, rows, st.shift, st.lse)
+    return st, (hidden, weight, bias, labels, class_weights, cap, rows, st.shift, st.lse)
 
 
 def _gpu_grads(hidden, weight, bias, labels, cap, rows, *, sums, threshold, interpret, blocks=None):
@@ -246,9 +271,16 @@ def _xla_grads(hidden, weight, bias, labels, cap, rows, *, sums, threshold):
 
 
 def _bwd(sums, threshold, axis_name, interpret, res, g):
-    hidden, weight, bias, labels, cap, rows, shift, lse = res
+    hidden, weight, bias, labels, class_weights, cap, rows, shift, lse = res
     n = hidden.shape[0]
     y = _local_labels(labels, weight.shape[1], axis_name)
+    dcw = None
+    if class_weights is not None:
+        _, here = _label_weights(y, class_weights)
+        used = here if rows is None else here & rows
+        g_w = jnp.where(used, g.target_weight, jnp.zeros((), g.target_weight.dtype))
+        v = class_weights.shape[0]
+        dcw = jnp.zeros((v,), jnp.float32).at[jnp.clip(y, 0, v - 1)].add(g_w)
     ops = _operands(hidden, weight, bias, y, cap)
     keep = jnp.ones((n, 1), jnp.int32) if rows is None else _column(rows, jnp.int32)
     cols = [keep] + [_column(a, jnp.float32) for a in (shift, lse, g.lse, g.target)]
@@ -275,6 +307,7 @@ def _bwd(sums, threshold, axis_name, interpret, res, g):
         like(dw.astype(weight.dtype), weight),
         None if bias is None else like(db.astype(bias.dtype), bias),
         jnp.zeros(labels.shape, jax.dtypes.float0),
+        None if dcw is None else like(dcw.astype(class_weights.dtype), class_weights),
         None if cap is None else like(jnp.asarray(dcap, cap.dtype).reshape(cap.shape), cap),
         None if rows is None else jnp.zeros(rows.shape, jax.dtypes.float0),
     )

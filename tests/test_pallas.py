@@ -42,7 +42,8 @@ def make(n=37, d=32, v=300, *, dtype=jnp.float32, seed=0, ignore=(3, 11), bias=T
 
 def reference(h, w, b, y, **opts):
     """Value and gradients of the materialised loss, in float64."""
-    opts = {k: (np.asarray(a, np.float64) if k == "weights" else a) for k, a in opts.items()}
+    f64 = ("weights", "class_weights")
+    opts = {k: (np.asarray(a, np.float64) if k in f64 else a) for k, a in opts.items()}
 
     def loss(h, w, b):
         logits = h @ w if b is None else h @ w + b[None, :]
@@ -75,6 +76,7 @@ def assert_close(got, want, rtol):
         np.testing.assert_allclose(np.asarray(g, np.float64), r, rtol=rtol, atol=rtol * scale)
 
 
+CLASS_WEIGHTS = np.linspace(0.2, 3.0, 300, dtype=np.float32)
 OPTIONS = {
     "plain": {},
     "smoothing_z_loss": {"label_smoothing": 0.2, "z_loss": 1e-2},
@@ -83,6 +85,9 @@ OPTIONS = {
     "sum": {"reduction": "sum", "label_smoothing": 0.1},
     "none_weights": {"reduction": "none", "weights": np.linspace(0.0, 2.0, 37, dtype=np.float32)},
     "no_ignore_index": {"ignore_index": None},
+    # Class weights (no label smoothing): the PyTorch mean over the kept tokens' weights.
+    "class_weights": {"class_weights": CLASS_WEIGHTS, "z_loss": 1e-3, "logit_softcap": 4.0},
+    "class_weights_none": {"class_weights": CLASS_WEIGHTS, "reduction": "none"},
 }
 
 
@@ -247,8 +252,12 @@ def test_residuals_are_the_inputs_and_two_floats_per_token():
         ({"implementation": "pallas", "gradient_filter": True}, "gradient_filter must be"),
         ({"implementation": "triton"}, "implementation must be"),
         (
-            {"implementation": "pallas", "class_weights": np.ones(300, np.float32)},
-            "class_weights are not supported",
+            {
+                "implementation": "pallas",
+                "class_weights": np.ones(300, np.float32),
+                "label_smoothing": 0.1,
+            },
+            "class_weights with label smoothing are not supported",
         ),
     ],
 )
@@ -296,3 +305,34 @@ def test_vocabulary_parallel_under_vmap_matches_unsharded(platform):
     assert_close(jnp.moveaxis(dw, 0, 1).reshape(d, v), gw, 1e-5)
     fin = np.isfinite(np.asarray(b))
     assert_close(db.reshape(v)[fin], gb[fin], 1e-5)
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_class_weights_gradient_unsharded_and_vocabulary_parallel(platform):
+    # d class_weights (taken outside the kernels) against the float64 materialised loss, on
+    # one device and with the classes over 3 shards (vmap with an axis name).
+    shards, v = 3, 150
+    h, w, b, y = make(v=v)
+    cw = jnp.linspace(0.5, 2.0, v, dtype=jnp.float32)
+
+    def ref(cw):
+        logits = jnp.asarray(h, F64) @ jnp.asarray(w, F64) + jnp.asarray(b, F64)[None, :]
+        return jbce.softmax_cross_entropy_with_integer_labels(logits, y, class_weights=cw)
+
+    want_v, want_g = jax.value_and_grad(ref)(jnp.asarray(cw, F64))
+
+    def fused(cw, w=w, b=b, axis_name=None):
+        return jbce.linear_softmax_cross_entropy(
+            h, w, y, bias=b, class_weights=cw, axis_name=axis_name, implementation="pallas"
+        )
+
+    d = h.shape[1]
+    w_sh = jnp.moveaxis(w.reshape(d, shards, v // shards), 1, 0)
+    vag = jax.vmap(
+        jax.value_and_grad(lambda c, w, b: fused(c, w, b, "v")), in_axes=(0, 0, 0), axis_name="v"
+    )
+    with _linear_pallas.interpret(platform, block_sizes=BLOCKS[platform]):
+        got = jax.jit(jax.value_and_grad(fused))(cw)
+        val, dcw = jax.jit(vag)(cw.reshape(shards, -1), w_sh, b.reshape(shards, -1))
+    assert_close(got, (want_v, want_g), 1e-5)
+    assert_close((val, dcw.reshape(v)), (jnp.full((shards,), want_v), want_g), 1e-5)
