@@ -1443,6 +1443,38 @@ def pallas_report(
     return rows
 
 
+def pallas_shard_map_compile(platform: str, n: int = 512, d: int = 128, v: int = 4096) -> dict:
+    """value_and_grad of ``implementation="pallas"`` with class weights inside ``shard_map``
+    (``check_vma=True``, the default; a one-device ``"vocab"`` axis) compiled for
+    ``platform``: ``{"pallas_calls": ..., "conditionals": ...}``. The kernels' outputs must
+    carry the mesh-axis types there (interpret mode cannot check this: see
+    tests/_parallel_checks.py)."""
+    import jax
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import jbce
+
+    mesh = Mesh([device(platform)], ("vocab",))
+
+    def loss(h, w, y, c):
+        return jbce.linear_softmax_cross_entropy(
+            h, w, y, class_weights=c, axis_name="vocab", implementation="pallas"
+        )
+
+    f = jax.shard_map(
+        loss, mesh=mesh, in_specs=(P(), P(None, "vocab"), P(), P("vocab")), out_specs=P()
+    )
+    specs = (((n, d), "float32", P()), ((d, v), "float32", P(None, "vocab")),
+             ((n,), "int32", P()), ((v,), "float32", P("vocab")))  # fmt: skip
+    args = [jax.ShapeDtypeStruct(s, t, sharding=NamedSharding(mesh, p)) for s, t, p in specs]
+    text = jax.jit(jax.value_and_grad(f, (0, 1, 3))).lower(*args).compile().as_text()
+    return {
+        "pallas_calls": pallas_custom_calls(text),
+        "conditionals": analyse_hlo(text).conditionals,
+    }
+
+
 def check_pallas_targets(rows: list[dict]) -> list[dict]:
     """The issue's targets for the kernels (value_and_grad): kernels, temp, HBM/ideal."""
     out = []
@@ -1696,9 +1728,14 @@ def main(argv=None) -> int:
             print(f"  {'met    ' if t['met'] else 'NOT met'}  {t['target']}: {t['detail']}")
         print("\n" + PALLAS_LEGEND)
         print(f"\n{len(rows)} cases in {time.perf_counter() - t0:.0f}s")
+        shard_map = {}
+        if args.pallas_check:
+            for platform in args.platforms:
+                shard_map[platform] = pallas_shard_map_compile(platform)
+                print(f"{DEVICE_NAMES[platform]} shard_map (check_vma): {shard_map[platform]}")
         if args.json:
             doc = {"environment": environment(), "quick": args.quick, "rows": rows}
-            doc["targets"] = targets
+            doc["targets"], doc["shard_map"] = targets, shard_map
             args.json.write_text(json.dumps(doc, indent=1) + "\n")
         return 0
 

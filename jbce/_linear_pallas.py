@@ -161,14 +161,20 @@ def _stats_fields(hidden, weight, bias, labels, cap, sums, interpret):
 
 
 def _operands(hidden, weight, bias, labels, cap):
-    """The kernels' layout: bias ``[1, V]``, labels ``[N, 1]`` int32, cap ``[1, 1]`` f32."""
-    return (
+    """The kernels' layout: bias ``[1, V]``, labels ``[N, 1]`` int32, cap ``[1, 1]`` f32.
+
+    Inside ``shard_map`` every operand is marked varying over each mesh axis one of them
+    varies on, so that each platform's branch computes this shard's partial results with
+    one type (gradients of replicated inputs are summed over the shards afterwards)."""
+    ops = (
         hidden,
         weight,
         None if bias is None else bias.reshape(1, -1),
         labels.reshape(-1, 1).astype(jnp.int32),
         None if cap is None else jnp.asarray(cap, jnp.float32).reshape(1, 1),
     )
+    vary = _vma.varying_like(*ops)
+    return tuple(None if a is None else vary(a) for a in ops)
 
 
 def _label_weights(y, class_weights):
@@ -266,6 +272,8 @@ def _xla_grads(hidden, weight, bias, labels, cap, rows, *, sums, threshold):
     g = jax.tree.map(jnp.zeros_like, st)._replace(lse=g_lse, target=g_t)
     if g_s:
         g = g._replace(logit_sum=g_s[0])
+    # Inside shard_map the cotangents take the (per-shard) statistics' mesh-axis types.
+    g = jax.tree.map(_vma.pvary_like, g, st)
     dh, dw, db, dcap = vjp(g)
     return dh, dw, db, dcap
 

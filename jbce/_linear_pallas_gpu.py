@@ -138,7 +138,7 @@ def forward(hidden, weight, bias, labels, cap, *, v, sums, interpret, blocks=Non
         n=n, v=v, vp=vp, d=d, tn=tn, tv=tv, tk=tk,
         has_bias=bias is not None, has_cap=cap is not None, sums=sums, n_in=len(args),
     )  # fmt: skip
-    return pl.pallas_call(
+    return tiles.pallas_call(
         kernel,
         out_shape=[_column(n)] * (5 if sums else 3),
         grid=(pl.cdiv(n, tn),),
@@ -251,7 +251,7 @@ def backward(
     dh_out = [jax.ShapeDtypeStruct((n, d), hidden.dtype)]  # accumulated in f32, written once
     if cap is not None:
         dh_out.append(_column(n))
-    dh = pl.pallas_call(
+    dh = tiles.pallas_call(
         functools.partial(_dhidden_kernel, **static),
         out_shape=dh_out,
         grid=(pl.cdiv(n, tn), d // td),
@@ -262,7 +262,7 @@ def backward(
     dw_out = [jax.ShapeDtypeStruct((d, vp), weight.dtype)]
     if bias is not None:
         dw_out.append(jax.ShapeDtypeStruct((1, vp), jnp.float32))
-    dw = pl.pallas_call(
+    dw = tiles.pallas_call(
         functools.partial(_dweight_kernel, **static),
         out_shape=dw_out,
         grid=(pl.cdiv(vp, tv), d // td),

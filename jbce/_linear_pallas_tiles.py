@@ -25,6 +25,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
+
+from jbce import _vma
 
 
 class Running(NamedTuple):
@@ -155,3 +158,19 @@ def split_refs(refs, has_bias, has_cap, n_in):
     k += has_cap
     rest = refs[k:]
     return h_ref, w_ref, b_ref, y_ref, cap_ref, rest[: n_in - k], rest[n_in - k :]
+
+
+def pallas_call(kernel, *, out_shape, **kwargs):
+    """``pl.pallas_call`` that also works inside ``shard_map`` with ``check_vma=True``: the
+    operands are marked varying over every mesh axis one of them varies on, and the outputs
+    (``out_shape``, a list of structs) are typed as varying over the same axes. Elsewhere
+    the plain call."""
+
+    def call(*args):
+        vary = _vma.varying_like(*args)
+        args = [vary(a) for a in args]
+        mat = getattr(jax.typeof(args[0]), "manual_axis_type", None)
+        outs = [jax.ShapeDtypeStruct(o.shape, o.dtype, manual_axis_type=mat) for o in out_shape]
+        return pl.pallas_call(kernel, out_shape=outs, **kwargs)(*args)
+
+    return call

@@ -127,7 +127,7 @@ def forward(hidden, weight, bias, labels, cap, *, sums, interpret, blocks=None):
         sums=sums, n_in=len(args), n_out=n_out,
     )  # fmt: skip
     col = pl.BlockSpec((tn, 1), lambda i, j: (i, 0))
-    return pl.pallas_call(
+    return tiles.pallas_call(
         kernel,
         out_shape=[_column(n)] * n_out,
         grid=(pl.cdiv(n, tn), pl.cdiv(v, tv)),
@@ -246,7 +246,7 @@ def backward(hidden, weight, bias, labels, cap, rows, *, sums, threshold, interp
     if has_cap:
         dh_out.append(_column(n))
         dh_specs.append(pl.BlockSpec((tn, 1), lambda i, j: (i, 0)))
-    dh = pl.pallas_call(
+    dh = tiles.pallas_call(
         functools.partial(_dhidden_kernel, n_voc=nj, **static),
         out_shape=dh_out,
         grid=(ni, nj),
@@ -264,7 +264,7 @@ def backward(hidden, weight, bias, labels, cap, rows, *, sums, threshold, interp
         dw_out.append(jax.ShapeDtypeStruct((1, v), jnp.float32))
         dw_specs.append(pl.BlockSpec((1, tv), lambda j, i: (0, j)))
         scratch.append(pltpu.VMEM((1, tv), jnp.float32))
-    dw = pl.pallas_call(
+    dw = tiles.pallas_call(
         functools.partial(_dweight_kernel, n_tok=ni, **static),
         out_shape=dw_out,
         grid=(nj, ni),

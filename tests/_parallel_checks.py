@@ -336,6 +336,57 @@ def linear_vocab_parallel_matches_unsharded():
     close(got, ref)
 
 
+@check
+def linear_pallas_kernels_under_shard_map_match_unsharded():
+    # implementation="pallas", both kernel sets in interpret mode, inside shard_map on a
+    # ("data", "vocab") = (2, 4) mesh: class weights over "vocab", the global PyTorch mean
+    # over "data" through batch_axis_name; value and d hidden, d weight, d class_weights.
+    # check_vma=False: Pallas' interpret mode evaluates the kernel with replicated block
+    # indices against varying refs, which JAX's type check refuses; compiled, the kernels
+    # take check_vma=True (tests/test_accelerators.py compiles that for H100 and TPU).
+    from jbce import _linear_pallas
+
+    rng = np.random.default_rng(8)
+    h = jnp.asarray(rng.normal(size=(B, 16)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(16, K)) / 3, jnp.float32)
+    _, labels, cw = int_ce_case()
+    labels = labels.at[: B // 2].set(-100).at[B // 2].set(3)  # first data shard: 1 token
+    kw = {"z_loss": 1e-3, "logit_softcap": 6.0}
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "vocab"))
+
+    def local(h, w, y, c):
+        return jbce.linear_softmax_cross_entropy(
+            h, w, y, class_weights=c, axis_name="vocab", batch_axis_name="data",
+            implementation="pallas", **kw,
+        )  # fmt: skip
+
+    @partial(
+        jax.shard_map, mesh=mesh, check_vma=False,
+        in_specs=(P("data"), P(None, "vocab"), P("data"), P("vocab")),
+        out_specs=(P(), P("data"), P(None, "vocab"), P("vocab")),
+    )  # fmt: skip
+    def value_and_grads(h, w, y, c):
+        # Differentiated inside (the pmap convention): the transpose of the mean's psum over
+        # "data" is a psum, so each device holds 2x its share; d hidden is summed over the
+        # vocabulary shards' contributions.
+        val, (dh, dw, dc) = jax.value_and_grad(local, (0, 1, 3))(h, w, y, c)
+        dh = jax.lax.psum(dh, "vocab") / 2
+        return val, dh, jax.lax.pmean(dw, "data"), jax.lax.pmean(dc, "data")
+
+    ref = jax.jit(
+        jax.value_and_grad(
+            lambda h, w, c: jbce.softmax_cross_entropy_with_integer_labels(
+                h @ w, labels, class_weights=c, **kw
+            ),
+            (0, 1, 2),
+        )
+    )(h, w, cw)
+    for platform, blocks in (("gpu", (16, 16, 16, 16)), ("tpu", (8, 128))):
+        with _linear_pallas.interpret(platform, block_sizes=blocks):
+            val, *grads = jax.jit(value_and_grads)(h, w, labels, cw)
+        close((val, tuple(grads)), ref, what=platform)
+
+
 def _lp_objective(lp, ent):
     """A per-token mix of both outputs (as a policy-gradient loss with an entropy bonus)."""
     a = jnp.linspace(-1.0, 2.0, lp.shape[0], dtype=jnp.float32)
