@@ -189,10 +189,9 @@ def linear_softmax_cross_entropy(
     )
 
 
-def linear_operands(hidden, weight, labels, bias):
-    """``(hidden [N, D], weight, labels, bias, batch shape)`` of a fused linear op, checked:
-    ``hidden`` ``[..., D]`` flattened to ``[N, D]``, ``weight`` ``[D, V]``, int32 labels of
-    ``hidden``'s batch shape (flattened to ``[N]``) and an optional ``[V]`` bias."""
+def hidden_and_weight(hidden, weight):
+    """``(hidden, weight, batch shape)`` checked: float ``hidden`` ``[..., D]`` and ``weight``
+    ``[D, V]`` with at least one class (every fused linear op's first two operands)."""
     hidden = _checks.as_array("hidden", hidden)
     weight = _checks.as_array("weight", weight)
     _checks.check_float("hidden", hidden)
@@ -205,17 +204,23 @@ def linear_operands(hidden, weight, labels, bias):
             f"weight must have shape ({d}, V) to match hidden {hidden.shape}; got {weight.shape}"
             " (a Flax Dense kernel; transpose a PyTorch Linear weight)"
         )
-    v = weight.shape[1]
-    if v == 0:
+    if weight.shape[1] == 0:
         raise ValueError(f"weight must have at least one class column; got {weight.shape}")
-    bshape = hidden.shape[:-1]
+    return hidden, weight, hidden.shape[:-1]
+
+
+def linear_operands(hidden, weight, labels, bias):
+    """``(hidden [N, D], weight, labels, bias, batch shape)`` of a fused linear op, checked:
+    ``hidden`` ``[..., D]`` flattened to ``[N, D]``, ``weight`` ``[D, V]``, int32 labels of
+    ``hidden``'s batch shape (flattened to ``[N]``) and an optional ``[V]`` bias."""
+    hidden, weight, bshape = hidden_and_weight(hidden, weight)
     labels = _checks.integer_labels("labels", labels)
     _checks.check_shape("labels", labels, bshape, f"to match hidden {hidden.shape} without D")
     if bias is not None:
         bias = _checks.as_array("bias", bias)
         _checks.check_float("bias", bias)
-        _checks.check_shape("bias", bias, (v,), f"to match weight {weight.shape}")
-    return hidden.reshape(math.prod(bshape), d), weight, labels, bias, bshape
+        _checks.check_shape("bias", bias, (weight.shape[1],), f"to match weight {weight.shape}")
+    return hidden.reshape(math.prod(bshape), hidden.shape[-1]), weight, labels, bias, bshape
 
 
 def check_chunk_size(chunk_size) -> None:

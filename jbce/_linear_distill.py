@@ -17,7 +17,7 @@ from jax.typing import ArrayLike
 
 from jbce import _checks, _forward
 from jbce._dtypes import compute_dtype
-from jbce._linear import check_chunk_size
+from jbce._linear import check_chunk_size, hidden_and_weight
 from jbce._linear_distill_xla import distillation_rows, tile_sizes
 from jbce._reduce import reduce_loss
 
@@ -130,26 +130,13 @@ def linear_distillation_loss(
       >>> [g.shape for g in grads]
       [(2, 2), (2, 3)]
     """
-    hidden = _checks.as_array("hidden", hidden)
-    weight = _checks.as_array("weight", weight)
+    hidden, weight, bshape = hidden_and_weight(hidden, weight)
     teacher_hidden = _checks.as_array("teacher_hidden", teacher_hidden)
     teacher_weight = _checks.as_array("teacher_weight", teacher_weight)
-    for name, x in (("hidden", hidden), ("weight", weight), ("teacher_hidden", teacher_hidden),
-                    ("teacher_weight", teacher_weight)):  # fmt: skip
-        _checks.check_float(name, x)
+    _checks.check_float("teacher_hidden", teacher_hidden)
+    _checks.check_float("teacher_weight", teacher_weight)
     _checks.check_reduction(reduction)
-    if hidden.ndim < 1:
-        raise ValueError(f"hidden must have shape [..., D]; got {hidden.shape}")
-    d = hidden.shape[-1]
-    if weight.ndim != 2 or weight.shape[0] != d:
-        raise ValueError(
-            f"weight must have shape ({d}, V) to match hidden {hidden.shape}; got {weight.shape}"
-            " (a Flax Dense kernel; transpose a PyTorch Linear weight)"
-        )
-    v = weight.shape[1]
-    if v == 0:
-        raise ValueError(f"weight must have at least one class column; got {weight.shape}")
-    bshape = hidden.shape[:-1]
+    d, v = weight.shape
     if teacher_hidden.ndim != hidden.ndim or teacher_hidden.shape[:-1] != bshape:
         raise ValueError(
             f"teacher_hidden must have shape {bshape + ('D_t',)} to match hidden "
