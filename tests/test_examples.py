@@ -23,6 +23,7 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
 from examples import _data  # noqa: E402
+from tests import runtime_env  # noqa: E402
 
 pytestmark = pytest.mark.no_x64
 
@@ -37,7 +38,7 @@ def run_example(*args: str, env: dict[str, str] | None = None, timeout: float = 
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})},
+        env={**runtime_env({**os.environ, "JAX_PLATFORMS": "cpu"}), **(env or {})},
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stdout

@@ -206,6 +206,7 @@ VOCAB_CHECKS = [
     "vocab_parallel_bf16_logits_keep_dtype",
     "vocab_parallel_over_a_tuple_of_axes_matches_unsharded",
     "linear_vocab_parallel_matches_unsharded",
+    "linear_pallas_kernels_under_shard_map_match_unsharded",
     "linear_log_probs_vocab_parallel_matches_unsharded",
     "linear_class_weights_data_and_vocab_parallel_give_global_mean",
     "data_and_vocab_parallel_2d_mesh_gives_global_mean",
@@ -236,7 +237,12 @@ DATA_CHECKS = (
 )
 
 
-@pytest.fixture(scope="module")
+# The tests reading the 8-device script's results share one xdist worker (the suite runs
+# with --dist loadgroup) and a session fixture, so the script runs once per suite.
+EIGHT_DEVICES = pytest.mark.xdist_group("eight_devices")
+
+
+@pytest.fixture(scope="session")
 def eight_devices():
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(
@@ -247,10 +253,12 @@ def eight_devices():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@EIGHT_DEVICES
 def test_eight_device_checks_are_all_reported(eight_devices):
     assert set(eight_devices) == set(VOCAB_CHECKS) | set(DATA_CHECKS)
 
 
+@EIGHT_DEVICES
 @pytest.mark.parametrize("name", VOCAB_CHECKS)
 def test_vocab_parallel_on_eight_devices(eight_devices, name):
     result = eight_devices[name]
@@ -271,6 +279,7 @@ KNOWN_BUGS: dict[str, str] = {}
         for n in DATA_CHECKS
     ],
 )
+@EIGHT_DEVICES
 def test_data_parallel_on_eight_devices(eight_devices, name):
     result = eight_devices[name]
     assert result["ok"], result["detail"]
@@ -334,7 +343,7 @@ def test_two_process_run_matches_single_process(tmp_path):
 
 
 def test_two_process_fused_class_weights_log_probs_and_distillation_match_one_device(tmp_path):
-    # tests/_two_process_fused.py: 2 processes x 2 CPU devices over gloo, a ("data", "vocab")
+    # tests/_two_process_fused.py: 2 processes x 1 CPU device over gloo, a ("data", "vocab")
     # mesh; compared with the materialised losses here.
     from tests import _two_process_fused as two
 
