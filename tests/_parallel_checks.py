@@ -336,6 +336,30 @@ def linear_vocab_parallel_matches_unsharded():
     close(got, ref)
 
 
+def class_weighted_case(seed, d):
+    """(hidden [B, d], weight [d, K], labels, class weights, ("data", "vocab") = (2, 4) mesh)
+    for the fused loss with class weights: the first data shard keeps a single token."""
+    rng = np.random.default_rng(seed)
+    h = jnp.asarray(rng.normal(size=(B, d)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(d, K)) / 3, jnp.float32)
+    _, labels, cw = int_ce_case()
+    labels = labels.at[: B // 2].set(-100).at[B // 2].set(3)
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "vocab"))
+    return h, w, labels, cw, mesh
+
+
+def class_weighted_reference(h, w, labels, cw, kw):
+    """Value and (d hidden, d weight, d class weights) of the materialised loss."""
+    return jax.jit(
+        jax.value_and_grad(
+            lambda h, w, c: jbce.softmax_cross_entropy_with_integer_labels(
+                h @ w, labels, class_weights=c, **kw
+            ),
+            (0, 1, 2),
+        )
+    )(h, w, cw)
+
+
 @check
 def linear_pallas_kernels_under_shard_map_match_unsharded():
     # implementation="pallas", both kernel sets in interpret mode, inside shard_map on a
@@ -346,13 +370,8 @@ def linear_pallas_kernels_under_shard_map_match_unsharded():
     # take check_vma=True (tests/test_accelerators.py compiles that for H100 and TPU).
     from jbce import _linear_pallas
 
-    rng = np.random.default_rng(8)
-    h = jnp.asarray(rng.normal(size=(B, 16)), jnp.float32)
-    w = jnp.asarray(rng.normal(size=(16, K)) / 3, jnp.float32)
-    _, labels, cw = int_ce_case()
-    labels = labels.at[: B // 2].set(-100).at[B // 2].set(3)  # first data shard: 1 token
+    h, w, labels, cw, mesh = class_weighted_case(8, 16)
     kw = {"z_loss": 1e-3, "logit_softcap": 6.0}
-    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "vocab"))
 
     def local(h, w, y, c):
         return jbce.linear_softmax_cross_entropy(
@@ -373,14 +392,7 @@ def linear_pallas_kernels_under_shard_map_match_unsharded():
         dh = jax.lax.psum(dh, "vocab") / 2
         return val, dh, jax.lax.pmean(dw, "data"), jax.lax.pmean(dc, "data")
 
-    ref = jax.jit(
-        jax.value_and_grad(
-            lambda h, w, c: jbce.softmax_cross_entropy_with_integer_labels(
-                h @ w, labels, class_weights=c, **kw
-            ),
-            (0, 1, 2),
-        )
-    )(h, w, cw)
+    ref = class_weighted_reference(h, w, labels, cw, kw)
     for platform, blocks in (("gpu", (16, 16, 16, 16)), ("tpu", (8, 128))):
         with _linear_pallas.interpret(platform, block_sizes=blocks):
             val, *grads = jax.jit(value_and_grads)(h, w, labels, cw)
@@ -440,13 +452,8 @@ def linear_class_weights_data_and_vocab_parallel_give_global_mean():
     # The fused loss with class weights on a ("data", "vocab") = (2, 4) mesh: tokens over
     # "data", weight columns and class weights over "vocab"; the global PyTorch mean is
     # psum(sum) / psum(the class weights of the kept tokens' labels).
-    rng = np.random.default_rng(6)
-    h = jnp.asarray(rng.normal(size=(B, 12)), jnp.float32)
-    w = jnp.asarray(rng.normal(size=(12, K)) / 3, jnp.float32)
-    _, labels, cw = int_ce_case()
-    labels = labels.at[: B // 2].set(-100).at[B // 2].set(3)  # first data shard: 1 token
+    h, w, labels, cw, mesh = class_weighted_case(6, 12)
     kw = {"label_smoothing": 0.1, "z_loss": 1e-3}
-    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "vocab"))
 
     @partial(
         jax.shard_map, mesh=mesh,
@@ -464,14 +471,7 @@ def linear_class_weights_data_and_vocab_parallel_give_global_mean():
         return jax.lax.psum(total, "data") / jax.lax.psum(den, ("data", "vocab"))
 
     got = jax.jit(jax.value_and_grad(loss, (0, 1, 3)))(h, w, labels, cw)
-    ref = jax.jit(
-        jax.value_and_grad(
-            lambda h, w, c: jbce.softmax_cross_entropy_with_integer_labels(
-                h @ w, labels, class_weights=c, **kw
-            ),
-            (0, 1, 2),
-        )
-    )(h, w, cw)
+    ref = class_weighted_reference(h, w, labels, cw, kw)
     close(got, ref)
     # On one "vocab" axis alone the mean comes out of the loss itself.
     mean = jax.shard_map(
