@@ -237,12 +237,7 @@ DATA_CHECKS = (
 )
 
 
-# The tests reading the 8-device script's results share one xdist worker (the suite runs
-# with --dist loadgroup) and a session fixture, so the script runs once per suite.
-EIGHT_DEVICES = pytest.mark.xdist_group("eight_devices")
-
-
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def eight_devices():
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(
@@ -253,12 +248,10 @@ def eight_devices():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@EIGHT_DEVICES
 def test_eight_device_checks_are_all_reported(eight_devices):
     assert set(eight_devices) == set(VOCAB_CHECKS) | set(DATA_CHECKS)
 
 
-@EIGHT_DEVICES
 @pytest.mark.parametrize("name", VOCAB_CHECKS)
 def test_vocab_parallel_on_eight_devices(eight_devices, name):
     result = eight_devices[name]
@@ -279,7 +272,6 @@ KNOWN_BUGS: dict[str, str] = {}
         for n in DATA_CHECKS
     ],
 )
-@EIGHT_DEVICES
 def test_data_parallel_on_eight_devices(eight_devices, name):
     result = eight_devices[name]
     assert result["ok"], result["detail"]
