@@ -12,6 +12,8 @@
   switches both off, to tell such failures from others.
 * XLA compiles with LLVM's -O0 backend (``tests.FAST_COMPILE_FLAG``; ``JBCE_TEST_OPTIMIZED=1``
   keeps the default); example and benchmark subprocesses run with the default.
+* Scripts whose results several tests read (the 8-device checks) run once per session, in
+  the background, however many xdist workers there are (``tests/_once.py``).
 * Hypothesis uses a deterministic, small profile (``jbce``) so the suite stays fast;
   ``HYPOTHESIS_PROFILE=thorough`` runs more examples.
 """
@@ -20,12 +22,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
 
 import jax
 import pytest
 from hypothesis import HealthCheck, settings
 
-from tests import FAST_COMPILE_FLAG
+from tests import FAST_COMPILE_FLAG, _once
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # Before any backend starts (importing jax does not start one): LLVM -O0 cuts the suite's
 # compile time by about a quarter (measured: tests/test_linear_distill.py's value and traced
@@ -52,12 +60,38 @@ settings.register_profile(
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "jbce"))
 
 
+def _controls_the_session(config) -> bool:
+    """The xdist controller, or the pytest process when there are no workers."""
+    return not hasattr(config, "workerinput")
+
+
 def pytest_configure(config):
+    if _controls_the_session(config):  # workers are started later and inherit it
+        os.environ[_once.RUN_DIR] = tempfile.mkdtemp(prefix="jbce-tests-")
     config.addinivalue_line("markers", "no_x64: run this test without jax_enable_x64")
     config.addinivalue_line(
         "markers",
         "jax_strict: strict dtype promotion and rank promotion 'raise' for this test",
     )
+
+
+def pytest_unconfigure(config):
+    if _controls_the_session(config) and _once.RUN_DIR in os.environ:
+        _once.stop()
+        shutil.rmtree(os.environ.pop(_once.RUN_DIR), ignore_errors=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    # The 8-device checks (tests/test_parallel.py's ``eight_devices`` fixture): started as
+    # soon as a worker knows a test needs them; the workers run other tests meanwhile.
+    if any("eight_devices" in getattr(item, "fixturenames", ()) for item in items):
+        _once.start(
+            "eight_devices",
+            [sys.executable, str(ROOT / "tests" / "_parallel_checks.py")],
+            env=dict(os.environ, JAX_PLATFORMS="cpu"),
+            cwd=ROOT,
+            limit=2400,
+        )
 
 
 @pytest.fixture(autouse=True)

@@ -4,9 +4,10 @@ Three kinds of tests:
 
 * in this process (one device): the vocabulary-parallel loss simulated with
   ``jax.vmap(..., axis_name=...)`` over shards, its residuals, and its argument checks;
-* on 8 forced host devices: ``tests/_parallel_checks.py`` runs once in a subprocess (the
-  XLA flag must be set before jax starts, and this process must keep one device); each of
-  its checks (shard_map, pmap, jit with NamedSharding, 2-D meshes) becomes one test here;
+* on 8 forced host devices: ``tests/_parallel_checks.py`` runs once per session in a
+  background subprocess (``tests/_once.py``; the XLA flag must be set before jax starts, and
+  this process must keep one device); each of its checks (shard_map, pmap, jit with
+  NamedSharding, 2-D meshes) becomes one test here;
 * multi-host: ``examples/multihost.py`` launched as 2 processes x 4 CPU devices talking over
   gloo on 127.0.0.1, compared with the same training run on one device.
 """
@@ -27,6 +28,7 @@ import pytest
 import jbce
 from jbce._stats import block_stats, combine_over_axis
 from jbce._vma import psum_to_like
+from tests import _once
 
 pytestmark = pytest.mark.no_x64
 
@@ -239,13 +241,8 @@ DATA_CHECKS = (
 
 @pytest.fixture(scope="module")
 def eight_devices():
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "_parallel_checks.py")],
-        capture_output=True, text=True, timeout=2400, env=env, cwd=ROOT,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    # Started once per session by tests/conftest.py, as soon as a test needing it is collected.
+    return _once.result("eight_devices", limit=2400)
 
 
 def test_eight_device_checks_are_all_reported(eight_devices):
