@@ -1443,11 +1443,22 @@ def pallas_report(
     return rows
 
 
-def pallas_shard_map_compile(platform: str, n: int = 512, d: int = 128, v: int = 4096) -> dict:
+# The option sets pallas_shard_map_compile compiles: class weights alone (w_y, taken outside
+# the kernels) and with label smoothing (the kernels' weighted sums, a [1, V] operand more).
+PALLAS_SHARD_MAP_OPTIONS = {
+    "class_weights": {},
+    "class_weights_smoothing": {"label_smoothing": 0.1},
+}
+
+
+def pallas_shard_map_compile(
+    platform: str, n: int = 512, d: int = 128, v: int = 4096, **options
+) -> dict:
     """value_and_grad of ``implementation="pallas"`` with class weights inside ``shard_map``
     (``check_vma=True``, the default; a one-device ``"vocab"`` axis) compiled for
-    ``platform``: ``{"pallas_calls": ..., "conditionals": ...}``. The kernels' outputs must
-    carry the mesh-axis types there (interpret mode cannot check this: see
+    ``platform``, with the other loss ``options`` (:data:`PALLAS_SHARD_MAP_OPTIONS`):
+    ``{"pallas_calls": ..., "conditionals": ...}``. The kernels' outputs must carry the
+    mesh-axis types there (interpret mode cannot check this: see
     tests/_parallel_checks.py)."""
     import jax
     from jax.sharding import Mesh, NamedSharding
@@ -1459,7 +1470,7 @@ def pallas_shard_map_compile(platform: str, n: int = 512, d: int = 128, v: int =
 
     def loss(h, w, y, c):
         return jbce.linear_softmax_cross_entropy(
-            h, w, y, class_weights=c, axis_name="vocab", implementation="pallas"
+            h, w, y, class_weights=c, axis_name="vocab", implementation="pallas", **options
         )
 
     f = jax.shard_map(
@@ -1731,8 +1742,11 @@ def main(argv=None) -> int:
         shard_map = {}
         if args.pallas_check:
             for platform in args.platforms:
-                shard_map[platform] = pallas_shard_map_compile(platform)
-                print(f"{DEVICE_NAMES[platform]} shard_map (check_vma): {shard_map[platform]}")
+                shard_map[platform] = {}
+                for name, options in PALLAS_SHARD_MAP_OPTIONS.items():
+                    st = pallas_shard_map_compile(platform, **options)
+                    shard_map[platform][name] = st
+                    print(f"{DEVICE_NAMES[platform]} shard_map (check_vma), {name}: {st}")
         if args.json:
             doc = {"environment": environment(), "quick": args.quick, "rows": rows}
             doc["targets"], doc["shard_map"] = targets, shard_map

@@ -98,9 +98,8 @@ def linear_softmax_cross_entropy(
       implementation: ``"xla"`` (the tiled loop; also what ``None``, the default, picks
         on every platform today) or ``"pallas"``: Pallas kernels that keep each logits
         tile on chip (Triton on GPUs, Mosaic on TPUs; on other platforms the tiled loop).
-        The kernels compute in float32 (float64 inputs are refused), choose their own
-        block sizes (``chunk_size`` must be None) and take ``class_weights`` only
-        without label smoothing.
+        The kernels compute in float32 (float64 inputs are refused) and choose their own
+        block sizes (``chunk_size`` must be None).
         Not the default until measured faster on hardware.
       gradient_filter: ``"pallas"`` only: skip, in the backward pass, a tile whose every
         softmax probability is below this threshold and that holds no token's label (Cut
@@ -151,7 +150,7 @@ def linear_softmax_cross_entropy(
         ignore_index=ignore_index, num_classes=num_classes, dtype=dt,
     )  # fmt: skip
     smoothing = not _checks.is_zero(e)
-    _linear_pallas.check_options(implementation, chunk_size, gradient_filter, dt, cw, smoothing)
+    _linear_pallas.check_options(implementation, chunk_size, gradient_filter, dt)
     glob = {"normalizer": normalizer, "batch_axis_name": batch_axis_name}
     if n == 0:
         loss = jnp.zeros(bshape, dt)

@@ -61,12 +61,8 @@ def interpreting() -> tuple | None:
     return _INTERPRET.get()
 
 
-def check_options(
-    implementation, chunk_size, gradient_filter, dtype, class_weights=None, smoothing=False
-) -> None:
-    """Errors for options the Pallas implementation does not take (or only it takes);
-    ``smoothing``: whether the loss has a label-smoothing term (a nonzero or traced
-    ``label_smoothing``)."""
+def check_options(implementation, chunk_size, gradient_filter, dtype) -> None:
+    """Errors for options the Pallas implementation does not take (or only it takes)."""
     if implementation != "pallas":
         if gradient_filter is not None:
             raise ValueError(
@@ -74,13 +70,6 @@ def check_options(
                 f"got implementation={implementation!r}"
             )
         return
-    if class_weights is not None and smoothing:
-        raise ValueError(
-            'class_weights with label smoothing are not supported with implementation="pallas" '
-            "yet (the kernels' smoothing sums are unweighted); got class_weights of shape "
-            f"{class_weights.shape} and a nonzero or traced label_smoothing (use "
-            'implementation="xla", or label_smoothing=0)'
-        )
     if chunk_size is not None:
         raise ValueError(
             'chunk_size must be None with implementation="pallas" (the kernels choose their '
@@ -106,28 +95,30 @@ def _column(a, dtype):
     return a.reshape(-1, 1).astype(dtype)
 
 
-def _gpu_stats(hidden, weight, bias, labels, cap, *, sums, interpret, blocks=None):
+def _gpu_stats(hidden, weight, bias, labels, cap, cw, *, sums, interpret, blocks=None):
     n, v = hidden.shape[0], weight.shape[1]
     h, w, b, y, _ = gpu.pad(hidden, weight, bias, labels)
-    out = gpu.forward(h, w, b, y, cap, v=v, sums=sums, interpret=interpret, blocks=blocks)
+    cw = gpu.pad_classes(cw, w.shape[1])
+    out = gpu.forward(h, w, b, y, cap, cw, v=v, sums=sums, interpret=interpret, blocks=blocks)
     return tuple(o[:n, 0] for o in out)
 
 
-def _tpu_stats(hidden, weight, bias, labels, cap, *, sums, interpret, blocks=None):
+def _tpu_stats(hidden, weight, bias, labels, cap, cw, *, sums, interpret, blocks=None):
     out = tpu.forward(
-        hidden, weight, bias, labels, cap, sums=sums, interpret=interpret, blocks=blocks
+        hidden, weight, bias, labels, cap, cw, sums=sums, interpret=interpret, blocks=blocks
     )
     return tuple(o[:, 0] for o in out)
 
 
-def _xla(hidden, weight, bias, labels, cap, rows, sums):
-    """The XLA tiled loop's statistics as a function of (hidden, weight, bias, cap)."""
+def _xla(hidden, weight, bias, labels, cap, cw, rows, sums):
+    """The XLA tiled loop's statistics as a function of (hidden, weight, bias, cap, class
+    weights), and those arguments from the kernels' layout."""
     n, v = hidden.shape[0], weight.shape[1]
     tn, tv = _linear_xla.tile_sizes(n, v, None)
 
-    def stats(h, w, b, c):
+    def stats(h, w, b, c, k):
         return _linear_xla.linear_stats(
-            h, w, b, labels, None, c, rows, jnp.float32, tn, tv, sums, None
+            h, w, b, labels, k, c, rows, jnp.float32, tn, tv, sums, None
         )
 
     return stats, (
@@ -135,33 +126,35 @@ def _xla(hidden, weight, bias, labels, cap, rows, sums):
         weight,
         None if bias is None else bias[0],
         None if cap is None else cap[0, 0],
+        None if cw is None else cw[0],
     )
 
 
-def _xla_stats(hidden, weight, bias, labels, cap, *, sums):
-    stats, args = _xla(hidden, weight, bias, labels[:, 0], cap, None, sums)
+def _xla_stats(hidden, weight, bias, labels, cap, cw, *, sums):
+    stats, args = _xla(hidden, weight, bias, labels[:, 0], cap, cw, None, sums)
     st = stats(*args)
-    return tuple(
-        f for f in (st.shift, st.lse, st.target, st.logit_sum, st.weight_sum) if f is not None
-    )
+    fields = (st.shift, st.lse, st.target, st.logit_sum, st.weight_sum)
+    fields = tuple(f for f in fields if f is not None)
+    return fields if cw is None else (*fields, st.count)  # as the kernels: see linear_stats
 
 
-def _stats_fields(hidden, weight, bias, labels, cap, sums, interpret):
+def _stats_fields(hidden, weight, bias, labels, cap, cw, sums, interpret):
     kw = dict(sums=sums)
     if interpret is not None:
         platform, blocks = interpret
         fn = _gpu_stats if platform == "gpu" else _tpu_stats
-        return fn(hidden, weight, bias, labels, cap, interpret=True, blocks=blocks, **kw)
+        return fn(hidden, weight, bias, labels, cap, cw, interpret=True, blocks=blocks, **kw)
     return lax.platform_dependent(
-        hidden, weight, bias, labels, cap,
+        hidden, weight, bias, labels, cap, cw,
         cuda=functools.partial(_gpu_stats, interpret=False, **kw),
         tpu=functools.partial(_tpu_stats, interpret=False, **kw),
         default=functools.partial(_xla_stats, **kw),
     )  # fmt: skip
 
 
-def _operands(hidden, weight, bias, labels, cap):
-    """The kernels' layout: bias ``[1, V]``, labels ``[N, 1]`` int32, cap ``[1, 1]`` f32.
+def _operands(hidden, weight, bias, labels, cap, class_weights):
+    """The kernels' layout: bias ``[1, V]``, labels ``[N, 1]`` int32, cap ``[1, 1]`` f32,
+    class weights ``[1, V]`` f32 (None: the kernels' smoothing sums are unweighted).
 
     Inside ``shard_map`` every operand is marked varying over each mesh axis one of them
     varies on, so that each platform's branch computes this shard's partial results with
@@ -172,6 +165,7 @@ def _operands(hidden, weight, bias, labels, cap):
         None if bias is None else bias.reshape(1, -1),
         labels.reshape(-1, 1).astype(jnp.int32),
         None if cap is None else jnp.asarray(cap, jnp.float32).reshape(1, 1),
+        None if class_weights is None else class_weights.reshape(1, -1).astype(jnp.float32),
     )
     vary = _vma.varying_like(*ops)
     return tuple(None if a is None else vary(a) for a in ops)
@@ -179,9 +173,10 @@ def _operands(hidden, weight, bias, labels, cap):
 
 def _label_weights(y, class_weights):
     """``w_y`` per token from this shard's classes (0 for a label outside them, e.g.
-    ``ignore_index``): the :class:`jbce._stats.Stats` field ``target_weight``. Without label
-    smoothing it is the only place class weights enter the loss, so it is taken outside the
-    kernels (a gather of N weights; its gradient a scatter-add onto the labels' classes)."""
+    ``ignore_index``): the :class:`jbce._stats.Stats` field ``target_weight``, taken outside
+    the kernels (a gather of N weights; its gradient a scatter-add onto the labels'
+    classes). With label smoothing the class weights also enter the smoothing sums
+    ``logit_sum`` and ``weight_sum``, which the kernels compute (:func:`linear_stats`)."""
     v = class_weights.shape[0]
     here = (y >= 0) & (y < v)
     zero = jnp.zeros((), class_weights.dtype)
@@ -194,26 +189,33 @@ def _local_labels(labels, v_local, axis_name):
     return labels - lax.axis_index(axis_name).astype(labels.dtype) * v_local
 
 
+def _summed_weights(class_weights, sums):
+    """The class weights the kernels' smoothing sums take: only with ``sums`` (without label
+    smoothing they enter through ``w_y`` alone, and the kernels get no extra operand)."""
+    return class_weights if sums else None
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
 def linear_stats(
     hidden, weight, bias, labels, class_weights, cap, rows, sums, threshold, axis_name, interpret
 ):
     """Per-token :class:`jbce._stats.Stats` (float32) of ``hidden @ weight + bias``
-    (``[N, D]``, ``[D, V]``, ``[V]``), with ``class_weights`` ``[V]`` or None (without
-    ``sums`` only); ``rows`` (``[N]`` bool or None) are the tokens the
-    loss uses (the others get zero gradient); ``sums``: also ``logit_sum``, ``weight_sum``
-    and ``count`` (label smoothing); ``threshold``: gradient filtering (None: off);
-    ``interpret``: None (compiled kernels, picked per platform) or :func:`interpreting`'s
-    ``(platform, block_sizes)`` (that platform's kernels in interpret mode). With ``axis_name``, as
+    (``[N, D]``, ``[D, V]``, ``[V]``), with ``class_weights`` ``[V]`` or None; ``rows``
+    (``[N]`` bool or None) are the tokens the loss uses (the others get zero gradient);
+    ``sums``: also ``logit_sum``, ``weight_sum`` and ``count`` (label smoothing), weighted by
+    ``class_weights``; ``threshold``: gradient filtering (None: off); ``interpret``: None
+    (compiled kernels, picked per platform) or :func:`interpreting`'s ``(platform,
+    block_sizes)`` (that platform's kernels in interpret mode). With ``axis_name``, as
     :func:`jbce._linear_xla.linear_stats`."""
     del rows, threshold  # the backward pass's
     y = _local_labels(labels, weight.shape[1], axis_name)
-    ops = _operands(hidden, weight, bias, y, cap)
-    fields = _stats_fields(*ops, sums, interpret)
-    shift, lse, target = fields[:3]
-    st = _stats.Stats(shift, lse, target)
+    cw = _summed_weights(class_weights, sums)
+    fields = _stats_fields(*_operands(hidden, weight, bias, y, cap, cw), sums, interpret)
+    st = _stats.Stats(*fields[:3])
     if sums:
-        st = _stats.Stats(shift, lse, target, fields[3], fields[4], None, fields[4])
+        # Without class weights weight_sum is the number of included classes: the count.
+        count = fields[4] if cw is None else fields[5]
+        st = _stats.Stats(*fields[:5], None, count)
     if class_weights is not None:
         st = st._replace(target_weight=_label_weights(y, class_weights)[0])
     return st if axis_name is None else _stats.combine_over_axis(st, axis_name)
@@ -230,83 +232,94 @@ def _fwd(
     return st, (hidden, weight, bias, labels, class_weights, cap, rows, st.shift, st.lse)
 
 
-def _gpu_grads(hidden, weight, bias, labels, cap, rows, *, sums, threshold, interpret, blocks=None):
+def _gpu_grads(
+    hidden, weight, bias, labels, cap, cw, rows, *, sums, threshold, interpret, blocks=None
+):
     n, d = hidden.shape
     v = weight.shape[1]
     h, w, b, y, rows_p = gpu.pad(hidden, weight, bias, labels, rows[0])
     rows = (rows_p, *(jnp.pad(r, ((0, h.shape[0] - n), (0, 0))) for r in rows[1:]))
-    dh, dw, db, dcap = gpu.backward(
-        h,
-        w,
-        b,
-        y,
-        cap,
-        rows,
-        v=v,
-        sums=sums,
-        threshold=threshold,
-        interpret=interpret,
-        blocks=blocks,
-    )
+    dh, dw, db, dcap, dcw = gpu.backward(
+        h, w, b, y, cap, gpu.pad_classes(cw, w.shape[1]), rows, v=v, sums=sums,
+        threshold=threshold, interpret=interpret, blocks=blocks,
+    )  # fmt: skip
     return (
         dh[:n, :d],
         dw[:d, :v],
         None if db is None else db[0, :v],
         None if dcap is None else jnp.sum(dcap),
+        None if dcw is None else dcw[0, :v],
     )
 
 
-def _tpu_grads(hidden, weight, bias, labels, cap, rows, *, sums, threshold, interpret, blocks=None):
-    dh, dw, db, dcap = tpu.backward(
-        hidden, weight, bias, labels, cap, rows, sums=sums, threshold=threshold,
+def _tpu_grads(
+    hidden, weight, bias, labels, cap, cw, rows, *, sums, threshold, interpret, blocks=None
+):
+    dh, dw, db, dcap, dcw = tpu.backward(
+        hidden, weight, bias, labels, cap, cw, rows, sums=sums, threshold=threshold,
         interpret=interpret, blocks=blocks,
     )  # fmt: skip
-    return dh, dw, None if db is None else db[0], None if dcap is None else jnp.sum(dcap)
+    return (
+        dh,
+        dw,
+        None if db is None else db[0],
+        None if dcap is None else jnp.sum(dcap),
+        None if dcw is None else dcw[0],
+    )
 
 
-def _xla_grads(hidden, weight, bias, labels, cap, rows, *, sums, threshold):
+def _xla_grads(hidden, weight, bias, labels, cap, cw, rows, *, sums, threshold):
     del threshold  # the XLA loop has no filtering: its gradient is the exact one
-    keep, _, _, g_lse, g_t, *g_s = (r[:, 0] for r in rows)
-    stats, args = _xla(hidden, weight, bias, labels[:, 0], cap, keep != 0, sums)
+    keep, _, _, g_lse, g_t, *g_sums = (r[:, 0] for r in rows)
+    stats, args = _xla(hidden, weight, bias, labels[:, 0], cap, cw, keep != 0, sums)
     st, vjp = jax.vjp(stats, *args)
+    # The target_weight cotangent stays 0: w_y's gradient is taken outside (see _bwd).
     g = jax.tree.map(jnp.zeros_like, st)._replace(lse=g_lse, target=g_t)
-    if g_s:
-        g = g._replace(logit_sum=g_s[0])
+    if g_sums:
+        g = g._replace(logit_sum=g_sums[0])
+    if cw is not None:
+        g = g._replace(weight_sum=g_sums[1])
     # Inside shard_map the cotangents take the (per-shard) statistics' mesh-axis types.
     g = jax.tree.map(_vma.pvary_like, g, st)
-    dh, dw, db, dcap = vjp(g)
-    return dh, dw, db, dcap
+    dh, dw, db, dcap, dcw = vjp(g)
+    return dh, dw, db, dcap, dcw
 
 
 def _bwd(sums, threshold, axis_name, interpret, res, g):
     hidden, weight, bias, labels, class_weights, cap, rows, shift, lse = res
     n = hidden.shape[0]
     y = _local_labels(labels, weight.shape[1], axis_name)
-    dcw = None
-    if class_weights is not None:
-        _, here = _label_weights(y, class_weights)
-        used = here if rows is None else here & rows
-        g_w = jnp.where(used, g.target_weight, jnp.zeros((), g.target_weight.dtype))
-        v = class_weights.shape[0]
-        dcw = jnp.zeros((v,), jnp.float32).at[jnp.clip(y, 0, v - 1)].add(g_w)
-    ops = _operands(hidden, weight, bias, y, cap)
+    cw = _summed_weights(class_weights, sums)
+    ops = _operands(hidden, weight, bias, y, cap, cw)
     keep = jnp.ones((n, 1), jnp.int32) if rows is None else _column(rows, jnp.int32)
-    cols = [keep] + [_column(a, jnp.float32) for a in (shift, lse, g.lse, g.target)]
+    per_row = [shift, lse, g.lse, g.target]
     if sums:
-        cols.append(_column(g.logit_sum, jnp.float32))
+        per_row.append(g.logit_sum)
+    if cw is not None:  # the smoothing sums' class weights: d class weights needs d W too
+        per_row.append(g.weight_sum)
+    cols = [keep] + [_column(a, jnp.float32) for a in per_row]
     # With label smoothing every class has a gradient (e / K each): no tile is negligible.
     kw = dict(sums=sums, threshold=None if sums else threshold)
     if interpret is not None:
         platform, blocks = interpret
         fn = _gpu_grads if platform == "gpu" else _tpu_grads
-        dh, dw, db, dcap = fn(*ops, tuple(cols), interpret=True, blocks=blocks, **kw)
+        dh, dw, db, dcap, dcw = fn(*ops, tuple(cols), interpret=True, blocks=blocks, **kw)
     else:
-        dh, dw, db, dcap = lax.platform_dependent(
+        dh, dw, db, dcap, dcw = lax.platform_dependent(
             *ops, tuple(cols),
             cuda=functools.partial(_gpu_grads, interpret=False, **kw),
             tpu=functools.partial(_tpu_grads, interpret=False, **kw),
             default=functools.partial(_xla_grads, **kw),
         )  # fmt: skip
+    if class_weights is not None:
+        # w_y's share: a scatter-add of the target_weight cotangents onto the labels' classes
+        # (added to the smoothing sums' share from the kernels, if any).
+        _, here = _label_weights(y, class_weights)
+        used = here if rows is None else here & rows
+        g_w = jnp.where(used, g.target_weight, jnp.zeros((), g.target_weight.dtype))
+        v = class_weights.shape[0]
+        base = jnp.zeros((v,), jnp.float32) if dcw is None else dcw.astype(jnp.float32)
+        dcw = base.at[jnp.clip(y, 0, v - 1)].add(g_w)
     # Inside shard_map an input replicated over a mesh axis its gradient varies on gets the
     # sum over it (as in the XLA implementation).
     like = _vma.psum_to_like

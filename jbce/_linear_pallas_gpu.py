@@ -12,7 +12,8 @@ straight from HBM (the refs are whole arrays; every load is a ``pl.ds`` window):
   into ``d logits`` and accumulates ``d logits @ weight[d_slice, cols].T``; it also writes
   each row's share of ``d logit_softcap``.
 - d weight, d bias (grid: vocabulary blocks x slices of D): the same over token blocks,
-  accumulating ``hidden[rows, d_slice].T @ d logits``.
+  accumulating ``hidden[rows, d_slice].T @ d logits`` (and, with class weights and label
+  smoothing, their share of ``d class_weights``: a ``[1, V]`` sum over the tokens).
 
 Ragged sizes are handled without padding an operand: the last block of an axis is moved
 back to end at the axis' size and overlaps its predecessor (the overlap is masked out of
@@ -60,9 +61,18 @@ def block_sizes(n: int, d: int, v: int, caps=None) -> tuple[int, int, int, int]:
     return tn, tv, min(max_k, low), min(max_d, low)
 
 
+def pad_classes(row, vp: int):
+    """A ``[1, V]`` per-class row (bias, class weights) padded with zeros to ``vp`` classes
+    (:func:`pad`'s); None stays None."""
+    if row is None or row.shape[1] == vp:
+        return row
+    return jnp.pad(row, ((0, 0), (0, vp - row.shape[1])))
+
+
 def pad(hidden, weight, bias, labels, keep=None):
     """Operands padded where an axis is below 16 or D isn't a multiple of 16 (zeros; padded
-    classes are masked out by the kernels, padded tokens dropped by the caller)."""
+    classes are masked out by the kernels, padded tokens dropped by the caller). Class
+    weights take :func:`pad_classes` to ``weight``'s padded width."""
     n, d = hidden.shape
     v = weight.shape[1]
     pn, pv, pd = max(0, MIN_BLOCK - n), max(0, MIN_BLOCK - v), -d % MIN_BLOCK
@@ -70,8 +80,7 @@ def pad(hidden, weight, bias, labels, keep=None):
         hidden = jnp.pad(hidden, ((0, pn), (0, pd)))
     if pv or pd:
         weight = jnp.pad(weight, ((0, pd), (0, pv)))
-    if bias is not None and pv:
-        bias = jnp.pad(bias, ((0, 0), (0, pv)))
+    bias = pad_classes(bias, v + pv)
     if pn:
         labels = jnp.pad(labels, ((0, pn), (0, 0)), constant_values=-1)
         keep = None if keep is None else jnp.pad(keep, ((0, pn), (0, 0)))
@@ -99,22 +108,28 @@ def _logits(h_ref, w_ref, b_ref, r0, c0, tn, tv, tk, d):
     return z
 
 
-def _forward_kernel(*refs, n, v, vp, d, tn, tv, tk, has_bias, has_cap, sums, n_in):
-    h_ref, w_ref, b_ref, y_ref, cap_ref, _, outs = tiles.split_refs(refs, has_bias, has_cap, n_in)
+def _class_weights(r, c0, tv):
+    """The class weights ``[1, tv]`` of columns ``c0:c0+tv``, or None without them."""
+    return None if r.cw is None else r.cw[:, pl.ds(c0, tv)]
+
+
+def _forward_kernel(*refs, n, v, vp, d, tn, tv, tk, has_bias, has_cap, has_cw, sums, n_in):
+    r = tiles.split_refs(refs, has_bias, has_cap, n_in, has_cw)
     r0 = _start(pl.program_id(0), tn, n)
-    y = y_ref[pl.ds(r0, tn), :]
-    cap = cap_ref[...] if has_cap else None
+    y = r.y[pl.ds(r0, tn), :]
+    cap = r.cap[...] if has_cap else None
 
     def vocab_block(j, acc):
         c0 = _start(j, tv, vp)
-        z = _logits(h_ref, w_ref, b_ref, r0, c0, tn, tv, tk, d)
+        z = _logits(r.h, r.w, r.b, r0, c0, tn, tv, tk, d)
         cols = c0 + lax.broadcasted_iota(jnp.int32, (1, tv), 1)
         valid = (cols >= j * tv) & (cols < v)
         hit = (cols == y) & (y >= j * tv)
-        return tiles.update_stats(acc, tiles.softcap(z, cap), valid, hit)
+        cw = _class_weights(r, c0, tv)
+        return tiles.update_stats(acc, tiles.softcap(z, cap), valid, hit, cw)
 
-    acc = lax.fori_loop(0, pl.cdiv(vp, tv), vocab_block, tiles.empty(tn, sums))
-    for ref, val in zip(outs, tiles.finish(acc), strict=True):
+    acc = lax.fori_loop(0, pl.cdiv(vp, tv), vocab_block, tiles.empty(tn, sums, has_cw))
+    for ref, val in zip(r.outs, tiles.finish(acc), strict=True):
         ref[pl.ds(r0, tn), :] = val
 
 
@@ -126,21 +141,22 @@ def _column(n):
     return jax.ShapeDtypeStruct((n, 1), jnp.float32)
 
 
-def forward(hidden, weight, bias, labels, cap, *, v, sums, interpret, blocks=None):
-    """Per-token ``(shift, lse, target[, logit_sum, weight_sum])``, ``[n, 1]`` float32 each,
-    for padded operands (:func:`pad`); ``v`` is the number of real classes."""
+def forward(hidden, weight, bias, labels, cap, cw=None, *, v, sums, interpret, blocks=None):
+    """Per-token ``(shift, lse, target[, logit_sum, weight_sum[, count]])``, ``[n, 1]``
+    float32 each, for padded operands (:func:`pad`; ``cw`` the ``[1, vp]`` class weights of
+    the smoothing sums, or None); ``v`` is the number of real classes."""
     n, d = hidden.shape
     vp = weight.shape[1]
     tn, tv, tk, _ = block_sizes(n, d, vp, blocks)
-    args = [a for a in (hidden, weight, bias, labels, cap) if a is not None]
+    args = tiles.operands(hidden, weight, bias, labels, cap, cw)
     kernel = functools.partial(
         _forward_kernel,
-        n=n, v=v, vp=vp, d=d, tn=tn, tv=tv, tk=tk,
-        has_bias=bias is not None, has_cap=cap is not None, sums=sums, n_in=len(args),
+        n=n, v=v, vp=vp, d=d, tn=tn, tv=tv, tk=tk, has_bias=bias is not None,
+        has_cap=cap is not None, has_cw=cw is not None, sums=sums, n_in=len(args),
     )  # fmt: skip
     return tiles.pallas_call(
         kernel,
-        out_shape=[_column(n)] * (5 if sums else 3),
+        out_shape=[_column(n)] * tiles.fields(sums, cw is not None),
         grid=(pl.cdiv(n, tn),),
         compiler_params=_params(),
         interpret=interpret,
@@ -149,37 +165,35 @@ def forward(hidden, weight, bias, labels, cap, *, v, sums, interpret, blocks=Non
 
 
 def _row_inputs(refs, r0, tn):
-    """keep (bool), shift, lse, g_lse, g_t[, g_s] columns of rows ``r0:r0+tn``."""
-    cols = [r[pl.ds(r0, tn), :] for r in refs]
-    return (cols[0] != 0, *cols[1:])
+    """:func:`jbce._linear_pallas_tiles.row_columns` of rows ``r0:r0+tn``."""
+    return tiles.row_columns([r[pl.ds(r0, tn), :] for r in refs])
 
 
-def _dhidden_kernel(*refs, n, v, vp, d, tn, tv, tk, td, has_bias, has_cap, sums, thr, n_in):
-    h_ref, w_ref, b_ref, y_ref, cap_ref, rows, outs = tiles.split_refs(
-        refs, has_bias, has_cap, n_in
-    )
-    dh_ref, dcap_ref = outs[0], outs[1] if has_cap else None
+def _dhidden_kernel(*refs, n, v, vp, d, tn, tv, tk, td, has_bias, has_cap, has_cw, sums, thr, n_in):
+    r = tiles.split_refs(refs, has_bias, has_cap, n_in, has_cw)
+    dh_ref, dcap_ref = r.outs[0], r.outs[1] if has_cap else None
     i, kd = pl.program_id(0), pl.program_id(1)
     r0 = _start(i, tn, n)
-    y = y_ref[pl.ds(r0, tn), :]
-    keep, m, lse, g_lse, g_t, *g_s = _row_inputs(rows, r0, tn)
-    g_s = g_s[0] if sums else None
-    cap = cap_ref[...] if has_cap else None
+    y = r.y[pl.ds(r0, tn), :]
+    keep, m, lse, g_lse, g_t, g_s, _ = _row_inputs(r.inputs, r0, tn)
+    cap = r.cap[...] if has_cap else None
 
     def vocab_block(j, carry):
         acc, dcap = carry
         c0 = _start(j, tv, vp)
-        z = _logits(h_ref, w_ref, b_ref, r0, c0, tn, tv, tk, d)
+        z = _logits(r.h, r.w, r.b, r0, c0, tn, tv, tk, d)
         cols = c0 + lax.broadcasted_iota(jnp.int32, (1, tv), 1)
         valid = (cols >= j * tv) & (cols < v)
         hit = (cols == y) & (y >= j * tv)
-        dx, p = tiles.logits_grad(tiles.softcap(z, cap), valid, hit, keep, m, lse, g_lse, g_t, g_s)
+        x = tiles.softcap(z, cap)
+        cw = _class_weights(r, c0, tv)
+        dx, p = tiles.logits_grad(x, valid, hit, keep, m, lse, g_lse, g_t, g_s, cw)
         dz, dc = tiles.softcap_grad(z, cap, dx)
         if dc is not None:
             dcap = dcap + dc
 
         def add(acc):
-            wd = w_ref[pl.ds(kd * td, td), pl.ds(c0, tv)].astype(jnp.float32)
+            wd = r.w[pl.ds(kd * td, td), pl.ds(c0, tv)].astype(jnp.float32)
             return acc + tiles.matmul(dz, wd, transpose_b=True)
 
         if thr is None:
@@ -193,60 +207,68 @@ def _dhidden_kernel(*refs, n, v, vp, d, tn, tv, tk, td, has_bias, has_cap, sums,
         dcap_ref[pl.ds(r0, tn), :] = dcap
 
 
-def _dweight_kernel(*refs, n, v, vp, d, tn, tv, tk, td, has_bias, has_cap, sums, thr, n_in):
-    h_ref, w_ref, b_ref, y_ref, cap_ref, rows, outs = tiles.split_refs(
-        refs, has_bias, has_cap, n_in
-    )
-    dw_ref, db_ref = outs[0], outs[1] if has_bias else None
+def _dweight_kernel(*refs, n, v, vp, d, tn, tv, tk, td, has_bias, has_cap, has_cw, sums, thr, n_in):
+    r = tiles.split_refs(refs, has_bias, has_cap, n_in, has_cw)
+    dw_ref = r.outs[0]
+    db_ref = r.outs[1] if has_bias else None
+    dcw_ref = r.outs[1 + has_bias] if has_cw else None
     j, kd = pl.program_id(0), pl.program_id(1)
     c0 = _start(j, tv, vp)
     cols = c0 + lax.broadcasted_iota(jnp.int32, (1, tv), 1)
     valid = cols < v  # every real class of this block (overlapping ones too: same values)
-    cap = cap_ref[...] if has_cap else None
+    cap = r.cap[...] if has_cap else None
+    cw = _class_weights(r, c0, tv)
 
     def token_block(i, carry):
-        acc, db = carry
         r0 = _start(i, tn, n)
-        y = y_ref[pl.ds(r0, tn), :]
-        keep, m, lse, g_lse, g_t, *g_s = _row_inputs(rows, r0, tn)
-        g_s = g_s[0] if sums else None
+        y = r.y[pl.ds(r0, tn), :]
+        keep, m, lse, g_lse, g_t, g_s, g_w = _row_inputs(r.inputs, r0, tn)
         fresh = (r0 + lax.broadcasted_iota(jnp.int32, (tn, 1), 0)) >= i * tn
-        z = _logits(h_ref, w_ref, b_ref, r0, c0, tn, tv, tk, d)
+        z = _logits(r.h, r.w, r.b, r0, c0, tn, tv, tk, d)
         hit = cols == y
         x = tiles.softcap(z, cap)
-        dx, p = tiles.logits_grad(x, valid, hit, keep & fresh, m, lse, g_lse, g_t, g_s)
+        dx, p = tiles.logits_grad(x, valid, hit, keep & fresh, m, lse, g_lse, g_t, g_s, cw)
         dz, _ = tiles.softcap_grad(z, cap, dx)
 
         def add(carry):
-            acc, db = carry
-            hd = h_ref[pl.ds(r0, tn), pl.ds(kd * td, td)].astype(jnp.float32)
-            return acc + tiles.matmul(hd, dz, transpose_a=True), db + jnp.sum(dz, 0, keepdims=True)
+            acc, db, dcw = carry
+            hd = r.h[pl.ds(r0, tn), pl.ds(kd * td, td)].astype(jnp.float32)
+            acc = acc + tiles.matmul(hd, dz, transpose_a=True)
+            db = db + jnp.sum(dz, 0, keepdims=True)
+            if dcw is not None:
+                dcw = dcw + tiles.class_weights_grad(x, valid, keep & fresh, m, g_s, g_w)
+            return acc, db, dcw
 
         if thr is None:
-            return add((acc, db))
-        return lax.cond(tiles.small(p, hit & fresh, thr), lambda c: c, add, (acc, db))
+            return add(carry)
+        return lax.cond(tiles.small(p, hit & fresh, thr), lambda c: c, add, carry)
 
-    init = (jnp.zeros((td, tv), jnp.float32), jnp.zeros((1, tv), jnp.float32))
-    acc, db = lax.fori_loop(0, pl.cdiv(n, tn), token_block, init)
+    row = jnp.zeros((1, tv), jnp.float32)
+    init = (jnp.zeros((td, tv), jnp.float32), row, row if has_cw else None)
+    acc, db, dcw = lax.fori_loop(0, pl.cdiv(n, tn), token_block, init)
     dw_ref[pl.ds(kd * td, td), pl.ds(c0, tv)] = acc.astype(dw_ref.dtype)
     if db_ref is not None:
         db_ref[:, pl.ds(c0, tv)] = db
+    if dcw_ref is not None:  # the same in every slice of D
+        dcw_ref[:, pl.ds(c0, tv)] = dcw
 
 
 def backward(
-    hidden, weight, bias, labels, cap, rows, *, v, sums, threshold, interpret, blocks=None
+    hidden, weight, bias, labels, cap, cw, rows, *, v, sums, threshold, interpret, blocks=None
 ):
     """(d hidden, d weight (in their inputs' dtypes), d bias ``[1, vp]`` f32 or None, per-row
-    d cap ``[n, 1]`` or None)
-    for padded operands; ``rows`` = (keep, shift, lse, g_lse, g_t[, g_s]) ``[n, 1]``
-    columns (keep int32)."""
+    d cap ``[n, 1]`` or None, d class weights ``[1, vp]`` f32 through the smoothing sums or
+    None) for padded operands; ``cw`` as for :func:`forward`; ``rows`` = (keep, shift, lse,
+    g_lse, g_t[, g_s[, g_w]]) ``[n, 1]`` columns (keep int32; g_w, the cotangent of
+    weight_sum, with ``cw``)."""
     n, d = hidden.shape
     vp = weight.shape[1]
     tn, tv, tk, td = block_sizes(n, d, vp, blocks)
-    args = [a for a in (hidden, weight, bias, labels, cap) if a is not None] + list(rows)
+    args = tiles.operands(hidden, weight, bias, labels, cap, cw) + list(rows)
+    has_cw = cw is not None
     static = dict(
         n=n, v=v, vp=vp, d=d, tn=tn, tv=tv, tk=tk, td=td, has_bias=bias is not None,
-        has_cap=cap is not None, sums=sums, thr=threshold, n_in=len(args),
+        has_cap=cap is not None, has_cw=has_cw, sums=sums, thr=threshold, n_in=len(args),
     )  # fmt: skip
     dh_out = [jax.ShapeDtypeStruct((n, d), hidden.dtype)]  # accumulated in f32, written once
     if cap is not None:
@@ -262,6 +284,8 @@ def backward(
     dw_out = [jax.ShapeDtypeStruct((d, vp), weight.dtype)]
     if bias is not None:
         dw_out.append(jax.ShapeDtypeStruct((1, vp), jnp.float32))
+    if has_cw:
+        dw_out.append(jax.ShapeDtypeStruct((1, vp), jnp.float32))
     dw = tiles.pallas_call(
         functools.partial(_dweight_kernel, **static),
         out_shape=dw_out,
@@ -275,4 +299,5 @@ def backward(
         dw[0],
         dw[1] if bias is not None else None,
         dh[1] if cap is not None else None,
+        dw[-1] if has_cw else None,
     )

@@ -10,10 +10,14 @@ matches :mod:`jbce._stats` (the statistics every jbce softmax loss is assembled 
 - forward, per row, running over the vocabulary blocks (an online log-sum-exp):
   :math:`m` (row max, 0 for a row without classes), :math:`\sigma = \sum_C e^{x - m}`
   (``lse = log sigma``), :math:`t = x_y`, and with label smoothing
-  :math:`s = \sum_C (x - m)` and :math:`W = |C|` (:func:`update_stats`);
+  :math:`s = \sum_C w_c (x_c - m)`, :math:`W = \sum_C w_c` and :math:`|C|`, with class
+  weights :math:`w` (without them :math:`w = 1`, so :math:`W = |C|` and the count is not
+  kept apart) (:func:`update_stats`);
 - backward, per tile, :math:`\partial L / \partial x_c = \bar\ell p_c + \bar t [c = y] +
-  \bar s [c \in C]` (:func:`logits_grad`, the formula of :func:`jbce._stats.logits_grad`)
-  and the soft-cap's chain rule (:func:`softcap_grad`).
+  \bar s\, w_c [c \in C]` (:func:`logits_grad`, the formula of
+  :func:`jbce._stats.logits_grad`), the class weights' share
+  :math:`\partial L / \partial w_c = \sum_n [c \in C_n] (\bar s_n (x_{nc} - m_n) + \bar W_n)`
+  (:func:`class_weights_grad`) and the soft-cap's chain rule (:func:`softcap_grad`).
 
 Every per-row quantity is a ``[rows, 1]`` column so that it broadcasts against a tile.
 """
@@ -31,18 +35,21 @@ from jbce import _vma
 
 
 class Running(NamedTuple):
-    """Per-row running statistics, ``[rows, 1]`` float32 each (``s``/``w`` None without sums).
+    """Per-row running statistics, ``[rows, 1]`` float32 each (``s``/``w`` None without sums,
+    ``c`` None without class weights).
 
     ``m`` is the running max (``-inf`` until a class is seen), ``se`` the sum of
-    ``exp(x - shift(m))``; ``t`` the label's logit; ``s`` the sum of ``x - shift(m)`` and
-    ``w`` the number of included classes.
+    ``exp(x - shift(m))``; ``t`` the label's logit; ``s`` the sum of ``w_c (x - shift(m))``
+    and ``w`` that of ``w_c`` over the included classes (``w_c = 1`` without class weights:
+    ``w`` is then their number), ``c`` the number of included classes.
     """
 
     m: jax.Array
     se: jax.Array
     t: jax.Array
-    s: jax.Array | None
-    w: jax.Array | None
+    s: jax.Array | None = None
+    w: jax.Array | None = None
+    c: jax.Array | None = None
 
 
 def shift(m):
@@ -50,7 +57,8 @@ def shift(m):
     return jnp.where(m == -jnp.inf, jnp.zeros((), m.dtype), m)
 
 
-def empty(rows: int, sums: bool) -> Running:
+def empty(rows: int, sums: bool, weighted: bool = False) -> Running:
+    """The statistics of no class; ``weighted``: with class weights (and ``sums``)."""
     col = (rows, 1)
     zero = jnp.zeros(col, jnp.float32)
     return Running(
@@ -59,7 +67,13 @@ def empty(rows: int, sums: bool) -> Running:
         zero,
         zero if sums else None,
         zero if sums else None,
+        zero if weighted else None,
     )
+
+
+def fields(sums: bool, weighted: bool = False) -> int:
+    """How many of :class:`Running`'s fields (and :func:`finish`'s outputs) are kept."""
+    return 3 + 2 * sums + weighted
 
 
 def matmul(a, b, *, transpose_a=False, transpose_b=False):
@@ -90,13 +104,14 @@ def softcap_grad(z, cap, dx):
     return dx * dt, jnp.sum(dx * (t - (z / cap) * dt), axis=1, keepdims=True)
 
 
-def update_stats(acc: Running, x, valid, target_hit) -> Running:
+def update_stats(acc: Running, x, valid, target_hit, cw=None) -> Running:
     """``acc`` merged with one tile of logits ``x`` ``[rows, cols]``.
 
     ``valid`` (broadcastable to ``x``) marks the columns this tile contributes (real
     classes not counted by an earlier tile); ``target_hit`` the label's column (valid or
     not: the label's own logit counts even for a ``-inf`` class, as in the materialised
-    loss).
+    loss); ``cw`` the tile's class weights ``[1, cols]`` (with ``acc.c`` kept), or None.
+    Columns outside ``valid`` may hold anything in ``x`` and ``cw``.
     """
     neg = jnp.full((), -jnp.inf, x.dtype)
     xm = jnp.where(valid, x, neg)
@@ -106,33 +121,55 @@ def update_stats(acc: Running, x, valid, target_hit) -> Running:
     t = acc.t + jnp.sum(jnp.where(target_hit, x, jnp.zeros((), x.dtype)), axis=1, keepdims=True)
     if acc.s is None:
         return Running(m, se, t, None, None)
+    zero = jnp.zeros((), x.dtype)
     inc = xm != neg  # NaN logits are included
-    s_tile = jnp.sum(jnp.where(inc, xm - base, jnp.zeros((), x.dtype)), axis=1, keepdims=True)
-    moved = jnp.where(acc.w == 0, jnp.zeros((), x.dtype), acc.w * (old - base))
+    count = jnp.sum(inc.astype(x.dtype), axis=1, keepdims=True)
+    shifted = xm - base
+    if cw is not None:  # where, not a product with inc: cw may be garbage outside valid
+        shifted = cw * shifted
+    s_tile = jnp.sum(jnp.where(inc, shifted, zero), axis=1, keepdims=True)
+    moved = jnp.where(acc.w == 0, zero, acc.w * (old - base))
     s = acc.s + moved + s_tile
-    w = acc.w + jnp.sum(inc.astype(x.dtype), axis=1, keepdims=True)
-    return Running(m, se, t, s, w)
+    if cw is None:
+        return Running(m, se, t, s, acc.w + count)
+    w = acc.w + jnp.sum(jnp.where(inc, cw, zero), axis=1, keepdims=True)
+    return Running(m, se, t, s, w, acc.c + count)
 
 
 def finish(acc: Running) -> tuple[jax.Array, ...]:
-    """(shift, lse, target[, logit_sum, weight_sum]) columns from the running statistics."""
+    """(shift, lse, target[, logit_sum, weight_sum[, count]]) columns from the running
+    statistics."""
     out = (shift(acc.m), jnp.log(acc.se), acc.t)
-    return out if acc.s is None else (*out, acc.s, acc.w)
+    if acc.s is None:
+        return out
+    out = (*out, acc.s, acc.w)
+    return out if acc.c is None else (*out, acc.c)
 
 
-def logits_grad(x, valid, target_hit, keep, shift_, lse, g_lse, g_t, g_s):
+def logits_grad(x, valid, target_hit, keep, shift_, lse, g_lse, g_t, g_s, cw=None):
     """``d x`` of one tile for the cotangents of (lse, target, logit_sum) (``g_s`` None
     without sums) and the tile's probabilities; ``keep`` ``[rows, 1]`` zeroes rows the loss
-    does not use, ``valid`` the columns this tile does not own (both in d x and p)."""
+    does not use, ``valid`` the columns this tile does not own (both in d x and p); ``cw``
+    the tile's class weights ``[1, cols]`` (the smoothing term's ``w_c``), or None (1)."""
     zero = jnp.zeros((), x.dtype)
     xm = jnp.where(valid, x, jnp.full((), -jnp.inf, x.dtype))
     lse0 = jnp.where(lse == -jnp.inf, zero, lse)  # a row without classes: p = 0
     p = jnp.exp(xm - shift_) * jnp.exp(-lse0)
     dx = g_lse * p + jnp.where(target_hit, g_t, zero)
     if g_s is not None:
-        dx = dx + jnp.where(xm != -jnp.inf, g_s, zero)
+        dx = dx + jnp.where(xm != -jnp.inf, g_s if cw is None else g_s * cw, zero)
     used = keep & valid
     return jnp.where(used, dx, zero), jnp.where(used, p, zero)
+
+
+def class_weights_grad(x, valid, keep, shift_, g_s, g_w):
+    """``[1, cols]``: this tile's rows' share of ``d class_weights`` through the smoothing
+    sums, ``sum_rows [c in C] (g_s (x_c - shift) + g_w)`` (``g_s``, ``g_w`` the cotangents of
+    logit_sum and weight_sum); rows outside ``keep`` and columns outside ``valid`` add 0,
+    whatever their logits."""
+    zero = jnp.zeros((), x.dtype)
+    inc = keep & valid & (x != -jnp.inf)
+    return jnp.sum(jnp.where(inc, g_s * (x - shift_) + g_w, zero), axis=0, keepdims=True)
 
 
 def small(p, target_hit, threshold):
@@ -144,20 +181,43 @@ def small(p, target_hit, threshold):
     return (jnp.max(p) < threshold) & (hits == 0)
 
 
-def split_refs(refs, has_bias, has_cap, n_in):
-    """A kernel's refs as (hidden, weight, bias or None, labels, cap or None, the other
-    ``n_in`` inputs, the outputs and scratch): the layout both kernel sets pass."""
+def row_columns(cols):
+    """The backward kernels' per-row inputs, loaded (``[rows, 1]`` each): (keep as bool,
+    shift, lse, g_lse, g_t, g_s, g_w), g_s None without sums, g_w (the cotangent of
+    weight_sum) None without class weights."""
+    cols = list(cols) + [None] * (7 - len(cols))
+    return (cols[0] != 0, *cols[1:])
+
+
+class Refs(NamedTuple):
+    """A kernel's refs in the layout both kernel sets pass (None for an absent operand)."""
+
+    h: object
+    w: object
+    b: object  # bias [1, V]
+    y: object  # labels [N, 1]
+    cap: object  # [1, 1]
+    cw: object  # class weights [1, V]
+    inputs: list  # the other inputs ([N, 1] row columns)
+    outs: list  # the outputs and scratch
+
+
+def operands(hidden, weight, bias, labels, cap, cw):
+    """The kernels' leading operands, in :class:`Refs`' order, without the absent ones."""
+    return [a for a in (hidden, weight, bias, labels, cap, cw) if a is not None]
+
+
+def split_refs(refs, has_bias, has_cap, n_in, has_cw=False) -> Refs:
+    """A kernel's refs (:func:`operands`, the other inputs up to ``n_in``, then outputs and
+    scratch) as :class:`Refs`."""
     refs = list(refs)
-    h_ref, w_ref = refs[0], refs[1]
-    k = 2
-    b_ref = refs[k] if has_bias else None
-    k += has_bias
-    y_ref = refs[k]
-    k += 1
-    cap_ref = refs[k] if has_cap else None
-    k += has_cap
-    rest = refs[k:]
-    return h_ref, w_ref, b_ref, y_ref, cap_ref, rest[: n_in - k], rest[n_in - k :]
+    it = iter(refs[:n_in])
+    h_ref, w_ref = next(it), next(it)
+    b_ref = next(it) if has_bias else None
+    y_ref = next(it)
+    cap_ref = next(it) if has_cap else None
+    cw_ref = next(it) if has_cw else None
+    return Refs(h_ref, w_ref, b_ref, y_ref, cap_ref, cw_ref, list(it), refs[n_in:])
 
 
 def pallas_call(kernel, *, out_shape, **kwargs):

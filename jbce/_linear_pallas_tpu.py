@@ -13,7 +13,8 @@ block is written back once, when its block index changes:
   ``hidden``'s dtype, with each row's share of ``d logit_softcap``.
 - d weight, d bias (vocabulary blocks x token blocks): accumulates
   ``hidden[rows].T @ d logits`` in a float32 ``[D, cols]`` scratch, written once in
-  ``weight``'s dtype.
+  ``weight``'s dtype (and, with class weights and label smoothing, their share of
+  ``d class_weights``, a ``[1, cols]`` sum over the tokens).
 
 Ragged sizes: the last block of an axis reads past the array's end (whatever is there);
 those rows and columns are masked out (to ``-inf`` logits, or zero operands of the
@@ -61,30 +62,32 @@ def _cols(j, tv):
     return j * tv + lax.broadcasted_iota(jnp.int32, (1, tv), 1)
 
 
-def _forward_kernel(*refs, v, tv, has_bias, has_cap, sums, n_in, n_out):
-    h_ref, w_ref, b_ref, y_ref, cap_ref, _, rest = tiles.split_refs(refs, has_bias, has_cap, n_in)
-    outs, scratch = rest[:n_out], rest[n_out:]
+def _forward_kernel(*refs, v, tv, has_bias, has_cap, has_cw, sums, n_in, n_out):
+    r = tiles.split_refs(refs, has_bias, has_cap, n_in, has_cw)
+    outs, scratch = r.outs[:n_out], r.outs[n_out:]
     j = pl.program_id(1)
-    tn = h_ref.shape[0]
+    tn = r.h.shape[0]
 
     @pl.when(j == 0)
     def _():
-        for ref, val in zip(scratch, tiles.empty(tn, sums)[: len(scratch)], strict=True):
+        for ref, val in zip(scratch, tiles.empty(tn, sums, has_cw)[: len(scratch)], strict=True):
             ref[...] = val
 
-    cap = cap_ref[...] if has_cap else None
-    z = _logits(h_ref[...], w_ref[...], b_ref)
+    cap = r.cap[...] if has_cap else None
+    z = _logits(r.h[...], r.w[...], r.b)
     cols = _cols(j, tv)
-    acc = tiles.Running(*(r[...] for r in scratch), *([None, None] if not sums else []))
-    new = tiles.update_stats(acc, tiles.softcap(z, cap), cols < v, cols == y_ref[...])
+    acc = tiles.Running(*(ref[...] for ref in scratch))  # the absent fields are the last
+    cw = r.cw[...] if has_cw else None
+    new = tiles.update_stats(acc, tiles.softcap(z, cap), cols < v, cols == r.y[...], cw)
     for ref, val in zip(scratch, new, strict=False):
         ref[...] = val
     for ref, val in zip(outs, tiles.finish(new), strict=True):
         ref[...] = val
 
 
-def _specs(tn, tv, d, has_bias, has_cap, n_rows, *, vocab_major=False):
-    """BlockSpecs for (hidden, weight[, bias], labels[, cap], *row columns)."""
+def _specs(tn, tv, d, has_bias, has_cap, n_rows, *, has_cw=False, vocab_major=False):
+    """BlockSpecs for (hidden, weight[, bias], labels[, cap][, class weights], *row
+    columns)."""
     if vocab_major:  # grid (j, i)
 
         def tok(f):
@@ -103,6 +106,8 @@ def _specs(tn, tv, d, has_bias, has_cap, n_rows, *, vocab_major=False):
     specs.append(pl.BlockSpec((tn, 1), tok(lambda i, j: (i, 0))))
     if has_cap:
         specs.append(pl.BlockSpec((1, 1), tok(lambda i, j: (0, 0))))
+    if has_cw:
+        specs.append(pl.BlockSpec((1, tv), tok(lambda i, j: (0, j))))
     specs += [pl.BlockSpec((tn, 1), tok(lambda i, j: (i, 0)))] * n_rows
     return specs
 
@@ -115,23 +120,25 @@ def _column(n):
     return jax.ShapeDtypeStruct((n, 1), jnp.float32)
 
 
-def forward(hidden, weight, bias, labels, cap, *, sums, interpret, blocks=None):
-    """Per-token ``(shift, lse, target[, logit_sum, weight_sum])``, ``[n, 1]`` float32 each."""
+def forward(hidden, weight, bias, labels, cap, cw=None, *, sums, interpret, blocks=None):
+    """Per-token ``(shift, lse, target[, logit_sum, weight_sum[, count]])``, ``[n, 1]``
+    float32 each; ``cw``: the ``[1, V]`` class weights of the smoothing sums, or None."""
     n, d = hidden.shape
     v = weight.shape[1]
     tn, tv = block_sizes(n, d, v, weight.dtype.itemsize, blocks)
-    args = [a for a in (hidden, weight, bias, labels, cap) if a is not None]
-    n_out = 5 if sums else 3
+    args = tiles.operands(hidden, weight, bias, labels, cap, cw)
+    has_cw = cw is not None
+    n_out = tiles.fields(sums, has_cw)
     kernel = functools.partial(
         _forward_kernel, v=v, tv=tv, has_bias=bias is not None, has_cap=cap is not None,
-        sums=sums, n_in=len(args), n_out=n_out,
+        has_cw=has_cw, sums=sums, n_in=len(args), n_out=n_out,
     )  # fmt: skip
     col = pl.BlockSpec((tn, 1), lambda i, j: (i, 0))
     return tiles.pallas_call(
         kernel,
         out_shape=[_column(n)] * n_out,
         grid=(pl.cdiv(n, tn), pl.cdiv(v, tv)),
-        in_specs=_specs(tn, tv, d, bias is not None, cap is not None, 0),
+        in_specs=_specs(tn, tv, d, bias is not None, cap is not None, 0, has_cw=has_cw),
         out_specs=[col] * n_out,
         scratch_shapes=[pltpu.VMEM((tn, 1), jnp.float32)] * n_out,
         compiler_params=_params(("parallel", "arbitrary")),
@@ -140,31 +147,32 @@ def forward(hidden, weight, bias, labels, cap, *, sums, interpret, blocks=None):
     )(*args)
 
 
-def _dlogits(refs, i, j, *, n, v, tn, tv, has_bias, has_cap, sums, n_in):
-    """(refs split, d z, p, valid columns, label hits, row mask) of tile (i, j)."""
-    h_ref, w_ref, b_ref, y_ref, cap_ref, rows, outs = tiles.split_refs(
-        refs, has_bias, has_cap, n_in
-    )
-    keep, m, lse, g_lse, g_t, *g_s = (r[...] for r in rows)
-    cap = cap_ref[...] if has_cap else None
+def _dlogits(refs, i, j, *, n, v, tn, tv, has_bias, has_cap, has_cw, sums, n_in, dcw=False):
+    """(refs split, d z, d cap per row, p, valid columns, label hits, row mask, and with
+    ``dcw`` the tile's ``[1, tv]`` share of d class weights) of tile (i, j)."""
+    r = tiles.split_refs(refs, has_bias, has_cap, n_in, has_cw)
+    keep, m, lse, g_lse, g_t, g_s, g_w = tiles.row_columns([ref[...] for ref in r.inputs])
+    cap = r.cap[...] if has_cap else None
     cols = _cols(j, tv)
     valid = cols < v
-    hit = cols == y_ref[...]
+    hit = cols == r.y[...]
     real = (i * tn + lax.broadcasted_iota(jnp.int32, (tn, 1), 0)) < n
+    used = keep & real
     # Logits of rows past N and columns past V come from whatever follows the arrays in
     # memory (NaN, say): zeroed, so that no 0 * NaN reaches a real row's or column's sum.
-    z = jnp.where(valid & real, _logits(h_ref[...], w_ref[...], b_ref), 0.0)
-    dx, p = tiles.logits_grad(
-        tiles.softcap(z, cap), valid, hit, (keep != 0) & real, m, lse, g_lse, g_t,
-        g_s[0] if sums else None,
-    )  # fmt: skip
+    z = jnp.where(valid & real, _logits(r.h[...], r.w[...], r.b), 0.0)
+    x = tiles.softcap(z, cap)
+    cw = r.cw[...] if has_cw else None
+    dx, p = tiles.logits_grad(x, valid, hit, used, m, lse, g_lse, g_t, g_s, cw)
     dz, dc = tiles.softcap_grad(z, cap, dx)
-    return (h_ref, w_ref, outs), dz, dc, p, valid, hit, real
+    d_cw = tiles.class_weights_grad(x, valid, used, m, g_s, g_w) if dcw else None
+    return r, dz, dc, p, valid, hit, real, d_cw
 
 
 def _dhidden_kernel(*refs, thr, n_voc, **static):
     i, j = pl.program_id(0), pl.program_id(1)
-    (_, w_ref, outs), dz, dc, p, valid, hit, real = _dlogits(refs, i, j, **static)
+    r, dz, dc, p, valid, hit, real, _ = _dlogits(refs, i, j, **static)
+    w_ref, outs = r.w, r.outs
     has_cap = static["has_cap"]
     dh_ref, acc_ref = outs[0], outs[-1]
     dcap_ref = outs[1] if has_cap else None
@@ -195,25 +203,28 @@ def _dhidden_kernel(*refs, thr, n_voc, **static):
 
 def _dweight_kernel(*refs, thr, n_tok, **static):
     j, i = pl.program_id(0), pl.program_id(1)
-    (h_ref, _, outs), dz, _, p, valid, hit, real = _dlogits(refs, i, j, **static)
-    has_bias = static["has_bias"]
-    dw_ref = outs[0]
-    db_ref = outs[1] if has_bias else None
-    acc_ref = outs[2 if has_bias else 1]
-    dbacc_ref = outs[3] if has_bias else None
+    has_bias, has_cw = static["has_bias"], static["has_cw"]
+    r, dz, _, p, valid, hit, real, d_cw = _dlogits(refs, i, j, dcw=has_cw, **static)
+    # outputs: d weight[, d bias][, d class weights], then their accumulators in that order
+    n_out = 1 + has_bias + has_cw
+    outs, accs = r.outs[:n_out], r.outs[n_out:]
+    dw_ref, acc_ref = outs[0], accs[0]
+    db_ref, dbacc_ref = (outs[1], accs[1]) if has_bias else (None, None)
+    dcw_ref, dcwacc_ref = (outs[-1], accs[-1]) if has_cw else (None, None)
 
     @pl.when(i == 0)
     def _():
-        acc_ref[...] = jnp.zeros(acc_ref.shape, acc_ref.dtype)
-        if dbacc_ref is not None:
-            dbacc_ref[...] = jnp.zeros(dbacc_ref.shape, dbacc_ref.dtype)
+        for ref in accs:
+            ref[...] = jnp.zeros(ref.shape, ref.dtype)
 
     def add():
         # Rows past N hold whatever follows hidden in memory: zeroed, not just unused.
-        h = jnp.where(real, h_ref[...].astype(jnp.float32), 0.0)
+        h = jnp.where(real, r.h[...].astype(jnp.float32), 0.0)
         acc_ref[...] += tiles.matmul(h, dz, transpose_a=True)
         if dbacc_ref is not None:
             dbacc_ref[...] += jnp.sum(dz, axis=0, keepdims=True)
+        if dcwacc_ref is not None:
+            dcwacc_ref[...] += d_cw
 
     if thr is None:
         add()
@@ -225,19 +236,24 @@ def _dweight_kernel(*refs, thr, n_tok, **static):
         dw_ref[...] = acc_ref[...].astype(dw_ref.dtype)
         if db_ref is not None:
             db_ref[...] = dbacc_ref[...]
+        if dcw_ref is not None:
+            dcw_ref[...] = dcwacc_ref[...]
 
 
-def backward(hidden, weight, bias, labels, cap, rows, *, sums, threshold, interpret, blocks=None):
+def backward(
+    hidden, weight, bias, labels, cap, cw, rows, *, sums, threshold, interpret, blocks=None
+):
     """(d hidden, d weight (in their inputs' dtypes), d bias ``[1, V]`` f32 or None, per-row
-    d cap ``[n, 1]`` or None); ``rows`` = (keep, shift, lse, g_lse, g_t[, g_s]) ``[n, 1]``
-    columns (keep int32)."""
+    d cap ``[n, 1]`` or None, d class weights ``[1, V]`` f32 through the smoothing sums or
+    None); ``cw`` as for :func:`forward`; ``rows`` = (keep, shift, lse, g_lse, g_t[, g_s[,
+    g_w]]) ``[n, 1]`` columns (keep int32; g_w, the cotangent of weight_sum, with ``cw``)."""
     n, d = hidden.shape
     v = weight.shape[1]
     tn, tv = block_sizes(n, d, v, weight.dtype.itemsize, blocks)
-    has_bias, has_cap = bias is not None, cap is not None
-    args = [a for a in (hidden, weight, bias, labels, cap) if a is not None] + list(rows)
+    has_bias, has_cap, has_cw = bias is not None, cap is not None, cw is not None
+    args = tiles.operands(hidden, weight, bias, labels, cap, cw) + list(rows)
     static = dict(
-        n=n, v=v, tn=tn, tv=tv, has_bias=has_bias, has_cap=has_cap, sums=sums,
+        n=n, v=v, tn=tn, tv=tv, has_bias=has_bias, has_cap=has_cap, has_cw=has_cw, sums=sums,
         n_in=len(args), thr=threshold,
     )  # fmt: skip
     ni, nj = pl.cdiv(n, tn), pl.cdiv(v, tv)
@@ -250,7 +266,7 @@ def backward(hidden, weight, bias, labels, cap, rows, *, sums, threshold, interp
         functools.partial(_dhidden_kernel, n_voc=nj, **static),
         out_shape=dh_out,
         grid=(ni, nj),
-        in_specs=_specs(tn, tv, d, has_bias, has_cap, len(rows)),
+        in_specs=_specs(tn, tv, d, has_bias, has_cap, len(rows), has_cw=has_cw),
         out_specs=dh_specs,
         scratch_shapes=[pltpu.VMEM((tn, d), jnp.float32)],
         compiler_params=_params(("parallel", "arbitrary")),
@@ -260,7 +276,7 @@ def backward(hidden, weight, bias, labels, cap, rows, *, sums, threshold, interp
     dw_out = [jax.ShapeDtypeStruct((d, v), weight.dtype)]
     dw_specs = [pl.BlockSpec((d, tv), lambda j, i: (0, j))]
     scratch = [pltpu.VMEM((d, tv), jnp.float32)]
-    if has_bias:
+    for _ in range(has_bias + has_cw):  # d bias, d class weights
         dw_out.append(jax.ShapeDtypeStruct((1, v), jnp.float32))
         dw_specs.append(pl.BlockSpec((1, tv), lambda j, i: (0, j)))
         scratch.append(pltpu.VMEM((1, tv), jnp.float32))
@@ -268,11 +284,17 @@ def backward(hidden, weight, bias, labels, cap, rows, *, sums, threshold, interp
         functools.partial(_dweight_kernel, n_tok=ni, **static),
         out_shape=dw_out,
         grid=(nj, ni),
-        in_specs=_specs(tn, tv, d, has_bias, has_cap, len(rows), vocab_major=True),
+        in_specs=_specs(tn, tv, d, has_bias, has_cap, len(rows), has_cw=has_cw, vocab_major=True),
         out_specs=dw_specs,
         scratch_shapes=scratch,
         compiler_params=_params(("parallel", "arbitrary")),
         interpret=interpret,
         name="jbce_linear_ce_dweight_tpu",
     )(*args)
-    return dh[0], dw[0], dw[1] if has_bias else None, dh[1] if has_cap else None
+    return (
+        dh[0],
+        dw[0],
+        dw[1] if has_bias else None,
+        dh[1] if has_cap else None,
+        dw[-1] if has_cw else None,
+    )

@@ -360,18 +360,9 @@ def class_weighted_reference(h, w, labels, cw, kw):
     )(h, w, cw)
 
 
-@check
-def linear_pallas_kernels_under_shard_map_match_unsharded():
-    # implementation="pallas", both kernel sets in interpret mode, inside shard_map on a
-    # ("data", "vocab") = (2, 4) mesh: class weights over "vocab", the global PyTorch mean
-    # over "data" through batch_axis_name; value and d hidden, d weight, d class_weights.
-    # check_vma=False: Pallas' interpret mode evaluates the kernel with replicated block
-    # indices against varying refs, which JAX's type check refuses; compiled, the kernels
-    # take check_vma=True (tests/test_accelerators.py compiles that for H100 and TPU).
+def _linear_pallas_under_shard_map(h, w, labels, cw, mesh, kw):
+    """Both kernel sets (interpreted) in shard_map against the materialised loss, with ``kw``."""
     from jbce import _linear_pallas
-
-    h, w, labels, cw, mesh = class_weighted_case(8, 16)
-    kw = {"z_loss": 1e-3, "logit_softcap": 6.0}
 
     def local(h, w, y, c):
         return jbce.linear_softmax_cross_entropy(
@@ -396,7 +387,22 @@ def linear_pallas_kernels_under_shard_map_match_unsharded():
     for platform, blocks in (("gpu", (16, 16, 16, 16)), ("tpu", (8, 128))):
         with _linear_pallas.interpret(platform, block_sizes=blocks):
             val, *grads = jax.jit(value_and_grads)(h, w, labels, cw)
-        close((val, tuple(grads)), ref, what=platform)
+        close((val, tuple(grads)), ref, what=f"{platform} {kw}")
+
+
+@check
+def linear_pallas_kernels_under_shard_map_match_unsharded():
+    # implementation="pallas", both kernel sets in interpret mode, inside shard_map on a
+    # ("data", "vocab") = (2, 4) mesh: class weights over "vocab", the global PyTorch mean
+    # over "data" through batch_axis_name; value and d hidden, d weight, d class_weights,
+    # with class weights alone (w_y) and with label smoothing (the kernels' weighted sums,
+    # merged over "vocab").
+    # check_vma=False: Pallas' interpret mode evaluates the kernel with replicated block
+    # indices against varying refs, which JAX's type check refuses; compiled, the kernels
+    # take check_vma=True (tests/test_accelerators.py compiles that for H100 and TPU).
+    h, w, labels, cw, mesh = class_weighted_case(8, 16)
+    for kw in ({"z_loss": 1e-3, "logit_softcap": 6.0}, {"label_smoothing": 0.2, "z_loss": 1e-3}):
+        _linear_pallas_under_shard_map(h, w, labels, cw, mesh, kw)
 
 
 def _lp_objective(lp, ent):

@@ -298,7 +298,8 @@ def test_pallas_kernels_compile_for_h100_and_tpu_v5e(tmp_path):
     """implementation="pallas" value_and_grad compiles deviceless for an H100 (sm_90, the
     Triton kernels) and a TPU v5e (Mosaic) at the bench shape and at a ragged one, as three
     Pallas custom calls, no conditional, and on the H100 at most 8 kernels in all; and
-    inside ``shard_map`` (``check_vma=True``) with class weights."""
+    inside ``shard_map`` (``check_vma=True``) with class weights, alone and with label
+    smoothing (the kernels' weighted sums)."""
     python = _accel_python()
     out = tmp_path / "pallas.json"
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
@@ -323,11 +324,14 @@ def test_pallas_kernels_compile_for_h100_and_tpu_v5e(tmp_path):
         assert p["conditionals"] == 0, where
         if r["platform"] == "gpu":
             assert p["kernels"] <= acc.PALLAS_MAX_KERNELS, where
-    # Inside shard_map (check_vma=True), with class weights: the same three kernels.
+    # Inside shard_map (check_vma=True), with class weights (and label smoothing): the same
+    # three kernels.
     shard_map = json.loads(out.read_text())["shard_map"]
     assert set(shard_map) == set(acc.PLATFORMS)
-    for platform, st in shard_map.items():
-        assert st == {"pallas_calls": 3, "conditionals": 0}, platform
+    for platform, cases in shard_map.items():
+        assert set(cases) == set(acc.PALLAS_SHARD_MAP_OPTIONS), platform
+        for name, st in cases.items():
+            assert st == {"pallas_calls": 3, "conditionals": 0}, (platform, name)
 
 
 def test_pallas_block_reads_count_the_kernels_walks():

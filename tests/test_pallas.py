@@ -88,14 +88,26 @@ OPTIONS = {
     # Class weights (no label smoothing): the PyTorch mean over the kept tokens' weights.
     "class_weights": {"class_weights": CLASS_WEIGHTS, "z_loss": 1e-3, "logit_softcap": 4.0},
     "class_weights_none": {"class_weights": CLASS_WEIGHTS, "reduction": "none"},
-}
+    # With label smoothing too: the smoothing term sum_c w_c (lse - x_c) / K in the kernels.
+    "class_weights_smoothing": {
+        "class_weights": CLASS_WEIGHTS, "label_smoothing": 0.2, "z_loss": 1e-3,
+        "logit_softcap": 4.0,
+    },
+    "class_weights_smoothing_none": {
+        "class_weights": CLASS_WEIGHTS, "label_smoothing": 0.1, "reduction": "none",
+    },
+    "class_weights_smoothing_sum": {
+        "class_weights": CLASS_WEIGHTS, "label_smoothing": 0.3, "reduction": "sum",
+        "ignore_index": None,
+    },
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)
 @pytest.mark.parametrize("name", list(OPTIONS))
 def test_every_option_matches_float64_materialised_loss(platform, name):
-    h, w, b, y = make(ignore=() if name == "no_ignore_index" else (3, 11))
     opts = OPTIONS[name]
+    h, w, b, y = make(ignore=() if "ignore_index" in opts else (3, 11))
     assert_close(pallas(h, w, b, y, platform, **opts), reference(h, w, b, y, **opts), 1e-5)
 
 
@@ -220,13 +232,23 @@ def test_gradient_filter_drops_only_tiny_probabilities(platform):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
 
 
-def test_pallas_on_cpu_runs_the_tiled_loop():
+@pytest.mark.parametrize("smoothing", [0.0, 0.1], ids=["plain", "class_weights_smoothing"])
+def test_pallas_on_cpu_runs_the_tiled_loop(smoothing):
+    # With class weights and label smoothing the fallback's d class_weights (the smoothing
+    # sums' share from the tiled loop, w_y's scattered outside) is the XLA implementation's.
     h, w, b, y = make()
-    f = jax.jit(
-        lambda h, w: jbce.linear_softmax_cross_entropy(h, w, y, bias=b, implementation="pallas")
-    )
-    g = jax.jit(lambda h, w: jbce.linear_softmax_cross_entropy(h, w, y, bias=b))
-    assert_close(jax.value_and_grad(f, (0, 1))(h, w), jax.value_and_grad(g, (0, 1))(h, w), 1e-6)
+    cw = jnp.asarray(CLASS_WEIGHTS) if smoothing else None
+
+    def loss(implementation):
+        def f(h, w, c):
+            return jbce.linear_softmax_cross_entropy(
+                h, w, y, bias=b, class_weights=c, label_smoothing=smoothing,
+                implementation=implementation,
+            )  # fmt: skip
+
+        return jax.jit(jax.value_and_grad(f, (0, 1) if cw is None else (0, 1, 2)))
+
+    assert_close(loss("pallas")(h, w, cw), loss("xla")(h, w, cw), 1e-6)
 
 
 def test_residuals_are_the_inputs_and_two_floats_per_token():
@@ -251,14 +273,6 @@ def test_residuals_are_the_inputs_and_two_floats_per_token():
         ({"implementation": "pallas", "gradient_filter": -1.0}, "gradient_filter must be"),
         ({"implementation": "pallas", "gradient_filter": True}, "gradient_filter must be"),
         ({"implementation": "triton"}, "implementation must be"),
-        (
-            {
-                "implementation": "pallas",
-                "class_weights": np.ones(300, np.float32),
-                "label_smoothing": 0.1,
-            },
-            "class_weights with label smoothing are not supported",
-        ),
     ],
 )
 def test_bad_options_name_the_argument(opts, match):
@@ -307,24 +321,31 @@ def test_vocabulary_parallel_under_vmap_matches_unsharded(platform):
     assert_close(db.reshape(v)[fin], gb[fin], 1e-5)
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.2], ids=["w_y_only", "smoothing"])
 @pytest.mark.parametrize("platform", PLATFORMS)
-def test_class_weights_gradient_unsharded_and_vocabulary_parallel(platform):
-    # d class_weights (taken outside the kernels) against the float64 materialised loss, on
-    # one device and with the classes over 3 shards (vmap with an axis name).
+def test_class_weights_gradient_unsharded_and_vocabulary_parallel(platform, smoothing):
+    # d class_weights against the float64 materialised loss, on one device and with the
+    # classes over 3 shards (vmap with an axis name): through w_y alone (taken outside the
+    # kernels), and with label smoothing through the kernels' weighted sums too. Class 5 is
+    # removed by a -inf bias (its weight gets no smoothing gradient).
     shards, v = 3, 150
     h, w, b, y = make(v=v)
+    b = b.at[5].set(-jnp.inf)
+    y = jnp.where(y == 5, 0, y)
     cw = jnp.linspace(0.5, 2.0, v, dtype=jnp.float32)
+    opts = {"label_smoothing": smoothing, "logit_softcap": 3.0} if smoothing else {}
 
     def ref(cw):
         logits = jnp.asarray(h, F64) @ jnp.asarray(w, F64) + jnp.asarray(b, F64)[None, :]
-        return jbce.softmax_cross_entropy_with_integer_labels(logits, y, class_weights=cw)
+        return jbce.softmax_cross_entropy_with_integer_labels(logits, y, class_weights=cw, **opts)
 
     want_v, want_g = jax.value_and_grad(ref)(jnp.asarray(cw, F64))
 
     def fused(cw, w=w, b=b, axis_name=None):
         return jbce.linear_softmax_cross_entropy(
-            h, w, y, bias=b, class_weights=cw, axis_name=axis_name, implementation="pallas"
-        )
+            h, w, y, bias=b, class_weights=cw, axis_name=axis_name, implementation="pallas",
+            **opts,
+        )  # fmt: skip
 
     d = h.shape[1]
     w_sh = jnp.moveaxis(w.reshape(d, shards, v // shards), 1, 0)
