@@ -150,6 +150,34 @@ def test_sizes_below_and_at_one_block(platform):
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)
+def test_overlapping_last_blocks_are_summed_once(platform):
+    # 17 tokens and 65 classes: the last token block (16) and class block (64) are moved
+    # back to overlap their predecessor in all but one row / column; no gradient (d hidden,
+    # d weight, d bias, d class weights, d softcap) may count the overlap twice.
+    h, w, b, y = make(17, 32, 65, ignore=(2,))
+    cw = np.linspace(0.5, 2.0, 65, dtype=np.float32)
+    opts = dict(label_smoothing=0.1)
+
+    def fused(h, w, b, cw, cap):
+        out = jbce.linear_softmax_cross_entropy(
+            h, w, y, bias=b, class_weights=cw, logit_softcap=cap, implementation="pallas",
+            **opts,
+        )  # fmt: skip
+        return jnp.sum(out)
+
+    def materialised(h, w, b, cw, cap):
+        out = jbce.softmax_cross_entropy_with_integer_labels(
+            h @ w + b[None, :], y, class_weights=cw, logit_softcap=cap, **opts
+        )
+        return jnp.sum(out)
+
+    with _linear_pallas.interpret(platform, block_sizes=BLOCKS[platform]):
+        got = jax.jit(jax.value_and_grad(fused, range(5)))(h, w, b, cw, jnp.float32(3.0))
+    args = (jnp.asarray(a, F64) for a in (h, w, b, cw, 3.0))
+    assert_close(got, jax.value_and_grad(materialised, range(5))(*args), 1e-5)
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
 def test_all_ignored_tokens_give_zero_loss_and_gradient(platform):
     h, w, b, _ = make()
     y = jnp.full((37,), -100, jnp.int32)
