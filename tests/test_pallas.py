@@ -120,10 +120,13 @@ def test_without_bias_and_with_batch_axes(platform):
     assert_close((got[0], got[1][0].reshape(h.shape), got[1][1]), want, 1e-5)
 
 
+@pytest.mark.parametrize("class_weights", [False, True], ids=["plain", "class_weights"])
 @pytest.mark.parametrize("platform", PLATFORMS)
-def test_bfloat16_inputs_within_1e_2(platform):
+def test_bfloat16_inputs_within_1e_2(platform, class_weights):
     h, w, b, y = make(dtype=jnp.bfloat16)
     opts = {"label_smoothing": 0.1, "logit_softcap": 5.0}
+    if class_weights:  # the weighted smoothing sums' extra kernel operand, from bfloat16
+        opts["class_weights"] = jnp.asarray(CLASS_WEIGHTS, jnp.bfloat16)
     got = pallas(h, w, b, y, platform, **opts)
     assert all(g.dtype == jnp.bfloat16 for g in got[1])
     assert_close(got, reference(h, w, b, y, **opts), 1e-2)
