@@ -79,3 +79,22 @@ def test_script_entry_point_runs_from_the_repository_root():
     )
     assert proc.returncode == 0, proc.stderr
     assert "--quick" in proc.stdout and "--markdown" in proc.stdout
+
+
+def test_hardware_script_for_the_fused_loss_times_every_implementation(tmp_path):
+    # The prepared script a lent GPU runs (bench/pallas_hardware.py); here its smoke run,
+    # where "pallas" is the XLA tiled loop (no compiled Pallas on CPU).
+    from bench import pallas_hardware
+
+    out = tmp_path / "hw.json"
+    assert pallas_hardware.main(["--quick", "--budget-s", "0.2", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    rows = doc["rows"]
+    assert {(r["dtype"], r["impl"]) for r in rows} == {
+        (dt, impl) for dt in ("float32", "bfloat16") for impl in pallas_hardware.IMPLS
+    }
+    for r in rows:
+        assert r["median_s"] > 0 and r["temp_bytes"] >= 0, r
+        tol = 1e-5 if r["dtype"] == "float32" else 2e-2
+        assert r["rel_err_vs_optax_f32"] < tol, r
+    assert doc["precision"] == "highest" and doc["platform"] == "cpu"
