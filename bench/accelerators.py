@@ -1403,20 +1403,10 @@ def pallas_report(
     ``compare``) the XLA tiled loop and optax's materialised loss at the bench shape (the
     first) beside it."""
     import jax
-    import jax.numpy as jnp
-    import optax
 
-    import jbce
+    from bench.pallas_hardware import losses  # the implementations the hardware run times
 
-    impls = {
-        "pallas": lambda h, w, y: jbce.linear_softmax_cross_entropy(
-            h, w, y, implementation="pallas"
-        ),
-        "xla": lambda h, w, y: jbce.linear_softmax_cross_entropy(h, w, y, implementation="xla"),
-        "optax": lambda h, w, y: optax.losses.softmax_cross_entropy_with_integer_labels(
-            jnp.matmul(h, w), y
-        ).mean(),
-    }
+    impls = losses()
     shapes = PALLAS_QUICK_SHAPES if quick else PALLAS_SHAPES
     rows = []
     for k, (name, (n, d, v)) in enumerate(shapes.items()):
