@@ -81,9 +81,12 @@ def pytest_unconfigure(config):
         shutil.rmtree(os.environ.pop(_once.RUN_DIR), ignore_errors=True)
 
 
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection: only the tests that will run
 def pytest_collection_modifyitems(config, items):
     # The 8-device checks (tests/test_parallel.py's ``eight_devices`` fixture): started as
     # soon as a worker knows a test needs them; the workers run other tests meanwhile.
+    if config.option.collectonly:
+        return
     if any("eight_devices" in getattr(item, "fixturenames", ()) for item in items):
         _once.start(
             "eight_devices",
