@@ -1368,8 +1368,8 @@ def pallas_block_reads(platform: str, n: int, d: int, v: int, itemsize: int) -> 
     kernels read ``weight`` once per token block, d weight ``hidden`` once per vocabulary
     block. Caches are not modelled: an upper bound on what reaches HBM.
     """
-    from jbce import _linear_pallas_gpu as gpu
-    from jbce import _linear_pallas_tpu as tpu
+    from jbce._linear import pallas_mosaic_tpu as tpu
+    from jbce._linear import pallas_triton as gpu
 
     W, H = d * v * itemsize, n * d * itemsize
     if platform == "gpu":

@@ -466,7 +466,7 @@ RESIDUAL_CASES = {
 }
 
 
-CORES = ("_forward.py", "_stats.py", "_softmax_xla.py", "_softmax_terms.py", "_binary.py")
+CORES = ("autodiff.py", "_stats.py", "_softmax_xla.py", "_softmax_terms.py", "_binary.py")
 
 
 @pytest.mark.parametrize("name", sorted(RESIDUAL_CASES))

@@ -627,7 +627,7 @@ def test_float32_extreme_logits_within_a_few_ulps_of_float64(target, implementat
 
 
 def test_row_pieces_cut_long_rows_into_equal_pieces_xla_gpu_reduces_in_one_kernel():
-    from jbce._stats import GPU_ROW_BOUND, row_pieces
+    from jbce._softmax.stats import GPU_ROW_BOUND, row_pieces
 
     assert row_pieces(GPU_ROW_BOUND) == 1 and row_pieces(1000) == 1
     assert row_pieces(32768) == 2 and row_pieces(40000) == 4 and row_pieces(128256) == 8

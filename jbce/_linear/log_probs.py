@@ -2,8 +2,8 @@
 
 What policy-gradient objectives (PPO, GRPO) need of a language model's head, without the
 ``[N, V]`` logits: this API validates the arguments and assembles both outputs from per-token
-statistics (:mod:`jbce._entropy_stats`) computed by the tiled loop that
-:func:`jbce.linear_softmax_cross_entropy` uses (:mod:`jbce._linear_xla`).
+statistics (:mod:`jbce._softmax.entropy_stats`) computed by the tiled loop that
+:func:`jbce.linear_softmax_cross_entropy` uses (:mod:`jbce._linear.chunked_xla`).
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from jbce import _checks, _entropy_stats, _forward
-from jbce._dtypes import compute_dtype
-from jbce._linear import check_chunk_size, linear_operands
-from jbce._linear_xla import linear_entropy_stats, tile_sizes
+from jbce._core import autodiff, checks
+from jbce._core.dtypes import compute_dtype
+from jbce._linear.api import check_chunk_size, linear_operands
+from jbce._linear.chunked_xla import linear_entropy_stats, tile_sizes
+from jbce._softmax import entropy_stats as _entropy_stats
 
 
 def linear_log_probs(
@@ -96,16 +97,16 @@ def linear_log_probs(
     """
     hidden, weight, labels, bias, bshape = linear_operands(hidden, weight, labels, bias)
     check_chunk_size(chunk_size)
-    t = _checks.hyperparameter("temperature", temperature, low=0.0, low_open=True)
+    t = checks.hyperparameter("temperature", temperature, low=0.0, low_open=True)
     dt = compute_dtype(hidden, weight, bias, t)
     (n, _), v = hidden.shape, weight.shape[1]
     num_classes = v if axis_name is None else v * lax.axis_size(axis_name)
-    _checks.debug_check_labels("labels", labels, num_classes, None)
+    checks.debug_check_labels("labels", labels, num_classes, None)
     if n == 0:
         return jnp.zeros(bshape, dt), jnp.zeros(bshape, dt)
     tn, tv = tile_sizes(n, v, chunk_size)
     temp = None if isinstance(t, (int, float)) and t == 1 else jnp.asarray(t, dt)
-    with _forward.reverse_only("linear_log_probs"):
+    with autodiff.reverse_only("linear_log_probs"):
         st = linear_entropy_stats(
             hidden, weight, bias, labels.reshape(n), temp, dt, tn, tv, axis_name
         )

@@ -13,7 +13,7 @@ def xmul(a: jax.Array, b: jax.Array) -> jax.Array:
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from jbce._math import xmul
+      >>> from jbce._core.math import xmul
       >>> xmul(jnp.array([0.0, 2.0]), jnp.array([-jnp.inf, 3.0]))
       Array([0., 6.], dtype=float32)
     """

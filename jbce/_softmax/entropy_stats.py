@@ -2,7 +2,7 @@ r"""Per-row statistics of a softmax's log-probability of the label and its entro
 
 The few numbers per row behind :func:`jbce.linear_log_probs`, for a row of logits
 :math:`x` over its included classes :math:`C` (not ``-inf``, not masked out) and label
-:math:`y`: the shift, shifted log-sum-exp and target logit of :mod:`jbce._stats`, plus the
+:math:`y`: the shift, shifted log-sum-exp and target logit of :mod:`jbce._softmax.stats`, plus the
 softmax mean of the shifted logits,
 
 .. math::
@@ -46,7 +46,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jbce import _stats
+from jbce._softmax import stats as _stats
 
 
 class EntropyStats(NamedTuple):
@@ -76,7 +76,7 @@ def _col(v: jax.Array) -> jax.Array:
 
 
 def _probs(x: jax.Array, shift: jax.Array, lse: jax.Array) -> jax.Array:
-    """The softmax ``exp(x - m) exp(-l)`` (as :func:`jbce._stats.logits_grad` evaluates it);
+    """The softmax ``exp(x - m) exp(-l)`` (as :func:`jbce._softmax.stats.logits_grad` evaluates it);
     0 in a row without classes."""
     lse = jnp.where(lse == -jnp.inf, jnp.zeros((), lse.dtype), lse)
     return jnp.exp(x - _col(shift)) * _col(jnp.exp(-lse))

@@ -1,9 +1,9 @@
 """Softmax cross-entropy with probability targets and with integer class labels: the API.
 
 Validates the arguments, lays the logits out with the classes last, and builds the loss
-from per-row softmax statistics (:mod:`jbce._stats`) computed by the implementation in
-:mod:`jbce._softmax_xla` (plain XLA, every platform). Weights, masks and reductions are
-applied by :mod:`jbce._reduce`.
+from per-row softmax statistics (:mod:`jbce._softmax.stats`) computed by the implementation in
+:mod:`jbce._softmax.xla` (plain XLA, every platform). Weights, masks and reductions are
+applied by :mod:`jbce._core.reduce`.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jbce import _checks, _stats
-from jbce._dtypes import compute_dtype
-from jbce._reduce import reduce_loss
-from jbce._softmax_xla import softmax_stats
-from jbce._vma import pvary_like
+from jbce._core import checks
+from jbce._core.dtypes import compute_dtype
+from jbce._core.reduce import reduce_loss
+from jbce._core.sharding import pvary_like
+from jbce._softmax import stats as _stats
+from jbce._softmax.xla import softmax_stats
 
 
 # --- layout: move the class axes last and flatten them -----------------------------------------
@@ -40,21 +41,21 @@ def split_where(where, shape, axes, bshape):
     """(per-logit mask in row layout or None, per-example mask or None)."""
     if where is None:
         return None, None
-    where = _checks.as_array("where", where).astype(bool)
+    where = checks.as_array("where", where).astype(bool)
     if where.ndim == len(shape) and len(shape) > len(bshape):
-        _checks.check_broadcastable("where", where, "logits", shape)
+        checks.check_broadcastable("where", where, "logits", shape)
         return to_rows(jnp.broadcast_to(where, shape), axes), None
-    _checks.check_broadcastable("where", where, "the logits' batch shape", bshape)
+    checks.check_broadcastable("where", where, "the logits' batch shape", bshape)
     return None, jnp.broadcast_to(where, bshape)
 
 
 def _options(label_smoothing, z_loss=0.0, logit_softcap=None):
-    """The scalar options, range-checked (:func:`jbce._checks.hyperparameter`)."""
-    e = _checks.hyperparameter("label_smoothing", label_smoothing, low=0.0, high=1.0)
-    z = _checks.hyperparameter("z_loss", z_loss, low=0.0)
+    """The scalar options, range-checked (:func:`jbce._core.checks.hyperparameter`)."""
+    e = checks.hyperparameter("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    z = checks.hyperparameter("z_loss", z_loss, low=0.0)
     cap = None
     if logit_softcap is not None:
-        cap = _checks.hyperparameter("logit_softcap", logit_softcap, low=0.0, low_open=True)
+        cap = checks.hyperparameter("logit_softcap", logit_softcap, low=0.0, low_open=True)
     return e, z, cap
 
 
@@ -131,25 +132,25 @@ def softmax_cross_entropy_with_integer_labels(
       >>> jbce.softmax_cross_entropy_with_integer_labels(logits, jnp.array([0, -100]))
       Array(0.126928..., dtype=float32)
     """
-    logits, labels, axes, _, bshape = _checks.with_integer_labels("logits", logits, labels, axis)
-    _checks.check_reduction(reduction)
+    logits, labels, axes, _, bshape = checks.with_integer_labels("logits", logits, labels, axis)
+    checks.check_reduction(reduction)
     _check_implementation(implementation)
-    ignore_index = _checks.check_ignore_index(ignore_index)
+    ignore_index = checks.check_ignore_index(ignore_index)
     e, z, cap = _options(label_smoothing, z_loss, logit_softcap)
     dt = compute_dtype(logits, weights, class_weights, e, z, cap)
     logit_mask, rows = split_where(where, logits.shape, axes, bshape)
     x = to_rows(logits, axes)
     k = x.shape[-1]
     num_classes = k if axis_name is None else k * jax.lax.axis_size(axis_name)
-    weights, cw, kept = _checks.integer_label_options(
+    weights, cw, kept = checks.integer_label_options(
         labels, bshape, k, weights=weights, class_weights=class_weights,
         ignore_index=ignore_index, num_classes=num_classes, dtype=dt,
     )  # fmt: skip
     cw = None if cw is None else pvary_like(cw, x)
-    rows = _checks.both(rows, kept)
+    rows = checks.both(rows, kept)
     st = softmax_stats(
         x, labels, cw, logit_mask, _scalar(cap, dt), rows, dt,
-        not _checks.is_zero(e), False, axis_name, implementation,
+        not checks.is_zero(e), False, axis_name, implementation,
         loss_name="softmax_cross_entropy_with_integer_labels",
     )  # fmt: skip
     loss, has = _stats.loss_terms(
@@ -160,7 +161,7 @@ def softmax_cross_entropy_with_integer_labels(
         loss,
         reduction=reduction,
         weights=weights,
-        where=_checks.both(rows, has),
+        where=checks.both(rows, has),
         denominator_weights=None if cw is None else st.target_weight,
         normalizer=normalizer,
         batch_axis_name=batch_axis_name,
@@ -229,10 +230,10 @@ def softmax_cross_entropy(
       >>> jbce.softmax_cross_entropy(jnp.array([[2.0, 0.0]]), jnp.array([[0.75, 0.25]]))
       Array(0.626928..., dtype=float32)
     """
-    logits, axes, _ = _checks.class_axes("logits", logits, axis)
-    labels = _checks.as_array("labels", labels)
-    _checks.check_shape("labels", labels, logits.shape, f"to match logits {logits.shape}")
-    _checks.check_reduction(reduction)
+    logits, axes, _ = checks.class_axes("logits", logits, axis)
+    labels = checks.as_array("labels", labels)
+    checks.check_shape("labels", labels, logits.shape, f"to match logits {logits.shape}")
+    checks.check_reduction(reduction)
     _check_implementation(implementation)
     e, _, _ = _options(label_smoothing)
     bshape = batch_shape(logits.shape, axes)
@@ -243,16 +244,16 @@ def softmax_cross_entropy(
     if not jnp.issubdtype(labels.dtype, jnp.floating):
         labels = labels.astype(dt)
     y = to_rows(labels, axes)
-    _checks.debug_check_unit_interval("labels", y)
+    checks.debug_check_unit_interval("labels", y)
     if weights is not None:
-        _checks.check_broadcastable("weights", weights, "the logits' batch shape", bshape)
-        weights = _checks.as_array("weights", weights).astype(dt)
-    if not _checks.is_zero(e):
+        checks.check_broadcastable("weights", weights, "the logits' batch shape", bshape)
+        weights = checks.as_array("weights", weights).astype(dt)
+    if not checks.is_zero(e):
         inc = _stats.included(x, logit_mask)
         k = jnp.maximum(jnp.sum(inc, axis=-1, keepdims=True), 1).astype(dt)
         y = jnp.where(inc, y.astype(dt) * (1 - e) + e / k, y.astype(dt))
     if logit_mask is not None:
-        rows = _checks.both(rows, jnp.any(logit_mask, axis=-1))
+        rows = checks.both(rows, jnp.any(logit_mask, axis=-1))
     y = pvary_like(y, x)
     st = softmax_stats(x, None, y, logit_mask, None, rows, dt, True, True, None, implementation)
     return reduce_loss(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import jax
 from jax.typing import ArrayLike
 
-from jbce import _checks
-from jbce._binary import sigmoid_binary_cross_entropy
+from jbce._binary.api import sigmoid_binary_cross_entropy
+from jbce._core import checks
 
 
 def discriminator_loss(
@@ -42,8 +42,8 @@ def discriminator_loss(
       >>> jbce.discriminator_loss(jnp.array([0.0]), jnp.array([0.0]))
       Array(1.386294..., dtype=float32)
     """
-    _checks.check_float("real_logits", real_logits)
-    _checks.check_float("fake_logits", fake_logits)
+    checks.check_float("real_logits", real_logits)
+    checks.check_float("fake_logits", fake_logits)
     real = sigmoid_binary_cross_entropy(real_logits, 1.0, batch_axis_name=batch_axis_name)
     fake = sigmoid_binary_cross_entropy(fake_logits, 0.0, batch_axis_name=batch_axis_name)
     return real + fake
@@ -73,5 +73,5 @@ def generator_loss(
       >>> jbce.generator_loss(jnp.array([0.0]))
       Array(0.693147..., dtype=float32)
     """
-    _checks.check_float("fake_logits", fake_logits)
+    checks.check_float("fake_logits", fake_logits)
     return sigmoid_binary_cross_entropy(fake_logits, 1.0, batch_axis_name=batch_axis_name)

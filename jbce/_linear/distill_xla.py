@@ -6,13 +6,13 @@ student's tile :math:`z = (h W + b) / T` (log-probabilities :math:`\log Q`) and 
 built from each token's two softmax normalisers and a few per-token sums:
 
 - Forward, token-major: a scan over blocks of tokens; for each block, pass 1 walks its
-  vocabulary chunks keeping an online log-sum-exp of both models (:func:`jbce._stats.merge`;
-  under ``axis_name`` combined over the shards with :func:`jbce._stats.combine_over_axis`),
+  vocabulary chunks keeping an online log-sum-exp of both models (:func:`jbce._softmax.stats.merge`;
+  under ``axis_name`` combined over the shards with :func:`jbce._softmax.stats.combine_over_axis`),
   pass 2 walks them again summing the divergence terms given both normalisers (one
   ``psum`` under ``axis_name``). By default a block holds whole vocabulary rows (one tile of
   at most 2**23 logits per model), so both passes read the same tile: each model's logits
   are computed once in the forward pass.
-- Backward, vocabulary-major (as :mod:`jbce._linear_xla`): the same walk over
+- Backward, vocabulary-major (as :mod:`jbce._linear.chunked_xla`): the same walk over
   ``[token_chunk, vocab_chunk]`` tiles recomputes both models' tiles, turns them into
   ``d z`` and ``d y`` from the saved per-token statistics, accumulates ``d hidden`` and
   ``d bias`` and writes each ``d weight`` chunk once. Only the gradients of the inputs that
@@ -35,15 +35,16 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jbce import _stats, _vma
-from jbce._forward import first_order_only
-
-# The chunk arithmetic of the fused cross-entropy, shared as is.
-from jbce._linear_xla import chunk_start, num_chunks
+from jbce._core import sharding
+from jbce._core.autodiff import first_order_only
 
 # The numerically careful pieces of the materialised JSD, so that both compute the same
 # numbers: d = log Q - log P, 0 * inf = 0, and g * d with an exact 0 for an unused row.
-from jbce._math import log_ratio, xmul
+from jbce._core.math import log_ratio, xmul
+
+# The chunk arithmetic of the fused cross-entropy, shared as is.
+from jbce._linear.chunked_xla import chunk_start, num_chunks
+from jbce._softmax import stats as _stats
 
 # Logits per model in one tile when a chunk is picked automatically: on CPU 2**23 (32 MiB in
 # float32 per model), elsewhere 2**25, so that an accelerator runs a few large tiles (each
@@ -138,7 +139,7 @@ def _log_probs(x, st):
 
 def _mixture_logs(d, beta):
     r"""(log P - log M, log Q - log M) from d = log Q - log P, bit for bit the numbers of
-    :func:`jbce._softmax_terms._mixture_logs` (``-log1p((1 - beta) expm1(d))`` for d <= 0,
+    :func:`jbce._softmax.terms._mixture_logs` (``-log1p((1 - beta) expm1(d))`` for d <= 0,
     ``-d - log1p(beta expm1(-d))`` above) with one ``expm1`` and one ``log1p`` per class
     instead of one of each per branch: both branches read ``expm1(-|d|)``."""
     neg = d <= 0
@@ -273,7 +274,7 @@ def forward_rows(args, mode, dtype, tn, tv, axis_name):
     h, w, b, ht, wt, bt, beta, temperature = args
     n, v = h.shape[0], w.shape[1]
     count = num_chunks(v, tv)
-    vary = _vma.varying_like(*args)
+    vary = sharding.varying_like(*args)
 
     def block(r0):
         hs = lax.dynamic_slice_in_dim(h, r0, tn, 0) if tn != n else h
@@ -312,7 +313,7 @@ def forward_rows(args, mode, dtype, tn, tv, axis_name):
             def pass2(j, acc):
                 return tuple(a + s for a, s in zip(acc, sums_of(*tiles(j))))
 
-            zero = vary(_vma.varying_like(sz.lse, sy.lse)(jnp.zeros((tn,), dtype)))
+            zero = vary(sharding.varying_like(sz.lse, sy.lse)(jnp.zeros((tn,), dtype)))
             sums = lax.fori_loop(0, count, pass2, (zero,) * len(SUMS[mode]))
         if axis_name is not None:
             sums = lax.psum(sums, axis_name)
@@ -371,7 +372,7 @@ def _distillation_rows_bwd(mode, dtype, tiles, axis_name, res, g):
     # Differentiating this backward pass again gives wrong numbers (not derived for it):
     # second derivatives raise.
     return tuple(
-        None if ct is None else _SECOND_ORDER(_vma.psum_to_like(ct.astype(a.dtype), a))
+        None if ct is None else _SECOND_ORDER(sharding.psum_to_like(ct.astype(a.dtype), a))
         for ct, a in zip(grads, args)
     )
 
@@ -394,7 +395,7 @@ def backward(args, rows, g, want, mode, dtype, tn, tv):
     want_h, want_w, want_b, want_ht, want_wt, want_bt, want_beta, want_t = want
     want_b, want_bt = want_b and b is not None, want_bt and bt is not None
     student, teacher = want_h or want_w or want_b, want_ht or want_wt or want_bt
-    vary = _vma.varying_like(*args, g, lz, ly)
+    vary = sharding.varying_like(*args, g, lz, ly)
     count = num_chunks(n, tn)
     repeated = count > 1 and n % tn != 0
 

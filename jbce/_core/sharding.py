@@ -23,7 +23,7 @@ def psum_to_like(ct: jax.Array, like: jax.Array) -> jax.Array:
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from jbce._vma import psum_to_like
+      >>> from jbce._core.sharding import psum_to_like
       >>> psum_to_like(jnp.ones(3), jnp.zeros(3))
       Array([1., 1., 1.], dtype=float32)
     """
@@ -37,7 +37,7 @@ def pvary_like(x: jax.Array, like: jax.Array) -> jax.Array:
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from jbce._vma import pvary_like
+      >>> from jbce._core.sharding import pvary_like
       >>> pvary_like(jnp.zeros(2), jnp.ones(3))
       Array([0., 0.], dtype=float32)
     """

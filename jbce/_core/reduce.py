@@ -20,7 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jbce._checks import check_reduction, hyperparameter
+from jbce._core.checks import check_reduction, hyperparameter
 
 
 def apply_mask(values: jax.Array, mask: jax.Array | None) -> jax.Array:

@@ -2,7 +2,7 @@
 
 Distilling a language model compares two ``[N, V]`` softmaxes, twice the memory of a fused
 cross-entropy's logits. This API validates the arguments and reduces the per-token
-divergences computed by the tiled implementation in :mod:`jbce._linear_distill_xla`, which
+divergences computed by the tiled implementation in :mod:`jbce._linear.distill_xla`, which
 uses the same formulas as :func:`jbce.jensen_shannon_divergence` (so every option means
 exactly what it means there).
 """
@@ -15,11 +15,11 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jbce import _checks, _forward
-from jbce._dtypes import compute_dtype
-from jbce._linear import check_chunk_size, hidden_and_weight
-from jbce._linear_distill_xla import distillation_rows, tile_sizes
-from jbce._reduce import reduce_loss
+from jbce._core import autodiff, checks
+from jbce._core.dtypes import compute_dtype
+from jbce._core.reduce import reduce_loss
+from jbce._linear.api import check_chunk_size, hidden_and_weight
+from jbce._linear.distill_xla import distillation_rows, tile_sizes
 
 IMPLEMENTATIONS = ("xla",)
 
@@ -131,11 +131,11 @@ def linear_distillation_loss(
       [(2, 2), (2, 3)]
     """
     hidden, weight, bshape = hidden_and_weight(hidden, weight)
-    teacher_hidden = _checks.as_array("teacher_hidden", teacher_hidden)
-    teacher_weight = _checks.as_array("teacher_weight", teacher_weight)
-    _checks.check_float("teacher_hidden", teacher_hidden)
-    _checks.check_float("teacher_weight", teacher_weight)
-    _checks.check_reduction(reduction)
+    teacher_hidden = checks.as_array("teacher_hidden", teacher_hidden)
+    teacher_weight = checks.as_array("teacher_weight", teacher_weight)
+    checks.check_float("teacher_hidden", teacher_hidden)
+    checks.check_float("teacher_weight", teacher_weight)
+    checks.check_reduction(reduction)
     d, v = weight.shape
     if teacher_hidden.ndim != hidden.ndim or teacher_hidden.shape[:-1] != bshape:
         raise ValueError(
@@ -143,32 +143,32 @@ def linear_distillation_loss(
             f"{hidden.shape} without D; got {teacher_hidden.shape}"
         )
     dt_ = teacher_hidden.shape[-1]
-    _checks.check_shape(
+    checks.check_shape(
         "teacher_weight", teacher_weight, (dt_, v),
         f"to match teacher_hidden {teacher_hidden.shape} and weight {weight.shape}",
     )  # fmt: skip
     for name, bb in (("bias", bias), ("teacher_bias", teacher_bias)):
         if bb is not None:
-            bb = _checks.as_array(name, bb)
-            _checks.check_float(name, bb)
-            _checks.check_shape(name, bb, (v,), f"to match weight {weight.shape}")
-    bias = None if bias is None else _checks.as_array("bias", bias)
-    teacher_bias = None if teacher_bias is None else _checks.as_array("teacher_bias", teacher_bias)
+            bb = checks.as_array(name, bb)
+            checks.check_float(name, bb)
+            checks.check_shape(name, bb, (v,), f"to match weight {weight.shape}")
+    bias = None if bias is None else checks.as_array("bias", bias)
+    teacher_bias = None if teacher_bias is None else checks.as_array("teacher_bias", teacher_bias)
     check_chunk_size(chunk_size)
-    ignore_index = _checks.check_ignore_index(ignore_index)
+    ignore_index = checks.check_ignore_index(ignore_index)
     rows = None
     if labels is not None:
-        labels = _checks.integer_labels("labels", labels)
-        _checks.check_shape("labels", labels, bshape, f"to match hidden {hidden.shape} without D")
+        labels = checks.integer_labels("labels", labels)
+        checks.check_shape("labels", labels, bshape, f"to match hidden {hidden.shape} without D")
         if ignore_index is not None:
             rows = labels != ignore_index
-    b = _checks.hyperparameter("beta", beta, low=0.0, high=1.0)
-    temp = _checks.hyperparameter("temperature", temperature, low=0.0, low_open=True)
+    b = checks.hyperparameter("beta", beta, low=0.0, high=1.0)
+    temp = checks.hyperparameter("temperature", temperature, low=0.0, low_open=True)
     dt = compute_dtype(hidden, weight, teacher_hidden, teacher_weight, bias, teacher_bias,
                        weights, b, temp)  # fmt: skip
     if weights is not None:
-        _checks.check_broadcastable("weights", weights, "hidden's batch shape", bshape)
-        weights = _checks.as_array("weights", weights).astype(dt)
+        checks.check_broadcastable("weights", weights, "hidden's batch shape", bshape)
+        weights = checks.as_array("weights", weights).astype(dt)
     if isinstance(b, jax.Array):
         mode = "traced"
     else:
@@ -179,7 +179,7 @@ def linear_distillation_loss(
         loss = jnp.zeros(bshape, dt)
         return reduce_loss(loss, reduction=reduction, weights=weights, where=rows, **glob)
     tiles = (tile_sizes(n, v, chunk_size), tile_sizes(n, v, chunk_size, accelerator=True))
-    with _forward.reverse_only("linear_distillation_loss"):
+    with autodiff.reverse_only("linear_distillation_loss"):
         loss = distillation_rows(
             hidden.reshape(n, d), weight, bias, teacher_hidden.reshape(n, dt_), teacher_weight,
             teacher_bias, jnp.asarray(b, dt), jnp.asarray(temp, dt), mode, dt, tiles, axis_name,

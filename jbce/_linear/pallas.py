@@ -1,12 +1,12 @@
 """Fused linear + softmax statistics as Pallas kernels: the logits tiles never leave the chip.
 
 ``implementation="pallas"`` of :func:`jbce.linear_softmax_cross_entropy`. The kernels
-compute the same per-token :class:`jbce._stats.Stats` as the XLA tiled loop
-(:mod:`jbce._linear_xla`), so the loss is assembled from them by the same code and every
+compute the same per-token :class:`jbce._softmax.stats.Stats` as the XLA tiled loop
+(:mod:`jbce._linear.chunked_xla`), so the loss is assembled from them by the same code and every
 option means the same thing; only where the ``[token_block, vocab_block]`` tiles live
-differs: in registers / shared memory (GPU, :mod:`jbce._linear_pallas_gpu`, the Triton
-lowering) or VMEM (TPU, :mod:`jbce._linear_pallas_tpu`, Mosaic), never in HBM. The tile math
-both share is :mod:`jbce._linear_pallas_tiles`.
+differs: in registers / shared memory (GPU, :mod:`jbce._linear.pallas_triton`, the Triton
+lowering) or VMEM (TPU, :mod:`jbce._linear.pallas_mosaic_tpu`, Mosaic), never in HBM. The tile math
+both share is :mod:`jbce._linear.pallas_tiles`.
 
 The kernel is picked when the program is lowered (:func:`jax.lax.platform_dependent`):
 the GPU kernel on CUDA, the TPU kernel on TPU, and elsewhere (CPU) the XLA tiled loop, as
@@ -27,9 +27,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jbce import _linear_pallas_gpu as gpu
-from jbce import _linear_pallas_tpu as tpu
-from jbce import _linear_xla, _stats, _vma
+from jbce._core import sharding
+from jbce._linear import chunked_xla
+from jbce._linear import pallas_mosaic_tpu as tpu
+from jbce._linear import pallas_triton as gpu
+from jbce._softmax import stats as _stats
 
 PLATFORMS = ("gpu", "tpu")
 _INTERPRET: contextvars.ContextVar[tuple | None] = contextvars.ContextVar(
@@ -114,10 +116,10 @@ def _xla(hidden, weight, bias, labels, cap, cw, rows, sums):
     """The XLA tiled loop's statistics as a function of (hidden, weight, bias, cap, class
     weights), and those arguments from the kernels' layout."""
     n, v = hidden.shape[0], weight.shape[1]
-    tn, tv = _linear_xla.tile_sizes(n, v, None)
+    tn, tv = chunked_xla.tile_sizes(n, v, None)
 
     def stats(h, w, b, c, k):
-        return _linear_xla.linear_stats(
+        return chunked_xla.linear_stats(
             h, w, b, labels, k, c, rows, jnp.float32, tn, tv, sums, None
         )
 
@@ -167,13 +169,13 @@ def _operands(hidden, weight, bias, labels, cap, class_weights):
         None if cap is None else jnp.asarray(cap, jnp.float32).reshape(1, 1),
         None if class_weights is None else class_weights.reshape(1, -1).astype(jnp.float32),
     )
-    vary = _vma.varying_like(*ops)
+    vary = sharding.varying_like(*ops)
     return tuple(None if a is None else vary(a) for a in ops)
 
 
 def _label_weights(y, class_weights):
     """``w_y`` per token from this shard's classes (0 for a label outside them, e.g.
-    ``ignore_index``): the :class:`jbce._stats.Stats` field ``target_weight``, taken outside
+    ``ignore_index``): the :class:`jbce._softmax.stats.Stats` field ``target_weight``, taken outside
     the kernels (a gather of N weights; its gradient a scatter-add onto the labels'
     classes). With label smoothing the class weights also enter the smoothing sums
     ``logit_sum`` and ``weight_sum``, which the kernels compute (:func:`linear_stats`)."""
@@ -199,14 +201,14 @@ def _summed_weights(class_weights, sums):
 def linear_stats(
     hidden, weight, bias, labels, class_weights, cap, rows, sums, threshold, axis_name, interpret
 ):
-    """Per-token :class:`jbce._stats.Stats` (float32) of ``hidden @ weight + bias``
+    """Per-token :class:`jbce._softmax.stats.Stats` (float32) of ``hidden @ weight + bias``
     (``[N, D]``, ``[D, V]``, ``[V]``), with ``class_weights`` ``[V]`` or None; ``rows``
     (``[N]`` bool or None) are the tokens the loss uses (the others get zero gradient);
     ``sums``: also ``logit_sum``, ``weight_sum`` and ``count`` (label smoothing), weighted by
     ``class_weights``; ``threshold``: gradient filtering (None: off); ``interpret``: None
     (compiled kernels, picked per platform) or :func:`interpreting`'s ``(platform,
     block_sizes)`` (that platform's kernels in interpret mode). With ``axis_name``, as
-    :func:`jbce._linear_xla.linear_stats`."""
+    :func:`jbce._linear.chunked_xla.linear_stats`."""
     del rows, threshold  # the backward pass's
     y = _local_labels(labels, weight.shape[1], axis_name)
     cw = _summed_weights(class_weights, sums)
@@ -280,7 +282,7 @@ def _xla_grads(hidden, weight, bias, labels, cap, cw, rows, *, sums, threshold):
     if cw is not None:
         g = g._replace(weight_sum=g_sums[1])
     # Inside shard_map the cotangents take the (per-shard) statistics' mesh-axis types.
-    g = jax.tree.map(_vma.pvary_like, g, st)
+    g = jax.tree.map(sharding.pvary_like, g, st)
     dh, dw, db, dcap, dcw = vjp(g)
     return dh, dw, db, dcap, dcw
 
@@ -322,7 +324,7 @@ def _bwd(sums, threshold, axis_name, interpret, res, g):
         dcw = base.at[jnp.clip(y, 0, v - 1)].add(g_w)
     # Inside shard_map an input replicated over a mesh axis its gradient varies on gets the
     # sum over it (as in the XLA implementation).
-    like = _vma.psum_to_like
+    like = sharding.psum_to_like
     return (
         like(dh.astype(hidden.dtype), hidden),
         like(dw.astype(weight.dtype), weight),

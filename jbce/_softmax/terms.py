@@ -4,7 +4,7 @@ The implementation behind :func:`jbce.softmax_focal_loss`, :func:`jbce.poly_loss
 and :func:`jbce.kl_divergence` (plain XLA, every platform). For a row of logits :math:`x`
 over its included classes (not ``-inf``, not masked out), with :math:`l_c = \log p_c =
 (x_c - m) - \ell` (the shift :math:`m` and shifted log-sum-exp :math:`\ell` of
-:mod:`jbce._stats`), :math:`q_c = 1 - p_c = -\mathrm{expm1}(l_c)` and a coefficient
+:mod:`jbce._softmax.stats`), :math:`q_c = 1 - p_c = -\mathrm{expm1}(l_c)` and a coefficient
 :math:`a_c = \alpha_c y_c` per class, the row's loss is
 
 .. math::
@@ -13,13 +13,13 @@ over its included classes (not ``-inf``, not masked out), with :math:`l_c = \log
 
 for one of the terms of :data:`TERMS` (cross-entropy :math:`-l`, focal :math:`-q^\gamma l`,
 Poly-1 :math:`-l + \epsilon q`, and KL divergence :math:`\log y_c - l`). The derivatives are a
-tangent map linear in the tangents (:func:`jbce._forward.lean_jvp`): forward mode evaluates it,
-reverse mode transposes it and recomputes :math:`l` from the logits and the two floats per row
-the core returns beside its value (:math:`m, \ell`, with their own tangent so that second
-derivatives are right), so the residuals are the inputs and :math:`m, \ell`.
+tangent map linear in the tangents (:func:`jbce._core.autodiff.lean_jvp`): forward mode
+evaluates it, reverse mode transposes it and recomputes :math:`l` from the logits and the two
+floats per row the core returns beside its value (:math:`m, \ell`, with their own tangent so
+that second derivatives are right), so the residuals are the inputs and :math:`m, \ell`.
 
 :func:`focal_of_log_prob` is the focal term of one log-probability per row (the integer-label
-focal loss builds it on :func:`jbce._softmax_xla.softmax_stats`), with the same finite
+focal loss builds it on :func:`jbce._softmax.xla.softmax_stats`), with the same finite
 derivative for ``gamma < 1``.
 """
 
@@ -30,9 +30,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jbce import _forward, _stats
-from jbce._dtypes import to_compute
-from jbce._math import log_ratio, xmul
+from jbce._core import autodiff
+from jbce._core.dtypes import to_compute
+from jbce._core.math import log_ratio, xmul
+from jbce._softmax import stats as _stats
 
 TERMS = ("ce", "focal", "poly", "kl")
 
@@ -115,7 +116,7 @@ def _lse_tangent(x, shift, lse, dx, rows):
     if dx is None:
         return None
     p = jnp.exp(_log_probs(x, shift, lse))
-    return _forward.keep_rows(rows, jnp.sum(_forward.keep_rows(rows, p) * dx, axis=-1))
+    return autodiff.keep_rows(rows, jnp.sum(autodiff.keep_rows(rows, p) * dx, axis=-1))
 
 
 def _log_probs(x, shift, lse):
@@ -173,11 +174,11 @@ def _term_tangent(primals, saved, tangents, kind, log_labels, dtype):
     p = jnp.exp(lg)
     th = None if theta is None else to_compute(theta, dtype)
     dphi, dtheta_c = _phi_grads(kind, lg, th)
-    coef = functools.partial(_forward.keep_rows, rows)
+    coef = functools.partial(autodiff.keep_rows, rows)
     nrow = x.ndim - 1
     u = xmul(a, jnp.broadcast_to(dphi, lg.shape))
     # d/dx_j = u_j - p_j sum_c u_c (through l = x - m - lse)
-    terms = [_forward.contract(coef(u - p * jnp.sum(u, axis=-1, keepdims=True)), dlogits, nrow)]
+    terms = [autodiff.contract(coef(u - p * jnp.sum(u, axis=-1, keepdims=True)), dlogits, nrow)]
     if dlabels is not None or dalpha is not None:
         # d/da = phi(lg); a class outside the softmax (-inf or masked) gets 0, not the +inf
         # slope.
@@ -196,12 +197,12 @@ def _term_tangent(primals, saved, tangents, kind, log_labels, dtype):
                 dy = xmul(y, dy)  # through y = exp(log y)
             if mask is not None:
                 dy = jnp.where(mask, dy, jnp.zeros((), dtype))
-            terms.append(_forward.contract(coef(dy), dlabels, nrow))
+            terms.append(autodiff.contract(coef(dy), dlabels, nrow))
         if dalpha is not None:
-            terms.append(_forward.contract(coef(phi * y), dalpha, nrow))
+            terms.append(autodiff.contract(coef(phi * y), dalpha, nrow))
     if dtheta is not None and dtheta_c is not None:
-        terms.append(_forward.contract(coef(xmul(a, dtheta_c)), dtheta, nrow))
-    loss = _forward.total(lse.shape, dtype, *terms)
+        terms.append(autodiff.contract(coef(xmul(a, dtheta_c)), dtheta, nrow))
+    loss = autodiff.total(lse.shape, dtype, *terms)
     return loss, None, _lse_tangent(x, shift, lse, _cast(dlogits, dtype, mask), rows)
 
 
@@ -215,7 +216,7 @@ def _cast(t, dtype, mask=None):
 
 # Residuals in reverse mode: the inputs as given and two floats per row (the shift and the
 # shifted log-sum-exp); the log-probabilities are recomputed in the backward pass.
-_term_core = _forward.lean_jvp(
+_term_core = autodiff.lean_jvp(
     _term_value, _term_tangent, num_static=3, saved=lambda out: (out[1], out[2])
 )
 
@@ -236,14 +237,14 @@ def _focal_of_log_prob_tangent(primals, _, tangents):
     dlg, dgamma, _ = tangents
     dl, dg = _phi_grads("focal", lg, gamma)
     terms = [
-        _forward.contract(_forward.keep_where(keep, dl), dlg, lg.ndim),
-        _forward.contract(_forward.keep_where(keep, dg), dgamma, lg.ndim),
+        autodiff.contract(autodiff.keep_where(keep, dl), dlg, lg.ndim),
+        autodiff.contract(autodiff.keep_where(keep, dg), dgamma, lg.ndim),
     ]
-    return _forward.total(lg.shape, lg.dtype, *terms)
+    return autodiff.total(lg.shape, lg.dtype, *terms)
 
 
 # Residuals in reverse mode: the inputs (one value per row and the scalar gamma).
-focal_of_log_prob = _forward.lean_jvp(_focal_of_log_prob, _focal_of_log_prob_tangent)
+focal_of_log_prob = autodiff.lean_jvp(_focal_of_log_prob, _focal_of_log_prob_tangent)
 
 
 # --- generalised Jensen-Shannon divergence between two softmaxes ----------------------------
@@ -345,17 +346,17 @@ def _jsd_tangent(primals, saved, tangents, mode, dtype):
     sz, sw = _stats.Stats(mz, lz, None), _stats.Stats(mw, lw, None)
     lq, lp, (_, gz, gw, gbeta), _ = _jsd_value(mode, z, w, beta, sz, sw, dtype)
     t = to_compute(temperature, dtype)
-    coef = functools.partial(_forward.keep_rows, rows)
+    coef = functools.partial(autodiff.keep_rows, rows)
     nrow = lz.ndim
     # z = x / T: d/dx = d/dz / T, and d/dT = -sum(d/dz z) / T (z read as log Q, which differs
     # by a per-row constant while d/dz sums to 0 over a row).
     dxz, dxw = _cast(dlogits, dtype, mask), _cast(dteacher, dtype, mask)
-    value = _forward.total(
+    value = autodiff.total(
         lz.shape, dtype,
-        _forward.contract(coef(gz / t), dxz, nrow),
-        _forward.contract(coef(gw / t), dxw, nrow),
-        _forward.contract(coef(gbeta), dbeta, nrow),
-        _forward.contract(
+        autodiff.contract(coef(gz / t), dxz, nrow),
+        autodiff.contract(coef(gw / t), dxw, nrow),
+        autodiff.contract(coef(gbeta), dbeta, nrow),
+        autodiff.contract(
             coef(-(jnp.sum(xmul(gz, lq), -1) + jnp.sum(xmul(gw, lp), -1)) / t), dtemp, nrow
         ),
     )  # fmt: skip
@@ -366,13 +367,13 @@ def _jsd_tangent(primals, saved, tangents, mode, dtype):
 
 
 def _softmax_lse_tangent(z, lg, dx, t, dt, rows):
-    q = _forward.keep_rows(rows, jnp.exp(lg))
-    terms = [_forward.contract(q / t, dx, z.ndim - 1)]
+    q = autodiff.keep_rows(rows, jnp.exp(lg))
+    terms = [autodiff.contract(q / t, dx, z.ndim - 1)]
     if dt is not None:
-        terms.append(_forward.contract(-jnp.sum(xmul(q, z), -1) / t, dt, z.ndim - 1))
-    return _forward.keep_rows(rows, _forward.total(lg.shape[:-1], lg.dtype, *terms))
+        terms.append(autodiff.contract(-jnp.sum(xmul(q, z), -1) / t, dt, z.ndim - 1))
+    return autodiff.keep_rows(rows, autodiff.total(lg.shape[:-1], lg.dtype, *terms))
 
 
 # Residuals in reverse mode: the inputs as given and four floats per row (shift and shifted
 # log-sum-exp of each softmax); the distributions are recomputed in the backward pass.
-_jsd_core = _forward.lean_jvp(_jsd_primal, _jsd_tangent, num_static=2, saved=lambda out: out[1:])
+_jsd_core = autodiff.lean_jvp(_jsd_primal, _jsd_tangent, num_static=2, saved=lambda out: out[1:])

@@ -6,7 +6,7 @@ straight from HBM (the refs are whole arrays; every load is a ``pl.ds`` window):
 - forward (grid: token blocks): for each vocabulary block, the logits tile is
   ``hidden[rows] @ weight[:, cols]`` (accumulated over ``tk``-wide slices of D, in
   float32) and folds into the rows' running statistics
-  (:func:`jbce._linear_pallas_tiles.update_stats`); only the per-token statistics are
+  (:func:`jbce._linear.pallas_tiles.update_stats`); only the per-token statistics are
   written.
 - d hidden (grid: token blocks x ``td``-wide slices of D): recomputes each tile, turns it
   into ``d logits`` and accumulates ``d logits @ weight[d_slice, cols].T``; it also writes
@@ -36,7 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from jbce import _linear_pallas_tiles as tiles
+from jbce._linear import pallas_tiles as tiles
 
 TN = 64
 TV = 128
@@ -165,7 +165,7 @@ def forward(hidden, weight, bias, labels, cap, cw=None, *, v, sums, interpret, b
 
 
 def _row_inputs(refs, r0, tn):
-    """:func:`jbce._linear_pallas_tiles.row_columns` of rows ``r0:r0+tn``."""
+    """:func:`jbce._linear.pallas_tiles.row_columns` of rows ``r0:r0+tn``."""
     return tiles.row_columns([r[pl.ds(r0, tn), :] for r in refs])
 
 

@@ -1,11 +1,11 @@
 """Softmax focal loss (soft and integer labels) and the Poly-1 cross-entropy: the API.
 
-Validates the arguments, lays the logits out with the classes last (:func:`jbce._softmax.to_rows`)
-and builds each loss on a core with lean derivatives (:mod:`jbce._forward`): per-class terms
-of the log-probabilities (:func:`jbce._softmax_terms.term_loss`) for probability labels, and
-the softmax statistics (:func:`jbce._softmax_xla.softmax_stats`) with a per-row focal term
-for integer labels.
-Weights, masks and reductions are applied by :mod:`jbce._reduce`.
+Validates the arguments, lays the logits out with the classes last
+(:func:`jbce._softmax.api.to_rows`) and builds each loss on a core with lean derivatives
+(:mod:`jbce._core.autodiff`): per-class terms of the log-probabilities
+(:func:`jbce._softmax.terms.term_loss`) for probability labels, and the softmax statistics
+(:func:`jbce._softmax.xla.softmax_stats`) with a per-row focal term for integer labels. Weights,
+masks and reductions are applied by :mod:`jbce._core.reduce`.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jbce import _checks
-from jbce._dtypes import compute_dtype
-from jbce._reduce import reduce_loss
-from jbce._softmax import batch_shape, split_where, to_rows
-from jbce._softmax_terms import focal_of_log_prob, term_loss
-from jbce._softmax_xla import softmax_stats
+from jbce._core import checks
+from jbce._core.dtypes import compute_dtype
+from jbce._core.reduce import reduce_loss
+from jbce._softmax.api import batch_shape, split_where, to_rows
+from jbce._softmax.terms import focal_of_log_prob, term_loss
+from jbce._softmax.xla import softmax_stats
 
 
 def soft_inputs(
@@ -33,10 +33,10 @@ def soft_inputs(
     with ``x`` and ``y`` ``[..., K]`` in their own dtypes (the cores cast them), ``weights``
     in the compute dtype and rows whose every class is masked out excluded.
     """
-    logits, axes, _ = _checks.class_axes("logits", logits, axis)
-    labels = _checks.as_array(labels_name, labels)
-    _checks.check_shape(labels_name, labels, logits.shape, f"to match logits {logits.shape}")
-    _checks.check_reduction(reduction)
+    logits, axes, _ = checks.class_axes("logits", logits, axis)
+    labels = checks.as_array(labels_name, labels)
+    checks.check_shape(labels_name, labels, logits.shape, f"to match logits {logits.shape}")
+    checks.check_reduction(reduction)
     bshape = batch_shape(logits.shape, axes)
     dt = compute_dtype(logits, labels, weights, *options)
     logit_mask, rows = split_where(where, logits.shape, axes, bshape)
@@ -45,10 +45,10 @@ def soft_inputs(
         labels = labels.astype(dt)
     y = to_rows(labels, axes)
     if weights is not None:
-        _checks.check_broadcastable("weights", weights, "the logits' batch shape", bshape)
-        weights = _checks.as_array("weights", weights).astype(dt)
+        checks.check_broadcastable("weights", weights, "the logits' batch shape", bshape)
+        weights = checks.as_array("weights", weights).astype(dt)
     if logit_mask is not None:
-        rows = _checks.both(rows, jnp.any(logit_mask, axis=-1))
+        rows = checks.both(rows, jnp.any(logit_mask, axis=-1))
     return x, y, weights, logit_mask, rows, dt, bshape
 
 
@@ -56,15 +56,15 @@ def _alpha(alpha, k, dt):
     """``alpha``: None, a number >= 0, or an array of shape () or (K,) (checked under checkify)."""
     if alpha is None:
         return None
-    a = _checks.hyperparameter("alpha", alpha, low=0.0, scalar=False)
-    a = _checks.as_array("alpha", a)
+    a = checks.hyperparameter("alpha", alpha, low=0.0, scalar=False)
+    a = checks.as_array("alpha", a)
     if a.ndim:
-        _checks.check_shape("alpha", a, (k,), "(a scalar or one value per class)")
+        checks.check_shape("alpha", a, (k,), "(a scalar or one value per class)")
     return a.astype(dt) if not jnp.issubdtype(a.dtype, jnp.floating) or a.ndim == 0 else a
 
 
 def _gamma(gamma, dt):
-    return jnp.asarray(_checks.hyperparameter("gamma", gamma, low=0.0), dt)
+    return jnp.asarray(checks.hyperparameter("gamma", gamma, low=0.0), dt)
 
 
 def softmax_focal_loss(
@@ -135,7 +135,7 @@ def softmax_focal_loss(
     )  # fmt: skip
     a = _alpha(alpha, x.shape[-1], dt)
     g = _gamma(gamma, dt)
-    _checks.debug_check_unit_interval("labels", y)
+    checks.debug_check_unit_interval("labels", y)
     loss = term_loss(x, y, a, g, logit_mask, rows, "focal", False, dt)
     return reduce_loss(
         loss,
@@ -208,24 +208,24 @@ def softmax_focal_loss_with_integer_labels(
       >>> jbce.softmax_focal_loss_with_integer_labels(logits, jnp.array([1, 2]), reduction="none")
       Array([0.0010536..., 2.7036...], dtype=float32)
     """
-    logits, labels, axes, k, bshape = _checks.with_integer_labels("logits", logits, labels, axis)
-    _checks.check_reduction(reduction)
-    ignore_index = _checks.check_ignore_index(ignore_index)
+    logits, labels, axes, k, bshape = checks.with_integer_labels("logits", logits, labels, axis)
+    checks.check_reduction(reduction)
+    ignore_index = checks.check_ignore_index(ignore_index)
     dt = compute_dtype(logits, weights, class_weights, alpha, gamma)
     a = _alpha(alpha, k, dt)
     g = _gamma(gamma, dt)
     logit_mask, rows = split_where(where, logits.shape, axes, bshape)
     x = to_rows(logits, axes)
-    weights, cw, kept = _checks.integer_label_options(
+    weights, cw, kept = checks.integer_label_options(
         labels, bshape, k, weights=weights, class_weights=class_weights,
         ignore_index=ignore_index, num_classes=k, dtype=dt,
     )  # fmt: skip
-    rows = _checks.both(rows, kept)
+    rows = checks.both(rows, kept)
     # method None: the platform's log-sum-exp reduction, chosen when the program is lowered
     st = softmax_stats(x, labels, None, logit_mask, None, rows, dt, False, False, None, None)
     has = st.lse != -jnp.inf  # a row with no class left is excluded (NaN rows count)
     log_p = (st.target - st.shift) - jnp.where(has, st.lse, 0)
-    loss = focal_of_log_prob(log_p, g, _checks.both(rows, has))
+    loss = focal_of_log_prob(log_p, g, checks.both(rows, has))
     in_range = (labels >= 0) & (labels < k)
     safe = jnp.clip(labels, 0, k - 1)
     if a is not None and a.ndim:
@@ -241,7 +241,7 @@ def softmax_focal_loss_with_integer_labels(
         loss,
         reduction=reduction,
         weights=weights,
-        where=_checks.both(rows, has),
+        where=checks.both(rows, has),
         denominator_weights=tw,
         normalizer=normalizer,
         batch_axis_name=batch_axis_name,
@@ -304,8 +304,8 @@ def poly_loss_cross_entropy(
         logits, labels, axis=axis, weights=weights, where=where, reduction=reduction,
         options=(epsilon,),
     )  # fmt: skip
-    eps = jnp.asarray(_checks.hyperparameter("epsilon", epsilon, low=-1.0), dt)
-    _checks.debug_check_unit_interval("labels", y)
+    eps = jnp.asarray(checks.hyperparameter("epsilon", epsilon, low=-1.0), dt)
+    checks.debug_check_unit_interval("labels", y)
     loss = term_loss(x, y, None, eps, logit_mask, rows, "poly", False, dt)
     return reduce_loss(
         loss,

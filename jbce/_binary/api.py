@@ -1,12 +1,12 @@
 """Binary cross-entropy losses: from logits, from probabilities, and focal loss.
 
-Each loss has an elementwise core with hand-written derivatives (:func:`jbce._forward.lean_jvp`:
-forward mode, and reverse mode as its transpose). The cores save only their inputs for
-reverse mode (no sigmoid or log-probability tensors are kept for the backward pass), stay
-exact for any finite logit, and give finite gradients for infinite logits.
-Options that are plain arithmetic on the result (label smoothing, ``alpha``) are applied
+Each loss has an elementwise core with hand-written derivatives
+(:func:`jbce._core.autodiff.lean_jvp`: forward mode, and reverse mode as its transpose). The
+cores save only their inputs for reverse mode (no sigmoid or log-probability tensors are kept
+for the backward pass), stay exact for any finite logit, and give finite gradients for infinite
+logits. Options that are plain arithmetic on the result (label smoothing, ``alpha``) are applied
 outside the cores, so they may be traced and differentiate for free. Weights, masks and
-reductions are applied by :mod:`jbce._reduce`.
+reductions are applied by :mod:`jbce._core.reduce`.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jbce import _checks, _forward
-from jbce._dtypes import compute_dtype, to_compute
-from jbce._math import xmul
-from jbce._reduce import reduce_loss
-from jbce._vma import pvary_like
+from jbce._core import autodiff, checks
+from jbce._core.dtypes import compute_dtype, to_compute
+from jbce._core.math import xmul
+from jbce._core.reduce import reduce_loss
+from jbce._core.sharding import pvary_like
 
 
 def _softplus_pair(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -73,9 +73,9 @@ def _neg_abs(x):
 def _elementwise_tangent(keep, pairs, ndim):
     """``sum_i c_i * dot a_i`` for the (coefficient, tangent) ``pairs`` of an elementwise core,
     the coefficients exactly 0 outside ``keep``."""
-    terms = [_forward.contract(_forward.keep_where(keep, c), t, ndim) for c, t in pairs]
+    terms = [autodiff.contract(autodiff.keep_where(keep, c), t, ndim) for c, t in pairs]
     c0 = pairs[0][0]
-    return _forward.total(c0.shape, c0.dtype, *terms)
+    return autodiff.total(c0.shape, c0.dtype, *terms)
 
 
 def _bce_logits_tangent(primals, _, tangents, dtype):
@@ -101,7 +101,7 @@ def _bce_logits_tangent(primals, _, tangents, dtype):
 
 
 # Residuals in reverse mode: the inputs only.
-_bce_logits = _forward.lean_jvp(_bce_logits_value, _bce_logits_tangent, num_static=1)
+_bce_logits = autodiff.lean_jvp(_bce_logits_value, _bce_logits_tangent, num_static=1)
 
 
 def _like_logits(x: jax.Array, *args: jax.Array | None) -> tuple[jax.Array | None, ...]:
@@ -117,32 +117,32 @@ def _like_logits(x: jax.Array, *args: jax.Array | None) -> tuple[jax.Array | Non
 
 
 def _smooth(labels: jax.Array, label_smoothing) -> jax.Array:
-    if _checks.is_zero(label_smoothing):
+    if checks.is_zero(label_smoothing):
         return labels
     return labels * (1 - label_smoothing) + label_smoothing / 2
 
 
 def _prepare(name_x, x, labels, weights, where, extra=()):
     """(x, labels, weights, where, compute dtype) as arrays, with shapes checked."""
-    x = _checks.as_array(name_x, x)
-    _checks.check_float(name_x, x)
+    x = checks.as_array(name_x, x)
+    checks.check_float(name_x, x)
     dt = compute_dtype(x, labels, weights, *extra)  # before Python scalars become arrays
-    labels = _checks.as_array("labels", labels)
+    labels = checks.as_array("labels", labels)
     if not jnp.issubdtype(labels.dtype, jnp.floating) or labels.ndim == 0:
         labels = labels.astype(dt)
     shape = x.shape
-    _checks.check_broadcastable("labels", labels, name_x, shape)
+    checks.check_broadcastable("labels", labels, name_x, shape)
     if weights is not None:
-        _checks.check_broadcastable("weights", weights, name_x, shape)
-        weights = _checks.as_array("weights", weights).astype(dt)
+        checks.check_broadcastable("weights", weights, name_x, shape)
+        weights = checks.as_array("weights", weights).astype(dt)
     if where is not None:
-        _checks.check_broadcastable("where", where, name_x, shape)
-        where = _checks.as_array("where", where).astype(bool)
+        checks.check_broadcastable("where", where, name_x, shape)
+        where = checks.as_array("where", where).astype(bool)
     return x, labels, weights, where, dt
 
 
 def _label_smoothing(label_smoothing):
-    return _checks.hyperparameter("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    return checks.hyperparameter("label_smoothing", label_smoothing, low=0.0, high=1.0)
 
 
 def sigmoid_binary_cross_entropy(
@@ -194,15 +194,15 @@ def sigmoid_binary_cross_entropy(
       Array(0.06346..., dtype=float32)
     """
     x, y, weights, where, dt = _prepare("logits", logits, labels, weights, where, (pos_weight,))
-    _checks.check_reduction(reduction)
+    checks.check_reduction(reduction)
     e = _label_smoothing(label_smoothing)
     pw = None
     if pos_weight is not None:
-        pw = _checks.as_array("pos_weight", pos_weight)
-        _checks.check_broadcastable("pos_weight", pw, "logits", x.shape)
+        pw = checks.as_array("pos_weight", pos_weight)
+        checks.check_broadcastable("pos_weight", pw, "logits", x.shape)
         if pw.ndim == 0 or not jnp.issubdtype(pw.dtype, jnp.floating):
             pw = pw.astype(dt)
-    _checks.debug_check_unit_interval("labels", y)
+    checks.debug_check_unit_interval("labels", y)
     y, pw = _like_logits(x, _smooth(y, e), pw)
     loss = _bce_logits(x, y, pw, where, jnp.dtype(dt))
     return reduce_loss(
@@ -242,7 +242,7 @@ def _bce_probs_tangent(primals, _, tangents):
 
 
 # Residuals in reverse mode: the inputs only.
-_bce_probs = _forward.lean_jvp(_bce_probs_value, _bce_probs_tangent)
+_bce_probs = autodiff.lean_jvp(_bce_probs_value, _bce_probs_tangent)
 
 
 def binary_cross_entropy(
@@ -288,12 +288,12 @@ def binary_cross_entropy(
       Array([  0.10536...,  100.   ], dtype=float32)
     """
     p, y, weights, where, dt = _prepare("probs", probs, labels, weights, where)
-    _checks.check_reduction(reduction)
+    checks.check_reduction(reduction)
     e = _label_smoothing(label_smoothing)
     p = to_compute(p, dt)
     y = to_compute(y, dt)
-    _checks.debug_check_unit_interval("probs", p)
-    _checks.debug_check_unit_interval("labels", y)
+    checks.debug_check_unit_interval("probs", p)
+    checks.debug_check_unit_interval("labels", y)
     (y,) = _like_logits(p, _smooth(y, e))
     loss = _bce_probs(p, y, where)
     return reduce_loss(
@@ -346,7 +346,7 @@ def _focal_tangent(primals, _, tangents, dtype):
 
 
 # Residuals in reverse mode: the inputs only.
-_focal = _forward.lean_jvp(_focal_value, _focal_tangent, num_static=1)
+_focal = autodiff.lean_jvp(_focal_value, _focal_tangent, num_static=1)
 
 
 def sigmoid_focal_loss(
@@ -398,11 +398,11 @@ def sigmoid_focal_loss(
       Array(0.2062..., dtype=float32)
     """
     x, y, weights, where, dt = _prepare("logits", logits, labels, weights, where)
-    _checks.check_reduction(reduction)
-    gamma = _checks.hyperparameter("gamma", gamma, low=0.0)
+    checks.check_reduction(reduction)
+    gamma = checks.hyperparameter("gamma", gamma, low=0.0)
     if alpha is not None:
-        alpha = _checks.hyperparameter("alpha", alpha, low=0.0, high=1.0)
-    _checks.debug_check_unit_interval("labels", y)
+        alpha = checks.hyperparameter("alpha", alpha, low=0.0, high=1.0)
+    checks.debug_check_unit_interval("labels", y)
     y, g = _like_logits(x, y, jnp.asarray(gamma, dt))
     loss = _focal(x, y, g, where, jnp.dtype(dt))
     if alpha is not None:

@@ -6,7 +6,7 @@ block is written back once, when its block index changes:
 
 - forward (grid: token blocks x vocabulary blocks): the tile ``hidden[rows] @
   weight[:, cols]`` (float32 accumulation on the MXU) folds into the rows' running
-  statistics (:func:`jbce._linear_pallas_tiles.update_stats`) kept in VMEM scratch; the
+  statistics (:func:`jbce._linear.pallas_tiles.update_stats`) kept in VMEM scratch; the
   per-token statistics are the only output.
 - d hidden (token blocks x vocabulary blocks): recomputes each tile and accumulates
   ``d logits @ weight[:, cols].T`` in a float32 ``[rows, D]`` scratch, written once in
@@ -33,7 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from jbce import _linear_pallas_tiles as tiles
+from jbce._linear import pallas_tiles as tiles
 
 TN = 512
 TV = 512

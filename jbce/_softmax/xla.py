@@ -2,13 +2,13 @@
 
 The implementation behind :func:`jbce.softmax_cross_entropy` and
 :func:`jbce.softmax_cross_entropy_with_integer_labels`, on every platform. One
-max-shifted log-sum-exp pass over the logits (:func:`jbce._stats.block_stats`); with
+max-shifted log-sum-exp pass over the logits (:func:`jbce._softmax.stats.block_stats`); with
 ``axis_name`` the class axis is sharded and each shard's statistics are merged with one
-``pmax`` and one ``psum`` (:func:`jbce._stats.combine_over_axis`), so the logits are never
+``pmax`` and one ``psum`` (:func:`jbce._softmax.stats.combine_over_axis`), so the logits are never
 gathered. The derivatives are one tangent map, linear in the tangents
-(:func:`jbce._stats.stats_tangent`, :mod:`jbce._forward`): forward mode evaluates it and
+(:func:`jbce._stats.stats_tangent`, :mod:`jbce._core.autodiff`): forward mode evaluates it and
 reverse mode is its transpose, which recomputes the softmax from the logits and the saved
-shift and log-sum-exp (the formula of :func:`jbce._stats.logits_grad`).
+shift and log-sum-exp (the formula of :func:`jbce._softmax.stats.logits_grad`).
 
 The sharded case (``axis_name``) keeps a ``custom_vjp`` with that formula as its backward
 pass: its tangent needs a ``psum`` of the per-row tangents, whose transpose is again a
@@ -24,9 +24,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jbce import _forward, _stats
-from jbce._dtypes import to_compute
-from jbce._vma import psum_to_like
+from jbce._core import autodiff
+from jbce._core.dtypes import to_compute
+from jbce._core.sharding import psum_to_like
+from jbce._softmax import stats as _stats
 
 
 def _local_labels(labels, num_local: int, axis_name):
@@ -38,7 +39,7 @@ def _local_labels(labels, num_local: int, axis_name):
 
 def _softmax_stats(logits, labels, weights, mask, cap, rows, dtype, sums, soft, axis_name,
                    method):  # fmt: skip
-    """:class:`jbce._stats.Stats` of each row of ``logits`` ``[..., K]`` (classes last).
+    """:class:`jbce._softmax.stats.Stats` of each row of ``logits`` ``[..., K]`` (classes last).
 
     Args:
       logits: float array in any float dtype, computed in ``dtype``.
@@ -47,9 +48,9 @@ def _softmax_stats(logits, labels, weights, mask, cap, rows, dtype, sums, soft, 
       mask: ``[..., K]`` boolean class mask, or None.
       cap: logit soft-cap (a scalar array), or None.
       rows: ``[...]`` boolean, the rows the loss uses (others get zero derivatives), or None.
-      dtype, sums, soft: see :func:`jbce._stats.block_stats`.
+      dtype, sums, soft: see :func:`jbce._softmax.stats.block_stats`.
       axis_name: mesh axis the class axis is sharded over, or None.
-      method: how the log-sum-exp is reduced (:func:`jbce._stats.row_reduce`).
+      method: how the log-sum-exp is reduced (:func:`jbce._softmax.stats.row_reduce`).
     """
     w = None if weights is None else to_compute(weights, dtype)
     y = _local_labels(labels, logits.shape[-1], axis_name)
@@ -83,7 +84,7 @@ def _softmax_stats_tangent(primals, saved, tangents, dtype, sums, soft, axis_nam
 
 # Residuals in reverse mode: the inputs as given (bf16 stays bf16) and two floats per row, the
 # shift and the shifted log-sum-exp; the softmax is recomputed in the backward pass.
-_local_stats = _forward.lean_jvp(
+_local_stats = autodiff.lean_jvp(
     _softmax_stats, _softmax_stats_tangent, num_static=5, saved=lambda st: (st.shift, st.lse)
 )
 
@@ -138,5 +139,5 @@ def softmax_stats(logits, labels, weights, mask, cap, rows, dtype, sums, soft, a
     args = (logits, labels, weights, mask, cap, rows, dtype, sums, soft, axis_name, method)
     if axis_name is None:
         return _local_stats(*args)
-    with _forward.reverse_only(loss_name):
+    with autodiff.reverse_only(loss_name):
         return _sharded_stats(*args)

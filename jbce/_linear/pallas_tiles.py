@@ -1,11 +1,11 @@
 r"""The tile math shared by the Pallas kernels of the fused linear cross-entropy.
 
 Plain ``jnp`` on one ``[token_block, vocab_block]`` tile, written with the operations both
-Pallas lowerings (Triton for GPUs, Mosaic for TPUs) and interpret mode accept: ``where``,
-row ``max``/``sum``, ``exp``, ``log``, ``tanh`` and ``iota`` comparisons (no gathers). The
-GPU and TPU kernels (:mod:`jbce._linear_pallas_gpu`, :mod:`jbce._linear_pallas_tpu`) differ
-only in how they walk the tiles; what each tile contributes is defined here once, and
-matches :mod:`jbce._stats` (the statistics every jbce softmax loss is assembled from):
+Pallas lowerings (Triton for GPUs, Mosaic for TPUs) and interpret mode accept: ``where``, row
+``max``/``sum``, ``exp``, ``log``, ``tanh`` and ``iota`` comparisons (no gathers). The GPU and
+TPU kernels (:mod:`jbce._linear.pallas_triton`, :mod:`jbce._linear.pallas_mosaic_tpu`) differ
+only in how they walk the tiles; what each tile contributes is defined here once, and matches
+:mod:`jbce._softmax.stats` (the statistics every jbce softmax loss is assembled from):
 
 - forward, per row, running over the vocabulary blocks (an online log-sum-exp):
   :math:`m` (row max, 0 for a row without classes), :math:`\sigma = \sum_C e^{x - m}`
@@ -15,7 +15,7 @@ matches :mod:`jbce._stats` (the statistics every jbce softmax loss is assembled 
   kept apart) (:func:`update_stats`);
 - backward, per tile, :math:`\partial L / \partial x_c = \bar\ell p_c + \bar t [c = y] +
   \bar s\, w_c [c \in C]` (:func:`logits_grad`, the formula of
-  :func:`jbce._stats.logits_grad`), the class weights' share
+  :func:`jbce._softmax.stats.logits_grad`), the class weights' share
   :math:`\partial L / \partial w_c = \sum_n [c \in C_n] (\bar s_n (x_{nc} - m_n) + \bar W_n)`
   (:func:`class_weights_grad`) and the soft-cap's chain rule (:func:`softcap_grad`).
 
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from jbce import _vma
+from jbce._core import sharding
 
 
 class Running(NamedTuple):
@@ -227,7 +227,7 @@ def pallas_call(kernel, *, out_shape, **kwargs):
     the plain call."""
 
     def call(*args):
-        vary = _vma.varying_like(*args)
+        vary = sharding.varying_like(*args)
         args = [vary(a) for a in args]
         mat = getattr(jax.typeof(args[0]), "manual_axis_type", None)
         outs = [jax.ShapeDtypeStruct(o.shape, o.dtype, manual_axis_type=mat) for o in out_shape]

@@ -3,8 +3,8 @@
 Neither takes a softmax: ``nll_loss`` gathers one log-probability per example (its gradient
 is a scatter of one value per row; autodiff saves only the labels), and
 ``categorical_cross_entropy`` sums ``-y log p`` with an elementwise core whose
-derivatives (:mod:`jbce._forward`) save its inputs, as :func:`jbce.binary_cross_entropy`
-does. Weights, masks and reductions are applied by :mod:`jbce._reduce`.
+derivatives (:mod:`jbce._core.autodiff`) save its inputs, as :func:`jbce.binary_cross_entropy`
+does. Weights, masks and reductions are applied by :mod:`jbce._core.reduce`.
 """
 
 from __future__ import annotations
@@ -15,18 +15,18 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jbce import _checks, _forward
-from jbce._dtypes import compute_dtype, to_compute
-from jbce._math import xmul
-from jbce._reduce import reduce_loss
-from jbce._softmax import batch_shape, to_rows
+from jbce._core import autodiff, checks
+from jbce._core.dtypes import compute_dtype, to_compute
+from jbce._core.math import xmul
+from jbce._core.reduce import reduce_loss
+from jbce._softmax.api import batch_shape, to_rows
 
 
 def _row_where(where, bshape):
     if where is None:
         return None
-    _checks.check_broadcastable("where", where, "labels", bshape)
-    return jnp.broadcast_to(_checks.as_array("where", where).astype(bool), bshape)
+    checks.check_broadcastable("where", where, "labels", bshape)
+    return jnp.broadcast_to(checks.as_array("where", where).astype(bool), bshape)
 
 
 def nll_loss(
@@ -84,16 +84,16 @@ def nll_loss(
       >>> jbce.nll_loss(log_p, jnp.array([0, 1]), class_weights=jnp.array([1.0, 3.0, 1.0]))
       Array(0.5154..., dtype=float32)
     """
-    lp, labels, axes, k, bshape = _checks.with_integer_labels("log_probs", log_probs, labels, axis)
-    _checks.check_reduction(reduction)
-    ignore_index = _checks.check_ignore_index(ignore_index)
+    lp, labels, axes, k, bshape = checks.with_integer_labels("log_probs", log_probs, labels, axis)
+    checks.check_reduction(reduction)
+    ignore_index = checks.check_ignore_index(ignore_index)
     dt = compute_dtype(lp, weights, class_weights)
     rows = _row_where(where, bshape)
-    weights, cw, kept = _checks.integer_label_options(
+    weights, cw, kept = checks.integer_label_options(
         labels, bshape, k, weights=weights, class_weights=class_weights,
         ignore_index=ignore_index, num_classes=k, dtype=dt,
     )  # fmt: skip
-    rows = _checks.both(rows, kept)
+    rows = checks.both(rows, kept)
     in_range = (labels >= 0) & (labels < k)
     safe = jnp.clip(labels, 0, k - 1)
     x = to_rows(lp, axes)
@@ -147,18 +147,18 @@ def _cce_tangent(primals, _, tangents):
     p, y = _inputs(p0, y0)
 
     def coef(c):
-        return _forward.keep_rows(rows, _forward.keep_where(mask, c))
+        return autodiff.keep_rows(rows, autodiff.keep_where(mask, c))
 
     # d/dp = -y / max(p, 1e-12): PyTorch's BCE rule restricted to the log p term, finite at
     # p = 0 (where the clamped log itself would have slope 0 and stop all learning).
-    terms = [_forward.contract(coef(-xmul(y, 1 / jnp.maximum(p, _GRAD_EPS))), dp, p.ndim)]
+    terms = [autodiff.contract(coef(-xmul(y, 1 / jnp.maximum(p, _GRAD_EPS))), dp, p.ndim)]
     if dy is not None:
-        terms.append(_forward.contract(coef(-_clamped_log(p)), dy, p.ndim))
-    return _forward.total(p.shape, p.dtype, *terms)
+        terms.append(autodiff.contract(coef(-_clamped_log(p)), dy, p.ndim))
+    return autodiff.total(p.shape, p.dtype, *terms)
 
 
 # Residuals in reverse mode: the inputs only.
-_cce_terms = _forward.lean_jvp(_cce_value, _cce_tangent)
+_cce_terms = autodiff.lean_jvp(_cce_value, _cce_tangent)
 
 
 def categorical_cross_entropy(
@@ -221,18 +221,18 @@ def categorical_cross_entropy(
       >>> jbce.categorical_cross_entropy(p, y)
       Array(0.5536..., dtype=float32)
     """
-    p, axes, _ = _checks.class_axes("probs", probs, axis)
-    labels = _checks.as_array("labels", labels)
-    _checks.check_shape("labels", labels, p.shape, f"to match probs {p.shape}")
-    _checks.check_reduction(reduction)
-    e = _checks.hyperparameter("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    p, axes, _ = checks.class_axes("probs", probs, axis)
+    labels = checks.as_array("labels", labels)
+    checks.check_shape("labels", labels, p.shape, f"to match probs {p.shape}")
+    checks.check_reduction(reduction)
+    e = checks.hyperparameter("label_smoothing", label_smoothing, low=0.0, high=1.0)
     bshape = batch_shape(p.shape, axes)
     dt = compute_dtype(p, labels, weights, e)
     class_mask = rows = None
     if where is not None:
-        w = _checks.as_array("where", where).astype(bool)
+        w = checks.as_array("where", where).astype(bool)
         if w.ndim == p.ndim and p.ndim > len(bshape):
-            _checks.check_broadcastable("where", w, "probs", p.shape)
+            checks.check_broadcastable("where", w, "probs", p.shape)
             class_mask = to_rows(jnp.broadcast_to(w, p.shape), axes)
         else:
             rows = _row_where(w, bshape)
@@ -240,12 +240,12 @@ def categorical_cross_entropy(
     if not jnp.issubdtype(labels.dtype, jnp.floating):
         labels = labels.astype(dt)
     y = to_rows(labels, axes)
-    _checks.debug_check_unit_interval("probs", x)
-    _checks.debug_check_unit_interval("labels", y)
+    checks.debug_check_unit_interval("probs", x)
+    checks.debug_check_unit_interval("labels", y)
     if weights is not None:
-        _checks.check_broadcastable("weights", weights, "the batch shape", bshape)
-        weights = _checks.as_array("weights", weights).astype(dt)
-    if not _checks.is_zero(e):
+        checks.check_broadcastable("weights", weights, "the batch shape", bshape)
+        weights = checks.as_array("weights", weights).astype(dt)
+    if not checks.is_zero(e):
         y = to_compute(y, dt)
         k = x.shape[-1] if class_mask is None else jnp.sum(class_mask, -1, keepdims=True)
         k = jnp.maximum(jnp.asarray(k, dt), 1)
@@ -253,7 +253,7 @@ def categorical_cross_entropy(
     terms = _cce_terms(x, y, class_mask, rows)
     if class_mask is not None:  # a masked-out class's term is dropped, NaN or not
         terms = jnp.where(class_mask, terms, jnp.zeros((), terms.dtype))
-        rows = _checks.both(rows, jnp.any(class_mask, axis=-1))
+        rows = checks.both(rows, jnp.any(class_mask, axis=-1))
     loss = jnp.sum(terms, axis=-1)
     return reduce_loss(
         loss,

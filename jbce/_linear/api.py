@@ -1,9 +1,9 @@
 """Fused linear + softmax cross-entropy: the loss of ``hidden @ weight + bias`` without the logits.
 
 For a language model the ``[N, V]`` logits dominate training memory. This API validates the
-arguments and builds the loss from per-token softmax statistics (:mod:`jbce._stats`, the
+arguments and builds the loss from per-token softmax statistics (:mod:`jbce._softmax.stats`, the
 same assembly as the materialised loss, so every option means exactly what it means there)
-computed by the tiled implementation in :mod:`jbce._linear_xla`.
+computed by the tiled implementation in :mod:`jbce._linear.chunked_xla`.
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ import jax.numpy as jnp
 from jax import lax
 from jax.typing import ArrayLike
 
-from jbce import _checks, _forward, _linear_pallas, _stats
-from jbce._dtypes import compute_dtype
-from jbce._linear_xla import linear_stats, tile_sizes
-from jbce._reduce import reduce_loss
+from jbce._core import autodiff, checks
+from jbce._core.dtypes import compute_dtype
+from jbce._core.reduce import reduce_loss
+from jbce._linear import pallas as _linear_pallas
+from jbce._linear.chunked_xla import linear_stats, tile_sizes
+from jbce._softmax import stats as _stats
 
 IMPLEMENTATIONS = ("xla", "pallas")
 
@@ -130,33 +132,33 @@ def linear_softmax_cross_entropy(
       [(2, 2), (2, 3)]
     """
     hidden, weight, labels, bias, bshape = linear_operands(hidden, weight, labels, bias)
-    _checks.check_reduction(reduction)
+    checks.check_reduction(reduction)
     if implementation not in (None, *IMPLEMENTATIONS):
         raise ValueError(
             f"implementation must be None or one of {IMPLEMENTATIONS}; got {implementation!r}"
         )
     check_chunk_size(chunk_size)
-    ignore_index = _checks.check_ignore_index(ignore_index)
-    e = _checks.hyperparameter("label_smoothing", label_smoothing, low=0.0, high=1.0)
-    z = _checks.hyperparameter("z_loss", z_loss, low=0.0)
+    ignore_index = checks.check_ignore_index(ignore_index)
+    e = checks.hyperparameter("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    z = checks.hyperparameter("z_loss", z_loss, low=0.0)
     cap = None
     if logit_softcap is not None:
-        cap = _checks.hyperparameter("logit_softcap", logit_softcap, low=0.0, low_open=True)
+        cap = checks.hyperparameter("logit_softcap", logit_softcap, low=0.0, low_open=True)
     dt = compute_dtype(hidden, weight, bias, weights, class_weights, e, z, cap)
     (n, _), v = hidden.shape, weight.shape[1]
     num_classes = v if axis_name is None else v * lax.axis_size(axis_name)
-    weights, cw, rows = _checks.integer_label_options(
+    weights, cw, rows = checks.integer_label_options(
         labels, bshape, v, weights=weights, class_weights=class_weights,
         ignore_index=ignore_index, num_classes=num_classes, dtype=dt,
     )  # fmt: skip
-    smoothing = not _checks.is_zero(e)
+    smoothing = not checks.is_zero(e)
     _linear_pallas.check_options(implementation, chunk_size, gradient_filter, dt)
     glob = {"normalizer": normalizer, "batch_axis_name": batch_axis_name}
     if n == 0:
         loss = jnp.zeros(bshape, dt)
         return reduce_loss(loss, reduction=reduction, weights=weights, **glob)
     if implementation == "pallas":
-        with _forward.reverse_only("linear_softmax_cross_entropy"):
+        with autodiff.reverse_only("linear_softmax_cross_entropy"):
             st = _linear_pallas.linear_stats(
                 hidden, weight, bias, labels.reshape(n), cw,
                 None if cap is None else jnp.asarray(cap, dt),
@@ -165,7 +167,7 @@ def linear_softmax_cross_entropy(
             )  # fmt: skip
     else:
         tn, tv = tile_sizes(n, v, chunk_size)
-        with _forward.reverse_only("linear_softmax_cross_entropy"):
+        with autodiff.reverse_only("linear_softmax_cross_entropy"):
             st = linear_stats(
                 hidden, weight, bias, labels.reshape(n), cw,
                 None if cap is None else jnp.asarray(cap, dt),
@@ -191,10 +193,10 @@ def linear_softmax_cross_entropy(
 def hidden_and_weight(hidden, weight):
     """``(hidden, weight, batch shape)`` checked: float ``hidden`` ``[..., D]`` and ``weight``
     ``[D, V]`` with at least one class (every fused linear op's first two operands)."""
-    hidden = _checks.as_array("hidden", hidden)
-    weight = _checks.as_array("weight", weight)
-    _checks.check_float("hidden", hidden)
-    _checks.check_float("weight", weight)
+    hidden = checks.as_array("hidden", hidden)
+    weight = checks.as_array("weight", weight)
+    checks.check_float("hidden", hidden)
+    checks.check_float("weight", weight)
     if hidden.ndim < 1:
         raise ValueError(f"hidden must have shape [..., D]; got {hidden.shape}")
     d = hidden.shape[-1]
@@ -213,12 +215,12 @@ def linear_operands(hidden, weight, labels, bias):
     ``hidden`` ``[..., D]`` flattened to ``[N, D]``, ``weight`` ``[D, V]``, int32 labels of
     ``hidden``'s batch shape (flattened to ``[N]``) and an optional ``[V]`` bias."""
     hidden, weight, bshape = hidden_and_weight(hidden, weight)
-    labels = _checks.integer_labels("labels", labels)
-    _checks.check_shape("labels", labels, bshape, f"to match hidden {hidden.shape} without D")
+    labels = checks.integer_labels("labels", labels)
+    checks.check_shape("labels", labels, bshape, f"to match hidden {hidden.shape} without D")
     if bias is not None:
-        bias = _checks.as_array("bias", bias)
-        _checks.check_float("bias", bias)
-        _checks.check_shape("bias", bias, (weight.shape[1],), f"to match weight {weight.shape}")
+        bias = checks.as_array("bias", bias)
+        checks.check_float("bias", bias)
+        checks.check_shape("bias", bias, (weight.shape[1],), f"to match weight {weight.shape}")
     return hidden.reshape(math.prod(bshape), hidden.shape[-1]), weight, labels, bias, bshape
 
 

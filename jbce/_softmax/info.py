@@ -1,10 +1,10 @@
 """Information measures behind cross-entropy: entropy, KL divergence (CE = H + KL) and the
 generalised Jensen-Shannon divergence used for distillation.
 
-The divergences are built on the cores of :mod:`jbce._softmax_terms`, whose derivatives
-(forward and reverse mode, :mod:`jbce._forward`) save the inputs and a few floats per row,
+The divergences are built on the cores of :mod:`jbce._softmax.terms`, whose derivatives
+(forward and reverse mode, :mod:`jbce._core.autodiff`) save the inputs and a few floats per row,
 never a distribution; weights, masks and
-reductions are applied by :mod:`jbce._reduce`.
+reductions are applied by :mod:`jbce._core.reduce`.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jbce import _checks, _forward
-from jbce._dtypes import compute_dtype, to_compute
-from jbce._reduce import check_global_options, divide_globally, reduce_loss
-from jbce._softmax import batch_shape, to_rows
-from jbce._softmax_focal import soft_inputs
-from jbce._softmax_terms import jsd_loss, term_loss
+from jbce._core import autodiff, checks
+from jbce._core.dtypes import compute_dtype, to_compute
+from jbce._core.reduce import check_global_options, divide_globally, reduce_loss
+from jbce._softmax.api import batch_shape, to_rows
+from jbce._softmax.focal import soft_inputs
+from jbce._softmax.terms import jsd_loss, term_loss
 
 
 def _neg_xlogx_value(p: jax.Array) -> jax.Array:
@@ -35,11 +35,11 @@ def _neg_xlogx_tangent(primals, _, tangents):
     # number instead of 0, so the derivative is large but finite.
     tiny = jnp.finfo(p.dtype).tiny
     coef = -(jnp.log(jnp.maximum(p, tiny)) + 1)
-    return _forward.total(p.shape, p.dtype, _forward.contract(coef, dp, p.ndim))
+    return autodiff.total(p.shape, p.dtype, autodiff.contract(coef, dp, p.ndim))
 
 
 # Residual in reverse mode: the input only.
-_neg_xlogx = _forward.lean_jvp(_neg_xlogx_value, _neg_xlogx_tangent)
+_neg_xlogx = autodiff.lean_jvp(_neg_xlogx_value, _neg_xlogx_tangent)
 
 
 def entropy(probs: ArrayLike, *, axis: int | Sequence[int] = -1) -> jax.Array:
@@ -60,11 +60,11 @@ def entropy(probs: ArrayLike, *, axis: int | Sequence[int] = -1) -> jax.Array:
       >>> jbce.entropy(jnp.array([0.5, 0.5, 0.0]))
       Array(0.693147..., dtype=float32)
     """
-    probs = _checks.as_array("probs", probs)
-    _checks.check_float("probs", probs)
-    axes = _checks.canonical_axes(axis, probs.ndim, "probs")
+    probs = checks.as_array("probs", probs)
+    checks.check_float("probs", probs)
+    axes = checks.canonical_axes(axis, probs.ndim, "probs")
     p = to_rows(to_compute(probs, compute_dtype(probs)), axes)
-    _checks.debug_check_unit_interval("probs", p)
+    checks.debug_check_unit_interval("probs", p)
     h = jnp.sum(_neg_xlogx(p), axis=-1)
     return h.reshape(batch_shape(probs.shape, axes))
 
@@ -81,7 +81,7 @@ def _reduce(loss, reduction, weights, rows, bshape, normalizer, batch_axis_name)
 
 def _reduction(reduction):
     if reduction != "batchmean":
-        _checks.check_reduction(reduction)
+        checks.check_reduction(reduction)
     return "none" if reduction == "batchmean" else reduction
 
 
@@ -151,7 +151,7 @@ def kl_divergence(
         logits, labels, axis=axis, weights=weights, where=where, reduction=red
     )
     if not log_labels:
-        _checks.debug_check_unit_interval("labels", y)
+        checks.debug_check_unit_interval("labels", y)
     loss = term_loss(x, y, None, None, mask, rows, "kl", bool(log_labels), dt)
     return _reduce(loss, reduction, weights, rows, bshape, normalizer, batch_axis_name)
 
@@ -229,13 +229,13 @@ def jensen_shannon_divergence(
       Array(0.693147..., dtype=float32)
     """
     red = _reduction(reduction)
-    _checks.check_float("teacher_logits", _checks.as_array("teacher_logits", teacher_logits))
+    checks.check_float("teacher_logits", checks.as_array("teacher_logits", teacher_logits))
     x, t, weights, mask, rows, dt, bshape = soft_inputs(
         logits, teacher_logits, axis=axis, weights=weights, where=where, reduction=red,
         options=(beta, temperature), labels_name="teacher_logits",
     )  # fmt: skip
-    b = _checks.hyperparameter("beta", beta, low=0.0, high=1.0)
-    temp = _checks.hyperparameter("temperature", temperature, low=0.0, low_open=True)
+    b = checks.hyperparameter("beta", beta, low=0.0, high=1.0)
+    temp = checks.hyperparameter("temperature", temperature, low=0.0, low_open=True)
     if isinstance(b, jax.Array):
         mode = "traced"
     else:

@@ -7,12 +7,12 @@ passing in what it computes of a tile.
 - Forward (:func:`tiled_stats`): a loop over vocabulary chunks (and, for very long
   inputs, token chunks inside it) computes one ``[token_chunk, vocab_chunk]`` tile of
   logits at a time, takes its per-token statistics and merges them into each token's
-  running statistics (an online log-sum-exp: :func:`jbce._stats.merge` for the
-  cross-entropy, :func:`jbce._entropy_stats.merge` for log-probabilities and entropy).
+  running statistics (an online log-sum-exp: :func:`jbce._softmax.stats.merge` for the
+  cross-entropy, :func:`jbce._softmax.entropy_stats.merge` for log-probabilities and entropy).
   Only the per-token statistics leave the loop.
 - Backward (:func:`tiled_grads`): the same walk recomputes each tile, turns it into its
-  slice of ``d logits`` (:func:`jbce._stats.logits_grad`, the formula every softmax loss
-  uses, or :func:`jbce._entropy_stats.logits_grad`) and accumulates ``d hidden`` (in the
+  slice of ``d logits`` (:func:`jbce._softmax.stats.logits_grad`, the formula every softmax loss
+  uses, or :func:`jbce._softmax.entropy_stats.logits_grad`) and accumulates ``d hidden`` (in the
   compute dtype), ``d bias`` and per-class gradients (class weights); each ``d weight``
   chunk is complete after its vocabulary step and is written once, in ``weight``'s dtype,
   so no ``[D, V]`` accumulator in float32 exists for bf16 weights.
@@ -34,7 +34,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jbce import _entropy_stats, _stats, _vma
+from jbce._core import sharding
+from jbce._softmax import entropy_stats as _entropy_stats
+from jbce._softmax import stats as _stats
 
 # Logits in one tile when the token chunk is picked automatically: 2**23 float32 logits are
 # 32 MiB; a tile holds the logits and their gradient. Few, large tiles keep the number of
@@ -144,7 +146,7 @@ def tiled_stats(hidden, weight, bias, labels, columns, params, tile_stats, merge
       init: the statistics of no class, ``[N]`` leaves.
     """
     n, v = hidden.shape[0], weight.shape[1]
-    vary = _vma.varying_like(hidden, weight, bias, labels, *columns, *params)
+    vary = sharding.varying_like(hidden, weight, bias, labels, *columns, *params)
     count, take = _token_slices(n, tn)
 
     def vocab_chunk(j, acc):
@@ -188,7 +190,7 @@ def tiled_grads(hidden, weight, bias, labels, columns, params, per_row, tile_gra
     """
     n, d = hidden.shape
     v = weight.shape[1]
-    vary = _vma.varying_like(hidden, weight, bias, labels, *columns, *params,
+    vary = sharding.varying_like(hidden, weight, bias, labels, *columns, *params,
                              *jax.tree.leaves(per_row))  # fmt: skip
     count, take = _token_slices(n, tn)
 
@@ -266,7 +268,7 @@ def _cotangents(*pairs):
         elif g is None:
             out.append(jnp.zeros(x.shape, jax.dtypes.float0))
         else:
-            out.append(_vma.psum_to_like(g.astype(x.dtype), x))
+            out.append(sharding.psum_to_like(g.astype(x.dtype), x))
     return tuple(out)
 
 
@@ -303,7 +305,7 @@ def _ce_tile_grad(z, local, fresh, keep, columns, params, per_row):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
 def linear_stats(hidden, weight, bias, labels, class_weights, cap, rows, dtype, tn, tv, sums,
                  axis_name):  # fmt: skip
-    """Per-token :class:`jbce._stats.Stats` of ``hidden @ weight + bias`` (soft-capped with
+    """Per-token :class:`jbce._softmax.stats.Stats` of ``hidden @ weight + bias`` (soft-capped with
     ``cap``), with ``class_weights`` ``[V]`` (or None); with ``axis_name`` ``weight`` (and
     ``bias``, ``class_weights``) hold this shard's vocabulary columns, labels are global ids
     and the statistics are global (replicated). ``rows`` (``[N]`` boolean or None): the
@@ -364,7 +366,8 @@ def _entropy_tile_grad(z, local, fresh, keep, columns, params, per_row):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
 def linear_entropy_stats(hidden, weight, bias, labels, temperature, dtype, tn, tv, axis_name):
-    """Per-token :class:`jbce._entropy_stats.EntropyStats` of ``(hidden @ weight + bias) / T``
+    """Per-token :class:`jbce._softmax.entropy_stats.EntropyStats` of
+    ``(hidden @ weight + bias) / T``
     (``temperature`` a scalar array, or None for 1); with ``axis_name`` ``weight`` and
     ``bias`` hold this shard's vocabulary columns, labels are global ids and the statistics
     are global (replicated)."""

@@ -37,7 +37,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jbce._math import xmul
+from jbce._core.math import xmul
 
 
 class Stats(NamedTuple):
