@@ -1,5 +1,7 @@
 """jbce: exact, fast cross-entropy losses for JAX with hand-written gradients."""
 
+from importlib import metadata as _metadata
+
 from jbce._binary.api import binary_cross_entropy, sigmoid_binary_cross_entropy, sigmoid_focal_loss
 from jbce._binary.gan import discriminator_loss, generator_loss
 from jbce._linear.api import linear_softmax_cross_entropy
@@ -35,4 +37,7 @@ __all__ = [
     "softmax_focal_loss_with_integer_labels",
 ]
 
-__version__ = "0.1.0"
+try:  # the one version: the installed package's metadata (pyproject.toml's)
+    __version__ = _metadata.version("jbce")
+except _metadata.PackageNotFoundError:  # a source tree on sys.path, never installed
+    __version__ = "0+unknown"

@@ -17,7 +17,7 @@ from jax.typing import ArrayLike
 
 from jbce._core import autodiff, checks
 from jbce._core.dtypes import compute_dtype, to_compute
-from jbce._core.math import xmul
+from jbce._core.math import safe_pow, xmul
 from jbce._core.reduce import reduce_loss
 from jbce._core.sharding import pvary_like
 
@@ -142,7 +142,7 @@ def _prepare(name_x, x, labels, weights, where, extra=()):
 
 
 def _label_smoothing(label_smoothing):
-    return checks.hyperparameter("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    return checks.hyperparameter("label_smoothing", label_smoothing)
 
 
 def sigmoid_binary_cross_entropy(
@@ -319,7 +319,7 @@ def _focal_value(x, y, gamma, keep, dtype):
     del keep  # masks the derivatives only
     x, y, gamma = _inputs(dtype, x, y, gamma)
     _, _, ce, m = _focal_parts(x, y)
-    return xmul(ce, m**gamma)
+    return xmul(ce, safe_pow(m, gamma))
 
 
 def _focal_tangent(primals, _, tangents, dtype):
@@ -327,7 +327,7 @@ def _focal_tangent(primals, _, tangents, dtype):
     dx0, dy0, dgamma0, _ = tangents
     x, y, gamma = _inputs(dtype, x0, y0, gamma0)
     s_pos, s_neg, ce, m = _focal_parts(x, y)
-    mg = m**gamma
+    mg = safe_pow(m, gamma)
     # dm/dx = (1 - 2y) sigmoid(x) sigmoid(-x); use (dm/dx) / m, which stays bounded, so the
     # gamma * ce * m^(gamma-1) * dm/dx term is finite for every gamma >= 0 (gamma < 1 too).
     dm = (1 - 2 * y) * s_pos * s_neg
@@ -399,9 +399,9 @@ def sigmoid_focal_loss(
     """
     x, y, weights, where, dt = _prepare("logits", logits, labels, weights, where)
     checks.check_reduction(reduction)
-    gamma = checks.hyperparameter("gamma", gamma, low=0.0)
+    gamma = checks.hyperparameter("gamma", gamma)
     if alpha is not None:
-        alpha = checks.hyperparameter("alpha", alpha, low=0.0, high=1.0)
+        alpha = checks.hyperparameter("sigmoid_focal_loss:alpha", alpha)
     checks.debug_check_unit_interval("labels", y)
     y, g = _like_logits(x, y, jnp.asarray(gamma, dt))
     loss = _focal(x, y, g, where, jnp.dtype(dt))

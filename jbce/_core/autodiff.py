@@ -27,13 +27,14 @@ the coefficients: an excluded NaN or infinite input gets exactly zero gradient.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
+
+from jbce._core import sharding
 
 
 def lean_jvp(fun: Callable, tangent_map: Callable, *, num_static: int = 0, saved=None):
@@ -138,27 +139,6 @@ def keep_where(mask: jax.Array | None, v: jax.Array) -> jax.Array:
     return jnp.where(mask, v, jnp.zeros((), v.dtype))
 
 
-def unsupported(name: str):
-    """The error of a jbce loss that has reverse-mode derivatives only."""
-    return TypeError(
-        f"jbce.{name} supports reverse-mode derivatives only (jax.grad, jax.vjp, jax.jacrev); "
-        "for a Hessian use jax.jacrev(jax.grad(f)) instead of jax.hessian, and jax.jacrev "
-        "instead of jax.jacfwd or jax.jvp."
-    )
-
-
-@contextlib.contextmanager
-def reverse_only(name: str):
-    """Turns JAX's generic "can't apply forward-mode autodiff (jvp) to a custom_vjp function"
-    raised inside the block into :func:`unsupported`'s error naming the jbce loss."""
-    try:
-        yield
-    except TypeError as e:
-        if "forward-mode" in str(e) and "custom_vjp" in str(e):
-            raise unsupported(name) from e
-        raise
-
-
 def first_order_only(name: str, alternative: str):
     """An identity whose derivative raises: wraps the cotangents a ``custom_vjp`` backward
     pass returns when its second derivatives are not right, so ``jax.hessian`` or
@@ -176,3 +156,26 @@ def first_order_only(name: str, alternative: str):
         )
 
     return identity
+
+
+def cotangents(*pairs, first_order=None):
+    """The cotangents a ``custom_vjp`` backward pass returns, one per ``(primal, gradient)``:
+    None for a None primal, float0 zeros for an integer or boolean one (gradient None), else
+    the gradient in the primal's dtype.
+
+    Inside ``shard_map`` an input replicated over a mesh axis its gradient varies on
+    (weight under data parallelism, hidden under vocabulary parallelism) gets the sum over
+    it (:func:`jbce._core.sharding.psum_to_like`). ``first_order`` (a
+    :func:`first_order_only` identity, or None) wraps each float cotangent, so that a second
+    derivative through the backward pass raises.
+    """
+    out = []
+    for x, g in pairs:
+        if x is None:
+            out.append(None)
+        elif g is None:
+            out.append(jnp.zeros(jnp.shape(x), jax.dtypes.float0))
+        else:
+            ct = sharding.psum_to_like(g.astype(x.dtype), x)
+            out.append(ct if first_order is None else first_order(ct))
+    return tuple(out)

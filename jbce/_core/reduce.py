@@ -20,7 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jbce._core.checks import check_reduction, hyperparameter
+from jbce._core import checks
 
 
 def apply_mask(values: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -50,22 +50,6 @@ def global_sum(x, axis_name):
     return x if axis_name is None else jax.lax.psum(x, axis_name)
 
 
-def check_global_options(reduction: str, normalizer, batch_axis_name) -> None:
-    """``normalizer`` only means something for a mean; ``batch_axis_name`` is a name."""
-    if normalizer is not None:
-        if reduction not in ("mean", "batchmean"):
-            raise ValueError(
-                "normalizer replaces the denominator of a mean; it needs "
-                f'reduction="mean"; got reduction={reduction!r}'
-            )
-        hyperparameter("normalizer", normalizer, low=0.0)
-    if batch_axis_name is not None and not isinstance(batch_axis_name, (str, tuple)):
-        raise TypeError(
-            "batch_axis_name must be a mesh axis name (a str, or a tuple of them); got "
-            f"{type(batch_axis_name).__name__}"
-        )
-
-
 def divide_globally(total, den, *, normalizer=None, batch_axis_name=None):
     """``total / den`` summed over ``batch_axis_name``; ``normalizer`` replaces ``den``."""
     if normalizer is not None:
@@ -87,12 +71,14 @@ def reduce_loss(
     denominator_weights: jax.Array | None = None,
     normalizer: jax.Array | float | None = None,
     batch_axis_name: str | tuple[str, ...] | None = None,
+    batch_size: int | None = None,
 ) -> jax.Array:
     """Applies weights, mask and reduction to per-term losses ``values``.
 
     Args:
       values: per-term losses, in the compute dtype.
-      reduction: ``"none"``, ``"sum"`` or ``"mean"``.
+      reduction: ``"none"``, ``"sum"`` or ``"mean"``; ``"batchmean"`` (PyTorch's, for the
+        divergences) where ``batch_size`` is given: the sum over ``batch_size``.
       weights: optional multiplier of each term, broadcastable to ``values``.
       where: optional boolean mask broadcastable to ``values``; False excludes a term.
       denominator_weights: optional per-term weight of the mean's denominator
@@ -101,12 +87,15 @@ def reduce_loss(
         total over a whole batch when this call sees a micro-batch of it.
       batch_axis_name: optional mesh axis (or axes) the batch is sharded on: ``"sum"`` and
         ``"mean"`` sum numerator and denominator over it (``"none"`` is unaffected).
+      batch_size: the denominator of ``"batchmean"`` (the size of the first batch axis).
 
     Returns:
       ``values``'s shape for ``"none"`` (0 where excluded), else a scalar.
     """
-    check_reduction(reduction)
-    check_global_options(reduction, normalizer, batch_axis_name)
+    checks.check_reduction(
+        reduction, normalizer=normalizer, batch_axis_name=batch_axis_name,
+        batchmean=batch_size is not None,
+    )  # fmt: skip
     mask = None if where is None else jnp.broadcast_to(where, values.shape)
     # Masked first: an excluded term (NaN or not) then gives its weight a zero gradient too.
     values = apply_mask(values, mask)
@@ -117,8 +106,8 @@ def reduce_loss(
     total = jnp.sum(values)
     if reduction == "sum":
         return global_sum(total, batch_axis_name)
-    if normalizer is not None:
-        den = None
+    if normalizer is not None or reduction == "batchmean":
+        den = batch_size
     elif denominator_weights is None:
         den = values.size if mask is None else jnp.sum(mask, dtype=values.dtype)
     else:

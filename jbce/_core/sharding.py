@@ -46,7 +46,8 @@ def pvary_like(x: jax.Array, like: jax.Array) -> jax.Array:
 
 
 def varying_like(*refs):
-    """A function marking an array as varying over every mesh axis one of ``refs`` varies on.
+    """A function marking an array as varying over every mesh axis one of ``refs`` varies on
+    (its ``axes`` attribute: those axes, empty outside ``shard_map``).
 
     A loop carry inside ``shard_map`` must keep its type: the zeros a loop starts from are
     replicated while the tiles of a sharded operand are not. A no-op elsewhere.
@@ -57,4 +58,22 @@ def varying_like(*refs):
         extra = tuple(sorted(axes - _varying_axes(x)))
         return jax.lax.pcast(x, extra, to="varying") if extra else x
 
+    vary.axes = axes
     return vary
+
+
+def local_labels(labels, num_local: int, axis_name):
+    """Global class ids as indices into this shard's ``num_local`` classes (outside
+    ``[0, num_local)`` where the class is on another shard): shard ``i`` of ``axis_name``
+    owns classes ``[i * num_local, (i + 1) * num_local)``. Unchanged without ``axis_name``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jbce._core.sharding import local_labels
+      >>> jax.vmap(lambda _: local_labels(jnp.array([0, 5]), 4, "v"), axis_name="v")(jnp.ones(2))
+      Array([[ 0,  5],
+             [-4,  1]], dtype=int32)
+    """
+    if labels is None or axis_name is None:
+        return labels
+    return labels - jax.lax.axis_index(axis_name).astype(labels.dtype) * num_local

@@ -8,22 +8,58 @@ computed by the tiled implementation in :mod:`jbce._linear.chunked_xla`.
 
 from __future__ import annotations
 
-import math
-import numbers
+import dataclasses
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.typing import ArrayLike
 
-from jbce._core import autodiff, checks
+from jbce._core import checks
 from jbce._core.dtypes import compute_dtype
 from jbce._core.reduce import reduce_loss
-from jbce._linear import pallas as _linear_pallas
-from jbce._linear.chunked_xla import linear_stats, tile_sizes
+from jbce._linear import chunked_xla
 from jbce._softmax import stats as _stats
 
-IMPLEMENTATIONS = ("xla", "pallas")
+
+@dataclasses.dataclass(frozen=True)
+class Fused:
+    """The static options an implementation of the fused statistics takes."""
+
+    dtype: jnp.dtype
+    chunk_size: int | tuple[int, int] | None
+    smoothing: bool
+    axis_name: str | None
+    gradient_filter: float | None
+
+
+def _xla(hidden, weight, bias, labels, class_weights, cap, rows, fused: Fused):
+    tn, tv = chunked_xla.tile_sizes(hidden.shape[0], weight.shape[1], fused.chunk_size)
+    walk = chunked_xla.Walk(fused.dtype, tn, tv, fused.axis_name, fused.smoothing)
+    return chunked_xla.linear_stats(hidden, weight, bias, labels, class_weights, cap, rows, walk)
+
+
+def _pallas(hidden, weight, bias, labels, class_weights, cap, rows, fused: Fused):
+    # Imported here: Pallas costs about a quarter of a second to import, for every user of
+    # jbce, and only this implementation needs it.
+    from jbce._linear import pallas
+
+    kernels = pallas.Kernels(
+        fused.smoothing, fused.gradient_filter, fused.axis_name, pallas.interpreting()
+    )
+    return pallas.linear_stats(hidden, weight, bias, labels, class_weights, cap, rows, kernels)
+
+
+# The implementations of the per-token statistics, by ``implementation=`` name.
+IMPLEMENTATIONS = {
+    # The tiled XLA loop (chunked_xla), on every platform.
+    "xla": _xla,
+    # Pallas kernels: Triton on CUDA GPUs, Mosaic on TPUs; on a CPU (no compiled Pallas
+    # backend) the XLA loop, chosen when the program is lowered.
+    "pallas": _pallas,
+}
+# What implementation=None picks, on every platform: the XLA loop, until the Pallas kernels
+# are measured faster on hardware.
+DEFAULT = "xla"
 
 
 def linear_softmax_cross_entropy(
@@ -103,13 +139,17 @@ def linear_softmax_cross_entropy(
         The kernels compute in float32 (float64 inputs are refused) and choose their own
         block sizes (``chunk_size`` must be None).
         Not the default until measured faster on hardware.
-      gradient_filter: ``"pallas"`` only: skip, in the backward pass, a tile whose every
-        softmax probability is below this threshold and that holds no token's label (Cut
-        Cross-Entropy's gradient filtering, whose default is ``jnp.finfo(dtype).eps / 32``
-        for the inputs' dtype: 2**-12 for bfloat16). Each gradient entry it drops is below
-        the threshold times the token's cotangent. ``None`` (the default) filters nothing:
-        the gradient is exact. With label smoothing no tile is skipped (every class has a
-        gradient).
+      gradient_filter: ``"pallas"`` only: skip, in the backward pass, a tile that holds no
+        token's label and whose every gradient entry :math:`|\partial L / \partial x_{nc}|`
+        is below this threshold times its token's label term :math:`w_{y_n} |\bar g_n|`
+        (:math:`\bar g_n` the cotangent of the token's loss; the size of the label's own
+        gradient entry). So each entry it drops is below ``gradient_filter`` times
+        :math:`w_{y_n} |\bar g_n|`, whatever the class weights or z-loss; without them the
+        test is Cut Cross-Entropy's :math:`p_{nc}` < threshold (its default is
+        ``jnp.finfo(dtype).eps / 32`` for the inputs' dtype: 2**-12 for bfloat16). A token
+        whose label has class weight 0 is never filtered. ``None`` (the default) filters
+        nothing: the gradient is exact. With label smoothing no tile is skipped (every class
+        has a gradient).
       axis_name: mesh axis over which ``weight``'s (and ``bias``'s) vocabulary axis is
         sharded: each shard passes its ``[D, V / n]`` columns (and ``[V / n]`` of ``bias`` and
         ``class_weights``; shard ``i`` owning classes
@@ -131,49 +171,35 @@ def linear_softmax_cross_entropy(
       >>> [g.shape for g in grads]
       [(2, 2), (2, 3)]
     """
-    hidden, weight, labels, bias, bshape = linear_operands(hidden, weight, labels, bias)
+    hidden, weight, labels, bias, bshape = checks.linear_operands(hidden, weight, labels, bias)
     checks.check_reduction(reduction)
-    if implementation not in (None, *IMPLEMENTATIONS):
-        raise ValueError(
-            f"implementation must be None or one of {IMPLEMENTATIONS}; got {implementation!r}"
-        )
-    check_chunk_size(chunk_size)
+    checks.implementation(implementation, IMPLEMENTATIONS)
+    checks.check_chunk_size(chunk_size)
     ignore_index = checks.check_ignore_index(ignore_index)
-    e = checks.hyperparameter("label_smoothing", label_smoothing, low=0.0, high=1.0)
-    z = checks.hyperparameter("z_loss", z_loss, low=0.0)
+    e = checks.hyperparameter("label_smoothing", label_smoothing)
+    z = checks.hyperparameter("z_loss", z_loss)
     cap = None
     if logit_softcap is not None:
-        cap = checks.hyperparameter("logit_softcap", logit_softcap, low=0.0, low_open=True)
+        cap = checks.hyperparameter("logit_softcap", logit_softcap)
     dt = compute_dtype(hidden, weight, bias, weights, class_weights, e, z, cap)
     (n, _), v = hidden.shape, weight.shape[1]
-    num_classes = v if axis_name is None else v * lax.axis_size(axis_name)
+    num_classes = v if axis_name is None else v * checks.axis_size("axis_name", axis_name)
     weights, cw, rows = checks.integer_label_options(
         labels, bshape, v, weights=weights, class_weights=class_weights,
         ignore_index=ignore_index, num_classes=num_classes, dtype=dt,
     )  # fmt: skip
-    smoothing = not checks.is_zero(e)
-    _linear_pallas.check_options(implementation, chunk_size, gradient_filter, dt)
+    checks.pallas_options(implementation, chunk_size, gradient_filter, dt)
     glob = {"normalizer": normalizer, "batch_axis_name": batch_axis_name}
     if n == 0:
         loss = jnp.zeros(bshape, dt)
         return reduce_loss(loss, reduction=reduction, weights=weights, **glob)
-    if implementation == "pallas":
-        with autodiff.reverse_only("linear_softmax_cross_entropy"):
-            st = _linear_pallas.linear_stats(
-                hidden, weight, bias, labels.reshape(n), cw,
-                None if cap is None else jnp.asarray(cap, dt),
-                None if rows is None else rows.reshape(n),
-                smoothing, gradient_filter, axis_name, _linear_pallas.interpreting(),
-            )  # fmt: skip
-    else:
-        tn, tv = tile_sizes(n, v, chunk_size)
-        with autodiff.reverse_only("linear_softmax_cross_entropy"):
-            st = linear_stats(
-                hidden, weight, bias, labels.reshape(n), cw,
-                None if cap is None else jnp.asarray(cap, dt),
-                None if rows is None else rows.reshape(n),
-                dt, tn, tv, smoothing, axis_name,
-            )  # fmt: skip
+    threshold = checks.static_number(gradient_filter)
+    fused = Fused(dt, chunk_size, not checks.is_zero(e), axis_name, threshold)
+    st = IMPLEMENTATIONS[implementation or DEFAULT](
+        hidden, weight, bias, labels.reshape(n), cw,
+        None if cap is None else jnp.asarray(cap, dt),
+        None if rows is None else rows.reshape(n), fused,
+    )  # fmt: skip
     st = _stats.Stats(*(None if f is None else f.reshape(bshape) for f in st))
     loss, has = _stats.loss_terms(
         st, labels, num_classes=num_classes, label_smoothing=e, z_loss=z,
@@ -188,52 +214,3 @@ def linear_softmax_cross_entropy(
         denominator_weights=None if cw is None else st.target_weight,
         **glob,
     )
-
-
-def hidden_and_weight(hidden, weight):
-    """``(hidden, weight, batch shape)`` checked: float ``hidden`` ``[..., D]`` and ``weight``
-    ``[D, V]`` with at least one class (every fused linear op's first two operands)."""
-    hidden = checks.as_array("hidden", hidden)
-    weight = checks.as_array("weight", weight)
-    checks.check_float("hidden", hidden)
-    checks.check_float("weight", weight)
-    if hidden.ndim < 1:
-        raise ValueError(f"hidden must have shape [..., D]; got {hidden.shape}")
-    d = hidden.shape[-1]
-    if weight.ndim != 2 or weight.shape[0] != d:
-        raise ValueError(
-            f"weight must have shape ({d}, V) to match hidden {hidden.shape}; got {weight.shape}"
-            " (a Flax Dense kernel; transpose a PyTorch Linear weight)"
-        )
-    if weight.shape[1] == 0:
-        raise ValueError(f"weight must have at least one class column; got {weight.shape}")
-    return hidden, weight, hidden.shape[:-1]
-
-
-def linear_operands(hidden, weight, labels, bias):
-    """``(hidden [N, D], weight, labels, bias, batch shape)`` of a fused linear op, checked:
-    ``hidden`` ``[..., D]`` flattened to ``[N, D]``, ``weight`` ``[D, V]``, int32 labels of
-    ``hidden``'s batch shape (flattened to ``[N]``) and an optional ``[V]`` bias."""
-    hidden, weight, bshape = hidden_and_weight(hidden, weight)
-    labels = checks.integer_labels("labels", labels)
-    checks.check_shape("labels", labels, bshape, f"to match hidden {hidden.shape} without D")
-    if bias is not None:
-        bias = checks.as_array("bias", bias)
-        checks.check_float("bias", bias)
-        checks.check_shape("bias", bias, (weight.shape[1],), f"to match weight {weight.shape}")
-    return hidden.reshape(math.prod(bshape), hidden.shape[-1]), weight, labels, bias, bshape
-
-
-def check_chunk_size(chunk_size) -> None:
-    sizes = chunk_size if isinstance(chunk_size, tuple) else (chunk_size,)
-    ok = chunk_size is None or (
-        len(sizes) in (1, 2)
-        and all(
-            isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 1 for s in sizes
-        )
-    )
-    if not ok:
-        raise ValueError(
-            "chunk_size must be a positive int, a pair (token_chunk, vocab_chunk) of them, "
-            f"or None; got {chunk_size!r}"
-        )

@@ -28,13 +28,14 @@ recomputed identically and counted once.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jbce._core import sharding
+from jbce._core import autodiff, sharding
 from jbce._softmax import entropy_stats as _entropy_stats
 from jbce._softmax import stats as _stats
 
@@ -44,6 +45,25 @@ from jbce._softmax import stats as _stats
 TILE_ELEMENTS = 1 << 23
 # Default vocabulary chunk: wide enough that each tile is an efficient matmul.
 VOCAB_CHUNK = 2048
+
+
+@dataclasses.dataclass(frozen=True)
+class Walk:
+    """The static options of a tiled walk (hashable: the custom-VJP cores take them as one
+    non-differentiable argument).
+
+    Attributes:
+      dtype: the compute dtype of the tiles.
+      tn, tv: the tile's token and vocabulary chunks (:func:`tile_sizes`).
+      axis_name: the mesh axis the vocabulary is sharded over, or None.
+      sums: the cross-entropy's smoothing sums too (``logit_sum``, ``weight_sum``, ``count``).
+    """
+
+    dtype: jnp.dtype
+    tn: int
+    tv: int
+    axis_name: str | None = None
+    sums: bool = False
 
 
 def tile_sizes(n: int, v: int, chunk_size) -> tuple[int, int]:
@@ -129,13 +149,13 @@ def _loop(count, body, init):
     return lax.fori_loop(0, count, body, init) if count > 1 else body(0, init)
 
 
-def tiled_stats(hidden, weight, bias, labels, columns, params, tile_stats, merge, init, dtype,
-                tn, tv):  # fmt: skip
+def tiled_stats(model, columns, params, tile_stats, merge, init, walk: Walk):
     """Per-token statistics of the logits ``hidden @ weight + bias`` ([N, D], [D, V]).
 
     The one forward walk over ``[tn, tv]`` tiles that every fused op shares.
 
     Args:
+      model: ``(hidden [N, D], weight [D, V], bias [V] or None, labels [N])``.
       columns: tuple of ``[V]`` arrays (class weights) or None; each tile gets its chunk.
       params: tuple of scalar arrays (soft-cap, temperature) or None, passed to every tile.
       tile_stats: ``(z, local_labels, fresh, columns, params) -> stats`` of one tile's
@@ -144,7 +164,10 @@ def tiled_stats(hidden, weight, bias, labels, columns, params, tile_stats, merge
         the others must be left out.
       merge: ``(old, new) -> stats`` of two disjoint blocks of the same rows' classes.
       init: the statistics of no class, ``[N]`` leaves.
+      walk: the tile shapes and compute dtype.
     """
+    hidden, weight, bias, labels = model
+    dtype, tn, tv = walk.dtype, walk.tn, walk.tv
     n, v = hidden.shape[0], weight.shape[1]
     vary = sharding.varying_like(hidden, weight, bias, labels, *columns, *params)
     count, take = _token_slices(n, tn)
@@ -170,13 +193,12 @@ def tiled_stats(hidden, weight, bias, labels, columns, params, tile_stats, merge
     return lax.fori_loop(0, num_chunks(v, tv), vocab_chunk, jax.tree.map(vary, init))
 
 
-def tiled_grads(hidden, weight, bias, labels, columns, params, per_row, tile_grad, dtype,
-                tn, tv):  # fmt: skip
+def tiled_grads(model, columns, params, per_row, tile_grad, walk: Walk):
     """``(d hidden, d weight, d bias, d columns, d params)``: the backward walk every fused op
     shares, recomputing each tile of :func:`tiled_stats`.
 
     Args:
-      columns, params: as for :func:`tiled_stats`.
+      model, columns, params, walk: as for :func:`tiled_stats`.
       per_row: a pytree of ``[N]`` arrays (saved statistics, their cotangents, row masks);
         each tile gets its token chunk.
       tile_grad: ``(z, local_labels, fresh, keep, columns, params, per_row) -> (d z,
@@ -188,6 +210,8 @@ def tiled_grads(hidden, weight, bias, labels, columns, params, per_row, tile_gra
     ``d hidden`` is in the compute dtype, ``d weight`` in ``weight``'s, the others in the
     compute dtype.
     """
+    hidden, weight, bias, labels = model
+    dtype, tn, tv = walk.dtype, walk.tn, walk.tv
     n, d = hidden.shape
     v = weight.shape[1]
     vary = sharding.varying_like(hidden, weight, bias, labels, *columns, *params,
@@ -248,30 +272,6 @@ def _add(acc, part):
     return tuple(None if a is None else a + b for a, b in zip(acc, part, strict=True))
 
 
-def _local_labels(labels, v_local, axis_name):
-    if axis_name is None:
-        return labels
-    return labels - lax.axis_index(axis_name).astype(labels.dtype) * v_local
-
-
-def _cotangents(*pairs):
-    """The cotangent of each ``(primal, gradient)``: None for a None primal, float0 zeros for
-    an integer or boolean one (gradient None), else the gradient in the primal's dtype.
-
-    Inside shard_map an input replicated over a mesh axis its gradient varies on (weight
-    under data parallelism, hidden under vocabulary parallelism) gets the sum over it.
-    """
-    out = []
-    for x, g in pairs:
-        if x is None:
-            out.append(None)
-        elif g is None:
-            out.append(jnp.zeros(x.shape, jax.dtypes.float0))
-        else:
-            out.append(sharding.psum_to_like(g.astype(x.dtype), x))
-    return tuple(out)
-
-
 # --- softmax cross-entropy statistics (jbce.linear_softmax_cross_entropy) ----------------------
 def _ce_init(n, dtype, sums, weighted):
     zero = jnp.zeros((n,), dtype)
@@ -302,37 +302,35 @@ def _ce_tile_grad(z, local, fresh, keep, columns, params, per_row):
     return dz, (dcw,), (dcap,)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
-def linear_stats(hidden, weight, bias, labels, class_weights, cap, rows, dtype, tn, tv, sums,
-                 axis_name):  # fmt: skip
-    """Per-token :class:`jbce._softmax.stats.Stats` of ``hidden @ weight + bias`` (soft-capped with
-    ``cap``), with ``class_weights`` ``[V]`` (or None); with ``axis_name`` ``weight`` (and
-    ``bias``, ``class_weights``) hold this shard's vocabulary columns, labels are global ids
-    and the statistics are global (replicated). ``rows`` (``[N]`` boolean or None): the
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def linear_stats(hidden, weight, bias, labels, class_weights, cap, rows, walk: Walk):
+    """Per-token :class:`jbce._softmax.stats.Stats` of ``hidden @ weight + bias`` (soft-capped
+    with ``cap``), with ``class_weights`` ``[V]`` (or None); with ``walk.axis_name`` ``weight``
+    (and ``bias``, ``class_weights``) hold this shard's vocabulary columns, labels are global
+    ids and the statistics are global (replicated). ``rows`` (``[N]`` boolean or None): the
     tokens the loss uses, the others get exactly zero gradient."""
-    y = _local_labels(labels, weight.shape[1], axis_name)
-    init = _ce_init(hidden.shape[0], dtype, sums, class_weights is not None)
-    st = tiled_stats(hidden, weight, bias, y, (class_weights,), (cap,), _ce_tile_stats(sums),
-                     _stats.merge, init, dtype, tn, tv)  # fmt: skip
-    return st if axis_name is None else _stats.combine_over_axis(st, axis_name)
+    del rows  # the backward pass's
+    y = sharding.local_labels(labels, weight.shape[1], walk.axis_name)
+    init = _ce_init(hidden.shape[0], walk.dtype, walk.sums, class_weights is not None)
+    st = tiled_stats((hidden, weight, bias, y), (class_weights,), (cap,),
+                     _ce_tile_stats(walk.sums), _stats.merge, init, walk)  # fmt: skip
+    return st if walk.axis_name is None else _stats.combine_over_axis(st, walk.axis_name)
 
 
-def _linear_stats_fwd(hidden, weight, bias, labels, class_weights, cap, rows, dtype, tn, tv,
-                      sums, axis_name):  # fmt: skip
-    st = linear_stats(hidden, weight, bias, labels, class_weights, cap, rows, dtype, tn, tv,
-                      sums, axis_name)  # fmt: skip
+def _linear_stats_fwd(hidden, weight, bias, labels, class_weights, cap, rows, walk: Walk):
+    st = linear_stats(hidden, weight, bias, labels, class_weights, cap, rows, walk)
     # Residuals: the inputs and two floats per token; each tile is recomputed backward.
     return st, (hidden, weight, bias, labels, class_weights, cap, rows, st.shift, st.lse)
 
 
-def _linear_stats_bwd(dtype, tn, tv, sums, axis_name, res, g):
+def _linear_stats_bwd(walk: Walk, res, g):
     hidden, weight, bias, labels, class_weights, cap, rows, shift, lse = res
-    y = _local_labels(labels, weight.shape[1], axis_name)
+    y = sharding.local_labels(labels, weight.shape[1], walk.axis_name)
     dh, dw, db, (dcw,), (dcap,) = tiled_grads(
-        hidden, weight, bias, y, (class_weights,), (cap,), (rows, shift, lse, g),
-        _ce_tile_grad, dtype, tn, tv,
+        (hidden, weight, bias, y), (class_weights,), (cap,), (rows, shift, lse, g),
+        _ce_tile_grad, walk,
     )  # fmt: skip
-    return _cotangents(
+    return autodiff.cotangents(
         (hidden, dh), (weight, dw), (bias, db), (labels, None), (class_weights, dcw), (cap, dcap),
         (rows, None),
     )  # fmt: skip
@@ -364,40 +362,41 @@ def _entropy_tile_grad(z, local, fresh, keep, columns, params, per_row):
     return dx / temperature, (), (dt,)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def linear_entropy_stats(hidden, weight, bias, labels, temperature, dtype, tn, tv, axis_name):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def linear_entropy_stats(hidden, weight, bias, labels, temperature, walk: Walk):
     """Per-token :class:`jbce._softmax.entropy_stats.EntropyStats` of
-    ``(hidden @ weight + bias) / T``
-    (``temperature`` a scalar array, or None for 1); with ``axis_name`` ``weight`` and
-    ``bias`` hold this shard's vocabulary columns, labels are global ids and the statistics
-    are global (replicated)."""
-    y = _local_labels(labels, weight.shape[1], axis_name)
-    init = _entropy_stats.empty(hidden.shape[0], dtype)
-    st = tiled_stats(hidden, weight, bias, y, (), (temperature,), _entropy_tile_stats,
-                     _entropy_stats.merge, init, dtype, tn, tv)  # fmt: skip
-    return st if axis_name is None else _entropy_stats.combine_over_axis(st, axis_name)
+    ``(hidden @ weight + bias) / T`` (``temperature`` a scalar array, or None for 1); with
+    ``walk.axis_name`` ``weight`` and ``bias`` hold this shard's vocabulary columns, labels
+    are global ids and the statistics are global (replicated)."""
+    y = sharding.local_labels(labels, weight.shape[1], walk.axis_name)
+    init = _entropy_stats.empty(hidden.shape[0], walk.dtype)
+    st = tiled_stats((hidden, weight, bias, y), (), (temperature,), _entropy_tile_stats,
+                     _entropy_stats.merge, init, walk)  # fmt: skip
+    if walk.axis_name is None:
+        return st
+    return _entropy_stats.combine_over_axis(st, walk.axis_name)
 
 
-def _linear_entropy_stats_fwd(hidden, weight, bias, labels, temperature, dtype, tn, tv,
-                              axis_name):  # fmt: skip
-    st = linear_entropy_stats(hidden, weight, bias, labels, temperature, dtype, tn, tv, axis_name)
+def _linear_entropy_stats_fwd(hidden, weight, bias, labels, temperature, walk: Walk):
+    st = linear_entropy_stats(hidden, weight, bias, labels, temperature, walk)
     # Residuals: the inputs and three floats per token (shift, shifted log-sum-exp and the
     # softmax mean of the shifted logits); each tile is recomputed backward.
     return st, (hidden, weight, bias, labels, temperature, st.shift, st.lse, st.mean)
 
 
-def _linear_entropy_stats_bwd(dtype, tn, tv, axis_name, res, g):
+def _linear_entropy_stats_bwd(walk: Walk, res, g):
     hidden, weight, bias, labels, temperature, shift, lse, mean = res
-    y = _local_labels(labels, weight.shape[1], axis_name)
+    y = sharding.local_labels(labels, weight.shape[1], walk.axis_name)
     saved = _entropy_stats.EntropyStats(shift, lse, None, mean)
     # Tokens whose statistics get no cotangent (masked out by the caller) get exactly zero
     # gradient, whatever their hidden state.
     used = (g.lse != 0) | (g.target != 0) | (g.mean != 0)
     dh, dw, db, _, (dt,) = tiled_grads(
-        hidden, weight, bias, y, (), (temperature,), (used, saved, g),
-        _entropy_tile_grad, dtype, tn, tv,
-    )  # fmt: skip
-    return _cotangents((hidden, dh), (weight, dw), (bias, db), (labels, None), (temperature, dt))
+        (hidden, weight, bias, y), (), (temperature,), (used, saved, g), _entropy_tile_grad, walk
+    )
+    return autodiff.cotangents(
+        (hidden, dh), (weight, dw), (bias, db), (labels, None), (temperature, dt)
+    )
 
 
 linear_entropy_stats.defvjp(_linear_entropy_stats_fwd, _linear_entropy_stats_bwd)

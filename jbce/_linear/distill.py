@@ -15,11 +15,11 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from jbce._core import autodiff, checks
+from jbce._core import checks, sharding
 from jbce._core.dtypes import compute_dtype
 from jbce._core.reduce import reduce_loss
-from jbce._linear.api import check_chunk_size, hidden_and_weight
 from jbce._linear.distill_xla import distillation_rows, tile_sizes
+from jbce._softmax.terms import jsd_mode
 
 IMPLEMENTATIONS = ("xla",)
 
@@ -130,31 +130,15 @@ def linear_distillation_loss(
       >>> [g.shape for g in grads]
       [(2, 2), (2, 3)]
     """
-    hidden, weight, bshape = hidden_and_weight(hidden, weight)
-    teacher_hidden = checks.as_array("teacher_hidden", teacher_hidden)
-    teacher_weight = checks.as_array("teacher_weight", teacher_weight)
-    checks.check_float("teacher_hidden", teacher_hidden)
-    checks.check_float("teacher_weight", teacher_weight)
+    hidden, weight, teacher_hidden, teacher_weight, bias, teacher_bias, bshape = (
+        checks.distillation_operands(
+            hidden, weight, teacher_hidden, teacher_weight, bias, teacher_bias
+        )
+    )
     checks.check_reduction(reduction)
     d, v = weight.shape
-    if teacher_hidden.ndim != hidden.ndim or teacher_hidden.shape[:-1] != bshape:
-        raise ValueError(
-            f"teacher_hidden must have shape {bshape + ('D_t',)} to match hidden "
-            f"{hidden.shape} without D; got {teacher_hidden.shape}"
-        )
     dt_ = teacher_hidden.shape[-1]
-    checks.check_shape(
-        "teacher_weight", teacher_weight, (dt_, v),
-        f"to match teacher_hidden {teacher_hidden.shape} and weight {weight.shape}",
-    )  # fmt: skip
-    for name, bb in (("bias", bias), ("teacher_bias", teacher_bias)):
-        if bb is not None:
-            bb = checks.as_array(name, bb)
-            checks.check_float(name, bb)
-            checks.check_shape(name, bb, (v,), f"to match weight {weight.shape}")
-    bias = None if bias is None else checks.as_array("bias", bias)
-    teacher_bias = None if teacher_bias is None else checks.as_array("teacher_bias", teacher_bias)
-    check_chunk_size(chunk_size)
+    checks.check_chunk_size(chunk_size)
     ignore_index = checks.check_ignore_index(ignore_index)
     rows = None
     if labels is not None:
@@ -162,27 +146,31 @@ def linear_distillation_loss(
         checks.check_shape("labels", labels, bshape, f"to match hidden {hidden.shape} without D")
         if ignore_index is not None:
             rows = labels != ignore_index
-    b = checks.hyperparameter("beta", beta, low=0.0, high=1.0)
-    temp = checks.hyperparameter("temperature", temperature, low=0.0, low_open=True)
+    b = checks.hyperparameter("beta", beta)
+    temp = checks.hyperparameter("temperature", temperature)
     dt = compute_dtype(hidden, weight, teacher_hidden, teacher_weight, bias, teacher_bias,
                        weights, b, temp)  # fmt: skip
     if weights is not None:
         checks.check_broadcastable("weights", weights, "hidden's batch shape", bshape)
         weights = checks.as_array("weights", weights).astype(dt)
-    if isinstance(b, jax.Array):
-        mode = "traced"
-    else:
-        mode = "forward" if b == 0 else "reverse" if b == 1 else "mix"
+    mode = jsd_mode(b)
     glob = {"normalizer": normalizer, "batch_axis_name": batch_axis_name}
     n = math.prod(bshape)
     if n == 0:
         loss = jnp.zeros(bshape, dt)
         return reduce_loss(loss, reduction=reduction, weights=weights, where=rows, **glob)
     tiles = (tile_sizes(n, v, chunk_size), tile_sizes(n, v, chunk_size, accelerator=True))
-    with autodiff.reverse_only("linear_distillation_loss"):
-        loss = distillation_rows(
-            hidden.reshape(n, d), weight, bias, teacher_hidden.reshape(n, dt_), teacher_weight,
-            teacher_bias, jnp.asarray(b, dt), jnp.asarray(temp, dt), mode, dt, tiles, axis_name,
-        )  # fmt: skip
+    core = distillation_rows
+    if sharding.varying_like(
+        hidden, weight, teacher_hidden, teacher_weight, bias, teacher_bias
+    ).axes:
+        # Inside shard_map: under jit (inlined into a caller's jit), as shard_map's eager mode
+        # does not support the custom VJP's symbolic zeros (which tell which inputs are
+        # differentiated, so that a frozen teacher costs no gradient work).
+        core = jax.jit(core, static_argnums=(8, 9, 10, 11))
+    loss = core(
+        hidden.reshape(n, d), weight, bias, teacher_hidden.reshape(n, dt_), teacher_weight,
+        teacher_bias, jnp.asarray(b, dt), jnp.asarray(temp, dt), mode, dt, tiles, axis_name,
+    )  # fmt: skip
     loss = loss.reshape(bshape)
     return reduce_loss(loss, reduction=reduction, weights=weights, where=rows, **glob)

@@ -40,7 +40,7 @@ from jbce._core.autodiff import first_order_only
 
 # The numerically careful pieces of the materialised JSD, so that both compute the same
 # numbers: d = log Q - log P, 0 * inf = 0, and g * d with an exact 0 for an unused row.
-from jbce._core.math import log_ratio, xmul
+from jbce._core.math import log_ratio, mixture_logs, xmul
 
 # The chunk arithmetic of the fused cross-entropy, shared as is.
 from jbce._linear.chunked_xla import chunk_start, num_chunks
@@ -137,17 +137,6 @@ def _log_probs(x, st):
     return (x - st.shift[:, None]) - lse[:, None]
 
 
-def _mixture_logs(d, beta):
-    r"""(log P - log M, log Q - log M) from d = log Q - log P, bit for bit the numbers of
-    :func:`jbce._softmax.terms._mixture_logs` (``-log1p((1 - beta) expm1(d))`` for d <= 0,
-    ``-d - log1p(beta expm1(-d))`` above) with one ``expm1`` and one ``log1p`` per class
-    instead of one of each per branch: both branches read ``expm1(-|d|)``."""
-    neg = d <= 0
-    coef = jnp.where(neg, 1 - beta, beta)
-    lg = jnp.log1p(coef * jnp.expm1(-jnp.abs(d)))
-    return -lg - jnp.maximum(d, 0), jnp.minimum(d, 0) - lg
-
-
 def _safe_beta(mode, beta):
     """beta, with a traced beta at 0 or 1 replaced by 0.5 in the mixture's (unused) branch."""
     if mode != "traced":
@@ -165,7 +154,7 @@ def _tile_sums(mode, lq, lp, beta):
     if mode in ("reverse", "traced"):
         out["kl_qp"] = xmul(q, d)
     if mode in ("mix", "traced"):
-        e, f = _mixture_logs(d, _safe_beta(mode, beta))
+        e, f = mixture_logs(d, _safe_beta(mode, beta))
         out["kl_pm"] = xmul(p, e)
         out["kl_qm"] = xmul(q, f)
     return _row_sums(tuple(out[k] for k in SUMS[mode]))
@@ -240,7 +229,7 @@ def _class_grads(mode, lq, lp, beta, sums):
 
     def mix():
         b = _safe_beta(mode, beta)
-        e, f = _mixture_logs(d, b)
+        e, f = mixture_logs(d, b)
         return (1 - b) * xmul(q, f - s["kl_qm"]), b * xmul(p, e - s["kl_pm"])
 
     if mode != "traced":

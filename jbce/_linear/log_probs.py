@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.typing import ArrayLike
 
-from jbce._core import autodiff, checks
+from jbce._core import checks
 from jbce._core.dtypes import compute_dtype
-from jbce._linear.api import check_chunk_size, linear_operands
-from jbce._linear.chunked_xla import linear_entropy_stats, tile_sizes
+from jbce._linear import chunked_xla
 from jbce._softmax import entropy_stats as _entropy_stats
 
 
@@ -95,21 +93,19 @@ def linear_log_probs(
       >>> [g.shape for g in jax.grad(objective, (0, 1))(hidden, weight)]
       [(2, 2), (2, 3)]
     """
-    hidden, weight, labels, bias, bshape = linear_operands(hidden, weight, labels, bias)
-    check_chunk_size(chunk_size)
-    t = checks.hyperparameter("temperature", temperature, low=0.0, low_open=True)
+    hidden, weight, labels, bias, bshape = checks.linear_operands(hidden, weight, labels, bias)
+    checks.check_chunk_size(chunk_size)
+    t = checks.hyperparameter("temperature", temperature)
     dt = compute_dtype(hidden, weight, bias, t)
     (n, _), v = hidden.shape, weight.shape[1]
-    num_classes = v if axis_name is None else v * lax.axis_size(axis_name)
+    num_classes = v if axis_name is None else v * checks.axis_size("axis_name", axis_name)
     checks.debug_check_labels("labels", labels, num_classes, None)
     if n == 0:
         return jnp.zeros(bshape, dt), jnp.zeros(bshape, dt)
-    tn, tv = tile_sizes(n, v, chunk_size)
-    temp = None if isinstance(t, (int, float)) and t == 1 else jnp.asarray(t, dt)
-    with autodiff.reverse_only("linear_log_probs"):
-        st = linear_entropy_stats(
-            hidden, weight, bias, labels.reshape(n), temp, dt, tn, tv, axis_name
-        )
+    tn, tv = chunked_xla.tile_sizes(n, v, chunk_size)
+    walk = chunked_xla.Walk(dt, tn, tv, axis_name)
+    temp = None if checks.static_number(t) == 1 else jnp.asarray(t, dt)
+    st = chunked_xla.linear_entropy_stats(hidden, weight, bias, labels.reshape(n), temp, walk)
     log_p, entropy = _entropy_stats.log_probs_and_entropy(
         _entropy_stats.EntropyStats(*(f.reshape(bshape) for f in st))
     )

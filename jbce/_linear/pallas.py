@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jbce._core import sharding
+from jbce._core import autodiff, sharding
 from jbce._linear import chunked_xla
 from jbce._linear import pallas_mosaic_tpu as tpu
 from jbce._linear import pallas_triton as gpu
@@ -61,36 +62,6 @@ def interpret(platform: str, *, block_sizes: tuple[int, ...] | None = None):
 def interpreting() -> tuple | None:
     """``(platform, block_sizes)`` as :func:`interpret` set them, or None (compiled kernels)."""
     return _INTERPRET.get()
-
-
-def check_options(implementation, chunk_size, gradient_filter, dtype) -> None:
-    """Errors for options the Pallas implementation does not take (or only it takes)."""
-    if implementation != "pallas":
-        if gradient_filter is not None:
-            raise ValueError(
-                'gradient_filter applies to implementation="pallas" only; '
-                f"got implementation={implementation!r}"
-            )
-        return
-    if chunk_size is not None:
-        raise ValueError(
-            'chunk_size must be None with implementation="pallas" (the kernels choose their '
-            f"own block sizes); got {chunk_size!r}"
-        )
-    if gradient_filter is not None and (
-        not isinstance(gradient_filter, (int, float))
-        or isinstance(gradient_filter, bool)
-        or not 0 <= gradient_filter <= 1
-    ):
-        raise ValueError(
-            "gradient_filter must be None or a Python number in [0, 1] (a probability "
-            f"threshold); got {gradient_filter!r}"
-        )
-    if jnp.dtype(dtype) != jnp.float32:
-        raise ValueError(
-            'implementation="pallas" computes in float32 (float32, bfloat16 or float16 '
-            f'inputs); got inputs computed in {jnp.dtype(dtype).name} (use implementation="xla")'
-        )
 
 
 def _column(a, dtype):
@@ -185,34 +156,42 @@ def _label_weights(y, class_weights):
     return jnp.where(here, class_weights[jnp.clip(y, 0, v - 1)], zero), here
 
 
-def _local_labels(labels, v_local, axis_name):
-    if axis_name is None:
-        return labels
-    return labels - lax.axis_index(axis_name).astype(labels.dtype) * v_local
-
-
 def _summed_weights(class_weights, sums):
     """The class weights the kernels' smoothing sums take: only with ``sums`` (without label
     smoothing they enter through ``w_y`` alone, and the kernels get no extra operand)."""
     return class_weights if sums else None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
-def linear_stats(
-    hidden, weight, bias, labels, class_weights, cap, rows, sums, threshold, axis_name, interpret
-):
+@dataclasses.dataclass(frozen=True)
+class Kernels:
+    """The static options of :func:`linear_stats`.
+
+    Attributes:
+      sums: also ``logit_sum``, ``weight_sum`` and ``count`` (label smoothing), weighted by
+        the class weights.
+      threshold: gradient filtering (None: off; ``gradient_filter`` of the API).
+      axis_name: the mesh axis the vocabulary is sharded over, or None.
+      interpret: None (compiled kernels, picked per platform) or :func:`interpreting`'s
+        ``(platform, block_sizes)`` (that platform's kernels in interpret mode).
+    """
+
+    sums: bool
+    threshold: float | None = None
+    axis_name: str | None = None
+    interpret: tuple | None = None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def linear_stats(hidden, weight, bias, labels, class_weights, cap, rows, kernels: Kernels):
     """Per-token :class:`jbce._softmax.stats.Stats` (float32) of ``hidden @ weight + bias``
     (``[N, D]``, ``[D, V]``, ``[V]``), with ``class_weights`` ``[V]`` or None; ``rows``
-    (``[N]`` bool or None) are the tokens the loss uses (the others get zero gradient);
-    ``sums``: also ``logit_sum``, ``weight_sum`` and ``count`` (label smoothing), weighted by
-    ``class_weights``; ``threshold``: gradient filtering (None: off); ``interpret``: None
-    (compiled kernels, picked per platform) or :func:`interpreting`'s ``(platform,
-    block_sizes)`` (that platform's kernels in interpret mode). With ``axis_name``, as
-    :func:`jbce._linear.chunked_xla.linear_stats`."""
-    del rows, threshold  # the backward pass's
-    y = _local_labels(labels, weight.shape[1], axis_name)
+    (``[N]`` bool or None) are the tokens the loss uses (the others get zero gradient).
+    With ``kernels.axis_name``, as :func:`jbce._linear.chunked_xla.linear_stats`."""
+    del rows  # the backward pass's
+    sums, axis_name = kernels.sums, kernels.axis_name
+    y = sharding.local_labels(labels, weight.shape[1], axis_name)
     cw = _summed_weights(class_weights, sums)
-    fields = _stats_fields(*_operands(hidden, weight, bias, y, cap, cw), sums, interpret)
+    fields = _stats_fields(*_operands(hidden, weight, bias, y, cap, cw), sums, kernels.interpret)
     st = _stats.Stats(*fields[:3])
     if sums:
         # Without class weights weight_sum is the number of included classes: the count.
@@ -223,13 +202,8 @@ def linear_stats(
     return st if axis_name is None else _stats.combine_over_axis(st, axis_name)
 
 
-def _fwd(
-    hidden, weight, bias, labels, class_weights, cap, rows, sums, threshold, axis_name, interpret
-):
-    st = linear_stats(
-        hidden, weight, bias, labels, class_weights, cap, rows, sums, threshold, axis_name,
-        interpret,
-    )  # fmt: skip
+def _fwd(hidden, weight, bias, labels, class_weights, cap, rows, kernels: Kernels):
+    st = linear_stats(hidden, weight, bias, labels, class_weights, cap, rows, kernels)
     # Residuals: the inputs and two floats per token; each tile is recomputed backward.
     return st, (hidden, weight, bias, labels, class_weights, cap, rows, st.shift, st.lse)
 
@@ -287,10 +261,13 @@ def _xla_grads(hidden, weight, bias, labels, cap, cw, rows, *, sums, threshold):
     return dh, dw, db, dcap, dcw
 
 
-def _bwd(sums, threshold, axis_name, interpret, res, g):
+def _bwd(kernels: Kernels, res, g):
+    sums, threshold, axis_name, interpret = (
+        kernels.sums, kernels.threshold, kernels.axis_name, kernels.interpret
+    )  # fmt: skip
     hidden, weight, bias, labels, class_weights, cap, rows, shift, lse = res
     n = hidden.shape[0]
-    y = _local_labels(labels, weight.shape[1], axis_name)
+    y = sharding.local_labels(labels, weight.shape[1], axis_name)
     cw = _summed_weights(class_weights, sums)
     ops = _operands(hidden, weight, bias, y, cap, cw)
     keep = jnp.ones((n, 1), jnp.int32) if rows is None else _column(rows, jnp.int32)
@@ -322,18 +299,15 @@ def _bwd(sums, threshold, axis_name, interpret, res, g):
         v = class_weights.shape[0]
         base = jnp.zeros((v,), jnp.float32) if dcw is None else dcw.astype(jnp.float32)
         dcw = base.at[jnp.clip(y, 0, v - 1)].add(g_w)
-    # Inside shard_map an input replicated over a mesh axis its gradient varies on gets the
-    # sum over it (as in the XLA implementation).
-    like = sharding.psum_to_like
-    return (
-        like(dh.astype(hidden.dtype), hidden),
-        like(dw.astype(weight.dtype), weight),
-        None if bias is None else like(db.astype(bias.dtype), bias),
-        jnp.zeros(labels.shape, jax.dtypes.float0),
-        None if dcw is None else like(dcw.astype(class_weights.dtype), class_weights),
-        None if cap is None else like(jnp.asarray(dcap, cap.dtype).reshape(cap.shape), cap),
-        None if rows is None else jnp.zeros(rows.shape, jax.dtypes.float0),
+    first_order = autodiff.first_order_only(
+        "linear_softmax_cross_entropy",
+        "the materialised loss on hidden @ weight + bias (jax.hessian works there)",
     )
+    return autodiff.cotangents(
+        (hidden, dh), (weight, dw), (bias, db), (labels, None), (class_weights, dcw),
+        (cap, None if cap is None else jnp.asarray(dcap).reshape(cap.shape)), (rows, None),
+        first_order=first_order,
+    )  # fmt: skip
 
 
 linear_stats.defvjp(_fwd, _bwd)

@@ -32,6 +32,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from jbce._core import sharding
+from jbce._softmax import stats as _stats
+from jbce._softmax.stats import softmax_grad
 
 
 class Running(NamedTuple):
@@ -90,18 +92,16 @@ def matmul(a, b, *, transpose_a=False, transpose_b=False):
     )
 
 
-def softcap(z, cap):
-    """``cap * tanh(z / cap)``; ``cap`` None leaves ``z``."""
-    return z if cap is None else cap * jnp.tanh(z / cap)
+softcap = _stats.softcap
 
 
 def softcap_grad(z, cap, dx):
-    """(d z, per-row d cap ``[rows, 1]``) for ``x = softcap(z, cap)`` and ``dx``."""
+    """(d z, per-row d cap ``[rows, 1]``) for ``x = softcap(z, cap)`` and ``dx``, with the
+    coefficients of :func:`jbce._softmax.stats.softcap_coefficients`."""
     if cap is None:
         return dx, None
-    t = jnp.tanh(z / cap)
-    dt = 1 - t * t
-    return dx * dt, jnp.sum(dx * (t - (z / cap) * dt), axis=1, keepdims=True)
+    slope, cap_coef = _stats.softcap_coefficients(z, cap)
+    return dx * slope, jnp.sum(dx * cap_coef, axis=1, keepdims=True)
 
 
 def update_stats(acc: Running, x, valid, target_hit, cw=None) -> Running:
@@ -147,19 +147,28 @@ def finish(acc: Running) -> tuple[jax.Array, ...]:
 
 
 def logits_grad(x, valid, target_hit, keep, shift_, lse, g_lse, g_t, g_s, cw=None):
-    """``d x`` of one tile for the cotangents of (lse, target, logit_sum) (``g_s`` None
-    without sums) and the tile's probabilities; ``keep`` ``[rows, 1]`` zeroes rows the loss
-    does not use, ``valid`` the columns this tile does not own (both in d x and p); ``cw``
-    the tile's class weights ``[1, cols]`` (the smoothing term's ``w_c``), or None (1)."""
+    """``(d x, filter measure)`` of one tile for the cotangents of (lse, target, logit_sum)
+    (``g_s`` None without sums); ``keep`` ``[rows, 1]`` zeroes rows the loss does not use,
+    ``valid`` the columns this tile does not own (in both outputs); ``cw`` the tile's class
+    weights ``[1, cols]`` (the smoothing term's ``w_c``), or None (1).
+
+    The filter measure of an entry is its softmax share of the gradient, ``|g_lse| p``,
+    relative to its token's label term ``|g_t|`` (``w_y |g|`` for the token loss's cotangent
+    ``g``): what gradient filtering compares with its threshold (:func:`small`), so that an
+    entry it drops is below ``threshold * w_y |g|`` whatever the class weights or the z-loss
+    (which scale ``g_lse``). ``inf`` where ``g_t`` is 0 and the entry is not: never dropped.
+    """
     zero = jnp.zeros((), x.dtype)
     xm = jnp.where(valid, x, jnp.full((), -jnp.inf, x.dtype))
-    lse0 = jnp.where(lse == -jnp.inf, zero, lse)  # a row without classes: p = 0
-    p = jnp.exp(xm - shift_) * jnp.exp(-lse0)
-    dx = g_lse * p + jnp.where(target_hit, g_t, zero)
-    if g_s is not None:
-        dx = dx + jnp.where(xm != -jnp.inf, g_s if cw is None else g_s * cw, zero)
+    sums = None
+    if g_s is not None:  # the smoothing sums' weight: w_c (1) on included classes, else 0
+        sums = (g_s, jnp.where(xm != -jnp.inf, 1.0 if cw is None else cw, zero))
+    dx, p = softmax_grad(xm, shift_, lse, g_lse, (target_hit, g_t), sums)
     used = keep & valid
-    return jnp.where(used, dx, zero), jnp.where(used, p, zero)
+    label = jnp.abs(g_t)
+    scale = jnp.where(label > 0, jnp.abs(g_lse) / jnp.where(label > 0, label, 1.0), jnp.inf)
+    measure = jnp.where(p == 0, zero, scale * p)
+    return jnp.where(used, dx, zero), jnp.where(used, measure, zero)
 
 
 def class_weights_grad(x, valid, keep, shift_, g_s, g_w):
@@ -172,13 +181,13 @@ def class_weights_grad(x, valid, keep, shift_, g_s, g_w):
     return jnp.sum(jnp.where(inc, g_s * (x - shift_) + g_w, zero), axis=0, keepdims=True)
 
 
-def small(p, target_hit, threshold):
-    """Whether a tile may be skipped by gradient filtering: every probability (of the rows
-    and columns it owns, as :func:`logits_grad` returns them) below ``threshold`` and no
-    row's label in it."""
+def small(measure, target_hit, threshold):
+    """Whether a tile may be skipped by gradient filtering: every entry's filter measure (of
+    the rows and columns it owns, as :func:`logits_grad` returns it) below ``threshold`` and
+    no row's label in it."""
     # max of a float 0/1 rather than any(): Triton has no boolean reduction
     hits = jnp.max(jnp.where(target_hit, 1.0, 0.0).astype(jnp.float32))
-    return (jnp.max(p) < threshold) & (hits == 0)
+    return (jnp.max(measure) < threshold) & (hits == 0)
 
 
 def row_columns(cols):

@@ -20,7 +20,7 @@ from jbce._core.dtypes import compute_dtype
 from jbce._core.reduce import reduce_loss
 from jbce._core.sharding import pvary_like
 from jbce._softmax import stats as _stats
-from jbce._softmax.xla import softmax_stats
+from jbce._softmax import xla
 
 
 # --- layout: move the class axes last and flatten them -----------------------------------------
@@ -51,11 +51,11 @@ def split_where(where, shape, axes, bshape):
 
 def _options(label_smoothing, z_loss=0.0, logit_softcap=None):
     """The scalar options, range-checked (:func:`jbce._core.checks.hyperparameter`)."""
-    e = checks.hyperparameter("label_smoothing", label_smoothing, low=0.0, high=1.0)
-    z = checks.hyperparameter("z_loss", z_loss, low=0.0)
+    e = checks.hyperparameter("label_smoothing", label_smoothing)
+    z = checks.hyperparameter("z_loss", z_loss)
     cap = None
     if logit_softcap is not None:
-        cap = checks.hyperparameter("logit_softcap", logit_softcap, low=0.0, low_open=True)
+        cap = checks.hyperparameter("logit_softcap", logit_softcap)
     return e, z, cap
 
 
@@ -134,25 +134,22 @@ def softmax_cross_entropy_with_integer_labels(
     """
     logits, labels, axes, _, bshape = checks.with_integer_labels("logits", logits, labels, axis)
     checks.check_reduction(reduction)
-    _check_implementation(implementation)
+    checks.implementation(implementation, _stats.LSE_METHODS)
     ignore_index = checks.check_ignore_index(ignore_index)
     e, z, cap = _options(label_smoothing, z_loss, logit_softcap)
     dt = compute_dtype(logits, weights, class_weights, e, z, cap)
     logit_mask, rows = split_where(where, logits.shape, axes, bshape)
     x = to_rows(logits, axes)
     k = x.shape[-1]
-    num_classes = k if axis_name is None else k * jax.lax.axis_size(axis_name)
+    num_classes = k if axis_name is None else k * checks.axis_size("axis_name", axis_name)
     weights, cw, kept = checks.integer_label_options(
         labels, bshape, k, weights=weights, class_weights=class_weights,
         ignore_index=ignore_index, num_classes=num_classes, dtype=dt,
     )  # fmt: skip
     cw = None if cw is None else pvary_like(cw, x)
     rows = checks.both(rows, kept)
-    st = softmax_stats(
-        x, labels, cw, logit_mask, _scalar(cap, dt), rows, dt,
-        not checks.is_zero(e), False, axis_name, implementation,
-        loss_name="softmax_cross_entropy_with_integer_labels",
-    )  # fmt: skip
+    opts = xla.Options(dt, sums=not checks.is_zero(e), axis_name=axis_name, method=implementation)
+    st = xla.softmax_stats(x, labels, cw, logit_mask, _scalar(cap, dt), rows, opts)
     loss, has = _stats.loss_terms(
         st, labels, num_classes=num_classes, label_smoothing=e, z_loss=z,
         class_weighted=cw is not None,
@@ -166,13 +163,6 @@ def softmax_cross_entropy_with_integer_labels(
         normalizer=normalizer,
         batch_axis_name=batch_axis_name,
     )
-
-
-def _check_implementation(implementation):
-    if implementation is not None and implementation not in _stats.LSE_METHODS:
-        raise ValueError(
-            f"implementation must be None or one of {_stats.LSE_METHODS}; got {implementation!r}"
-        )
 
 
 def _scalar(v, dt):
@@ -234,7 +224,7 @@ def softmax_cross_entropy(
     labels = checks.as_array("labels", labels)
     checks.check_shape("labels", labels, logits.shape, f"to match logits {logits.shape}")
     checks.check_reduction(reduction)
-    _check_implementation(implementation)
+    checks.implementation(implementation, _stats.LSE_METHODS)
     e, _, _ = _options(label_smoothing)
     bshape = batch_shape(logits.shape, axes)
     dt = compute_dtype(logits, labels, weights, e)
@@ -255,8 +245,10 @@ def softmax_cross_entropy(
     if logit_mask is not None:
         rows = checks.both(rows, jnp.any(logit_mask, axis=-1))
     y = pvary_like(y, x)
-    st = softmax_stats(x, None, y, logit_mask, None, rows, dt, True, True, None, implementation)
+    opts = xla.Options(dt, sums=True, soft=True, method=implementation)
+    st = xla.softmax_stats(x, None, y, logit_mask, None, rows, opts)
+    loss, has = _stats.soft_terms(st)
     return reduce_loss(
-        _stats.soft_terms(st), reduction=reduction, weights=weights, where=rows,
+        loss, reduction=reduction, weights=weights, where=checks.both(rows, has),
         normalizer=normalizer, batch_axis_name=batch_axis_name,
     )  # fmt: skip

@@ -225,7 +225,7 @@ def categorical_cross_entropy(
     labels = checks.as_array("labels", labels)
     checks.check_shape("labels", labels, p.shape, f"to match probs {p.shape}")
     checks.check_reduction(reduction)
-    e = checks.hyperparameter("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    e = checks.hyperparameter("label_smoothing", label_smoothing)
     bshape = batch_shape(p.shape, axes)
     dt = compute_dtype(p, labels, weights, e)
     class_mask = rows = None

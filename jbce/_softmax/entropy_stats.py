@@ -75,13 +75,6 @@ def _col(v: jax.Array) -> jax.Array:
     return v[..., None]
 
 
-def _probs(x: jax.Array, shift: jax.Array, lse: jax.Array) -> jax.Array:
-    """The softmax ``exp(x - m) exp(-l)`` (as :func:`jbce._softmax.stats.logits_grad` evaluates it);
-    0 in a row without classes."""
-    lse = jnp.where(lse == -jnp.inf, jnp.zeros((), lse.dtype), lse)
-    return jnp.exp(x - _col(shift)) * _col(jnp.exp(-lse))
-
-
 def block_stats(x: jax.Array, labels: jax.Array, *, mask: jax.Array | None = None) -> EntropyStats:
     """:class:`EntropyStats` of a block ``x`` ``[..., k]`` of each row's classes.
 
@@ -91,7 +84,7 @@ def block_stats(x: jax.Array, labels: jax.Array, *, mask: jax.Array | None = Non
     st = _stats.block_stats(x, labels, mask=mask)
     if mask is not None:
         x = jnp.where(mask, x, -jnp.inf)
-    p = _probs(x, st.shift, st.lse)
+    p = _stats.probs(x, _col(st.shift), _col(st.lse))
     # A -inf class has p = 0: its (x - m) = -inf must not make 0 * -inf.
     mean = jnp.sum(jnp.where(p == 0, jnp.zeros((), x.dtype), p * (x - _col(st.shift))), axis=-1)
     return EntropyStats(st.shift, st.lse, st.target, mean)
@@ -148,13 +141,16 @@ def logits_grad(
     """
     if mask is not None:
         x = jnp.where(mask, x, -jnp.inf)
-    p = _probs(x, saved.shift, saved.lse)
-    slope = _col(g.lse) + _col(g.mean) * (1 + (x - _col(saved.shift)) - _col(saved.mean))
     zero = jnp.zeros((), x.dtype)
-    dx = jnp.where(p == 0, zero, p * slope)  # a -inf class: 0, not 0 * -inf
+    # The mean's term folds into the log-sum-exp's, per class: p_c (g_lse + g_a (1 + (x_c -
+    # m) - a)); 0 on a -inf class (p = 0 there, and its slope would be -inf).
+    slope = _col(g.lse) + _col(g.mean) * (1 + (x - _col(saved.shift)) - _col(saved.mean))
+    slope = jnp.where(x == -jnp.inf, zero, slope)
+    target = None
     if g.target is not None:
         cols = jax.lax.broadcasted_iota(labels.dtype, x.shape, x.ndim - 1)
-        dx = dx + jnp.where(cols == _col(labels), _col(g.target), zero)
+        target = (cols == _col(labels), _col(g.target))
+    dx, _ = _stats.softmax_grad(x, _col(saved.shift), _col(saved.lse), slope, target)
     if rows is not None:
         dx = jnp.where(_col(rows), dx, zero)
     return dx

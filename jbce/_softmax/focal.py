@@ -19,9 +19,9 @@ from jax.typing import ArrayLike
 from jbce._core import checks
 from jbce._core.dtypes import compute_dtype
 from jbce._core.reduce import reduce_loss
+from jbce._softmax import xla
 from jbce._softmax.api import batch_shape, split_where, to_rows
-from jbce._softmax.terms import focal_of_log_prob, term_loss
-from jbce._softmax.xla import softmax_stats
+from jbce._softmax.terms import Term, focal_of_log_prob, term_loss
 
 
 def soft_inputs(
@@ -56,7 +56,7 @@ def _alpha(alpha, k, dt):
     """``alpha``: None, a number >= 0, or an array of shape () or (K,) (checked under checkify)."""
     if alpha is None:
         return None
-    a = checks.hyperparameter("alpha", alpha, low=0.0, scalar=False)
+    a = checks.hyperparameter("alpha", alpha, scalar=False)
     a = checks.as_array("alpha", a)
     if a.ndim:
         checks.check_shape("alpha", a, (k,), "(a scalar or one value per class)")
@@ -64,7 +64,7 @@ def _alpha(alpha, k, dt):
 
 
 def _gamma(gamma, dt):
-    return jnp.asarray(checks.hyperparameter("gamma", gamma, low=0.0), dt)
+    return jnp.asarray(checks.hyperparameter("gamma", gamma), dt)
 
 
 def softmax_focal_loss(
@@ -136,12 +136,12 @@ def softmax_focal_loss(
     a = _alpha(alpha, x.shape[-1], dt)
     g = _gamma(gamma, dt)
     checks.debug_check_unit_interval("labels", y)
-    loss = term_loss(x, y, a, g, logit_mask, rows, "focal", False, dt)
+    loss, has = term_loss(x, y, a, g, logit_mask, rows, Term("focal", dt))
     return reduce_loss(
         loss,
         reduction=reduction,
         weights=weights,
-        where=rows,
+        where=checks.both(rows, has),
         normalizer=normalizer,
         batch_axis_name=batch_axis_name,
     )
@@ -222,12 +222,20 @@ def softmax_focal_loss_with_integer_labels(
     )  # fmt: skip
     rows = checks.both(rows, kept)
     # method None: the platform's log-sum-exp reduction, chosen when the program is lowered
-    st = softmax_stats(x, labels, None, logit_mask, None, rows, dt, False, False, None, None)
+    opts = xla.Options(dt)
+    st = xla.softmax_stats(x, labels, None, logit_mask, None, rows, opts)
     has = st.lse != -jnp.inf  # a row with no class left is excluded (NaN rows count)
     log_p = (st.target - st.shift) - jnp.where(has, st.lse, 0)
-    loss = focal_of_log_prob(log_p, g, checks.both(rows, has))
     in_range = (labels >= 0) & (labels < k)
     safe = jnp.clip(labels, 0, k - 1)
+    # A label whose class the mask takes out has no target left, as in the soft one-hot
+    # form: loss 0, the row still counted.
+    target = None
+    if logit_mask is not None:
+        target = jnp.take_along_axis(logit_mask, safe[..., None], axis=-1)[..., 0]
+    loss = focal_of_log_prob(log_p, g, checks.both(checks.both(rows, has), target))
+    if target is not None:
+        loss = jnp.where(target, loss, jnp.zeros((), loss.dtype))
     if a is not None and a.ndim:
         loss = loss * jnp.take(a.astype(dt), safe)
     elif a is not None:
@@ -304,14 +312,14 @@ def poly_loss_cross_entropy(
         logits, labels, axis=axis, weights=weights, where=where, reduction=reduction,
         options=(epsilon,),
     )  # fmt: skip
-    eps = jnp.asarray(checks.hyperparameter("epsilon", epsilon, low=-1.0), dt)
+    eps = jnp.asarray(checks.hyperparameter("epsilon", epsilon), dt)
     checks.debug_check_unit_interval("labels", y)
-    loss = term_loss(x, y, None, eps, logit_mask, rows, "poly", False, dt)
+    loss, has = term_loss(x, y, None, eps, logit_mask, rows, Term("poly", dt))
     return reduce_loss(
         loss,
         reduction=reduction,
         weights=weights,
-        where=rows,
+        where=checks.both(rows, has),
         normalizer=normalizer,
         batch_axis_name=batch_axis_name,
     )

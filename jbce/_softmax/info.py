@@ -17,10 +17,10 @@ from jax.typing import ArrayLike
 
 from jbce._core import autodiff, checks
 from jbce._core.dtypes import compute_dtype, to_compute
-from jbce._core.reduce import check_global_options, divide_globally, reduce_loss
+from jbce._core.reduce import reduce_loss
 from jbce._softmax.api import batch_shape, to_rows
 from jbce._softmax.focal import soft_inputs
-from jbce._softmax.terms import jsd_loss, term_loss
+from jbce._softmax.terms import Term, jsd_loss, jsd_mode, term_loss
 
 
 def _neg_xlogx_value(p: jax.Array) -> jax.Array:
@@ -70,19 +70,16 @@ def entropy(probs: ArrayLike, *, axis: int | Sequence[int] = -1) -> jax.Array:
 
 
 def _reduce(loss, reduction, weights, rows, bshape, normalizer, batch_axis_name):
-    """``reduce_loss``, plus ``"batchmean"``: the sum over the size of the first batch axis."""
-    glob = {"normalizer": normalizer, "batch_axis_name": batch_axis_name}
-    if reduction != "batchmean":
-        return reduce_loss(loss, reduction=reduction, weights=weights, where=rows, **glob)
-    check_global_options(reduction, normalizer, None)
-    total = reduce_loss(loss, reduction="sum", weights=weights, where=rows)
-    return divide_globally(total, bshape[0] if bshape else 1, **glob)
+    """``reduce_loss``, with ``"batchmean"``: the sum over the size of the first batch axis."""
+    return reduce_loss(
+        loss, reduction=reduction, weights=weights, where=rows, normalizer=normalizer,
+        batch_axis_name=batch_axis_name, batch_size=bshape[0] if bshape else 1,
+    )  # fmt: skip
 
 
 def _reduction(reduction):
-    if reduction != "batchmean":
-        checks.check_reduction(reduction)
-    return "none" if reduction == "batchmean" else reduction
+    """The reduction ``soft_inputs`` checks ("batchmean" reduces like "sum", then divides)."""
+    return "sum" if reduction == "batchmean" else reduction
 
 
 def kl_divergence(
@@ -110,7 +107,13 @@ def kl_divergence(
     are :math:`\log y`, ``-inf`` for 0) optax's ``kl_divergence_with_log_targets`` and
     PyTorch's ``F.kl_div(log_q, log_y, log_target=True)``. A ``-inf``
     logit under a zero label contributes nothing; under a positive label the divergence is
-    ``+inf``.
+    ``+inf``. A row whose every class is ``-inf`` (or masked) is excluded from the mean, as a
+    where-masked row is.
+
+    For normalised targets the divergence is :math:`\ge 0`, up to rounding: it is a sum of
+    terms of both signs, so matching distributions give a few ulps of the terms either side
+    of 0 (e.g. :math:`-10^{-7}` in float32), never clamped, so that the value and its
+    derivatives stay those of the same smooth function.
 
     Reductions: ``"none"`` (per example), ``"sum"``, ``"mean"`` (over included examples) and
     ``"batchmean"``, PyTorch's: the sum divided by the size of the first batch axis (the
@@ -135,8 +138,8 @@ def kl_divergence(
         or ``pmap``: ``"sum"`` and ``"mean"`` are then over the global batch.
 
     Returns:
-      A float32 scalar (float64 for float64 inputs), or the per-example divergences (>= 0)
-      for ``"none"``.
+      A float32 scalar (float64 for float64 inputs), or the per-example divergences (>= 0 to
+      rounding) for ``"none"``.
 
     Example:
       >>> import jax.numpy as jnp, jbce
@@ -152,8 +155,10 @@ def kl_divergence(
     )
     if not log_labels:
         checks.debug_check_unit_interval("labels", y)
-    loss = term_loss(x, y, None, None, mask, rows, "kl", bool(log_labels), dt)
-    return _reduce(loss, reduction, weights, rows, bshape, normalizer, batch_axis_name)
+    loss, has = term_loss(x, y, None, None, mask, rows, Term("kl", dt, bool(log_labels)))
+    return _reduce(
+        loss, reduction, weights, checks.both(rows, has), bshape, normalizer, batch_axis_name
+    )
 
 
 def jensen_shannon_divergence(
@@ -234,11 +239,10 @@ def jensen_shannon_divergence(
         logits, teacher_logits, axis=axis, weights=weights, where=where, reduction=red,
         options=(beta, temperature), labels_name="teacher_logits",
     )  # fmt: skip
-    b = checks.hyperparameter("beta", beta, low=0.0, high=1.0)
-    temp = checks.hyperparameter("temperature", temperature, low=0.0, low_open=True)
-    if isinstance(b, jax.Array):
-        mode = "traced"
-    else:
-        mode = "forward" if b == 0 else "reverse" if b == 1 else "mix"
-    loss = jsd_loss(x, t, jnp.asarray(b, dt), jnp.asarray(temp, dt), mask, rows, mode, dt)
-    return _reduce(loss, reduction, weights, rows, bshape, normalizer, batch_axis_name)
+    b = checks.hyperparameter("beta", beta)
+    temp = checks.hyperparameter("temperature", temperature)
+    mode = jsd_mode(b)
+    loss, has = jsd_loss(x, t, jnp.asarray(b, dt), jnp.asarray(temp, dt), mask, rows, mode, dt)
+    return _reduce(
+        loss, reduction, weights, checks.both(rows, has), bshape, normalizer, batch_axis_name
+    )

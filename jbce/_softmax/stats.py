@@ -37,6 +37,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jbce._core import checks
 from jbce._core.math import xmul
 
 
@@ -67,21 +68,31 @@ def softcap(x: jax.Array, cap) -> jax.Array:
     return x if cap is None else cap * jnp.tanh(x / cap)
 
 
+def softcap_coefficients(z: jax.Array, cap):
+    """``(d x / d z, d x / d cap)`` of ``x = softcap(z, cap)``, elementwise: ``1 - t^2`` and
+    ``t - (z / cap)(1 - t^2)`` with ``t = tanh(z / cap)``; the latter is 0 where ``z`` is
+    infinite (``x`` is ``+-cap`` exactly there; ``inf * 0`` otherwise)."""
+    zero = jnp.zeros((), z.dtype)
+    t = jnp.tanh(z / cap)
+    slope = 1 - t * t
+    z_over = jnp.where(slope == 0, zero, z / jnp.where(slope == 0, 1, cap))
+    return slope, t - slope * z_over
+
+
 def softcap_vjp(z: jax.Array, cap, dx: jax.Array):
-    """(d z, d cap) for ``x = softcap(z, cap)`` and the cotangent ``dx`` of ``x``."""
+    """(d z, d cap) for ``x = softcap(z, cap)`` and the cotangent ``dx`` of ``x``: the
+    transpose of :func:`softcap_jvp`."""
     if cap is None:
         return dx, None
-    t = jnp.tanh(z / cap)
-    dz = dx * (1 - t * t)
-    dcap = jnp.sum(dx * (t - (z / cap) * (1 - t * t)))
-    return dz, dcap
+    slope, cap_coef = softcap_coefficients(z, cap)
+    return dx * slope, jnp.sum(dx * cap_coef)
 
 
 def softcap_jvp(z: jax.Array, cap, dz: jax.Array | None, dcap, rows=None) -> jax.Array | None:
     """The tangent of ``x = softcap(z, cap)`` (linear in ``dz``, ``dcap``; None: zero).
 
-    The coefficients are 0 in the rows outside ``rows`` (``[...]`` boolean, or None), and
-    the ``cap`` coefficient is 0 where ``z`` is infinite (where ``x`` is ``+-cap`` exactly).
+    The coefficients (:func:`softcap_coefficients`) are 0 in the rows outside ``rows``
+    (``[...]`` boolean, or None).
     """
     zero = jnp.zeros((), z.dtype)
 
@@ -90,14 +101,12 @@ def softcap_jvp(z: jax.Array, cap, dz: jax.Array | None, dcap, rows=None) -> jax
 
     if cap is None:
         return None if dz is None else dz.astype(z.dtype)
-    t = jnp.tanh(z / cap)
-    slope = 1 - t * t
+    slope, cap_coef = softcap_coefficients(z, cap)
     out = None
     if dz is not None:
         out = coef(slope) * dz.astype(z.dtype)
     if dcap is not None:
-        z_over = jnp.where(slope == 0, zero, z / cap)  # 0 * inf = 0 at z = +-inf
-        d = coef(t - slope * z_over) * dcap.astype(z.dtype)
+        d = coef(cap_coef) * dcap.astype(z.dtype)
         out = d if out is None else out + d
     return out
 
@@ -165,8 +174,6 @@ def row_reduce(logits, to_x, weights=None, method: str | None = None):
             tpu=lambda v, w: _one_pass(v, to_x, w, pieces=1),
             default=lambda v, w: _one_pass(v, to_x, w),
         )
-    if method not in LSE_METHODS:
-        raise ValueError(f"implementation must be None or one of {LSE_METHODS}; got {method!r}")
     return (_one_pass if method == "one_pass" else _two_pass)(logits, to_x, weights)
 
 
@@ -229,9 +236,15 @@ def _one_pass(logits, to_x, weights, pieces=None):
     pieces = row_pieces(k) if pieces is None else pieces
     x = to_x(logits)
     zero = jnp.zeros((), x.dtype)
-    operands, init = (x, jnp.ones_like(x)), (jnp.array(-jnp.inf, x.dtype), zero)
+    # Each logit is a block of one class, with the carry merge(init, it) would give: a -inf
+    # logit adds nothing to the sum of exps (e = 0), and a positive weight on it makes s
+    # -inf. (A class axis of one element, or a piece of one, is never merged.)
+    absent = x == -jnp.inf
+    operands = (x, jnp.where(absent, zero, jnp.ones((), x.dtype)))
+    init = (jnp.array(-jnp.inf, x.dtype), zero)
     if weights is not None:  # each logit: W = w, s = w (x - x) = 0
-        operands += (jnp.broadcast_to(weights, x.shape).astype(x.dtype), jnp.zeros_like(x))
+        w = jnp.broadcast_to(weights, x.shape).astype(x.dtype)
+        operands += (w, jnp.where(absent & (w > 0), jnp.array(-jnp.inf, x.dtype), zero))
         init += (zero, zero)
     if pieces > 1:  # [..., K] -> [..., pieces, K / pieces]: each piece's carry, then theirs
         operands = tuple(o.reshape(*o.shape[:-1], pieces, k // pieces) for o in operands)
@@ -367,6 +380,46 @@ def _add(a, b):
     return None if a is None else a + b
 
 
+def probs(x, shift, lse):
+    """The softmax of a block of logits ``x`` from its rows' full ``shift`` and shifted
+    log-sum-exp ``lse`` (shaped to broadcast against ``x``); 0 in a row without classes.
+
+    ``exp(x - m) * exp(-l)`` rather than ``exp(x - m - l)``: ``exp(-l) <= 1`` carries the
+    normalisation with a relative error of a few ulps, where the latter would amplify the
+    rounding of ``x - m - l``.
+    """
+    return jnp.exp(x - shift) * jnp.exp(-jnp.where(lse == -jnp.inf, jnp.zeros((), lse.dtype), lse))
+
+
+def softmax_grad(x, shift, lse, g_lse, target=None, sums=None):
+    r"""The one backward formula of the softmax statistics, on a block of logits ``x``:
+    ``(dL/dx, p)`` with
+
+    .. math::
+        \frac{\partial L}{\partial x_c} = \bar\ell\, p_c + \bar t\, [c = y]
+            + \bar s\, w_c, \qquad p_c = e^{x_c - m}\, e^{-\ell}
+
+    for the row's full ``shift`` :math:`m` and shifted log-sum-exp ``lse`` :math:`\ell`
+    (``-inf`` for a row without classes: ``p = 0``), the cotangent ``g_lse`` of
+    :math:`\ell` (per row, or per element where a statistic's own term is folded into it, as
+    the entropy's), ``target = (label hits, the target's cotangent)`` and
+    ``sums = (the logit sum's cotangent, w)`` with ``w`` 0 on classes outside the sums (either
+    None: no such term). Every per-row value is shaped to broadcast against ``x`` (a column):
+    :func:`logits_grad`, the entropy statistics and the Pallas kernels' tiles all call it.
+
+    """
+    p = probs(x, shift, lse)
+    dx = g_lse * p
+    zero = jnp.zeros((), x.dtype)
+    if target is not None:
+        hit, g_t = target
+        dx = dx + jnp.where(hit, g_t, zero)
+    if sums is not None:
+        g_s, w = sums
+        dx = dx + g_s * w
+    return dx, p
+
+
 def logits_grad(
     x: jax.Array,
     labels: jax.Array | None,
@@ -388,18 +441,16 @@ def logits_grad(
     gradient, whatever their logits (NaN included).
     """
     x, weights = _masked(x, weights, mask, soft)
-    lse = jnp.where(stats.lse == -jnp.inf, 0, stats.lse)  # a row without classes: p = 0
-    # exp(x - m) / sum exp(x - m): exp(-l) <= 1 carries the normalisation with a relative
-    # error of a few ulps (exp(x - m - l) would amplify the rounding of x - m - l).
-    p = jnp.exp(x - _col(stats.shift)) * _col(jnp.exp(-lse))
-    dx = _col(g.lse) * p
     zero = jnp.zeros((), x.dtype)
-    if g.target is not None and labels is not None:
-        dx = dx + jnp.where(_onehot(labels, x), _col(g.target), zero)
+    hit = None if g.target is None or labels is None else _onehot(labels, x)
     w = inc = None
     if g.logit_sum is not None:
         w, inc = _sum_weights(x, weights, soft)
-        dx = dx + _col(g.logit_sum) * w
+    dx, _ = softmax_grad(
+        x, _col(stats.shift), _col(stats.lse), _col(g.lse),
+        None if hit is None else (hit, _col(g.target)),
+        None if w is None else (_col(g.logit_sum), w),
+    )  # fmt: skip
     if rows is not None:
         dx = jnp.where(_col(rows), dx, zero)
     if weights is None:
@@ -428,16 +479,15 @@ def stats_tangent(
     x: jax.Array,
     labels: jax.Array | None,
     stats: Stats,
-    dx: jax.Array | None,
+    tangents: tuple[jax.Array | None, jax.Array | None],
     *,
     weights: jax.Array | None = None,
-    dweights: jax.Array | None = None,
     mask: jax.Array | None = None,
     rows: jax.Array | None = None,
     sums: bool = False,
     soft: bool = False,
 ) -> Stats:
-    r"""The tangent of ``block_stats(x, labels, ...)`` for tangents ``dx`` and ``dweights``.
+    r"""The tangent of ``block_stats(x, labels, ...)`` for ``tangents = (dx, dweights)``.
 
     Linear in ``(dx, dweights)`` (either may be None: zero), with the coefficients of
     :func:`logits_grad`, so that its transpose is that formula:
@@ -452,6 +502,7 @@ def stats_tangent(
     row, so that its transpose is elementwise too (no scatter). A row outside ``rows`` gets
     exactly zero, whatever its logits.
     """
+    dx, dweights = tangents
     zero = jnp.zeros((), x.dtype)
     rowmask = None if rows is None else _col(rows)
 
@@ -479,10 +530,9 @@ def stats_tangent(
         dx = None if dx is None else jnp.where(mask, dx, zero)
         if soft and dweights is not None:
             dweights = jnp.where(mask, dweights, zero)
-    lse = jnp.where(stats.lse == -jnp.inf, 0, stats.lse)  # a row without classes: p = 0
     lse_dot = logit_sum = weight_sum = None
     if dx is not None:
-        p = jnp.exp(xm - _col(stats.shift)) * _col(jnp.exp(-lse))
+        p = probs(xm, _col(stats.shift), _col(stats.lse))
         lse_dot = jnp.sum(coef(p) * dx, axis=-1)
     if sums:
         w, inc = _sum_weights(xm, wm, soft)
@@ -523,31 +573,29 @@ def loss_terms(
     lse = jnp.where(has, stats.lse, 0)
     ce = lse - (stats.target - stats.shift)
     tw = stats.target_weight if class_weighted else None
-    smoothing = not _is_zero(label_smoothing)
+    smoothing = not checks.is_zero(label_smoothing)
     loss = ce if tw is None else tw * ce
     if smoothing:
         k = jnp.where(has & (stats.count > 0), stats.count, 1)
         smooth = (stats.weight_sum * lse - jnp.where(has, stats.logit_sum, 0)) / k
         loss = (1 - label_smoothing) * loss + label_smoothing * smooth
-    if not _is_zero(z_loss):
+    if not checks.is_zero(z_loss):
         loss = loss + z_loss * jnp.square(stats.shift + lse)
     in_range = (labels >= 0) & (labels < num_classes)
     return jnp.where(in_range, loss, jnp.nan), has
 
 
-def soft_terms(stats: Stats) -> jax.Array:
-    """Per-row soft-label loss ``W l - s = sum_c y_c (lse - x_c)`` (``weights`` = the labels).
+def soft_terms(stats: Stats) -> tuple[jax.Array, jax.Array]:
+    """(per-row soft-label loss ``W l - s = sum_c y_c (lse - x_c)``, whether the row has a
+    class) for ``weights`` = the labels.
 
-    A row whose every class is ``-inf`` costs ``+inf`` if it has a positive target, else 0.
+    A positive target on a ``-inf`` logit costs ``+inf``. A row whose every class is ``-inf``
+    has loss 0 and is excluded by the caller, as a where-masked row is.
     """
-    has = stats.lse != -jnp.inf
-    loss = stats.weight_sum * jnp.where(has, stats.lse, 0) - jnp.where(has, stats.logit_sum, 0)
-    inf = jnp.asarray(jnp.inf, loss.dtype)
-    return jnp.where(has, loss, jnp.where(stats.logit_sum == -jnp.inf, inf, 0))
-
-
-def _is_zero(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == 0
+    has = stats.lse != -jnp.inf  # NaN rows count (and make the loss NaN)
+    zero = jnp.zeros((), stats.lse.dtype)
+    lse, logit_sum = jnp.where(has, stats.lse, zero), jnp.where(has, stats.logit_sum, zero)
+    return jnp.where(has, stats.weight_sum * lse - logit_sum, zero), has
 
 
 def included(x: jax.Array, mask: jax.Array | None) -> jax.Array:

@@ -25,14 +25,15 @@ derivative for ``gamma < 1``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 
-from jbce._core import autodiff
+from jbce._core import autodiff, checks
 from jbce._core.dtypes import to_compute
-from jbce._core.math import log_ratio, xmul
+from jbce._core.math import log_ratio, mixture_logs, safe_pow, xmul
 from jbce._softmax import stats as _stats
 
 TERMS = ("ce", "focal", "poly", "kl")
@@ -50,8 +51,7 @@ def _focal_parts(lg, gamma):
     # lg / q -> -1 as p -> 1; keeping the ratio bounded keeps gamma * lg * q^(gamma-1) finite
     # for gamma < 1 (it would be 0 * inf at q = 0).
     r = jnp.where(q > 0, lg / jnp.where(q > 0, q, 1), -jnp.ones((), lg.dtype))
-    qg = q**gamma
-    return qg, 1 - gamma * xmul(p, r), q
+    return safe_pow(q, gamma), 1 - gamma * xmul(p, r), q
 
 
 def _phi(kind, lg, theta, log_y=None):
@@ -62,7 +62,7 @@ def _phi(kind, lg, theta, log_y=None):
         return log_y - lg
     q = _one_minus_p(lg)
     if kind == "focal":
-        return -xmul(q**theta, lg)
+        return -xmul(safe_pow(q, theta), lg)
     return -lg + theta * q  # poly
 
 
@@ -115,8 +115,19 @@ def _lse_tangent(x, shift, lse, dx, rows):
     """The tangent of the shifted log-sum-exp, ``sum_c p_c dx_c`` (None: zero)."""
     if dx is None:
         return None
-    p = jnp.exp(_log_probs(x, shift, lse))
+    p = _stats.probs(x, shift[..., None], lse[..., None])
     return autodiff.keep_rows(rows, jnp.sum(autodiff.keep_rows(rows, p) * dx, axis=-1))
+
+
+# A log-probability that stands in for -inf inside tangent maps: its probability is exactly 0
+# (exp underflows below about -745 in float64) and every coefficient computed from it equals
+# its limit at -inf, while no intermediate is infinite, so differentiating the map (second
+# derivatives) never meets 0 * inf where a class is -inf or masked out.
+_NEG_LOG = -1e4
+
+
+def _finite_log_probs(lg):
+    return jnp.where(lg == -jnp.inf, jnp.asarray(_NEG_LOG, lg.dtype), lg)
 
 
 def _log_probs(x, shift, lse):
@@ -124,32 +135,45 @@ def _log_probs(x, shift, lse):
     return (x - shift[..., None]) - lse[..., None]
 
 
-def term_loss(logits, labels, alpha, theta, mask, rows, kind, log_labels, dtype):
-    r"""Per-row :math:`\sum_c a_c \phi(l_c; \theta)` of ``logits`` ``[..., K]`` (classes last).
+@dataclasses.dataclass(frozen=True)
+class Term:
+    """The static options of :func:`term_loss`: which term (one of :data:`TERMS`), whether
+    the labels are log-probabilities, and the compute dtype."""
+
+    kind: str
+    dtype: jnp.dtype
+    log_labels: bool = False
+
+
+def term_loss(logits, labels, alpha, theta, mask, rows, term: Term):
+    r"""Per-row :math:`\sum_c a_c \phi(l_c; \theta)` of ``logits`` ``[..., K]`` (classes last),
+    and whether each row has a class.
 
     Args:
-      logits: float array in any float dtype, computed in ``dtype``.
-      labels: ``[..., K]`` probability targets, or their logs with ``log_labels``.
+      logits: float array in any float dtype, computed in ``term.dtype``.
+      labels: ``[..., K]`` probability targets, or their logs with ``term.log_labels``.
       alpha: None, a scalar or a ``[K]`` class coefficient.
       theta: the term's scalar parameter (``gamma`` or ``epsilon``; ignored for ``"ce"``).
       mask: ``[..., K]`` boolean, False takes a class out of the softmax (and its target), or None.
       rows: ``[...]`` boolean, the rows the loss uses (others get zero derivatives), or None.
-      kind: one of :data:`TERMS`.
-      log_labels: ``labels`` are log-probabilities.
-      dtype: the compute dtype.
+      term: :class:`Term`.
 
     A class with :math:`a_c = 0` contributes nothing (even at a ``-inf`` logit); a positive
-    target on a ``-inf`` logit costs ``+inf``; a NaN logit makes its row NaN.
+    target on a ``-inf`` logit costs ``+inf``; a NaN logit makes its row NaN. A row whose
+    every class is ``-inf`` or masked has loss 0 and no class: the caller excludes it.
     """
-    return _term_core(logits, labels, alpha, theta, mask, rows, kind, log_labels, dtype)[0]
+    loss, _, lse = _term_core(logits, labels, alpha, theta, mask, rows, term)
+    has = lse != -jnp.inf  # NaN rows count (and stay NaN)
+    return jnp.where(has, loss, jnp.zeros((), loss.dtype)), has
 
 
-def _term_value(logits, labels, alpha, theta, mask, rows, kind, log_labels, dtype):
+def _term_value(logits, labels, alpha, theta, mask, rows, term: Term):
     """(per-row loss, shift, shifted log-sum-exp)."""
     del rows  # masks the derivatives only
-    x, y, a, ly = _prepared(logits, labels, alpha, mask, dtype, log_labels)
+    x, y, a, ly = _prepared(logits, labels, alpha, mask, term.dtype, term.log_labels)
     st = _row_stats(x)
-    return _row_loss(kind, x, y, a, ly, theta, st.shift, st.lse, dtype), st.shift, st.lse
+    loss = _row_loss(term, x, y, a, ly, theta, st)
+    return loss, st.shift, st.lse
 
 
 def _log_y(y, ly):
@@ -157,20 +181,22 @@ def _log_y(y, ly):
     return ly if ly is not None else jnp.log(jnp.where(y == 0, jnp.ones((), y.dtype), y))
 
 
-def _row_loss(kind, x, y, a, ly, theta, shift, lse, dtype):
-    lg = _log_probs(x, shift, lse)
-    th = None if theta is None else to_compute(theta, dtype)
-    log_y = _log_y(y, ly) if kind == "kl" else None
-    loss = jnp.sum(xmul(a, _phi(kind, lg, th, log_y)), axis=-1)
+def _row_loss(term: Term, x, y, a, ly, theta, st: _stats.Stats):
+    lg = _log_probs(x, st.shift, st.lse)
+    th = None if theta is None else to_compute(theta, term.dtype)
+    log_y = _log_y(y, ly) if term.kind == "kl" else None
+    loss = jnp.sum(xmul(a, _phi(term.kind, lg, th, log_y)), axis=-1)
+    lse = st.lse
     return jnp.where(jnp.isnan(lse), jnp.nan, loss)  # a NaN logit hides behind a = 0 otherwise
 
 
-def _term_tangent(primals, saved, tangents, kind, log_labels, dtype):
+def _term_tangent(primals, saved, tangents, term: Term):
+    kind, log_labels, dtype = term.kind, term.log_labels, term.dtype
     logits, labels, alpha, theta, mask, rows = primals
     dlogits, dlabels, dalpha, dtheta, _, _ = tangents
     shift, lse = saved
     x, y, a, ly = _prepared(logits, labels, alpha, mask, dtype, log_labels)
-    lg = _log_probs(x, shift, lse)
+    lg = _finite_log_probs(_log_probs(x, shift, lse))
     p = jnp.exp(lg)
     th = None if theta is None else to_compute(theta, dtype)
     dphi, dtheta_c = _phi_grads(kind, lg, th)
@@ -217,7 +243,7 @@ def _cast(t, dtype, mask=None):
 # Residuals in reverse mode: the inputs as given and two floats per row (the shift and the
 # shifted log-sum-exp); the log-probabilities are recomputed in the backward pass.
 _term_core = autodiff.lean_jvp(
-    _term_value, _term_tangent, num_static=3, saved=lambda out: (out[1], out[2])
+    _term_value, _term_tangent, num_static=1, saved=lambda out: (out[1], out[2])
 )
 
 
@@ -251,6 +277,16 @@ focal_of_log_prob = autodiff.lean_jvp(_focal_of_log_prob, _focal_of_log_prob_tan
 JSD_MODES = ("forward", "reverse", "mix", "traced")
 
 
+def jsd_mode(beta) -> str:
+    """Which form of the generalised JSD ``beta`` selects: ``"forward"`` KL(P || Q) at a
+    static 0, ``"reverse"`` KL(Q || P) at a static 1, ``"mix"`` inside (0, 1), ``"traced"``
+    for an array (each row picks by value, with ``where``)."""
+    b = checks.static_number(beta)
+    if b is None:
+        return "traced"
+    return "forward" if b == 0 else "reverse" if b == 1 else "mix"
+
+
 def _two_log_softmax(logits, teacher, temperature, mask, dtype):
     """(log Q, log P, the per-row stats of each) at temperature T, classes masked out."""
     t = to_compute(temperature, dtype)
@@ -260,23 +296,6 @@ def _two_log_softmax(logits, teacher, temperature, mask, dtype):
         z = jnp.where(mask, z, -jnp.inf)
         w = jnp.where(mask, w, -jnp.inf)
     return z, w
-
-
-def _mixture_logs(d, beta):
-    r"""(log P - log M, log Q - log M) for M = beta P + (1 - beta) Q, from d = log Q - log P.
-
-    :math:`\log P - \log M = -\log(\beta + (1 - \beta) e^d)`, evaluated as
-    ``-log1p((1 - beta) expm1(d))`` for d <= 0 and ``-d - log1p(beta expm1(-d))`` for d > 0:
-    no overflow, and relative accuracy where the distributions nearly agree (d near 0).
-    """
-    neg = d <= 0
-    dn = jnp.minimum(d, 0)
-    dp = jnp.maximum(d, 0)
-    a = jnp.log1p((1 - beta) * jnp.expm1(dn))
-    b = jnp.log1p(beta * jnp.expm1(-dp))
-    e = jnp.where(neg, -a, -dp - b)
-    f = jnp.where(neg, dn - a, -b)
-    return e, f
 
 
 def _jsd_parts(mode, lq, lp, beta):
@@ -289,7 +308,7 @@ def _jsd_parts(mode, lq, lp, beta):
     if mode == "reverse":  # KL(Q || P)
         kl = jnp.sum(xmul(q, d), axis=-1)
         return kl, xmul(q, d - kl[..., None]), p - q, jnp.zeros_like(kl)
-    e, f = _mixture_logs(d, beta)
+    e, f = mixture_logs(d, beta)
     kl_p = jnp.sum(xmul(p, e), axis=-1)  # KL(P || M)
     kl_q = jnp.sum(xmul(q, f), axis=-1)  # KL(Q || M)
     value = beta * kl_p + (1 - beta) * kl_q
@@ -315,9 +334,15 @@ def jsd_loss(logits, teacher_logits, beta, temperature, mask, rows, mode, dtype)
     ``"mix"`` :math:`\beta\,\mathrm{KL}(P\|M) + (1-\beta)\,\mathrm{KL}(Q\|M)` for
     0 < beta < 1, or ``"traced"`` (beta an array: each chosen by its value, with ``where``).
     ``rows`` (``[...]`` boolean or None): the rows the loss uses, the others get zero
-    derivatives.
+    derivatives. Returns ``(per-row value, whether the row has a class in both softmaxes)``:
+    a row where either distribution has no class left has value 0 and is excluded by the
+    caller.
     """
-    return _jsd_core(logits, teacher_logits, beta, temperature, mask, rows, mode, dtype)[0]
+    value, _, lz, _, lw = _jsd_core(
+        logits, teacher_logits, beta, temperature, mask, rows, mode, dtype
+    )
+    has = (lz != -jnp.inf) & (lw != -jnp.inf)
+    return jnp.where(has, value, jnp.zeros((), value.dtype)), has
 
 
 def _jsd_value(mode, z, w, beta, sz, sw, dtype):
