@@ -33,3 +33,11 @@ def test_metadata_names_authors_classifiers_and_keywords():
     assert all(a.get("name") for a in PROJECT["authors"] + PROJECT["maintainers"])
     assert any(c.startswith("Programming Language :: Python :: 3") for c in PROJECT["classifiers"])
     assert "jax" in PROJECT["keywords"]
+
+
+def test_readme_is_short_and_quotes_no_ci_logs_or_commit_hashes():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 120
+    hashes = re.findall(r"\b(?=[0-9a-f]*\d)(?=[0-9a-f]*[a-f])[0-9a-f]{7,40}\b", readme)
+    assert not hashes, f"commit hashes in the README: {hashes}"
+    assert "passed" not in readme and "xfailed" not in readme, "a CI log line in the README"
