@@ -151,7 +151,7 @@ def ratio_chart(cases: list[dict], path: Path, *, env: dict | None = None) -> Pa
             for yi, vi in zip(y + offset, v):
                 text = "n/a" if np.isnan(vi) else f"{vi:.2f}"
                 x = 1 if np.isnan(vi) else vi
-                ax.text(x * (1.02 if x >= 1 else 0.98), yi, text, va="center", fontsize=6.5,
+                ax.text(x * (1.02 if x >= 1 else 0.98), yi, text, va="center", fontsize=7.5,
                         ha="left" if x >= 1 else "right", color="#333")  # fmt: skip
         ax.axvline(1, color="black", linewidth=1)
         ax.axvspan(lo, 1, color="tab:red", alpha=0.07, linewidth=0)
@@ -160,7 +160,7 @@ def ratio_chart(cases: list[dict], path: Path, *, env: dict | None = None) -> Pa
         ticks = [t for t in (0.25, 0.33, 0.5, 0.75, 1, 1.5, 2, 3, 4, 6, 8) if lo <= t <= hi]
         ax.set_xticks(ticks, [f"{t:g}x" for t in ticks])
         ax.minorticks_off()
-        ax.set_yticks(y, [r[0] for r in rows], fontsize=8.5)
+        ax.set_yticks(y, [r[0] for r in rows], fontsize=9)
         ax.set_ylim(len(rows) - 0.5, -0.5)
         ax.grid(axis="x", alpha=0.3)
         ax.set_title(f"{titles.get(mode, mode)} ({mode})", fontsize=10)
