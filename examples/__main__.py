@@ -2,7 +2,9 @@
 
 Logistic regression writes to ``DIR/logistic_regression``, the GAN to ``DIR/gan`` and the
 language model (trained, then distilled into a smaller student) to ``DIR/language_model``
-(``DIR`` defaults to ``runs/``).
+(``DIR`` defaults to ``runs/``). The language model caches its tokenizer and token streams
+(about 5 MB) in ``--cache DIR``, else ``$JBCE_CACHE_DIR``, else ``~/.cache/jbce``, and prints
+where.
 """
 
 from __future__ import annotations
@@ -18,14 +20,21 @@ def main(argv=None) -> dict:
     p.add_argument("--out", type=Path, default=Path("runs"), help="output directory (runs/)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="the language model's tokenizer cache (default: $JBCE_CACHE_DIR, else ~/.cache/jbce)",
+    )
     args = p.parse_args(argv)
     common = ["--seed", str(args.seed)] + (["--no-progress"] if args.no_progress else [])
+    lm_cache = [] if args.cache is None else ["--cache", str(args.cache)]
     print("== logistic regression ==")
     lr = logistic_regression.main(["--out", str(args.out / "logistic_regression"), *common])
     print("\n== GAN ==")
     g = gan.main(["--out", str(args.out / "gan"), *common])
     print("\n== language model ==")
-    lm = language_model.main(["--out", str(args.out / "language_model"), *common])
+    lm = language_model.main(["--out", str(args.out / "language_model"), *lm_cache, *common])
     return {"logistic_regression": lr, "gan": g, "language_model": lm}
 
 
