@@ -190,7 +190,8 @@ def sigmoid_binary_cross_entropy(
 
     Example:
       >>> import jax.numpy as jnp, jbce
-      >>> jbce.sigmoid_binary_cross_entropy(jnp.array([2.0, -1e30]), jnp.array([1.0, 0.0]))
+      >>> x, y = jnp.array([2.0, -1e30]), jnp.array([1.0, 0.0])
+      >>> jbce.sigmoid_binary_cross_entropy(x, y)
       Array(0.06346..., dtype=float32)
     """
     x, y, weights, where, dt = _prepare("logits", logits, labels, weights, where, (pos_weight,))
@@ -284,7 +285,8 @@ def binary_cross_entropy(
 
     Example:
       >>> import jax.numpy as jnp, jbce
-      >>> jbce.binary_cross_entropy(jnp.array([0.9, 0.0]), jnp.array([1.0, 1.0]), reduction="none")
+      >>> p, y = jnp.array([0.9, 0.0]), jnp.array([1.0, 1.0])
+      >>> jbce.binary_cross_entropy(p, y, reduction="none")
       Array([  0.10536...,  100.   ], dtype=float32)
     """
     p, y, weights, where, dt = _prepare("probs", probs, labels, weights, where)
@@ -394,7 +396,8 @@ def sigmoid_focal_loss(
 
     Example:
       >>> import jax.numpy as jnp, jbce
-      >>> jbce.sigmoid_focal_loss(jnp.array([3.0, -2.0]), jnp.array([1.0, 1.0]), alpha=0.25)
+      >>> x, y = jnp.array([3.0, -2.0]), jnp.array([1.0, 1.0])
+      >>> jbce.sigmoid_focal_loss(x, y, alpha=0.25)
       Array(0.2062..., dtype=float32)
     """
     x, y, weights, where, dt = _prepare("logits", logits, labels, weights, where)

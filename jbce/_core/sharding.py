@@ -70,7 +70,8 @@ def local_labels(labels, num_local: int, axis_name):
     Example:
       >>> import jax, jax.numpy as jnp
       >>> from jbce._core.sharding import local_labels
-      >>> jax.vmap(lambda _: local_labels(jnp.array([0, 5]), 4, "v"), axis_name="v")(jnp.ones(2))
+      >>> f = lambda _: local_labels(jnp.array([0, 5]), 4, "v")
+      >>> jax.vmap(f, axis_name="v")(jnp.ones(2))
       Array([[ 0,  5],
              [-4,  1]], dtype=int32)
     """

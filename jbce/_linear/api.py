@@ -98,7 +98,7 @@ def linear_softmax_cross_entropy(
     ``class_weights`` by :math:`\sum_n w_{y_n}` over them (times ``weights``), as PyTorch's
     ``cross_entropy(weight=...)`` does.
 
-    but the ``[N, V]`` logits only ever exist one ``[token_chunk, vocab_chunk]`` tile at a
+    The ``[N, V]`` logits only ever exist one ``[token_chunk, vocab_chunk]`` tile at a
     time: the forward pass keeps an online log-sum-exp, and the backward pass recomputes
     each tile and accumulates the gradients (in float32 for bf16/fp16 inputs; the logits
     of a tile are computed in float32 from bf16 inputs, not rounded to bf16). The backward

@@ -88,7 +88,8 @@ def linear_log_probs(
       >>> entropy
       Array([0.6655..., 0.9753...], dtype=float32)
       >>> def objective(hidden, weight):  # a policy-gradient step with an entropy bonus
-      ...     lp, h = jbce.linear_log_probs(hidden, weight, jnp.array([0, 1]), temperature=0.7)
+      ...     y = jnp.array([0, 1])
+      ...     lp, h = jbce.linear_log_probs(hidden, weight, y, temperature=0.7)
       ...     return -jnp.mean(lp * jnp.array([1.0, -0.5]) + 0.01 * h)
       >>> [g.shape for g in jax.grad(objective, (0, 1))(hidden, weight)]
       [(2, 2), (2, 3)]

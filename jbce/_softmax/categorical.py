@@ -81,7 +81,8 @@ def nll_loss(
     Example:
       >>> import jax, jax.numpy as jnp, jbce
       >>> log_p = jax.nn.log_softmax(jnp.array([[2.0, 0.0, 1.0], [0.0, 1.0, 0.0]]))
-      >>> jbce.nll_loss(log_p, jnp.array([0, 1]), class_weights=jnp.array([1.0, 3.0, 1.0]))
+      >>> cw = jnp.array([1.0, 3.0, 1.0])
+      >>> jbce.nll_loss(log_p, jnp.array([0, 1]), class_weights=cw)
       Array(0.5154..., dtype=float32)
     """
     lp, labels, axes, k, bshape = checks.with_integer_labels("log_probs", log_probs, labels, axis)

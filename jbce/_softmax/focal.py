@@ -205,7 +205,8 @@ def softmax_focal_loss_with_integer_labels(
     Example:
       >>> import jax.numpy as jnp, jbce
       >>> logits = jnp.log(jnp.array([[0.05, 0.9, 0.05], [0.1, 0.85, 0.05]]))
-      >>> jbce.softmax_focal_loss_with_integer_labels(logits, jnp.array([1, 2]), reduction="none")
+      >>> labels = jnp.array([1, 2])
+      >>> jbce.softmax_focal_loss_with_integer_labels(logits, labels, reduction="none")
       Array([0.0010536..., 2.7036...], dtype=float32)
     """
     logits, labels, axes, k, bshape = checks.with_integer_labels("logits", logits, labels, axis)
