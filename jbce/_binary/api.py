@@ -17,7 +17,7 @@ from jax.typing import ArrayLike
 
 from jbce._core import autodiff, checks
 from jbce._core.dtypes import compute_dtype, to_compute
-from jbce._core.math import safe_pow, xmul
+from jbce._core.math import GRAD_EPS, clamped_log, clamped_log1p, safe_pow, xmul
 from jbce._core.reduce import reduce_loss
 from jbce._core.sharding import pvary_like
 
@@ -217,12 +217,8 @@ def sigmoid_binary_cross_entropy(
 
 
 # --- BCE from probabilities, PyTorch semantics (log clamped at -100) --------------------------
-_LOG_CLAMP = -100.0
-_GRAD_EPS = 1e-12
-
-
 def _clamped_logs(p):
-    return jnp.maximum(jnp.log(p), _LOG_CLAMP), jnp.maximum(jnp.log1p(-p), _LOG_CLAMP)
+    return clamped_log(p), clamped_log1p(-p)
 
 
 def _bce_probs_value(p, y, keep):
@@ -235,7 +231,7 @@ def _bce_probs_tangent(primals, _, tangents):
     p, y, keep = primals
     dp, dy, _ = tangents
     # PyTorch's rule: (p - y) / max(p (1 - p), eps), finite at p = 0 and p = 1.
-    pairs = [((p - y) / jnp.maximum(p * (1 - p), _GRAD_EPS), dp)]
+    pairs = [((p - y) / jnp.maximum(p * (1 - p), GRAD_EPS), dp)]
     if dy is not None:
         log_p, log_q = _clamped_logs(p)
         pairs.append((log_q - log_p, dy))

@@ -27,6 +27,23 @@ def xmul(a: jax.Array, b: jax.Array) -> jax.Array:
     return a * jnp.where(off, jnp.zeros((), jnp.result_type(b)), b)
 
 
+# PyTorch's convention for losses on probabilities (binary_cross_entropy, and jbce's
+# categorical_cross_entropy): logs clamped at -100, so p = 0 costs 100 rather than inf, and
+# gradients divided by at least 1e-12.
+LOG_CLAMP = -100.0
+GRAD_EPS = 1e-12
+
+
+def clamped_log(p: jax.Array) -> jax.Array:
+    """``max(log p, -100)`` (NaN stays NaN)."""
+    return jnp.maximum(jnp.log(p), LOG_CLAMP)
+
+
+def clamped_log1p(x: jax.Array) -> jax.Array:
+    """``max(log1p(x), -100)``: ``log(1 - p)`` as ``clamped_log1p(-p)``, exact for small p."""
+    return jnp.maximum(jnp.log1p(x), LOG_CLAMP)
+
+
 def log_ratio(lq: jax.Array, lp: jax.Array) -> jax.Array:
     """``log Q - log P`` per class, 0 where both are ``-inf`` (a class neither distribution has)."""
     both = (lq == -jnp.inf) & (lp == -jnp.inf)
