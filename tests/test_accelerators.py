@@ -278,7 +278,7 @@ print(json.dumps(out))
 
 
 def test_fused_distillation_on_h100_has_no_conditional_few_kernels_and_less_hbm(tmp_path):
-    # Issue 13's deviceless targets at N=4096, D=512, V=32768 float32 value_and_grad.
+    # The deviceless targets at N=4096, D=512, V=32768 float32 value_and_grad.
     python = _accel_python()
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
     proc = subprocess.run(
