@@ -17,28 +17,12 @@ from jax.typing import ArrayLike
 
 from jbce._core import autodiff, checks
 from jbce._core.dtypes import compute_dtype, to_compute
+from jbce._core.math import neg_abs as _neg_abs
+from jbce._core.math import sigmoid_pair as _sigmoid_pair
+from jbce._core.math import softplus_pair as _softplus_pair
 from jbce._core.math import xmul
 from jbce._core.reduce import reduce_loss
 from jbce._core.sharding import pvary_like
-
-
-def _softplus_pair(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(softplus(x), softplus(-x)) = (-log sigmoid(-x), -log sigmoid(x)), one exp/log1p pair."""
-    # Both sides of x = 0 written with the x >= 0 side's slope (not relu's and |x|'s tie
-    # rules), so that their derivatives, which differentiate these, are right at 0 too.
-    t = jnp.log1p(jnp.exp(_neg_abs(x)))
-    zero = jnp.zeros((), x.dtype)
-    pos = x >= 0
-    return jnp.where(pos, x, zero) + t, jnp.where(pos, zero, -x) + t
-
-
-def _sigmoid_pair(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(sigmoid(x), sigmoid(-x)), each accurate to the last bit in its own tail."""
-    e = jnp.exp(_neg_abs(x))
-    big = 1 / (1 + e)
-    small = e * big
-    pos = x >= 0
-    return jnp.where(pos, big, small), jnp.where(pos, small, big)
 
 
 # --- sigmoid BCE core: l = a softplus(-x) + b softplus(x), a = pw y, b = 1 - y -------------
@@ -62,12 +46,6 @@ def _inputs(dtype, *xs):
     """The core's inputs in the compute ``dtype``, cast inside the core so that its residuals
     are the caller's arrays (a bf16 -> f32 copy of the logits is never saved)."""
     return tuple(None if x is None else to_compute(x, dtype) for x in xs)
-
-
-def _neg_abs(x):
-    """``-|x|``, with the slope of the ``x >= 0`` side at 0 (so that the derivative of the
-    tails below, which are smooth at 0, is right there too: a zero-initialised logit)."""
-    return jnp.where(x >= 0, -x, x)
 
 
 def _elementwise_tangent(keep, pairs, ndim):
