@@ -57,17 +57,34 @@ def integer_labels(name: str, x: ArrayLike, num_classes: int | None = None) -> j
     A narrow dtype (``uint8``, ``int8``, ``int16``) would otherwise compare against
     ``ignore_index=-100`` and class ids in its own, wrapped type.
     """
+    x = _integers(
+        name, x, "integer class indices (got dtype {dtype}); for probability targets use "
+        "softmax_cross_entropy, or cast with labels.astype(jnp.int32)",
+    )  # fmt: skip
+    if num_classes is not None and num_classes > np.iinfo(np.int32).max:
+        raise ValueError(f"{name}: {num_classes} classes do not fit in int32 class ids")
+    return x.astype(jnp.int32)
+
+
+def integer_ids(name: str, x: ArrayLike) -> jax.Array:
+    """Integer identifiers (compared for equality only), as an array of their own dtype."""
+    return _integers(name, x, "integers (equal ids mark the same item); got dtype {dtype}")
+
+
+def _integers(name: str, x: ArrayLike, expected: str) -> jax.Array:
+    """``x`` as an array of an integer dtype, else a TypeError: ``{name} must be {expected}``
+    (``{dtype}`` in ``expected`` names the dtype given)."""
     x = as_array(name, x)
     try:
         chex.assert_type(x, int)
     except AssertionError:
-        raise TypeError(
-            f"{name} must be integer class indices (got dtype {x.dtype}); for probability "
-            "targets use softmax_cross_entropy, or cast with labels.astype(jnp.int32)"
-        ) from None
-    if num_classes is not None and num_classes > np.iinfo(np.int32).max:
-        raise ValueError(f"{name}: {num_classes} classes do not fit in int32 class ids")
-    return x.astype(jnp.int32)
+        raise TypeError(f"{name} must be " + expected.format(dtype=x.dtype)) from None
+    return x
+
+
+def check_rank(name: str, x: ArrayLike, ndim: int, layout: str) -> None:
+    if jnp.ndim(x) != ndim:
+        raise ValueError(f"{name} must have shape {layout}; got {jnp.shape(x)}")
 
 
 def check_ignore_index(ignore_index) -> int | None:
@@ -237,7 +254,7 @@ def hyperparameter(
         ok = ok & ((x > low) if low_open else (x >= low))
     if high is not None:
         ok = ok & (x <= high)
-    if x.size:
+    if x.size and (low is not None or high is not None):
         value_check(ok, f"{name} must be {_interval(low, high, low_open)}")
     return x
 
