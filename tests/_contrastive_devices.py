@@ -112,8 +112,8 @@ def siglip_8_devices_duplicate_ids_overlapping_tiles():
 
 
 @check
-def clip_4_devices_diagonal():
-    through_shard_map("clip", 4, 20, ids=False)
+def clip_4_devices_diagonal_check_vma_false():
+    through_shard_map("clip", 4, 20, ids=False, check_vma=False)
 
 
 @check
@@ -122,35 +122,30 @@ def siglip_1_device_mesh():
 
 
 @check
-def clip_one_row_per_device():
-    through_shard_map("clip", 8, 8)
+def siglip_one_row_per_device():
+    through_shard_map("siglip", 8, 8)
 
 
 @check
-def siglip_check_vma_false():
-    through_shard_map("siglip", 8, 16, check_vma=False)
-
-
-@check
-def clip_pmap_gradients_are_n_times_their_share_and_pmean_gives_the_global_ones():
+def siglip_pmap_gradients_are_n_times_their_share_and_pmean_gives_the_global_ones():
     n, b = 8, 2
     x, y, pair_ids = problem(n * b)
-    local, ref = losses("clip", pair_ids, None)
+    local, ref = losses("siglip", pair_ids, None)
 
-    def step(x, y, s, i):
-        loss, grads = jax.value_and_grad(local, (0, 1, 2))(x, y, s, BIAS, i)
-        return loss, grads, jax.lax.pmean(grads[2], "d")
+    def step(x, y, s, t, i):
+        loss, grads = jax.value_and_grad(local, (0, 1, 2, 3))(x, y, s, t, i)
+        return loss, grads, jax.lax.pmean(grads[2:], "d")
 
     shard = lambda a: a.reshape(n, b, *a.shape[1:])
-    loss, (gx, gy, gs), gs_mean = jax.pmap(step, "d", in_axes=(0, 0, None, 0))(
-        shard(x), shard(y), SCALE, shard(pair_ids)
+    loss, (gx, gy, _, _), params_mean = jax.pmap(step, "d", in_axes=(0, 0, None, None, 0))(
+        shard(x), shard(y), SCALE, BIAS, shard(pair_ids)
     )
-    want, (rx, ry, rs) = jax.value_and_grad(ref, (0, 1, 2))(x, y, SCALE, BIAS)
+    want, (rx, ry, rs, rb) = jax.value_and_grad(ref, (0, 1, 2, 3))(x, y, SCALE, BIAS)
     close(loss, np.full(n, want), "the global loss on every device")
     # Under pmap the transpose of the loss's psum is a psum: each device gets n times the
-    # global loss's gradient for its rows (and n times its share of d scale).
+    # global loss's gradient for its rows (and n times its share of d scale and d bias).
     close((gx.reshape(-1, D) / n, gy.reshape(-1, D) / n), (rx, ry), "d x, d y")
-    close(gs_mean, np.full(n, rs), "pmean of d scale")
+    close(params_mean, (np.full(n, rs), np.full(n, rb)), "pmean of d scale, d bias")
 
 
 @check

@@ -10,6 +10,7 @@ starts; its checks are the last tests here.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import warnings
@@ -163,11 +164,14 @@ def test_bfloat16_embeddings_give_a_float32_loss_and_bfloat16_gradients(name):
         want = jax.value_and_grad(r, argnums)(x.astype(F64), y.astype(F64), SCALE, BIAS)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
     assert_tree_close(got[1], want[1], 1e-2)
+
     # bf16 made inside the same jit (XLA could keep a bf16 product in float32): same numbers.
-    x32, y32 = x.astype(jnp.float32), y.astype(jnp.float32)
-    inside = jax.jit(lambda a, c, s, t: f((a * 1.0).astype(jnp.bfloat16),
-                                          (c * 1.0).astype(jnp.bfloat16), s, t))  # fmt: skip
-    np.testing.assert_array_equal(inside(x32, y32, scale, bias), jax.jit(f)(x, y, scale, bias))
+    def both(x, y, x32, y32, s, t):
+        made_here = ((x32 * 1.0).astype(jnp.bfloat16), (y32 * 1.0).astype(jnp.bfloat16))
+        return f(*made_here, s, t), f(x, y, s, t)
+
+    inside, given = jax.jit(both)(x, y, x.astype(jnp.float32), y.astype(jnp.float32), scale, bias)
+    np.testing.assert_array_equal(inside, given)
 
 
 @pytest.mark.parametrize("kind", ["python", "numpy", "jax", "jit_argument"])
@@ -280,15 +284,38 @@ def test_empty_batch_gives_zero():
     assert float(jbce.siglip_loss(x, x, scale=1.0, bias=0.0, reduction="sum")) == 0.0
 
 
+@pytest.mark.no_x64
+def test_retrieval_example_trains_both_losses_and_its_ring_run_repeats_one_device(tmp_path):
+    for module in ("flax", "optax", "matplotlib", "tqdm", "rank_bm25"):
+        pytest.importorskip(module)
+    import subprocess
+
+    out = tmp_path / "retrieval"
+    args = ["--steps", "6", "--eval-every", "3", "--dim", "16", "--batch-size", "32",
+            "--cpu-devices", "2", "--no-progress", "--out", str(out)]  # fmt: skip
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "examples.retrieval", *args], cwd=ROOT,
+                          capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "BM25" in proc.stdout and "beat" in proc.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["table"]) == {"random", "BM25", "CLIP", "SigLIP"}
+    for row in metrics["table"].values():
+        for by_k in row.values():
+            assert 0 <= by_k["R@1"] <= by_k["R@5"] <= by_k["R@10"] <= 1
+    assert metrics["data_parallel"]["devices"] == 2
+    assert metrics["data_parallel"]["max_loss_difference"] < 1e-4
+    assert (out / "retrieval.png").read_bytes()[:4] == b"\x89PNG"
+
+
 # --- 8 host devices: shard_map (check_vma on and off), pmap, 1/4/8 devices, memory ----------
 DEVICE_CHECKS = [
     "clip_8_devices_duplicate_ids_overlapping_tiles",
     "siglip_8_devices_duplicate_ids_overlapping_tiles",
-    "clip_4_devices_diagonal",
+    "clip_4_devices_diagonal_check_vma_false",
     "siglip_1_device_mesh",
-    "clip_one_row_per_device",
-    "siglip_check_vma_false",
-    "clip_pmap_gradients_are_n_times_their_share_and_pmean_gives_the_global_ones",
+    "siglip_one_row_per_device",
+    "siglip_pmap_gradients_are_n_times_their_share_and_pmean_gives_the_global_ones",
     "temp_per_device_does_not_grow_with_devices",
 ]
 _SCRIPT = "contrastive_devices"
