@@ -22,10 +22,22 @@ the single-device one (the script prints the largest difference).
 Run ``python -m examples.retrieval --out runs/retrieval``; writes ``metrics.json`` and
 ``retrieval.png`` (training losses and the test MRR during training, BM25's as a line).
 
-Typical output (2-core CPU dev box shared with other jobs, jax 0.10.2, Python 3.11, that
-command; progress bars omitted)::
+Typical output (that command, progress bars omitted; jax 0.10.2, Python 3.11, on the 2-core
+CPU dev box while other developers' jobs kept its load average at 13-21: 11 minutes, 3 of
+them CPU time of this process)::
 
-    (filled in below)
+    6287 training pairs, 477 test pairs from 45 held-out files; 8469 word pieces
+
+                     docstring->code               code->docstring
+    method        R@1    R@5   R@10    MRR    R@1    R@5   R@10    MRR
+    random      0.002  0.011  0.023  0.015  0.002  0.011  0.023  0.015
+    BM25        0.266  0.480  0.558  0.365  0.275  0.472  0.539  0.367
+    CLIP        0.291  0.528  0.606  0.402  0.279  0.505  0.562  0.381
+    SigLIP      0.291  0.516  0.583  0.392  0.285  0.470  0.566  0.379
+    CLIP beats BM25 on MRR (docstring->code, code->docstring)
+    SigLIP beats BM25 on MRR (docstring->code, code->docstring)
+    CLIP on 8 devices (ring) vs one device: max |loss difference| over 200 steps 2.1e-06
+    wrote runs/retrieval/metrics.json and runs/retrieval/retrieval.png in 671 s
 """
 
 from __future__ import annotations
@@ -121,7 +133,7 @@ def table(rows: dict[str, dict[str, dict[str, float]]]) -> str:
     keys = ("R@1", "R@5", "R@10", "MRR")
     head = f"{'':10}" + "".join(f"{d:^30}" for d in DIRECTIONS)
     sub = f"{'method':10}" + "".join(f"{k:>7}" for k in keys) * 2 + "  "
-    lines = [head, sub.rstrip()]
+    lines = [head.rstrip(), sub.rstrip()]
     for name, by_dir in rows.items():
         cells = "".join(f"{by_dir[d][k]:7.3f}" for d in DIRECTIONS for k in keys)
         lines.append(f"{name:10}{cells}")

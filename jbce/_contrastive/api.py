@@ -57,10 +57,11 @@ def clip_loss(
     The matrix only ever exists one ``[chunk, chunk]`` tile at a time: the forward pass keeps
     an online log-sum-exp for every row and every column (one matmul per tile for both), and
     the backward pass recomputes each tile from the two floats per row and per column it
-    saved (:mod:`jbce._contrastive.chunked_xla`). Inside ``shard_map`` or ``pmap`` with the
-    batch sharded on ``batch_axis_name``, the ``y`` blocks travel a ring of ``ppermute``\ s
-    (:mod:`jbce._contrastive.ring`): per-device memory is ``O(B/n (D + chunk))`` on ``n``
-    devices, and the loss is the global batch's on every device.
+    saved. Inside ``shard_map`` or ``pmap`` with the batch sharded on ``batch_axis_name``,
+    the ``y`` blocks travel a ring of ``ppermute``\ s (``n - 1`` steps, each transfer issued
+    before the step's tiles so that it can overlap them): per-device memory is
+    ``O(B/n (D + chunk))`` on ``n`` devices, and the loss is the global batch's on every
+    device.
 
     The loss does not normalise the embeddings: pass unit vectors for cosine similarities.
     open_clip's parameterisation: ``scale = exp(t)`` with a learnable ``t`` initialised to
@@ -83,10 +84,12 @@ def clip_loss(
       batch_axis_name: optional mesh axis (inside ``shard_map`` or ``pmap``) the batch is
         sharded on: ``x``, ``y`` and ``ids`` are this device's ``[B / n, ...]`` shards and the
         loss is the global batch's (every device gets the same value). Gradients follow
-        :func:`jbce._core.reduce.global_sum`: inside ``shard_map`` (``check_vma=True``) each
-        shard gets its part of the global loss's gradient; under ``pmap`` (or
-        ``check_vma=False``) each device's gradient is ``n`` times that, which the usual
-        ``pmean`` of the gradients over the axis turns back into the global gradient.
+        every jbce loss's ``batch_axis_name``: taken through the ``shard_map`` (or inside it
+        with ``check_vma=True``) they are the global loss's, and a replicated ``scale`` gets
+        the sum over the devices; taken inside ``pmap`` (or ``check_vma=False``) each
+        device's gradient is ``n`` times its part of the global one (the transpose of the
+        loss's ``psum`` is a ``psum``), which the usual ``pmean`` of the gradients over the
+        axis turns back into the global gradient.
       chunk_size: rows and columns of a tile, or a pair ``(rows, columns)``. Default: an
         eighth of the (per-device) batch, at least 512 and at most 4096.
 
