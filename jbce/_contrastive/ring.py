@@ -27,12 +27,10 @@ others, so every transfer moves something used.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from jax import lax
 
 from jbce._contrastive import chunked_xla
 from jbce._contrastive.chunked_xla import LOSSES, Config
-from jbce._core import sharding
 
 
 def _ring(cfg: Config, step, carry):
@@ -92,14 +90,12 @@ def backward(cfg: Config, x, y, ids, params, row_res, col_res):
         ddx, ddy, ddps = chunked_xla.backward_block(
             cfg, x, y_here, ids, ids_here, params, row_res, col_here
         )
+        if first:  # d x, d params and d y start here (nothing received, nothing to add)
+            return y_next, ids_next, col_next, ddx, ddps, ddy
         dps = tuple(a + b for a, b in zip(dps, ddps, strict=True))
-        return y_next, ids_next, col_next, dx + ddx, dps, (ddy if first else dy_in + ddy)
+        return y_next, ids_next, col_next, dx + ddx, dps, dy_in + ddy
 
-    vary = sharding.varying_like(x, y, ids, *params, *row_res, *col_res)
-    zeros = jax.tree.map(
-        lambda a: vary(jnp.zeros(a.shape, cfg.dtype)), (x, params, y)
-    )  # d x, d params, d y (the first step's d y is its own: nothing to receive)
-    _, _, _, dx, dps, dy = _ring(cfg, step, (y, ids, col_res, *zeros))
+    _, _, _, dx, dps, dy = _ring(cfg, step, (y, ids, col_res, None, None, None))
     return dx, (send(dy) if lax.axis_size(cfg.axis_name) > 1 else dy), dps
 
 
