@@ -35,11 +35,73 @@ Sections:
 Memory is XLA's compiled ``temp_size_in_bytes`` (inputs and outputs, gradients included,
 are not temp).
 
-Typical output (2-core CPU dev box shared with 2-3 other developers' jobs, load average
-5-11 while it ran, so wall times are inflated; jax 0.10.2;
-``python -m bench.contrastive --memory --devices``)::
+Typical output (``python -m bench.contrastive``, jax 0.10.2, on the 2-core CPU dev box
+shared with 2-3 other developers' jobs, load average 9-14 while it ran, so wall times are
+inflated: ``cpu_s``, this process's CPU seconds per call, is the steadier figure; the
+65536 cases take about 12 minutes)::
 
-    (filled in below)
+    value_and_grad temp at B = 8192, D = 64 (float32):
+    loss    B     D   jbce_temp  dense_temp  ratio
+    clip    8192  64  30.7MiB    1GiB        33.4
+    siglip  8192  64  18.8MiB    768MiB      40.7
+      clip: dense / jbce = 33.4 (target >= 16): PASS
+      siglip: dense / jbce = 40.7 (target >= 16): PASS
+
+    value_and_grad, float32, D = 256:
+    loss    B      D    impl   temp     time_s  cpu_s  note
+    clip    4096   256  jbce   11.7MiB  1.76s   732ms  -
+    clip    4096   256  dense  256MiB   2.41s   1.05s  -
+    siglip  4096   256  jbce   9.55MiB  1.24s   593ms  -
+    siglip  4096   256  dense  192MiB   1.44s   687ms  -
+    clip    16384  256  jbce   131MiB   24.3s   12.6s  one call
+    clip    16384  256  dense  4GiB     59.8s   30.3s  one call
+    siglip  16384  256  jbce   86.2MiB  21.3s   10.3s  one call
+    siglip  16384  256  dense  3GiB     24s     11.1s  one call
+    clip    65536  256  jbce   519MiB   315s    205s   one call
+    clip    65536  256  dense  64GiB    -       -      not run: temp 64.0 GiB
+    siglip  65536  256  jbce   333MiB   396s    191s   one call
+    siglip  65536  256  dense  48GiB    -       -      not run: temp 48.0 GiB
+
+    the ring inside shard_map, 2048 pairs per device, D = 256 (float32):
+    loss    devices  b_per_device  D    temp_per_device  collective_permutes  conditionals
+    clip    1        2048          256  9.61MiB          0                    0
+    clip    2        2048          256  16.7MiB          16                   0
+    clip    4        2048          256  19.7MiB          29                   0
+    clip    8        2048          256  19.7MiB          29                   0
+    siglip  1        2048          256  7.52MiB          0                    0
+    siglip  2        2048          256  14.5MiB          4                    0
+    siglip  4        2048          256  18.5MiB          9                    0
+    siglip  8        2048          256  18.5MiB          9                    0
+
+``--accelerators`` (``.venv-accel/bin/python``; TPU compiles take most of its 10 minutes)::
+
+    deviceless compiles, value_and_grad, float32:
+    device   loss    B      D    impl   temp     kernels  conditionals  hbm_bytes
+    H100     clip    8192   64   jbce   24.3MiB  2262     0             7.07GiB
+    H100     clip    8192   64   dense  512MiB   23       0             3.3GiB
+    H100     siglip  8192   64   jbce   16.8MiB  1525     0             3.31GiB
+    H100     siglip  8192   64   dense  768MiB   11       0             2.04GiB
+    H100     clip    16384  256  jbce   80.6MiB  2262     0             26.5GiB
+    H100     clip    16384  256  dense  2GiB     21       0             13.1GiB
+    H100     siglip  16384  256  jbce   54.2MiB  1525     0             11.4GiB
+    H100     siglip  16384  256  dense  3GiB     9        0             8.09GiB
+    TPU v5e  clip    8192   64   jbce   693KiB   2649     0             14MiB
+    TPU v5e  clip    8192   64   dense  512MiB   29       0             2.01GiB
+    TPU v5e  siglip  8192   64   jbce   315KiB   1911     0             8.01MiB
+    TPU v5e  siglip  8192   64   dense  256MiB   12       0             782MiB
+    TPU v5e  clip    16384  256  jbce   536KiB   2717     0             96MiB
+    TPU v5e  clip    16384  256  dense  4GiB     35       0             8.06GiB
+    TPU v5e  siglip  16384  256  jbce   410KiB   1920     0             64.1MiB
+    TPU v5e  siglip  16384  256  dense  1GiB     8        0             3.06GiB
+
+    the ring on 8 deviceless H100s, 4096 bf16 pairs per device, D = 256: ring transfers whose
+    start/done enclose a tile loop
+    device    loss    B      D    temp_per_device  steps  overlapped
+    8 x H100  clip    32768  256  36.5MiB          8      6
+    8 x H100  siglip  32768  256  36.3MiB          5      4
+
+(The two ring transfers not overlapped are the ones home after the last step: CLIP's
+column statistics and ``d y``, SigLIP's ``d y``.)
 """
 
 from __future__ import annotations
