@@ -234,25 +234,34 @@ def test_backward_saves_the_inputs_and_per_row_and_column_statistics_only(name):
 @pytest.mark.no_x64
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_value_and_grad_temp_is_at_most_a_sixteenth_of_the_dense_loss(name):
-    b, d = 8192, 64
-    spec = [jax.ShapeDtypeStruct((b, d), jnp.float32)] * 2 + [jax.ShapeDtypeStruct((), jnp.float32)]
+    # The benchmark's shape and dense losses (open_clip's and big_vision's), compiled only.
+    from bench import contrastive as bench
 
-    def dense(x, y, s):
-        logits = s * x @ y.T
-        if name == "clip":
-            diag = jnp.diagonal
-            lr, lc = jax.nn.log_softmax(logits, 1), jax.nn.log_softmax(logits, 0)
-            return -(jnp.mean(diag(lr)) + jnp.mean(diag(lc))) / 2
-        z = 2 * jnp.eye(b, dtype=jnp.float32) - 1
-        return -jnp.sum(jax.nn.log_sigmoid(z * (logits + BIAS))) / b
-
-    loss = LOSSES[name][0]
-    temps = []
-    for f in (lambda x, y, s: loss(x, y, s, BIAS), dense):
-        c = jax.jit(jax.value_and_grad(f, (0, 1, 2))).lower(*spec).compile()
-        temps.append(c.memory_analysis().temp_size_in_bytes)
+    b, d = bench.MEMORY_SHAPE
+    temps = {}
+    for impl, f in bench.implementations(name, b).items():
+        c = bench.compile_vag(f, name, b, d)
+        temps[impl] = c.memory_analysis().temp_size_in_bytes
         assert "conditional" not in c.as_text()
-    assert temps[0] * 16 <= temps[1], temps
+    assert temps["jbce"] * bench.MEMORY_RATIO <= temps["dense"], temps
+
+
+def test_the_ring_schedule_reader_tells_overlapped_from_exposed_transfers():
+    from bench.contrastive import permute_order
+
+    hlo = """%body (p: f32[4]) -> f32[4] {
+  %s = (f32[4], f32[4]) collective-permute-start(%p), source_target_pairs={{0,1},{1,0}}
+  %w = (s32[], f32[4]) while(%t), condition=%c, body=%b
+  %d = f32[4] collective-permute-done(%s)
+}
+
+ENTRY %main (a: f32[4]) -> f32[4] {
+  %s2 = (f32[4], f32[4]) collective-permute-start(%a), source_target_pairs={{0,1},{1,0}}
+  %d2 = f32[4] collective-permute-done(%s2)
+  %w2 = (s32[], f32[4]) while(%t2), condition=%c, body=%body
+}
+"""
+    assert permute_order(hlo) == ["overlapped", "exposed"]
 
 
 @pytest.mark.parametrize(
