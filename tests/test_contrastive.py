@@ -172,6 +172,7 @@ def test_bfloat16_embeddings_give_a_float32_loss_and_bfloat16_gradients(name):
 
     inside, given = jax.jit(both)(x, y, x.astype(jnp.float32), y.astype(jnp.float32), scale, bias)
     np.testing.assert_array_equal(inside, given)
+    np.testing.assert_allclose(f(x, y, scale, bias), given, rtol=1e-6)  # eager
 
 
 @pytest.mark.parametrize("kind", ["python", "numpy", "jax", "jit_argument"])
