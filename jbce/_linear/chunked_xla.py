@@ -2,7 +2,9 @@
 
 The implementation behind :func:`jbce.linear_softmax_cross_entropy` and
 :func:`jbce.linear_log_probs` on every platform: one tiled walk that both share, each op
-passing in what it computes of a tile.
+passing in what it computes of a tile. The contrastive losses walk their similarity matrix
+with it too (``hidden = x``, ``weight = y.T``; :mod:`jbce._contrastive.chunked_xla`), with
+per-column statistics beside the per-row ones.
 
 - Forward (:func:`tiled_stats`): a loop over vocabulary chunks (and, for very long
   inputs, token chunks inside it) computes one ``[token_chunk, vocab_chunk]`` tile of
