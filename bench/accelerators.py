@@ -1033,6 +1033,19 @@ def _variants(dtype: str, size: str, *, wrappers: bool, options: bool) -> list[V
                 hwl[:2] + hwl[:2],
                 (0, 1),
             )
+        if hasattr(jbce, "clip_loss"):  # embeddings x, y [N, D], scale, bias
+            emb = [((N, D), X), ((N, D), X), ((), "float32"), ((), "float32")]
+            opts = {"ids": None, "chunk_size": None}
+            if options:  # duplicate ids; tiles whose last row and column chunks overlap
+                opts = {"ids": jnp.arange(N) // 2, "chunk_size": (3, 5)}
+            name = r + (",ids,chunk_size=(3, 5)" if options else "")
+            add("clip_loss", name,
+                lambda x, y, s, b, r=r, o=opts: jbce.clip_loss(x, y, scale=s, reduction=r, **o),
+                emb, (0, 1, 2))  # fmt: skip
+            add("siglip_loss", name,
+                lambda x, y, s, b, r=r, o=opts: jbce.siglip_loss(x, y, scale=s, bias=b,
+                                                                 reduction=r, **o),
+                emb, (0, 1, 2, 3))  # fmt: skip
     if wrappers:
         add("entropy", "", lambda p: jbce.entropy(p), xy[:1])
         add("kl_divergence", "", lambda x, y: jbce.kl_divergence(x, y), xy, (0, 1))

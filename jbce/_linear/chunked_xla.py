@@ -2,7 +2,9 @@
 
 The implementation behind :func:`jbce.linear_softmax_cross_entropy` and
 :func:`jbce.linear_log_probs` on every platform: one tiled walk that both share, each op
-passing in what it computes of a tile.
+passing in what it computes of a tile. The contrastive losses walk their similarity matrix
+with it too (``hidden = x``, ``weight = y.T``; :mod:`jbce._contrastive.chunked_xla`), with
+per-column statistics beside the per-row ones.
 
 - Forward (:func:`tiled_stats`): a loop over vocabulary chunks (and, for very long
   inputs, token chunks inside it) computes one ``[token_chunk, vocab_chunk]`` tile of
@@ -106,6 +108,8 @@ def _tile(hidden, weight, bias, labels, j, c0, tv, dtype):
     cols = c0 + lax.broadcasted_iota(jnp.int32, (1, tv), 1)
     # Columns an overlapping last chunk did not see before (all of them when tv divides V).
     fresh = None if weight.shape[1] % tv == 0 else cols >= j * tv
+    if labels is None:
+        return z, None, fresh
     # A label seen by an earlier chunk must not be hit again in the overlap.
     local = jnp.where(labels >= j * tv, labels - c0, -1)
     return z, local, fresh
@@ -149,48 +153,70 @@ def _loop(count, body, init):
     return lax.fori_loop(0, count, body, init) if count > 1 else body(0, init)
 
 
-def tiled_stats(model, columns, params, tile_stats, merge, init, walk: Walk):
+def tiled_stats(model, columns, params, tile_stats, merge, init, walk: Walk, *, per_row=(),
+                col_init=None):  # fmt: skip
     """Per-token statistics of the logits ``hidden @ weight + bias`` ([N, D], [D, V]).
 
     The one forward walk over ``[tn, tv]`` tiles that every fused op shares.
 
     Args:
-      model: ``(hidden [N, D], weight [D, V], bias [V] or None, labels [N])``.
+      model: ``(hidden [N, D], weight [D, V], bias [V] or None, labels [N] or None)``; each
+        tile gets the labels as its local columns.
       columns: tuple of ``[V]`` arrays (class weights) or None; each tile gets its chunk.
       params: tuple of scalar arrays (soft-cap, temperature) or None, passed to every tile.
-      tile_stats: ``(z, local_labels, fresh, columns, params) -> stats`` of one tile's
-        logits ``z`` ``[tn, tv]``: a pytree of ``[tn]`` arrays. ``fresh`` (None, or
-        ``[1, tv]`` boolean) marks the columns an overlapping last chunk has not seen yet:
-        the others must be left out.
+      tile_stats: ``(z, local_labels, fresh, keep, columns, params, per_row) -> stats`` of
+        one tile's logits ``z`` ``[tn, tv]``: a pytree of ``[tn]`` arrays (the signature of
+        :func:`tiled_grads`'s ``tile_grad``). ``fresh`` (None, or ``[1, tv]`` boolean) marks
+        the columns an overlapping last chunk has not seen yet: the others must be left out.
+        ``keep`` (None, or ``[tn]`` boolean) marks the rows an overlapping last token chunk
+        has not seen yet; the walk itself keeps the other rows' statistics.
       merge: ``(old, new) -> stats`` of two disjoint blocks of the same rows' classes.
       init: the statistics of no class, ``[N]`` leaves.
       walk: the tile shapes and compute dtype.
+      per_row: a pytree of ``[N]`` arrays; each tile gets its token chunk.
+      col_init: per-column statistics (``[V]`` leaves) to merge the tiles' into, or None.
+        With it ``tile_stats`` returns ``(row stats, column stats)``, the column statistics
+        of its ``keep`` rows only (a pytree of ``[tv]`` arrays, merged with ``merge`` too),
+        and the walk returns ``(row stats, column stats)``: both directions of the logits
+        from one matmul per tile (the contrastive losses' rows and columns).
     """
     hidden, weight, bias, labels = model
     dtype, tn, tv = walk.dtype, walk.tn, walk.tv
     n, v = hidden.shape[0], weight.shape[1]
-    vary = sharding.varying_like(hidden, weight, bias, labels, *columns, *params)
+    vary = sharding.varying_like(hidden, weight, bias, labels, *columns, *params,
+                                 *jax.tree.leaves((per_row, col_init)))  # fmt: skip
     count, take = _token_slices(n, tn)
 
-    def vocab_chunk(j, acc):
+    def vocab_chunk(j, carry):
+        acc, col_acc = carry
         c0 = chunk_start(j, tv, v)
         cols = _columns(columns, c0, tv)
 
-        def token_chunk(i, acc):
-            h, y = take(i, (hidden, labels))
+        def token_chunk(i, carry):
+            acc, col_j = carry
+            h, y, rows = take(i, (hidden, labels, per_row))
             z, local, fresh = _tile(h, weight, bias, y, j, c0, tv, dtype)
-            old = take(i, acc)
-            new = merge(old, tile_stats(z, local, fresh, cols, params))
             # Rows an overlapping last token chunk shares with its predecessor have this tile
             # merged in already.
             again = _repeated_rows(i, n, tn)
+            keep = None if again is None else ~again
+            out = tile_stats(z, local, fresh, keep, cols, params, rows)
+            if col_j is not None:
+                out, col_out = out
+                col_j = merge(col_j, col_out)
+            old = take(i, acc)
+            new = merge(old, out)
             if again is not None:
                 new = jax.tree.map(lambda o, f: jnp.where(again, o, f), old, new)
-            return _put(i, n, tn, acc, new)
+            return _put(i, n, tn, acc, new), col_j
 
-        return _loop(count, token_chunk, acc)
+        col_j = jax.tree.map(lambda c: lax.dynamic_slice_in_dim(c, c0, tv, 0), col_acc)
+        acc, col_j = _loop(count, token_chunk, (acc, col_j))
+        return acc, _write_columns(j, c0, tv, v, col_acc, col_j)
 
-    return lax.fori_loop(0, num_chunks(v, tv), vocab_chunk, jax.tree.map(vary, init))
+    init = jax.tree.map(vary, (init, col_init))
+    acc, col_acc = lax.fori_loop(0, num_chunks(v, tv), vocab_chunk, init)
+    return acc if col_init is None else (acc, col_acc)
 
 
 def tiled_grads(model, columns, params, per_row, tile_grad, walk: Walk):
@@ -241,14 +267,7 @@ def tiled_grads(model, columns, params, per_row, tile_grad, walk: Walk):
         init = (dh, vary(jnp.zeros((d, tv), dtype)), db_j, zeros, dps)
         dh, dw_j, db_j, dcols_j, dps = _loop(count, token_chunk, init)
         dw_j = dw_j.astype(dw.dtype)
-        parts = (dw_j, db_j, dcols_j)
-        fulls = (dw, db, dcols)
-        if v % tv:  # columns an overlapping last chunk shares with its predecessor keep theirs
-            fresh = (c0 + jnp.arange(tv)) >= j * tv
-            parts = jax.tree.map(lambda p, f: _keep_fresh(fresh, p, f, c0, tv), parts, fulls)
-        dw, db, dcols = jax.tree.map(
-            lambda f, p: lax.dynamic_update_slice_in_dim(f, p, c0, f.ndim - 1), fulls, parts
-        )
+        dw, db, dcols = _write_columns(j, c0, tv, v, (dw, db, dcols), (dw_j, db_j, dcols_j))
         return dh, dw, db, dcols, dps
 
     init = (
@@ -261,6 +280,18 @@ def tiled_grads(model, columns, params, per_row, tile_grad, walk: Walk):
     return lax.fori_loop(0, num_chunks(v, tv), vocab_chunk, init)
 
 
+def _write_columns(j, c0, tv, v, fulls, parts):
+    """``parts`` (a pytree of ``[..., tv]`` chunks) written into ``fulls`` (``[..., V]``) at
+    vocabulary chunk ``j``; columns an overlapping last chunk shares with its predecessor
+    keep what that one wrote."""
+    if v % tv:
+        fresh = (c0 + jnp.arange(tv)) >= j * tv
+        parts = jax.tree.map(lambda p, f: _keep_fresh(fresh, p, f, c0, tv), parts, fulls)
+    return jax.tree.map(
+        lambda f, p: lax.dynamic_update_slice_in_dim(f, p, c0, f.ndim - 1), fulls, parts
+    )
+
+
 def _keep_fresh(fresh, part, full, c0, tv):
     """``part`` (a chunk of a ``[..., V]`` gradient) where ``fresh``, else what ``full`` has."""
     old = lax.dynamic_slice_in_dim(full, c0, tv, full.ndim - 1)
@@ -268,8 +299,8 @@ def _keep_fresh(fresh, part, full, c0, tv):
 
 
 def _add(acc, part):
-    """Elementwise sum of two tuples with None in the same places."""
-    return tuple(None if a is None else a + b for a, b in zip(acc, part, strict=True))
+    """Elementwise sum of two tuples; a None part (no gradient) leaves its entry as it is."""
+    return tuple(a if b is None else a + b for a, b in zip(acc, part, strict=True))
 
 
 # --- softmax cross-entropy statistics (jbce.linear_softmax_cross_entropy) ----------------------
@@ -283,7 +314,7 @@ def _ce_init(n, dtype, sums, weighted):
 
 
 def _ce_tile_stats(sums):
-    def tile_stats(z, local, fresh, columns, params):
+    def tile_stats(z, local, fresh, keep, columns, params, per_row):
         (cw,), (cap,) = columns, params
         x = _stats.softcap(z, cap)
         return _stats.block_stats(x, local, weights=cw, mask=fresh, sums=sums)
@@ -344,7 +375,7 @@ def _scaled(z, temperature):
     return z if temperature is None else z / temperature
 
 
-def _entropy_tile_stats(z, local, fresh, columns, params):
+def _entropy_tile_stats(z, local, fresh, keep, columns, params, per_row):
     (temperature,) = params
     return _entropy_stats.block_stats(_scaled(z, temperature), local, mask=fresh)
 
