@@ -19,7 +19,7 @@ from jbce._core import checks, sharding
 from jbce._core.dtypes import compute_dtype
 from jbce._core.reduce import reduce_loss
 from jbce._linear.distill_xla import distillation_rows, tile_sizes
-from jbce._softmax.terms import jsd_mode
+from jbce._softmax.jsd import mode as jsd_mode
 
 IMPLEMENTATIONS = ("xla",)
 
