@@ -31,10 +31,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jbce._contrastive.tiles import Walk, tiled_grads, tiled_stats
 from jbce._core import autodiff, sharding
 from jbce._core.dtypes import to_compute
 from jbce._core.math import sigmoid_pair, softplus_pair
-from jbce._linear.chunked_xla import Walk, tiled_grads, tiled_stats
 from jbce._softmax import stats as _stats
 
 # A tile's side when ``chunk_size`` is None: an eighth of the block's, so that the few

@@ -19,7 +19,8 @@ from jbce._core import autodiff, checks
 from jbce._core.dtypes import compute_dtype, to_compute
 from jbce._core.reduce import reduce_loss
 from jbce._softmax.inputs import batch_shape, soft_inputs, to_rows
-from jbce._softmax.terms import Term, jsd_loss, jsd_mode, term_loss
+from jbce._softmax.jsd import mode as jsd_mode
+from jbce._softmax.terms import Term, jsd_loss, term_loss
 
 
 def _neg_xlogx_value(p: jax.Array) -> jax.Array:
