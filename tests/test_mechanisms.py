@@ -66,7 +66,9 @@ def test_stats_tangent_and_logits_grad_are_adjoint(soft, weighted, sums, masked)
         None, col(), col(), col() if sums else None, col() if sums else None,
         col() if (weighted and not soft) else None,
     )  # fmt: skip
-    tangent = stats.stats_tangent(x, labels, saved, (dx, dw), rows=rows, **kw)
+    tangent = stats.stats_tangent(
+        x, labels, saved, (dx, dw), weights=w, masks=(mask, rows), sums=sums, soft=soft
+    )
     lhs = sum(_dot(t, c) for t, c in zip(tangent[1:6], g[1:6]))
     gx, gw = stats.logits_grad(x, labels, saved, g, weights=w, mask=mask, rows=rows, soft=soft)
     rhs = _dot(gx, dx) + _dot(gw, dw)

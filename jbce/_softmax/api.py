@@ -107,10 +107,10 @@ def softmax_cross_entropy_with_integer_labels(
     checks.implementation(implementation, _stats.LSE_METHODS)
     e, z, cap = _options(label_smoothing, z_loss, logit_softcap)
     shards = 1 if axis_name is None else checks.axis_size("axis_name", axis_name)
+    checks.check_reduction(reduction)
     inp = inputs.integer_inputs(
-        logits, labels, axis=axis, weights=weights, class_weights=class_weights,
-        ignore_index=ignore_index, where=where, reduction=reduction, options=(e, z, cap),
-        shards=shards,
+        logits, labels, axis=axis, where=where, options=(e, z, cap), shards=shards,
+        label_options=inputs.LabelOptions(weights, class_weights, ignore_index),
     )  # fmt: skip
     x, labels, dt, rows = inp.x, inp.labels, inp.dtype, inp.rows
     num_classes = x.shape[-1] * shards
@@ -190,10 +190,8 @@ def softmax_cross_entropy(
     """
     checks.implementation(implementation, _stats.LSE_METHODS)
     e, _, _ = _options(label_smoothing)
-    inp = inputs.soft_inputs(
-        logits, labels, axis=axis, weights=weights, where=where, reduction=reduction,
-        options=(e,),
-    )  # fmt: skip
+    checks.check_reduction(reduction)
+    inp = inputs.soft_inputs(logits, labels, axis=axis, weights=weights, where=where, options=(e,))
     x, y, dt, rows = inp.x, inp.labels, inp.dtype, inp.rows
     if not checks.is_zero(e):
         inc = _stats.included(x, inp.mask)

@@ -19,7 +19,7 @@ from jax.typing import ArrayLike
 from jbce._core import checks
 from jbce._core.reduce import reduce_loss
 from jbce._softmax import xla
-from jbce._softmax.inputs import integer_inputs, soft_inputs
+from jbce._softmax.inputs import LabelOptions, integer_inputs, soft_inputs
 from jbce._softmax.terms import Term, focal_of_log_prob, term_loss
 
 
@@ -100,10 +100,10 @@ def softmax_focal_loss(
       >>> jbce.softmax_focal_loss(jnp.log(probs), y, alpha=0.25, reduction="none")
       Array([2.634...e-04, 6.759...e-01], dtype=float32)
     """
+    checks.check_reduction(reduction)
     inp = soft_inputs(
-        logits, labels, axis=axis, weights=weights, where=where, reduction=reduction,
-        options=(alpha, gamma),
-    )  # fmt: skip
+        logits, labels, axis=axis, weights=weights, where=where, options=(alpha, gamma)
+    )
     a = _alpha(alpha, inp.x.shape[-1], inp.dtype)
     g = _gamma(gamma, inp.dtype)
     term = Term("focal", inp.dtype)
@@ -182,9 +182,10 @@ def softmax_focal_loss_with_integer_labels(
       >>> jbce.softmax_focal_loss_with_integer_labels(logits, labels, reduction="none")
       Array([0.0010536..., 2.7036...], dtype=float32)
     """
+    checks.check_reduction(reduction)
     inp = integer_inputs(
-        logits, labels, axis=axis, weights=weights, class_weights=class_weights,
-        ignore_index=ignore_index, where=where, reduction=reduction, options=(alpha, gamma),
+        logits, labels, axis=axis, where=where, options=(alpha, gamma),
+        label_options=LabelOptions(weights, class_weights, ignore_index),
     )  # fmt: skip
     x, labels, logit_mask, rows, dt = inp.x, inp.labels, inp.mask, inp.rows, inp.dtype
     k = x.shape[-1]
@@ -277,10 +278,8 @@ def poly_loss_cross_entropy(
       >>> jbce.poly_loss_cross_entropy(logits, jnp.array([[1.0, 0.0, 0.0]]), epsilon=2.0)
       Array(1.693147..., dtype=float32)
     """
-    inp = soft_inputs(
-        logits, labels, axis=axis, weights=weights, where=where, reduction=reduction,
-        options=(epsilon,),
-    )  # fmt: skip
+    checks.check_reduction(reduction)
+    inp = soft_inputs(logits, labels, axis=axis, weights=weights, where=where, options=(epsilon,))
     eps = jnp.asarray(checks.hyperparameter("epsilon", epsilon), inp.dtype)
     term = Term("poly", inp.dtype)
     loss, has = term_loss(inp.x, inp.labels, None, eps, inp.mask, inp.rows, term)

@@ -79,11 +79,6 @@ def _reduce(loss, has, inp, reduction, normalizer, batch_axis_name):
     )  # fmt: skip
 
 
-def _reduction(reduction):
-    """The reduction ``soft_inputs`` checks ("batchmean" reduces like "sum", then divides)."""
-    return "sum" if reduction == "batchmean" else reduction
-
-
 def kl_divergence(
     logits: ArrayLike,
     labels: ArrayLike,
@@ -152,8 +147,8 @@ def kl_divergence(
       Array(0.405465..., dtype=float32)
     """
     inp = soft_inputs(
-        logits, labels, axis=axis, weights=weights, where=where, reduction=_reduction(reduction),
-        probabilities=not log_labels,
+        logits, labels, axis=axis, weights=weights, where=where,
+        kind="log_labels" if log_labels else "labels",
     )  # fmt: skip
     term = Term("kl", inp.dtype, bool(log_labels))
     loss, has = term_loss(inp.x, inp.labels, None, None, inp.mask, inp.rows, term)
@@ -235,8 +230,7 @@ def jensen_shannon_divergence(
     checks.check_float("teacher_logits", checks.as_array("teacher_logits", teacher_logits))
     inp = soft_inputs(
         logits, teacher_logits, axis=axis, weights=weights, where=where,
-        reduction=_reduction(reduction), options=(beta, temperature),
-        labels_name="teacher_logits", probabilities=False,
+        options=(beta, temperature), kind="teacher_logits",
     )  # fmt: skip
     b = checks.hyperparameter("beta", beta)
     temp = checks.hyperparameter("temperature", temperature)

@@ -66,28 +66,29 @@ class Rows(NamedTuple):
     class_weights: jax.Array | None = None
 
 
-def soft_inputs(
-    logits, labels, *, axis, weights, where, reduction, options=(), labels_name="labels",
-    probabilities=True,
-) -> Rows:  # fmt: skip
+# What a soft-label loss's ``labels`` are: probabilities (checked to lie in [0, 1] under
+# checkify), their logs, or a teacher's logits.
+LABEL_KINDS = {"labels": True, "log_labels": False, "teacher_logits": False}
+
+
+def soft_inputs(logits, labels, *, axis, weights, where, options=(), kind="labels") -> Rows:
     """Checked soft-label inputs (``labels`` of the logits' shape) in row layout.
 
-    ``options`` (the hyperparameters) count towards the compute dtype; ``probabilities``:
-    the labels are probabilities (values outside ``[0, 1]`` reported under checkify), not
-    log-probabilities or logits.
+    ``options`` (the hyperparameters) count towards the compute dtype; ``kind`` (a key of
+    :data:`LABEL_KINDS`) names the labels in errors and says whether they are probabilities.
     """
+    name = "teacher_logits" if kind == "teacher_logits" else "labels"
     logits, axes, _ = checks.class_axes("logits", logits, axis)
-    labels = checks.as_array(labels_name, labels)
-    checks.check_shape(labels_name, labels, logits.shape, f"to match logits {logits.shape}")
-    checks.check_reduction(reduction)
+    labels = checks.as_array(name, labels)
+    checks.check_shape(name, labels, logits.shape, f"to match logits {logits.shape}")
     bshape = batch_shape(logits.shape, axes)
     dt = compute_dtype(logits, labels, weights, *options)
     logit_mask, rows = split_where(where, logits.shape, axes, bshape)
     if not jnp.issubdtype(labels.dtype, jnp.floating):
         labels = labels.astype(dt)
     y = to_rows(labels, axes)
-    if probabilities:
-        checks.debug_check_unit_interval(labels_name, y)
+    if LABEL_KINDS[kind]:
+        checks.debug_check_unit_interval(name, y)
     if weights is not None:
         checks.check_broadcastable("weights", weights, "the logits' batch shape", bshape)
         weights = checks.as_array("weights", weights).astype(dt)
@@ -96,14 +97,20 @@ def soft_inputs(
     return Rows(to_rows(logits, axes), y, weights, logit_mask, rows, dt, bshape)
 
 
-def integer_inputs(
-    logits, labels, *, axis, weights, class_weights, ignore_index, where, reduction, options=(),
-    shards=1,
-) -> Rows:  # fmt: skip
+class LabelOptions(NamedTuple):
+    """An integer-label loss's per-example options, as the public API takes them."""
+
+    weights: jax.typing.ArrayLike | None
+    class_weights: jax.typing.ArrayLike | None
+    ignore_index: int | None
+
+
+def integer_inputs(logits, labels, *, axis, where, label_options: LabelOptions, options=(),
+                   shards=1) -> Rows:  # fmt: skip
     """Checked integer-label inputs in row layout; ``shards``: how many shards the class axis
     is split over (labels are global class ids in ``[0, K * shards)``)."""
+    weights, class_weights, ignore_index = label_options
     logits, labels, axes, k, bshape = checks.with_integer_labels("logits", logits, labels, axis)
-    checks.check_reduction(reduction)
     ignore_index = checks.check_ignore_index(ignore_index)
     dt = compute_dtype(logits, weights, class_weights, *options)
     logit_mask, rows = split_where(where, logits.shape, axes, bshape)
