@@ -524,14 +524,14 @@ def test_training_step_writes_the_logits_gradient_in_place():
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("grad", [False, True], ids=["fwd", "vag"])
 def test_compiled_program_keeps_no_logits_sized_temporary(dtype, grad):
-    # XLA:CPU: the forward is one fused reduction and the backward one elementwise kernel; in
-    # bf16 the only temporaries are the float32 copies of the two inputs (optax: more).
+    # XLA:CPU: the forward is one fused reduction and the backward one elementwise kernel,
+    # bf16 read inside them (no float32 copy); optax keeps two or three N-element buffers.
     n = 2**14
     x, y = jnp.zeros((n,), dtype), jnp.zeros((n,), dtype)
     f = jbce.sigmoid_binary_cross_entropy
     temp = jax.jit(jax.value_and_grad(f) if grad else f).lower(x, y).compile()
     temp = temp.memory_analysis().temp_size_in_bytes
-    assert temp <= (0 if dtype == "float32" else 2 * n * 4), temp
+    assert temp <= 64, temp  # a few scalars at most
 
 
 # The XLA:CPU core (jbce._binary.xla_cpu) against the formula the other platforms compile, on
@@ -549,7 +549,7 @@ def test_cpu_core_gives_the_formulas_values_on_edge_inputs(pw):
 
     x, y = (jnp.asarray(v) for v in np.meshgrid(_EDGE_X, _EDGE_Y, indexing="ij"))
     p = None if pw is None else jnp.full(x.shape, pw, jnp.float32)
-    got = jax.jit(xla_cpu.bce_logits_value)(x, y, p)
+    got = jax.jit(xla_cpu.bce_logits_value, static_argnums=3)(x, y, p, jnp.float32)
     want = jax.jit(api._bce_logits_formula)(x, y, p)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 

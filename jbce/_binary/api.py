@@ -54,12 +54,13 @@ def _bce_logits_value(x, y, pw, keep, dtype):
     ``keep`` (the elements the loss uses, or None) only masks the derivatives.
     """
     del keep
-    x, y, pw = _inputs(dtype, x, y, pw)
     # XLA:CPU gets the same numbers without a select (jbce._binary.xla_cpu), chosen when the
     # program is lowered: one fused kernel and no temporary instead of three and two.
     return jax.lax.platform_dependent(
-        x, y, pw, cpu=xla_cpu.bce_logits_value, default=_bce_logits_formula
-    )
+        x, y, pw,
+        cpu=lambda *a: xla_cpu.bce_logits_value(*a, dtype),
+        default=lambda *a: _bce_logits_formula(*_inputs(dtype, *a)),
+    )  # fmt: skip
 
 
 def _bce_logits_formula(x, y, pw):

@@ -35,6 +35,7 @@ from jbce._core import autodiff, checks
 from jbce._core.dtypes import to_compute
 from jbce._core.math import log_ratio, mixture_logs, safe_pow, xmul
 from jbce._softmax import stats as _stats
+from jbce._softmax import xla_cpu
 
 TERMS = ("ce", "focal", "poly", "kl")
 
@@ -170,10 +171,32 @@ def term_loss(logits, labels, alpha, theta, mask, rows, term: Term):
 def _term_value(logits, labels, alpha, theta, mask, rows, term: Term):
     """(per-row loss, shift, shifted log-sum-exp)."""
     del rows  # masks the derivatives only
+    if mask is None and not term.log_labels:
+        # XLA:CPU gets the same numbers in fused kernels (jbce._softmax.xla_cpu), chosen when
+        # the program is lowered: no logits-sized temporary instead of one or two.
+        return jax.lax.platform_dependent(
+            logits, labels, alpha, theta,
+            cpu=functools.partial(_term_value_cpu, term=term),
+            default=functools.partial(_term_value_formula, mask=None, term=term),
+        )  # fmt: skip
+    return _term_value_formula(logits, labels, alpha, theta, mask, term)
+
+
+def _term_value_formula(logits, labels, alpha, theta, mask, term: Term):
     x, y, a, ly = _prepared(logits, labels, alpha, mask, term.dtype, term.log_labels)
     st = _row_stats(x)
     loss = _row_loss(term, x, y, a, ly, theta, st)
     return loss, st.shift, st.lse
+
+
+def _term_value_cpu(logits, labels, alpha, theta, term: Term):
+    dt = term.dtype
+    st = _stats.block_stats(logits, None, to_x=lambda v: to_compute(v, dt))
+    lse = jnp.where(st.lse == -jnp.inf, jnp.zeros((), dt), st.lse)  # as _log_probs reads it
+    al = _class_coef(alpha, logits.shape, dt)
+    th = None if theta is None else to_compute(theta, dt)
+    loss = xla_cpu.term_sum(term.kind, logits, labels, al, th, st.shift, lse, dt)
+    return jnp.where(jnp.isnan(st.lse), jnp.nan, loss), st.shift, st.lse
 
 
 def _log_y(y, ly):

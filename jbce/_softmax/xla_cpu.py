@@ -1,0 +1,92 @@
+r"""The softmax row sums tuned for XLA:CPU: the numbers of the two-pass formula
+(:func:`jbce._softmax.stats.row_reduce`), in kernels XLA:CPU fuses.
+
+XLA:CPU compiles an elementwise chain that ends in a reduction into one YNNPACK kernel only if
+every operation in it is supported; a compare, a select or a bool -> float convert is not, and
+costs an extra kernel and an ``N x K`` temporary, and so does an ``N x K`` subexpression two
+reductions share (XLA materialises it for both). The formula flags a positive weight on a
+``-inf`` logit (an impossible soft target: ``s = -inf``) with a separate reduction of
+``w * (x == -inf)``; here the flag is a term of the weighted sum itself,
+
+.. math::
+    s = \sum_c \left[ w_c \max(x_c - m, -F) + \log(1 - u_c) \right], \qquad
+    u_c = \max(\mathrm{sign}(w_c), 0)\, \mathrm{sign}(\max(-x_c - F, 0))
+
+with :math:`F` the largest float: ``u`` is 1 exactly where ``x = -inf`` and ``w > 0`` (its
+log-term ``-inf``), 0 elsewhere (the term adds exactly 0), so ``s`` is the formula's ``s``, or
+``-inf`` where it flags the row. The passes that read the logits a second time read them
+through an ``optimization_barrier``, so that XLA does not merge their ``x - m`` (or a
+broadcast of ``m``) with the exp-sum's and materialise it.
+
+What it buys (4096 x 32768 float32 soft labels on the 2-core dev box; ``python -m bench --only
+ce_soft_4096 --dtypes float32``, one interleaved run): see ``bench/NOTES.md`` section 25.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from jbce._core import xla_cpu as cpu
+from jbce._core.dtypes import to_compute
+
+
+def two_pass(logits, to_x, weights, to_w):
+    """``(m, sum_c exp(x_c - m'), W, s)`` as :func:`jbce._softmax.stats.row_reduce` returns
+    them for ``x = to_x(logits)`` and ``w = to_w(weights)`` (``W, s`` None without weights).
+
+    Each reduction reads the inputs as given, through its own barrier with the constants it
+    uses (:mod:`jbce._core.xla_cpu`), bfloat16 rounded by :func:`jbce._core.xla_cpu.upcast`.
+    """
+    m = to_x(jnp.max(logits, axis=-1))  # on the raw logits: monotone, so max and cast commute
+    big = jnp.finfo(m.dtype).max
+    # The shift m' of the sums: the formula's (0 for an all -inf row) gives the same sums,
+    # exp(-inf) = 0 and max(-inf, -F) = -F, whatever a row of -inf is shifted by.
+    shift = jnp.maximum(m, -big)[..., None]
+    v, k = cpu.apart(logits, cpu.constants(m.dtype))
+    sumexp = jnp.sum(jnp.exp(to_x(cpu.upcast(v, k)) - shift), axis=-1)
+    if weights is None:
+        return m, sumexp, None, None
+    zero = jnp.zeros((), m.dtype)
+    v, w, shift, zero, k = cpu.apart(logits, weights, shift, zero, cpu.constants(m.dtype))
+    x = to_x(cpu.upcast(v, k))
+    w = jnp.broadcast_to(to_w(cpu.upcast(w, k)), x.shape)
+    impossible = jnp.maximum(jnp.sign(w), zero) * jnp.sign(jnp.maximum(-x - big, zero))
+    s = jnp.sum(w * jnp.maximum(x - shift, -big) + jnp.log1p(-impossible), axis=-1)
+    w_sum, k = cpu.apart(weights, cpu.constants(m.dtype))
+    return m, sumexp, jnp.sum(jnp.broadcast_to(to_w(cpu.upcast(w_sum, k)), x.shape), -1), s
+
+
+def term_sum(kind, logits, labels, alpha, theta, shift, lse, dtype):
+    r"""``sum_c a_c phi(l_c)`` per row: :func:`jbce._softmax.terms.term_loss`'s value for
+    probability labels without a mask, in one reduction XLA:CPU fuses.
+
+    ``l = (x - shift) - lse`` (``lse`` already 0 in a row without classes), ``a = alpha y``
+    (``alpha`` shaped to broadcast, or None) and ``phi`` the term ``kind`` of
+    :data:`jbce._softmax.terms.TERMS`, written without a select: the focal factor
+    ``(1 - p)^gamma`` is ``pow`` itself (``safe_pow`` differs from it in its derivatives
+    only), the KL divergence's ``log y`` is ``log(y + 1 - sign(y))`` (0 where ``y = 0``, where
+    the formula reads 1). The formula's ``xmul(a, phi(l))`` (``0 * inf = 0``) becomes
+    ``a phi(max(l, -F)) - log(1 - u)``, ``u = max(sign(a), 0) sign(max(-l - F, 0))``: the same
+    products where ``l`` is finite, 0 where ``a = 0``, and ``+inf`` exactly where ``a > 0`` and
+    ``l = -inf`` (``phi(-F)`` is finite and only adds to the ``+inf``).
+    """
+    zero, one = jnp.zeros((), dtype), jnp.ones((), dtype)
+    v, y, alpha, theta, shift, lse, zero, one, k = cpu.apart(
+        logits, labels, alpha, theta, shift, lse, zero, one, cpu.constants(dtype)
+    )
+    big = jnp.finfo(dtype).max
+    x = to_compute(cpu.upcast(v, k), dtype)
+    y = to_compute(cpu.upcast(y, k), dtype)
+    a = y if alpha is None else alpha * y
+    lg = (x - shift[..., None]) - lse[..., None]
+    g = jnp.maximum(lg, -big)
+    if kind == "ce":
+        phi = -g
+    elif kind == "kl":
+        phi = jnp.log(y + (one - jnp.sign(y))) - g
+    elif kind == "focal":
+        phi = -(jnp.power(-jnp.expm1(g), theta) * g)
+    else:  # poly
+        phi = -g + theta * -jnp.expm1(g)
+    impossible = jnp.maximum(jnp.sign(a), zero) * jnp.sign(jnp.maximum(-lg - big, zero))
+    return jnp.sum(a * phi - jnp.log1p(-impossible), axis=-1)
