@@ -136,7 +136,8 @@ def softmax_focal_loss(
     a = _alpha(alpha, x.shape[-1], dt)
     g = _gamma(gamma, dt)
     checks.debug_check_unit_interval("labels", y)
-    loss, has = term_loss(x, y, a, g, logit_mask, rows, Term("focal", dt))
+    term = Term("focal", dt, static_theta=checks.static_number(gamma))
+    loss, has = term_loss(x, y, a, g, logit_mask, rows, term)
     return reduce_loss(
         loss,
         reduction=reduction,

@@ -139,11 +139,14 @@ def _log_probs(x, shift, lse):
 @dataclasses.dataclass(frozen=True)
 class Term:
     """The static options of :func:`term_loss`: which term (one of :data:`TERMS`), whether
-    the labels are log-probabilities, and the compute dtype."""
+    the labels are log-probabilities, the compute dtype, and the term's parameter if it is a
+    Python number (``theta`` is then that number too)."""
 
     kind: str
     dtype: jnp.dtype
     log_labels: bool = False
+    static_theta: float | None = None  # theta's value when known at trace time (the CPU
+    # implementation then raises to a constant power: XLA turns q ** 2 into q * q)
 
 
 def term_loss(logits, labels, alpha, theta, mask, rows, term: Term):
@@ -195,6 +198,8 @@ def _term_value_cpu(logits, labels, alpha, theta, term: Term):
     lse = jnp.where(st.lse == -jnp.inf, jnp.zeros((), dt), st.lse)  # as _log_probs reads it
     al = _class_coef(alpha, logits.shape, dt)
     th = None if theta is None else to_compute(theta, dt)
+    if term.static_theta is not None:
+        th = term.static_theta
     loss = xla_cpu.term_sum(term.kind, logits, labels, al, th, st.shift, lse, dt)
     return jnp.where(jnp.isnan(st.lse), jnp.nan, loss), st.shift, st.lse
 
@@ -222,6 +227,8 @@ def _term_tangent(primals, saved, tangents, term: Term):
     lg = _finite_log_probs(_log_probs(x, shift, lse))
     p = jnp.exp(lg)
     th = None if theta is None else to_compute(theta, dtype)
+    if term.static_theta is not None:  # a constant power: XLA turns q ** 2 into q * q
+        th = term.static_theta
     dphi, dtheta_c = _phi_grads(kind, lg, th)
     coef = functools.partial(autodiff.keep_rows, rows)
     nrow = x.ndim - 1

@@ -46,14 +46,18 @@ def two_pass(logits, to_x, weights, to_w):
     sumexp = jnp.sum(jnp.exp(to_x(cpu.upcast(v, k)) - shift), axis=-1)
     if weights is None:
         return m, sumexp, None, None
-    zero = jnp.zeros((), m.dtype)
-    v, w, shift, zero, k = cpu.apart(logits, weights, shift, zero, cpu.constants(m.dtype))
+    one = jnp.ones((), m.dtype)
+    v, w, shift, one, k = cpu.apart(logits, weights, shift, one, cpu.constants(m.dtype))
     x = to_x(cpu.upcast(v, k))
-    w = jnp.broadcast_to(to_w(cpu.upcast(w, k)), x.shape)
-    impossible = jnp.maximum(jnp.sign(w), zero) * jnp.sign(jnp.maximum(-x - big, zero))
-    s = jnp.sum(w * jnp.maximum(x - shift, -big) + jnp.log1p(-impossible), axis=-1)
+    w = jnp.broadcast_to(to_w(cpu.upcast(w, k, probabilities=True)), x.shape)
+    s = jnp.sum(w * jnp.maximum(x - shift, _floor(w, one)), axis=-1)
     w_sum, k = cpu.apart(weights, cpu.constants(m.dtype))
-    return m, sumexp, jnp.sum(jnp.broadcast_to(to_w(cpu.upcast(w_sum, k)), x.shape), -1), s
+    return (
+        m,
+        sumexp,
+        jnp.sum(jnp.broadcast_to(to_w(cpu.upcast(w_sum, k, probabilities=True)), x.shape), -1),
+        s,
+    )
 
 
 def term_sum(kind, logits, labels, alpha, theta, shift, lse, dtype):
@@ -65,28 +69,36 @@ def term_sum(kind, logits, labels, alpha, theta, shift, lse, dtype):
     :data:`jbce._softmax.terms.TERMS`, written without a select: the focal factor
     ``(1 - p)^gamma`` is ``pow`` itself (``safe_pow`` differs from it in its derivatives
     only), the KL divergence's ``log y`` is ``log(y + 1 - sign(y))`` (0 where ``y = 0``, where
-    the formula reads 1). The formula's ``xmul(a, phi(l))`` (``0 * inf = 0``) becomes
-    ``a phi(max(l, -F)) - log(1 - u)``, ``u = max(sign(a), 0) sign(max(-l - F, 0))``: the same
-    products where ``l`` is finite, 0 where ``a = 0``, and ``+inf`` exactly where ``a > 0`` and
-    ``l = -inf`` (``phi(-F)`` is finite and only adds to the ``+inf``).
+    the formula reads 1). The formula's ``xmul(a, phi(l))`` (``0 * inf = 0``) is
+    ``a phi(max(l, floor(a)))`` (:func:`_floor`): the same products where ``l`` is finite, 0
+    where ``a = 0`` (``phi(-F)`` is finite) and ``+inf`` where ``a > 0`` and ``l = -inf``.
     """
-    zero, one = jnp.zeros((), dtype), jnp.ones((), dtype)
-    v, y, alpha, theta, shift, lse, zero, one, k = cpu.apart(
-        logits, labels, alpha, theta, shift, lse, zero, one, cpu.constants(dtype)
+    one = jnp.ones((), dtype)
+    static = isinstance(theta, (int, float))
+    v, y, alpha, dyn, shift, lse, one, k = cpu.apart(
+        logits, labels, alpha, None if static else theta, shift, lse, one, cpu.constants(dtype)
     )
-    big = jnp.finfo(dtype).max
+    theta = theta if static else dyn
     x = to_compute(cpu.upcast(v, k), dtype)
-    y = to_compute(cpu.upcast(y, k), dtype)
+    y = to_compute(cpu.upcast(y, k, probabilities=True), dtype)
     a = y if alpha is None else alpha * y
     lg = (x - shift[..., None]) - lse[..., None]
-    g = jnp.maximum(lg, -big)
+    g = jnp.maximum(lg, _floor(a, one))
     if kind == "ce":
         phi = -g
     elif kind == "kl":
         phi = jnp.log(y + (one - jnp.sign(y))) - g
-    elif kind == "focal":
+    elif kind == "focal":  # a Python theta is a constant power: q * q for 2
         phi = -(jnp.power(-jnp.expm1(g), theta) * g)
     else:  # poly
         phi = -g + theta * -jnp.expm1(g)
-    impossible = jnp.maximum(jnp.sign(a), zero) * jnp.sign(jnp.maximum(-lg - big, zero))
-    return jnp.sum(a * phi - jnp.log1p(-impossible), axis=-1)
+    return jnp.sum(a * phi, axis=-1)
+
+
+def _floor(w, one):
+    """Where a term ``w t`` clamps ``t`` from below: at ``-F`` for ``w = 0`` (so a ``-inf``
+    logit gives ``0 * -F = 0``, the formula's ``0 * inf = 0``) and at ``-inf`` for ``w > 0``
+    (``-F (1 + w F)`` overflows for any ``w`` XLA:CPU does not flush to 0), where the formula's
+    ``w * -inf`` is ``-inf``; a finite ``t >= -F`` is never clamped."""
+    big = jnp.finfo(w.dtype).max
+    return -big * (one + w * big)
