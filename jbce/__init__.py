@@ -4,6 +4,7 @@ from importlib import metadata as _metadata
 
 from jbce._binary.api import binary_cross_entropy, sigmoid_binary_cross_entropy, sigmoid_focal_loss
 from jbce._binary.gan import discriminator_loss, generator_loss
+from jbce._contrastive.api import clip_loss, siglip_loss
 from jbce._linear.api import linear_softmax_cross_entropy
 from jbce._linear.distill import linear_distillation_loss
 from jbce._linear.log_probs import linear_log_probs
@@ -19,6 +20,7 @@ from jbce._softmax.info import entropy, jensen_shannon_divergence, kl_divergence
 __all__ = [
     "binary_cross_entropy",
     "categorical_cross_entropy",
+    "clip_loss",
     "discriminator_loss",
     "entropy",
     "generator_loss",
@@ -31,6 +33,7 @@ __all__ = [
     "poly_loss_cross_entropy",
     "sigmoid_binary_cross_entropy",
     "sigmoid_focal_loss",
+    "siglip_loss",
     "softmax_cross_entropy",
     "softmax_cross_entropy_with_integer_labels",
     "softmax_focal_loss",

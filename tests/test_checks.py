@@ -1,5 +1,5 @@
 """Argument validation: wrong shapes/dtypes/options are refused with messages naming the
-argument and both shapes; value errors are reported under checkify (issue 6)."""
+argument and both shapes; value errors are reported under checkify."""
 
 from __future__ import annotations
 

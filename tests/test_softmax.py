@@ -682,10 +682,9 @@ def test_one_pass_log_sum_exp_and_its_fallback_match_float64(offset):
         ([[-np.inf, 1.0, 2.0], [-np.inf, -np.inf, -np.inf]], [1, 0], {"label_smoothing": 0.1}),
     ],
 )
-def test_fuzz_found_rows_match_float64_value_and_gradient(rows, labels, kw):
-    # Rows a fuzz of an earlier two-path design found wrong gradients for (overflowing rows
-    # with z-loss, rows with no class left): value and gradient against float64. A row with
-    # no class left is excluded from the mean, with zero gradient.
+def test_hard_rows_match_float64_value_and_gradient(rows, labels, kw):
+    # Overflowing rows with z-loss and rows with no class left: value and gradient against
+    # float64. A row with no class left is excluded from the mean, with zero gradient.
     x = np.asarray(rows, np.float32)
     t = np.asarray(labels)
     v, g = jax.value_and_grad(lambda a: ce_int(a, jnp.asarray(t), **kw))(jnp.asarray(x))

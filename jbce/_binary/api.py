@@ -20,28 +20,18 @@ from jax.typing import ArrayLike
 from jbce._binary import xla_cpu
 from jbce._core import autodiff, checks
 from jbce._core.dtypes import compute_dtype, to_compute
-from jbce._core.math import safe_pow, xmul
+from jbce._core.math import (
+    GRAD_EPS,
+    clamped_log,
+    clamped_log1p,
+    neg_abs,
+    safe_pow,
+    sigmoid_pair,
+    softplus_pair,
+    xmul,
+)
 from jbce._core.reduce import reduce_loss
 from jbce._core.sharding import pvary_like
-
-
-def _softplus_pair(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(softplus(x), softplus(-x)) = (-log sigmoid(-x), -log sigmoid(x)), one exp/log1p pair."""
-    # Both sides of x = 0 written with the x >= 0 side's slope (not relu's and |x|'s tie
-    # rules), so that their derivatives, which differentiate these, are right at 0 too.
-    t = jnp.log1p(jnp.exp(_neg_abs(x)))
-    zero = jnp.zeros((), x.dtype)
-    pos = x >= 0
-    return jnp.where(pos, x, zero) + t, jnp.where(pos, zero, -x) + t
-
-
-def _sigmoid_pair(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(sigmoid(x), sigmoid(-x)), each accurate to the last bit in its own tail."""
-    e = jnp.exp(_neg_abs(x))
-    big = 1 / (1 + e)
-    small = e * big
-    pos = x >= 0
-    return jnp.where(pos, big, small), jnp.where(pos, small, big)
 
 
 # --- sigmoid BCE core: l = a softplus(-x) + b softplus(x), a = pw y, b = 1 - y -------------
@@ -77,12 +67,6 @@ def _inputs(dtype, *xs):
     return tuple(None if x is None else to_compute(x, dtype) for x in xs)
 
 
-def _neg_abs(x):
-    """``-|x|``, with the slope of the ``x >= 0`` side at 0 (so that the derivative of the
-    tails below, which are smooth at 0, is right there too: a zero-initialised logit)."""
-    return jnp.where(x >= 0, -x, x)
-
-
 def _elementwise_tangent(keep, pairs, ndim):
     """``sum_i c_i * dot a_i`` for the (coefficient, tangent) ``pairs`` of an elementwise core,
     the coefficients exactly 0 outside ``keep``."""
@@ -99,13 +83,13 @@ def _bce_logits_tangent(primals, _, tangents, dtype):
     # logistic, accurate in the tail) and k = 1 - y + a this is (1 - y) - k s for x >= 0 and
     # k s - a for x < 0: each form is exact where the gradient is tiny (an agreeing label),
     # and exactly 1 - y or -a for x = +-inf.
-    s = jax.nn.sigmoid(_neg_abs(x))
+    s = jax.nn.sigmoid(neg_abs(x))
     a = y if pw is None else pw * y
     k = (1 - y + a) * s
     cx = jnp.where(x >= 0, (1 - y) - k, k - a)
     pairs = [(cx, dx)]
     if dy is not None or dpw is not None:
-        sp_pos, sp_neg = _softplus_pair(x)
+        sp_pos, sp_neg = softplus_pair(x)
         # d/dy = pw softplus(-x) - softplus(x); d/dpw = y softplus(-x)
         pairs.append(((sp_neg if pw is None else pw * sp_neg) - sp_pos, dy))
         if pw is not None:
@@ -230,12 +214,8 @@ def sigmoid_binary_cross_entropy(
 
 
 # --- BCE from probabilities, PyTorch semantics (log clamped at -100) --------------------------
-_LOG_CLAMP = -100.0
-_GRAD_EPS = 1e-12
-
-
 def _clamped_logs(p):
-    return jnp.maximum(jnp.log(p), _LOG_CLAMP), jnp.maximum(jnp.log1p(-p), _LOG_CLAMP)
+    return clamped_log(p), clamped_log1p(-p)
 
 
 def _bce_probs_value(p, y, keep):
@@ -248,7 +228,7 @@ def _bce_probs_tangent(primals, _, tangents):
     p, y, keep = primals
     dp, dy, _ = tangents
     # PyTorch's rule: (p - y) / max(p (1 - p), eps), finite at p = 0 and p = 1.
-    pairs = [((p - y) / jnp.maximum(p * (1 - p), _GRAD_EPS), dp)]
+    pairs = [((p - y) / jnp.maximum(p * (1 - p), GRAD_EPS), dp)]
     if dy is not None:
         log_p, log_q = _clamped_logs(p)
         pairs.append((log_q - log_p, dy))
@@ -323,8 +303,8 @@ def binary_cross_entropy(
 
 # --- focal loss: l = ce(x, y) * m^gamma, m = 1 - p_t = y sigmoid(-x) + (1 - y) sigmoid(x) ------
 def _focal_parts(x, y):
-    s_pos, s_neg = _sigmoid_pair(x)
-    sp_pos, sp_neg = _softplus_pair(x)
+    s_pos, s_neg = sigmoid_pair(x)
+    sp_pos, sp_neg = softplus_pair(x)
     ce = xmul(y, sp_neg) + xmul(1 - y, sp_pos)
     m = y * s_neg + (1 - y) * s_pos
     return s_pos, s_neg, ce, m

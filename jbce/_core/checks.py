@@ -107,17 +107,34 @@ def integer_labels(name: str, x: ArrayLike, num_classes: int | None = None) -> j
     A narrow dtype (``uint8``, ``int8``, ``int16``) would otherwise compare against
     ``ignore_index=-100`` and class ids in its own, wrapped type.
     """
+    x = _integers(
+        name, x, "integer class indices (got dtype {dtype}); for probability targets use "
+        "softmax_cross_entropy, or cast with labels.astype(jnp.int32)",
+    )  # fmt: skip
+    if num_classes is not None and num_classes > np.iinfo(np.int32).max:
+        raise ValueError(f"{name}: {num_classes} classes do not fit in int32 class ids")
+    return x.astype(jnp.int32)
+
+
+def integer_ids(name: str, x: ArrayLike) -> jax.Array:
+    """Integer identifiers (compared for equality only), as an array of their own dtype."""
+    return _integers(name, x, "integers (equal ids mark the same item); got dtype {dtype}")
+
+
+def _integers(name: str, x: ArrayLike, expected: str) -> jax.Array:
+    """``x`` as an array of an integer dtype, else a TypeError: ``{name} must be {expected}``
+    (``{dtype}`` in ``expected`` names the dtype given)."""
     x = as_array(name, x)
     try:
         chex.assert_type(x, int)
     except AssertionError:
-        raise TypeError(
-            f"{name} must be integer class indices (got dtype {x.dtype}); for probability "
-            "targets use softmax_cross_entropy, or cast with labels.astype(jnp.int32)"
-        ) from None
-    if num_classes is not None and num_classes > np.iinfo(np.int32).max:
-        raise ValueError(f"{name}: {num_classes} classes do not fit in int32 class ids")
-    return x.astype(jnp.int32)
+        raise TypeError(f"{name} must be " + expected.format(dtype=x.dtype)) from None
+    return x
+
+
+def check_rank(name: str, x: ArrayLike, ndim: int, layout: str) -> None:
+    if jnp.ndim(x) != ndim:
+        raise ValueError(f"{name} must have shape {layout}; got {jnp.shape(x)}")
 
 
 def check_ignore_index(ignore_index) -> int | None:
@@ -288,13 +305,15 @@ def is_zero(value) -> bool:
 @dataclasses.dataclass(frozen=True)
 class Interval:
     """The allowed values of a hyperparameter: ``[low, high]``, ``(low, high]`` with
-    ``low_open``; ``high`` None is unbounded."""
+    ``low_open``; a None bound is no bound (NaN is never allowed)."""
 
-    low: float
+    low: float | None
     high: float | None = None
     low_open: bool = False
 
     def __str__(self) -> str:
+        if self.low is None and self.high is None:
+            return "a number (not NaN)"
         if self.high is None:
             return f"> {self.low:g}" if self.low_open else f">= {self.low:g}"
         lo = "(" if self.low_open else "["
@@ -302,7 +321,10 @@ class Interval:
 
     def holds(self, v):
         """``v`` (a number or an array) inside the interval; NaN is outside."""
-        ok = (v > self.low) if self.low_open else (v >= self.low)
+        if self.low is None:
+            ok = v == v  # False for NaN
+        else:
+            ok = (v > self.low) if self.low_open else (v >= self.low)
         return ok if self.high is None else ok & (v <= self.high)
 
 
@@ -319,6 +341,8 @@ HYPERPARAMETERS = {
     "beta": Interval(0.0, 1.0),
     "temperature": Interval(0.0, low_open=True),
     "normalizer": Interval(0.0),
+    "scale": Interval(0.0),
+    "bias": Interval(None),
 }
 
 

@@ -1,5 +1,6 @@
 """Small arithmetic shared by the cores: products where a zero coefficient means "no term",
-and the log-ratios of a two-distribution mixture."""
+the exact softplus and sigmoid pairs of a logit, and the log-ratios of a two-distribution
+mixture."""
 
 from __future__ import annotations
 
@@ -25,6 +26,23 @@ def xmul(a: jax.Array, b: jax.Array) -> jax.Array:
     """
     off = (a == 0) & ~jnp.isfinite(b)
     return a * jnp.where(off, jnp.zeros((), jnp.result_type(b)), b)
+
+
+# PyTorch's convention for losses on probabilities (binary_cross_entropy, and jbce's
+# categorical_cross_entropy): logs clamped at -100, so p = 0 costs 100 rather than inf, and
+# gradients divided by at least 1e-12.
+LOG_CLAMP = -100.0
+GRAD_EPS = 1e-12
+
+
+def clamped_log(p: jax.Array) -> jax.Array:
+    """``max(log p, -100)`` (NaN stays NaN)."""
+    return jnp.maximum(jnp.log(p), LOG_CLAMP)
+
+
+def clamped_log1p(x: jax.Array) -> jax.Array:
+    """``max(log1p(x), -100)``: ``log(1 - p)`` as ``clamped_log1p(-p)``, exact for small p."""
+    return jnp.maximum(jnp.log1p(x), LOG_CLAMP)
 
 
 def log_ratio(lq: jax.Array, lp: jax.Array) -> jax.Array:
@@ -78,3 +96,39 @@ def safe_pow(q: jax.Array, gamma) -> jax.Array:
     q_safe = jnp.where(pos, q, jnp.ones((), q.dtype))
     at_zero = jnp.where(q == 0, jnp.zeros((), q.dtype) ** gamma, jnp.nan)  # NaN in, NaN out
     return jnp.where(pos, q_safe**gamma, at_zero)
+
+
+def neg_abs(x: jax.Array) -> jax.Array:
+    """``-|x|``, with the slope of the ``x >= 0`` side at 0 (so that the derivative of the
+    tails below, which are smooth at 0, is right there too: a zero-initialised logit)."""
+    return jnp.where(x >= 0, -x, x)
+
+
+def softplus_pair(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(softplus(x), softplus(-x)) = (-log sigmoid(-x), -log sigmoid(x)), one exp/log1p pair.
+
+    Exact for every logit: no intermediate overflows, and each linear term is nonzero for one
+    sign of ``x`` only, so nothing cancels (the exact log-sigmoid of the binary losses and of
+    :func:`jbce.siglip_loss`).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jbce._core.math import softplus_pair
+      >>> softplus_pair(jnp.array([0.0, 30.0]))[1]  # -log sigmoid(30) = 9.4e-14, not 0
+      Array([6.931472e-01, 9.357623e-14], dtype=float32)
+    """
+    # Both sides of x = 0 written with the x >= 0 side's slope (not relu's and |x|'s tie
+    # rules), so that their derivatives, which differentiate these, are right at 0 too.
+    t = jnp.log1p(jnp.exp(neg_abs(x)))
+    zero = jnp.zeros((), x.dtype)
+    pos = x >= 0
+    return jnp.where(pos, x, zero) + t, jnp.where(pos, zero, -x) + t
+
+
+def sigmoid_pair(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sigmoid(x), sigmoid(-x)), each accurate to the last bit in its own tail."""
+    e = jnp.exp(neg_abs(x))
+    big = 1 / (1 + e)
+    small = e * big
+    pos = x >= 0
+    return jnp.where(pos, big, small), jnp.where(pos, small, big)

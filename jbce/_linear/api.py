@@ -3,7 +3,8 @@
 For a language model the ``[N, V]`` logits dominate training memory. This API validates the
 arguments and builds the loss from per-token softmax statistics (:mod:`jbce._softmax.stats`, the
 same assembly as the materialised loss, so every option means exactly what it means there)
-computed by the tiled implementation in :mod:`jbce._linear.chunked_xla`.
+computed by the tiled implementation in :mod:`jbce._linear.chunked_xla` (on the walk of
+:mod:`jbce._linear.walk`) or the Pallas kernels (:mod:`jbce._linear.pallas`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from jax.typing import ArrayLike
 from jbce._core import checks
 from jbce._core.dtypes import compute_dtype
 from jbce._core.reduce import reduce_loss
-from jbce._linear import chunked_xla
+from jbce._linear import chunked_xla, walk
 from jbce._softmax import stats as _stats
 
 
@@ -33,9 +34,9 @@ class Fused:
 
 
 def _xla(hidden, weight, bias, labels, class_weights, cap, rows, fused: Fused):
-    tn, tv = chunked_xla.tile_sizes(hidden.shape[0], weight.shape[1], fused.chunk_size)
-    walk = chunked_xla.Walk(fused.dtype, tn, tv, fused.axis_name, fused.smoothing)
-    return chunked_xla.linear_stats(hidden, weight, bias, labels, class_weights, cap, rows, walk)
+    tiles = walk.tile_sizes(hidden.shape[0], weight.shape[1], fused.chunk_size, "cross_entropy")
+    ce = chunked_xla.CrossEntropy(walk.Walk(fused.dtype, tiles, fused.axis_name), fused.smoothing)
+    return chunked_xla.linear_stats(hidden, weight, bias, labels, class_weights, cap, rows, ce)
 
 
 def _pallas(hidden, weight, bias, labels, class_weights, cap, rows, fused: Fused):

@@ -1,29 +1,21 @@
 """Fused linear + softmax statistics in plain XLA: tiles of ``hidden @ weight``, never all of it.
 
 The implementation behind :func:`jbce.linear_softmax_cross_entropy` and
-:func:`jbce.linear_log_probs` on every platform: one tiled walk that both share, each op
-passing in what it computes of a tile.
+:func:`jbce.linear_log_probs` on every platform, on the walk every fused op shares
+(:mod:`jbce._linear.walk`): what these ops pass in is what they compute of one tile.
 
-- Forward (:func:`tiled_stats`): a loop over vocabulary chunks (and, for very long
-  inputs, token chunks inside it) computes one ``[token_chunk, vocab_chunk]`` tile of
-  logits at a time, takes its per-token statistics and merges them into each token's
-  running statistics (an online log-sum-exp: :func:`jbce._softmax.stats.merge` for the
-  cross-entropy, :func:`jbce._softmax.entropy_stats.merge` for log-probabilities and entropy).
-  Only the per-token statistics leave the loop.
-- Backward (:func:`tiled_grads`): the same walk recomputes each tile, turns it into its
-  slice of ``d logits`` (:func:`jbce._softmax.stats.logits_grad`, the formula every softmax loss
-  uses, or :func:`jbce._softmax.entropy_stats.logits_grad`) and accumulates ``d hidden`` (in the
-  compute dtype), ``d bias`` and per-class gradients (class weights); each ``d weight``
-  chunk is complete after its vocabulary step and is written once, in ``weight``'s dtype,
-  so no ``[D, V]`` accumulator in float32 exists for bf16 weights.
+- Forward: each tile's per-token statistics (:func:`jbce._softmax.stats.block_stats`, or
+  :func:`jbce._softmax.entropy_stats.block_stats` for log-probabilities and entropy), merged
+  into each token's running statistics (an online log-sum-exp) and, with ``axis_name``,
+  combined over the vocabulary's shards. Only the per-token statistics leave the walk.
+- Backward: each recomputed tile's slice of ``d logits`` (:func:`jbce._softmax.stats.logits_grad`,
+  the formula every softmax loss uses, or :func:`jbce._softmax.entropy_stats.logits_grad`),
+  with the soft-cap's and temperature's chain rule and the class weights' gradient.
 
 Residuals: the inputs and two (cross-entropy) or three (log-probabilities and entropy)
-floats per token.
-
-Chunks never pad or copy an operand: the last chunk of an axis is moved back to end at
-the axis' size and overlaps its predecessor; the overlapping columns are masked out of the
-statistics (and their gradient kept from the previous chunk), overlapping tokens are
-recomputed identically and counted once.
+floats per token. Second derivatives (reverse over reverse) are exact: each forward rule
+calls its own ``custom_vjp`` for the saved statistics, so that they get their derivative,
+and the backward walk is plain ``jnp``.
 """
 
 from __future__ import annotations
@@ -33,243 +25,20 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from jbce._core import autodiff, sharding
+from jbce._linear import walk as _walk
 from jbce._softmax import entropy_stats as _entropy_stats
 from jbce._softmax import stats as _stats
 
-# Logits in one tile when the token chunk is picked automatically: 2**23 float32 logits are
-# 32 MiB; a tile holds the logits and their gradient. Few, large tiles keep the number of
-# kernels per step small on accelerators (each tile launches a few).
-TILE_ELEMENTS = 1 << 23
-# Default vocabulary chunk: wide enough that each tile is an efficient matmul.
-VOCAB_CHUNK = 2048
-
 
 @dataclasses.dataclass(frozen=True)
-class Walk:
-    """The static options of a tiled walk (hashable: the custom-VJP cores take them as one
-    non-differentiable argument).
+class CrossEntropy:
+    """The static options of :func:`linear_stats`: the walk, and whether the cross-entropy's
+    smoothing sums (``logit_sum``, ``weight_sum``, ``count``) are kept too."""
 
-    Attributes:
-      dtype: the compute dtype of the tiles.
-      tn, tv: the tile's token and vocabulary chunks (:func:`tile_sizes`).
-      axis_name: the mesh axis the vocabulary is sharded over, or None.
-      sums: the cross-entropy's smoothing sums too (``logit_sum``, ``weight_sum``, ``count``).
-    """
-
-    dtype: jnp.dtype
-    tn: int
-    tv: int
-    axis_name: str | None = None
+    walk: _walk.Walk
     sums: bool = False
-
-
-def tile_sizes(n: int, v: int, chunk_size) -> tuple[int, int]:
-    """(token chunk, vocabulary chunk) for ``n`` tokens and ``v`` classes.
-
-    ``chunk_size`` is None (vocabulary chunk 2048), an int (the vocabulary chunk) or a pair
-    ``(token_chunk, vocab_chunk)``. Without a token chunk it is chosen so that a tile has at
-    most 2**23 logits. Both are clipped into ``[1, n]`` and ``[1, v]``.
-    """
-    tn = None
-    tv = VOCAB_CHUNK
-    if isinstance(chunk_size, tuple):
-        tn, tv = chunk_size
-    elif chunk_size is not None:
-        tv = chunk_size
-    tv = max(1, min(v, tv))
-    if tn is None:
-        tn = TILE_ELEMENTS // tv
-    return max(1, min(n, tn)), tv
-
-
-def chunk_start(i, size: int, total: int):
-    """Start of chunk ``i``; the last chunk is moved back to end at ``total`` (it overlaps)."""
-    return jnp.minimum(i * size, total - size)
-
-
-def num_chunks(total: int, size: int) -> int:
-    return -(-total // size)
-
-
-def _tile(hidden, weight, bias, labels, j, c0, tv, dtype):
-    """(logits ``z`` of the tile, labels as tile columns, fresh-column mask or None)."""
-    w = lax.dynamic_slice_in_dim(weight, c0, tv, 1)
-    if hidden.dtype == w.dtype:
-        z = jnp.dot(hidden, w, preferred_element_type=dtype).astype(dtype)
-    else:
-        z = jnp.dot(hidden.astype(dtype), w.astype(dtype))
-    if bias is not None:
-        z = z + lax.dynamic_slice_in_dim(bias, c0, tv, 0).astype(dtype)[None, :]
-    cols = c0 + lax.broadcasted_iota(jnp.int32, (1, tv), 1)
-    # Columns an overlapping last chunk did not see before (all of them when tv divides V).
-    fresh = None if weight.shape[1] % tv == 0 else cols >= j * tv
-    # A label seen by an earlier chunk must not be hit again in the overlap.
-    local = jnp.where(labels >= j * tv, labels - c0, -1)
-    return z, local, fresh
-
-
-def _columns(columns, c0, tv):
-    """The vocabulary chunk ``[c0, c0 + tv)`` of each ``[V]`` array (None stays None)."""
-    return tuple(None if c is None else lax.dynamic_slice_in_dim(c, c0, tv, 0) for c in columns)
-
-
-def _token_slices(n, tn):
-    """(number of token chunks, slicer of a pytree of ``[N, ...]`` arrays); one chunk needs no
-    slicing."""
-    count = num_chunks(n, tn)
-
-    def take(i, tree):
-        if count == 1:
-            return tree
-        r0 = chunk_start(i, tn, n)
-        return jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, r0, tn, 0), tree)
-
-    return count, take
-
-
-def _repeated_rows(i, n, tn):
-    """Rows of token chunk ``i`` that an earlier chunk covered (None with one chunk)."""
-    if num_chunks(n, tn) == 1:
-        return None
-    return (chunk_start(i, tn, n) + jnp.arange(tn)) < i * tn
-
-
-def _put(i, n, tn, full, part):
-    """``part`` (a pytree of ``[tn, ...]``) written into ``full`` at token chunk ``i``."""
-    if num_chunks(n, tn) == 1:
-        return part
-    r0 = chunk_start(i, tn, n)
-    return jax.tree.map(lambda f, p: lax.dynamic_update_slice_in_dim(f, p, r0, 0), full, part)
-
-
-def _loop(count, body, init):
-    return lax.fori_loop(0, count, body, init) if count > 1 else body(0, init)
-
-
-def tiled_stats(model, columns, params, tile_stats, merge, init, walk: Walk):
-    """Per-token statistics of the logits ``hidden @ weight + bias`` ([N, D], [D, V]).
-
-    The one forward walk over ``[tn, tv]`` tiles that every fused op shares.
-
-    Args:
-      model: ``(hidden [N, D], weight [D, V], bias [V] or None, labels [N])``.
-      columns: tuple of ``[V]`` arrays (class weights) or None; each tile gets its chunk.
-      params: tuple of scalar arrays (soft-cap, temperature) or None, passed to every tile.
-      tile_stats: ``(z, local_labels, fresh, columns, params) -> stats`` of one tile's
-        logits ``z`` ``[tn, tv]``: a pytree of ``[tn]`` arrays. ``fresh`` (None, or
-        ``[1, tv]`` boolean) marks the columns an overlapping last chunk has not seen yet:
-        the others must be left out.
-      merge: ``(old, new) -> stats`` of two disjoint blocks of the same rows' classes.
-      init: the statistics of no class, ``[N]`` leaves.
-      walk: the tile shapes and compute dtype.
-    """
-    hidden, weight, bias, labels = model
-    dtype, tn, tv = walk.dtype, walk.tn, walk.tv
-    n, v = hidden.shape[0], weight.shape[1]
-    vary = sharding.varying_like(hidden, weight, bias, labels, *columns, *params)
-    count, take = _token_slices(n, tn)
-
-    def vocab_chunk(j, acc):
-        c0 = chunk_start(j, tv, v)
-        cols = _columns(columns, c0, tv)
-
-        def token_chunk(i, acc):
-            h, y = take(i, (hidden, labels))
-            z, local, fresh = _tile(h, weight, bias, y, j, c0, tv, dtype)
-            old = take(i, acc)
-            new = merge(old, tile_stats(z, local, fresh, cols, params))
-            # Rows an overlapping last token chunk shares with its predecessor have this tile
-            # merged in already.
-            again = _repeated_rows(i, n, tn)
-            if again is not None:
-                new = jax.tree.map(lambda o, f: jnp.where(again, o, f), old, new)
-            return _put(i, n, tn, acc, new)
-
-        return _loop(count, token_chunk, acc)
-
-    return lax.fori_loop(0, num_chunks(v, tv), vocab_chunk, jax.tree.map(vary, init))
-
-
-def tiled_grads(model, columns, params, per_row, tile_grad, walk: Walk):
-    """``(d hidden, d weight, d bias, d columns, d params)``: the backward walk every fused op
-    shares, recomputing each tile of :func:`tiled_stats`.
-
-    Args:
-      model, columns, params, walk: as for :func:`tiled_stats`.
-      per_row: a pytree of ``[N]`` arrays (saved statistics, their cotangents, row masks);
-        each tile gets its token chunk.
-      tile_grad: ``(z, local_labels, fresh, keep, columns, params, per_row) -> (d z,
-        d columns, d params)`` for one tile: ``d z`` ``[tn, tv]``, a tuple like ``columns``
-        of ``[tv]`` (None for None) and a tuple like ``params``. ``keep`` (None, or ``[tn]``
-        boolean) marks the rows this tile counts: the others (covered by an earlier,
-        overlapping token chunk) must get exactly zero gradient.
-
-    ``d hidden`` is in the compute dtype, ``d weight`` in ``weight``'s, the others in the
-    compute dtype.
-    """
-    hidden, weight, bias, labels = model
-    dtype, tn, tv = walk.dtype, walk.tn, walk.tv
-    n, d = hidden.shape
-    v = weight.shape[1]
-    vary = sharding.varying_like(hidden, weight, bias, labels, *columns, *params,
-                             *jax.tree.leaves(per_row))  # fmt: skip
-    count, take = _token_slices(n, tn)
-
-    def vocab_chunk(j, carry):
-        dh, dw, db, dcols, dps = carry
-        c0 = chunk_start(j, tv, v)
-        w_j = lax.dynamic_slice_in_dim(weight, c0, tv, 1).astype(dtype)
-        cols = _columns(columns, c0, tv)
-
-        def token_chunk(i, carry):
-            dh, dw_j, db_j, dcols_j, dps = carry
-            h, y, rows = take(i, (hidden, labels, per_row))
-            z, local, fresh = _tile(h, weight, bias, y, j, c0, tv, dtype)
-            again = _repeated_rows(i, n, tn)
-            keep = None if again is None else ~again  # rows a shared chunk counts once
-            dz, dc, dp = tile_grad(z, local, fresh, keep, cols, params, rows)
-            dh = _put(i, n, tn, dh, take(i, dh) + jnp.dot(dz, w_j.T))
-            dw_j = dw_j + jnp.dot(h.astype(dtype).T, dz)
-            db_j = None if db_j is None else db_j + jnp.sum(dz, axis=0)
-            return dh, dw_j, db_j, _add(dcols_j, dc), _add(dps, dp)
-
-        zeros = tuple(None if c is None else vary(jnp.zeros((tv,), dtype)) for c in columns)
-        db_j = None if db is None else vary(jnp.zeros((tv,), dtype))
-        init = (dh, vary(jnp.zeros((d, tv), dtype)), db_j, zeros, dps)
-        dh, dw_j, db_j, dcols_j, dps = _loop(count, token_chunk, init)
-        dw_j = dw_j.astype(dw.dtype)
-        parts = (dw_j, db_j, dcols_j)
-        fulls = (dw, db, dcols)
-        if v % tv:  # columns an overlapping last chunk shares with its predecessor keep theirs
-            fresh = (c0 + jnp.arange(tv)) >= j * tv
-            parts = jax.tree.map(lambda p, f: _keep_fresh(fresh, p, f, c0, tv), parts, fulls)
-        dw, db, dcols = jax.tree.map(
-            lambda f, p: lax.dynamic_update_slice_in_dim(f, p, c0, f.ndim - 1), fulls, parts
-        )
-        return dh, dw, db, dcols, dps
-
-    init = (
-        vary(jnp.zeros((n, d), dtype)),
-        vary(jnp.zeros((d, v), weight.dtype)),
-        None if bias is None else vary(jnp.zeros((v,), dtype)),
-        tuple(None if c is None else vary(jnp.zeros((v,), dtype)) for c in columns),
-        tuple(None if p is None else vary(jnp.zeros((), dtype)) for p in params),
-    )
-    return lax.fori_loop(0, num_chunks(v, tv), vocab_chunk, init)
-
-
-def _keep_fresh(fresh, part, full, c0, tv):
-    """``part`` (a chunk of a ``[..., V]`` gradient) where ``fresh``, else what ``full`` has."""
-    old = lax.dynamic_slice_in_dim(full, c0, tv, full.ndim - 1)
-    return jnp.where(fresh.reshape((1,) * (part.ndim - 1) + (tv,)), part, old)
-
-
-def _add(acc, part):
-    """Elementwise sum of two tuples with None in the same places."""
-    return tuple(None if a is None else a + b for a, b in zip(acc, part, strict=True))
 
 
 # --- softmax cross-entropy statistics (jbce.linear_softmax_cross_entropy) ----------------------
@@ -282,54 +51,63 @@ def _ce_init(n, dtype, sums, weighted):
     return _stats.Stats(zero, lse, zero, zero, zero, tw, zero)
 
 
-def _ce_tile_stats(sums):
-    def tile_stats(z, local, fresh, columns, params):
-        (cw,), (cap,) = columns, params
-        x = _stats.softcap(z, cap)
-        return _stats.block_stats(x, local, weights=cw, mask=fresh, sums=sums)
+def _ce_reduce(sums: bool, weighted: bool) -> _walk.Reduce:
+    def tile_stats(t: _walk.Tile):
+        (labels,), (cw,), (cap,) = t.rows, t.columns, t.params
+        x = _stats.softcap(t.z[0], cap)
+        return _stats.block_stats(x, t.local(labels), weights=cw, mask=t.fresh, sums=sums)
 
-    return tile_stats
+    def empty(n, dtype):
+        return _ce_init(n, dtype, sums, weighted)
+
+    return _walk.Reduce(tile_stats, _stats.merge, empty, _stats.combine_over_axis)
 
 
-def _ce_tile_grad(z, local, fresh, keep, columns, params, per_row):
-    (cw,), (cap,) = columns, params
-    rows, shift, lse, g = per_row
-    x = _stats.softcap(z, cap)
-    rows = keep if rows is None else rows if keep is None else rows & keep
+def _ce_tile_grad(t: _walk.Tile):
+    (cw,), (cap,) = t.columns, t.params
+    labels, rows, shift, lse, g = t.rows
+    x = _stats.softcap(t.z[0], cap)
     saved = _stats.Stats(shift, lse, None)
-    dx, dcw = _stats.logits_grad(x, local, saved, g, weights=cw, mask=fresh, rows=rows)
-    dz, dcap = _stats.softcap_vjp(z, cap, dx)
-    return dz, (dcw,), (dcap,)
+    dx, dcw = _stats.logits_grad(
+        x, t.local(labels), saved, g, weights=cw, mask=t.fresh, rows=t.kept(rows)
+    )
+    dz, dcap = _stats.softcap_vjp(t.z[0], cap, dx)
+    return (dz,), (dcw,), (dcap,)
+
+
+def _operands(hidden, weight, bias, rows, class_weights, cap):
+    return _walk.Operands((_walk.Model(hidden, weight, bias),), rows, (class_weights,), (cap,))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def linear_stats(hidden, weight, bias, labels, class_weights, cap, rows, walk: Walk):
+def linear_stats(hidden, weight, bias, labels, class_weights, cap, rows, ce: CrossEntropy):
     """Per-token :class:`jbce._softmax.stats.Stats` of ``hidden @ weight + bias`` (soft-capped
-    with ``cap``), with ``class_weights`` ``[V]`` (or None); with ``walk.axis_name`` ``weight``
-    (and ``bias``, ``class_weights``) hold this shard's vocabulary columns, labels are global
-    ids and the statistics are global (replicated). ``rows`` (``[N]`` boolean or None): the
-    tokens the loss uses, the others get exactly zero gradient."""
+    with ``cap``), with ``class_weights`` ``[V]`` (or None); with ``ce.walk.axis_name``
+    ``weight`` (and ``bias``, ``class_weights``) hold this shard's vocabulary columns, labels
+    are global ids and the statistics are global (replicated). ``rows`` (``[N]`` boolean or
+    None): the tokens the loss uses, the others get exactly zero gradient."""
     del rows  # the backward pass's
+    walk = ce.walk
     y = sharding.local_labels(labels, weight.shape[1], walk.axis_name)
-    init = _ce_init(hidden.shape[0], walk.dtype, walk.sums, class_weights is not None)
-    st = tiled_stats((hidden, weight, bias, y), (class_weights,), (cap,),
-                     _ce_tile_stats(walk.sums), _stats.merge, init, walk)  # fmt: skip
-    return st if walk.axis_name is None else _stats.combine_over_axis(st, walk.axis_name)
+    ops = _operands(hidden, weight, bias, (y,), class_weights, cap)
+    return _walk.forward(ops, _ce_reduce(ce.sums, class_weights is not None), walk)
 
 
-def _linear_stats_fwd(hidden, weight, bias, labels, class_weights, cap, rows, walk: Walk):
-    st = linear_stats(hidden, weight, bias, labels, class_weights, cap, rows, walk)
+def _linear_stats_fwd(hidden, weight, bias, labels, class_weights, cap, rows, ce: CrossEntropy):
+    st = linear_stats(hidden, weight, bias, labels, class_weights, cap, rows, ce)
     # Residuals: the inputs and two floats per token; each tile is recomputed backward.
     return st, (hidden, weight, bias, labels, class_weights, cap, rows, st.shift, st.lse)
 
 
-def _linear_stats_bwd(walk: Walk, res, g):
+def _linear_stats_bwd(ce: CrossEntropy, res, g):
     hidden, weight, bias, labels, class_weights, cap, rows, shift, lse = res
-    y = sharding.local_labels(labels, weight.shape[1], walk.axis_name)
-    dh, dw, db, (dcw,), (dcap,) = tiled_grads(
-        (hidden, weight, bias, y), (class_weights,), (cap,), (rows, shift, lse, g),
-        _ce_tile_grad, walk,
-    )  # fmt: skip
+    y = sharding.local_labels(labels, weight.shape[1], ce.walk.axis_name)
+    ops = _operands(hidden, weight, bias, (y, rows, shift, lse, g), class_weights, cap)
+    grad = _walk.Grad(
+        _ce_tile_grad, ((True, True, True),), (class_weights is not None,), (cap is not None,)
+    )
+    out = _walk.backward(ops, grad, ce.walk)
+    (dh, dw, db), (dcw,), (dcap,) = out.models[0], out.columns, out.params
     return autodiff.cotangents(
         (hidden, dh), (weight, dw), (bias, db), (labels, None), (class_weights, dcw), (cap, dcap),
         (rows, None),
@@ -344,56 +122,60 @@ def _scaled(z, temperature):
     return z if temperature is None else z / temperature
 
 
-def _entropy_tile_stats(z, local, fresh, columns, params):
-    (temperature,) = params
-    return _entropy_stats.block_stats(_scaled(z, temperature), local, mask=fresh)
+def _entropy_tile_stats(t: _walk.Tile):
+    (labels,), (temperature,) = t.rows, t.params
+    return _entropy_stats.block_stats(_scaled(t.z[0], temperature), t.local(labels), mask=t.fresh)
 
 
-def _entropy_tile_grad(z, local, fresh, keep, columns, params, per_row):
-    (temperature,) = params
-    rows, saved, g = per_row
-    x = _scaled(z, temperature)
-    rows = keep if rows is None else rows if keep is None else rows & keep
-    dx = _entropy_stats.logits_grad(x, local, saved, g, mask=fresh, rows=rows)
+_ENTROPY = _walk.Reduce(
+    _entropy_tile_stats, _entropy_stats.merge, _entropy_stats.empty,
+    _entropy_stats.combine_over_axis,
+)  # fmt: skip
+
+
+def _entropy_tile_grad(t: _walk.Tile):
+    (temperature,) = t.params
+    labels, used, saved, g = t.rows
+    x = _scaled(t.z[0], temperature)
+    dx = _entropy_stats.logits_grad(x, t.local(labels), saved, g, mask=t.fresh, rows=t.kept(used))
     if temperature is None:
-        return dx, (), (None,)
+        return (dx,), (), (None,)
     # x = z / T: d z = d x / T and d T = -sum(d x * x) / T (d x is 0 on -inf logits).
     dt = -jnp.sum(jnp.where(dx == 0, jnp.zeros((), dx.dtype), dx * x)) / temperature
-    return dx / temperature, (), (dt,)
+    return (dx / temperature,), (), (dt,)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def linear_entropy_stats(hidden, weight, bias, labels, temperature, walk: Walk):
+def linear_entropy_stats(hidden, weight, bias, labels, temperature, walk: _walk.Walk):
     """Per-token :class:`jbce._softmax.entropy_stats.EntropyStats` of
     ``(hidden @ weight + bias) / T`` (``temperature`` a scalar array, or None for 1); with
     ``walk.axis_name`` ``weight`` and ``bias`` hold this shard's vocabulary columns, labels
     are global ids and the statistics are global (replicated)."""
     y = sharding.local_labels(labels, weight.shape[1], walk.axis_name)
-    init = _entropy_stats.empty(hidden.shape[0], walk.dtype)
-    st = tiled_stats((hidden, weight, bias, y), (), (temperature,), _entropy_tile_stats,
-                     _entropy_stats.merge, init, walk)  # fmt: skip
-    if walk.axis_name is None:
-        return st
-    return _entropy_stats.combine_over_axis(st, walk.axis_name)
+    ops = _walk.Operands((_walk.Model(hidden, weight, bias),), (y,), (), (temperature,))
+    return _walk.forward(ops, _ENTROPY, walk)
 
 
-def _linear_entropy_stats_fwd(hidden, weight, bias, labels, temperature, walk: Walk):
+def _linear_entropy_stats_fwd(hidden, weight, bias, labels, temperature, walk: _walk.Walk):
     st = linear_entropy_stats(hidden, weight, bias, labels, temperature, walk)
     # Residuals: the inputs and three floats per token (shift, shifted log-sum-exp and the
     # softmax mean of the shifted logits); each tile is recomputed backward.
     return st, (hidden, weight, bias, labels, temperature, st.shift, st.lse, st.mean)
 
 
-def _linear_entropy_stats_bwd(walk: Walk, res, g):
+def _linear_entropy_stats_bwd(walk: _walk.Walk, res, g):
     hidden, weight, bias, labels, temperature, shift, lse, mean = res
     y = sharding.local_labels(labels, weight.shape[1], walk.axis_name)
     saved = _entropy_stats.EntropyStats(shift, lse, None, mean)
     # Tokens whose statistics get no cotangent (masked out by the caller) get exactly zero
     # gradient, whatever their hidden state.
     used = (g.lse != 0) | (g.target != 0) | (g.mean != 0)
-    dh, dw, db, _, (dt,) = tiled_grads(
-        (hidden, weight, bias, y), (), (temperature,), (used, saved, g), _entropy_tile_grad, walk
+    ops = _walk.Operands(
+        (_walk.Model(hidden, weight, bias),), (y, used, saved, g), (), (temperature,)
     )
+    grad = _walk.Grad(_entropy_tile_grad, ((True, True, True),), (), (temperature is not None,))
+    out = _walk.backward(ops, grad, walk)
+    (dh, dw, db), (dt,) = out.models[0], out.params
     return autodiff.cotangents(
         (hidden, dh), (weight, dw), (bias, db), (labels, None), (temperature, dt)
     )

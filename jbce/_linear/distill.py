@@ -2,9 +2,9 @@
 
 Distilling a language model compares two ``[N, V]`` softmaxes, twice the memory of a fused
 cross-entropy's logits. This API validates the arguments and reduces the per-token
-divergences computed by the tiled implementation in :mod:`jbce._linear.distill_xla`, which
-uses the same formulas as :func:`jbce.jensen_shannon_divergence` (so every option means
-exactly what it means there).
+divergences computed by the tiled implementation in :mod:`jbce._linear.distill_xla` (on the walk
+of :mod:`jbce._linear.walk`), which uses the formulas of :func:`jbce.jensen_shannon_divergence`
+(:mod:`jbce._softmax.jsd`), so every option means exactly what it means there.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from jax.typing import ArrayLike
 from jbce._core import checks, sharding
 from jbce._core.dtypes import compute_dtype
 from jbce._core.reduce import reduce_loss
-from jbce._linear.distill_xla import distillation_rows, tile_sizes
-from jbce._softmax.terms import jsd_mode
+from jbce._linear import walk as _walk
+from jbce._linear.distill_xla import Distill, distillation_rows
+from jbce._softmax.jsd import mode as jsd_mode
 
 IMPLEMENTATIONS = ("xla",)
 
@@ -159,7 +160,8 @@ def linear_distillation_loss(
     if n == 0:
         loss = jnp.zeros(bshape, dt)
         return reduce_loss(loss, reduction=reduction, weights=weights, where=rows, **glob)
-    tiles = (tile_sizes(n, v, chunk_size), tile_sizes(n, v, chunk_size, accelerator=True))
+    tiles = _walk.tile_sizes(n, v, chunk_size, "distillation")
+    opts = Distill(mode, _walk.Walk(dt, tiles, axis_name))
     core = distillation_rows
     if sharding.varying_like(
         hidden, weight, teacher_hidden, teacher_weight, bias, teacher_bias
@@ -167,10 +169,11 @@ def linear_distillation_loss(
         # Inside shard_map: under jit (inlined into a caller's jit), as shard_map's eager mode
         # does not support the custom VJP's symbolic zeros (which tell which inputs are
         # differentiated, so that a frozen teacher costs no gradient work).
-        core = jax.jit(core, static_argnums=(8, 9, 10, 11))
+        core = jax.jit(core, static_argnums=(4,))
     loss = core(
-        hidden.reshape(n, d), weight, bias, teacher_hidden.reshape(n, dt_), teacher_weight,
-        teacher_bias, jnp.asarray(b, dt), jnp.asarray(temp, dt), mode, dt, tiles, axis_name,
+        _walk.Model(hidden.reshape(n, d), weight, bias),
+        _walk.Model(teacher_hidden.reshape(n, dt_), teacher_weight, teacher_bias),
+        jnp.asarray(b, dt), jnp.asarray(temp, dt), opts,
     )  # fmt: skip
     loss = loss.reshape(bshape)
     return reduce_loss(loss, reduction=reduction, weights=weights, where=rows, **glob)

@@ -15,6 +15,7 @@ from jax.typing import ArrayLike
 from jbce._core import checks
 from jbce._core.dtypes import compute_dtype
 from jbce._linear import chunked_xla
+from jbce._linear import walk as _walk
 from jbce._softmax import entropy_stats as _entropy_stats
 
 
@@ -103,8 +104,8 @@ def linear_log_probs(
     checks.debug_check_labels("labels", labels, num_classes, None)
     if n == 0:
         return jnp.zeros(bshape, dt), jnp.zeros(bshape, dt)
-    tn, tv = chunked_xla.tile_sizes(n, v, chunk_size)
-    walk = chunked_xla.Walk(dt, tn, tv, axis_name)
+    tiles = _walk.tile_sizes(n, v, chunk_size, "log_probs")
+    walk = _walk.Walk(dt, tiles, axis_name)
     temp = None if checks.static_number(t) == 1 else jnp.asarray(t, dt)
     st = chunked_xla.linear_entropy_stats(hidden, weight, bias, labels.reshape(n), temp, walk)
     log_p, entropy = _entropy_stats.log_probs_and_entropy(

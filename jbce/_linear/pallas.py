@@ -29,8 +29,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from jbce._core import autodiff, sharding
-from jbce._linear import chunked_xla
+from jbce._linear import chunked_xla, walk
 from jbce._linear import pallas_mosaic_tpu as tpu
+from jbce._linear import pallas_tiles as tiles
 from jbce._linear import pallas_triton as gpu
 from jbce._softmax import stats as _stats
 
@@ -68,31 +69,26 @@ def _column(a, dtype):
     return a.reshape(-1, 1).astype(dtype)
 
 
-def _gpu_stats(hidden, weight, bias, labels, cap, cw, *, sums, interpret, blocks=None):
-    n, v = hidden.shape[0], weight.shape[1]
-    h, w, b, y, _ = gpu.pad(hidden, weight, bias, labels)
-    cw = gpu.pad_classes(cw, w.shape[1])
-    out = gpu.forward(h, w, b, y, cap, cw, v=v, sums=sums, interpret=interpret, blocks=blocks)
+def _gpu_stats(ops: tiles.Operands, call: tiles.Call):
+    n = ops.hidden.shape[0]
+    padded, _ = gpu.pad(ops)
+    out = gpu.forward(padded, dataclasses.replace(call, v=ops.weight.shape[1]))
     return tuple(o[:n, 0] for o in out)
 
 
-def _tpu_stats(hidden, weight, bias, labels, cap, cw, *, sums, interpret, blocks=None):
-    out = tpu.forward(
-        hidden, weight, bias, labels, cap, cw, sums=sums, interpret=interpret, blocks=blocks
-    )
-    return tuple(o[:, 0] for o in out)
+def _tpu_stats(ops: tiles.Operands, call: tiles.Call):
+    return tuple(o[:, 0] for o in tpu.forward(ops, call))
 
 
-def _xla(hidden, weight, bias, labels, cap, cw, rows, sums):
+def _xla(ops: tiles.Operands, rows, sums: bool):
     """The XLA tiled loop's statistics as a function of (hidden, weight, bias, cap, class
     weights), and those arguments from the kernels' layout."""
-    n, v = hidden.shape[0], weight.shape[1]
-    tn, tv = chunked_xla.tile_sizes(n, v, None)
+    hidden, weight, bias, labels, cap, cw = ops
+    tile_sizes = walk.tile_sizes(hidden.shape[0], weight.shape[1], None, "cross_entropy")
+    ce = chunked_xla.CrossEntropy(walk.Walk(jnp.float32, tile_sizes), sums)
 
     def stats(h, w, b, c, k):
-        return chunked_xla.linear_stats(
-            h, w, b, labels, k, c, rows, jnp.float32, tn, tv, sums, None
-        )
+        return chunked_xla.linear_stats(h, w, b, labels[:, 0], k, c, rows, ce)
 
     return stats, (
         hidden,
@@ -103,36 +99,41 @@ def _xla(hidden, weight, bias, labels, cap, cw, rows, sums):
     )
 
 
-def _xla_stats(hidden, weight, bias, labels, cap, cw, *, sums):
-    stats, args = _xla(hidden, weight, bias, labels[:, 0], cap, cw, None, sums)
+def _xla_stats(ops: tiles.Operands, sums: bool):
+    stats, args = _xla(ops, None, sums)
     st = stats(*args)
     fields = (st.shift, st.lse, st.target, st.logit_sum, st.weight_sum)
     fields = tuple(f for f in fields if f is not None)
-    return fields if cw is None else (*fields, st.count)  # as the kernels: see linear_stats
+    return fields if ops.cw is None else (*fields, st.count)  # as the kernels: see linear_stats
 
 
-def _stats_fields(hidden, weight, bias, labels, cap, cw, sums, interpret):
-    kw = dict(sums=sums)
+def _by_platform(args: tuple, call: tiles.Call, interpret, fns):
+    """``fns`` = (GPU, TPU, elsewhere) applied to ``(*args, call)`` (elsewhere: to
+    ``(*args, call.sums)``): the interpreted platform's with ``interpret`` (:func:`interpreting`'s
+    pair), else chosen when the program is lowered (elsewhere the XLA loop: Pallas has no
+    compiled CPU backend)."""
+    gpu_fn, tpu_fn, xla_fn = fns
     if interpret is not None:
         platform, blocks = interpret
-        fn = _gpu_stats if platform == "gpu" else _tpu_stats
-        return fn(hidden, weight, bias, labels, cap, cw, interpret=True, blocks=blocks, **kw)
+        fn = gpu_fn if platform == "gpu" else tpu_fn
+        return fn(*args, dataclasses.replace(call, interpret=True, blocks=blocks))
     return lax.platform_dependent(
-        hidden, weight, bias, labels, cap, cw,
-        cuda=functools.partial(_gpu_stats, interpret=False, **kw),
-        tpu=functools.partial(_tpu_stats, interpret=False, **kw),
-        default=functools.partial(_xla_stats, **kw),
-    )  # fmt: skip
+        *args,
+        cuda=lambda *a: gpu_fn(*a, call),
+        tpu=lambda *a: tpu_fn(*a, call),
+        default=lambda *a: xla_fn(*a, call.sums),
+    )
 
 
-def _operands(hidden, weight, bias, labels, cap, class_weights):
-    """The kernels' layout: bias ``[1, V]``, labels ``[N, 1]`` int32, cap ``[1, 1]`` f32,
-    class weights ``[1, V]`` f32 (None: the kernels' smoothing sums are unweighted).
+def _operands(hidden, weight, bias, labels, cap, class_weights) -> tiles.Operands:
+    """The kernels' layout (:class:`jbce._linear.pallas_tiles.Operands`): bias ``[1, V]``,
+    labels ``[N, 1]`` int32, cap ``[1, 1]`` f32, class weights ``[1, V]`` f32 (None: the
+    kernels' smoothing sums are unweighted).
 
     Inside ``shard_map`` every operand is marked varying over each mesh axis one of them
     varies on, so that each platform's branch computes this shard's partial results with
     one type (gradients of replicated inputs are summed over the shards afterwards)."""
-    ops = (
+    ops = tiles.Operands(
         hidden,
         weight,
         None if bias is None else bias.reshape(1, -1),
@@ -141,7 +142,7 @@ def _operands(hidden, weight, bias, labels, cap, class_weights):
         None if class_weights is None else class_weights.reshape(1, -1).astype(jnp.float32),
     )
     vary = sharding.varying_like(*ops)
-    return tuple(None if a is None else vary(a) for a in ops)
+    return tiles.Operands(*(None if a is None else vary(a) for a in ops))
 
 
 def _label_weights(y, class_weights):
@@ -191,7 +192,10 @@ def linear_stats(hidden, weight, bias, labels, class_weights, cap, rows, kernels
     sums, axis_name = kernels.sums, kernels.axis_name
     y = sharding.local_labels(labels, weight.shape[1], axis_name)
     cw = _summed_weights(class_weights, sums)
-    fields = _stats_fields(*_operands(hidden, weight, bias, y, cap, cw), sums, kernels.interpret)
+    ops = _operands(hidden, weight, bias, y, cap, cw)
+    fields = _by_platform(
+        (ops,), tiles.Call(sums), kernels.interpret, (_gpu_stats, _tpu_stats, _xla_stats)
+    )
     st = _stats.Stats(*fields[:3])
     if sums:
         # Without class weights weight_sum is the number of included classes: the count.
@@ -208,17 +212,12 @@ def _fwd(hidden, weight, bias, labels, class_weights, cap, rows, kernels: Kernel
     return st, (hidden, weight, bias, labels, class_weights, cap, rows, st.shift, st.lse)
 
 
-def _gpu_grads(
-    hidden, weight, bias, labels, cap, cw, rows, *, sums, threshold, interpret, blocks=None
-):
-    n, d = hidden.shape
-    v = weight.shape[1]
-    h, w, b, y, rows_p = gpu.pad(hidden, weight, bias, labels, rows[0])
-    rows = (rows_p, *(jnp.pad(r, ((0, h.shape[0] - n), (0, 0))) for r in rows[1:]))
-    dh, dw, db, dcap, dcw = gpu.backward(
-        h, w, b, y, cap, gpu.pad_classes(cw, w.shape[1]), rows, v=v, sums=sums,
-        threshold=threshold, interpret=interpret, blocks=blocks,
-    )  # fmt: skip
+def _gpu_grads(ops: tiles.Operands, rows, call: tiles.Call):
+    n, d = ops.hidden.shape
+    v = ops.weight.shape[1]
+    padded, keep = gpu.pad(ops, rows[0])
+    rows = (keep, *(jnp.pad(r, ((0, padded.hidden.shape[0] - n), (0, 0))) for r in rows[1:]))
+    dh, dw, db, dcap, dcw = gpu.backward(padded, rows, dataclasses.replace(call, v=v))
     return (
         dh[:n, :d],
         dw[:d, :v],
@@ -228,13 +227,8 @@ def _gpu_grads(
     )
 
 
-def _tpu_grads(
-    hidden, weight, bias, labels, cap, cw, rows, *, sums, threshold, interpret, blocks=None
-):
-    dh, dw, db, dcap, dcw = tpu.backward(
-        hidden, weight, bias, labels, cap, cw, rows, sums=sums, threshold=threshold,
-        interpret=interpret, blocks=blocks,
-    )  # fmt: skip
+def _tpu_grads(ops: tiles.Operands, rows, call: tiles.Call):
+    dh, dw, db, dcap, dcw = tpu.backward(ops, rows, call)
     return (
         dh,
         dw,
@@ -244,16 +238,16 @@ def _tpu_grads(
     )
 
 
-def _xla_grads(hidden, weight, bias, labels, cap, cw, rows, *, sums, threshold):
-    del threshold  # the XLA loop has no filtering: its gradient is the exact one
+def _xla_grads(ops: tiles.Operands, rows, sums: bool):
+    # The XLA loop has no filtering: its gradient is the exact one.
     keep, _, _, g_lse, g_t, *g_sums = (r[:, 0] for r in rows)
-    stats, args = _xla(hidden, weight, bias, labels[:, 0], cap, cw, keep != 0, sums)
+    stats, args = _xla(ops, keep != 0, sums)
     st, vjp = jax.vjp(stats, *args)
     # The target_weight cotangent stays 0: w_y's gradient is taken outside (see _bwd).
     g = jax.tree.map(jnp.zeros_like, st)._replace(lse=g_lse, target=g_t)
     if g_sums:
         g = g._replace(logit_sum=g_sums[0])
-    if cw is not None:
+    if ops.cw is not None:
         g = g._replace(weight_sum=g_sums[1])
     # Inside shard_map the cotangents take the (per-shard) statistics' mesh-axis types.
     g = jax.tree.map(sharding.pvary_like, g, st)
@@ -276,20 +270,11 @@ def _bwd(kernels: Kernels, res, g):
         per_row.append(g.logit_sum)
     if cw is not None:  # the smoothing sums' class weights: d class weights needs d W too
         per_row.append(g.weight_sum)
-    cols = [keep] + [_column(a, jnp.float32) for a in per_row]
+    cols = tuple([keep] + [_column(a, jnp.float32) for a in per_row])
     # With label smoothing every class has a gradient (e / K each): no tile is negligible.
-    kw = dict(sums=sums, threshold=None if sums else threshold)
-    if interpret is not None:
-        platform, blocks = interpret
-        fn = _gpu_grads if platform == "gpu" else _tpu_grads
-        dh, dw, db, dcap, dcw = fn(*ops, tuple(cols), interpret=True, blocks=blocks, **kw)
-    else:
-        dh, dw, db, dcap, dcw = lax.platform_dependent(
-            *ops, tuple(cols),
-            cuda=functools.partial(_gpu_grads, interpret=False, **kw),
-            tpu=functools.partial(_tpu_grads, interpret=False, **kw),
-            default=functools.partial(_xla_grads, **kw),
-        )  # fmt: skip
+    call = tiles.Call(sums, None if sums else threshold)
+    fns = (_gpu_grads, _tpu_grads, _xla_grads)
+    dh, dw, db, dcap, dcw = _by_platform((ops, cols), call, interpret, fns)
     if class_weights is not None:
         # w_y's share: a scatter-add of the target_weight cotangents onto the labels' classes
         # (added to the smoothing sums' share from the kernels, if any).

@@ -25,7 +25,9 @@ reductions) and their outputs are dropped by the write-back. Block sizes (``TN``
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +53,15 @@ def block_sizes(n: int, d: int, v: int, itemsize: int, caps=None) -> tuple[int, 
     return tn, tv
 
 
+Static = tiles.Static
+
+
+def _static(ops: tiles.Operands, call: tiles.Call, n_rows: int) -> Static:
+    n, d = ops.hidden.shape
+    tn, tv = block_sizes(n, d, ops.weight.shape[1], ops.weight.dtype.itemsize, call.blocks)
+    return tiles.static(ops, call, len(ops.present()) + n_rows, {"tn": tn, "tv": tv})
+
+
 def _logits(h, w, b_ref):
     if h.dtype != w.dtype:
         h, w = h.astype(jnp.float32), w.astype(jnp.float32)
@@ -62,30 +73,30 @@ def _cols(j, tv):
     return j * tv + lax.broadcasted_iota(jnp.int32, (1, tv), 1)
 
 
-def _forward_kernel(*refs, v, tv, has_bias, has_cap, has_cw, sums, n_in, n_out):
-    r = tiles.split_refs(refs, has_bias, has_cap, n_in, has_cw)
+def _forward_kernel(*refs, s: Static):
+    r = tiles.split_refs(refs, s)
+    n_out = tiles.fields(s.sums, s.has_cw)
     outs, scratch = r.outs[:n_out], r.outs[n_out:]
     j = pl.program_id(1)
-    tn = r.h.shape[0]
 
     @pl.when(j == 0)
     def _():
-        for ref, val in zip(scratch, tiles.empty(tn, sums, has_cw)[: len(scratch)], strict=True):
+        for ref, val in zip(scratch, tiles.empty(s.tn, s.sums, s.has_cw)[:n_out], strict=True):
             ref[...] = val
 
-    cap = r.cap[...] if has_cap else None
+    cap = r.cap[...] if s.has_cap else None
     z = _logits(r.h[...], r.w[...], r.b)
-    cols = _cols(j, tv)
+    cols = _cols(j, s.tv)
     acc = tiles.Running(*(ref[...] for ref in scratch))  # the absent fields are the last
-    cw = r.cw[...] if has_cw else None
-    new = tiles.update_stats(acc, tiles.softcap(z, cap), cols < v, cols == r.y[...], cw)
+    cw = r.cw[...] if s.has_cw else None
+    new = tiles.update_stats(acc, tiles.softcap(z, cap), cols < s.v, cols == r.y[...], cw)
     for ref, val in zip(scratch, new, strict=False):
         ref[...] = val
     for ref, val in zip(outs, tiles.finish(new), strict=True):
         ref[...] = val
 
 
-def _specs(tn, tv, d, has_bias, has_cap, n_rows, *, has_cw=False, vocab_major=False):
+def _specs(s: Static, n_rows: int, *, vocab_major=False):
     """BlockSpecs for (hidden, weight[, bias], labels[, cap][, class weights], *row
     columns)."""
     if vocab_major:  # grid (j, i)
@@ -97,85 +108,104 @@ def _specs(tn, tv, d, has_bias, has_cap, n_rows, *, has_cw=False, vocab_major=Fa
         def tok(f):
             return f
 
+    tn, tv = s.tn, s.tv
     specs = [
-        pl.BlockSpec((tn, d), tok(lambda i, j: (i, 0))),
-        pl.BlockSpec((d, tv), tok(lambda i, j: (0, j))),
+        pl.BlockSpec((tn, s.d), tok(lambda i, j: (i, 0))),
+        pl.BlockSpec((s.d, tv), tok(lambda i, j: (0, j))),
     ]
-    if has_bias:
+    if s.has_bias:
         specs.append(pl.BlockSpec((1, tv), tok(lambda i, j: (0, j))))
     specs.append(pl.BlockSpec((tn, 1), tok(lambda i, j: (i, 0))))
-    if has_cap:
+    if s.has_cap:
         specs.append(pl.BlockSpec((1, 1), tok(lambda i, j: (0, 0))))
-    if has_cw:
+    if s.has_cw:
         specs.append(pl.BlockSpec((1, tv), tok(lambda i, j: (0, j))))
     specs += [pl.BlockSpec((tn, 1), tok(lambda i, j: (i, 0)))] * n_rows
     return specs
-
-
-def _params(semantics):
-    return pltpu.CompilerParams(dimension_semantics=semantics, vmem_limit_bytes=VMEM_LIMIT_BYTES)
 
 
 def _column(n):
     return jax.ShapeDtypeStruct((n, 1), jnp.float32)
 
 
-def forward(hidden, weight, bias, labels, cap, cw=None, *, sums, interpret, blocks=None):
-    """Per-token ``(shift, lse, target[, logit_sum, weight_sum[, count]])``, ``[n, 1]``
-    float32 each; ``cw``: the ``[1, V]`` class weights of the smoothing sums, or None."""
-    n, d = hidden.shape
-    v = weight.shape[1]
-    tn, tv = block_sizes(n, d, v, weight.dtype.itemsize, blocks)
-    args = tiles.operands(hidden, weight, bias, labels, cap, cw)
-    has_cw = cw is not None
-    n_out = tiles.fields(sums, has_cw)
-    kernel = functools.partial(
-        _forward_kernel, v=v, tv=tv, has_bias=bias is not None, has_cap=cap is not None,
-        has_cw=has_cw, sums=sums, n_in=len(args), n_out=n_out,
-    )  # fmt: skip
-    col = pl.BlockSpec((tn, 1), lambda i, j: (i, 0))
+def _call(kernel, s: Static, call: tiles.Call, **kwargs):
+    """The kernel's ``pallas_call`` over a (parallel, sequential) grid."""
     return tiles.pallas_call(
-        kernel,
-        out_shape=[_column(n)] * n_out,
-        grid=(pl.cdiv(n, tn), pl.cdiv(v, tv)),
-        in_specs=_specs(tn, tv, d, bias is not None, cap is not None, 0, has_cw=has_cw),
+        functools.partial(kernel, s=s),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "arbitrary"), vmem_limit_bytes=VMEM_LIMIT_BYTES
+        ),
+        interpret=call.interpret,
+        **kwargs,
+    )
+
+
+def forward(ops: tiles.Operands, call: tiles.Call):
+    """Per-token ``(shift, lse, target[, logit_sum, weight_sum[, count]])``, ``[n, 1]``
+    float32 each; ``ops.cw``: the ``[1, V]`` class weights of the smoothing sums, or None."""
+    s = _static(ops, call, 0)
+    n_out = tiles.fields(s.sums, s.has_cw)
+    col = pl.BlockSpec((s.tn, 1), lambda i, j: (i, 0))
+    return _call(
+        _forward_kernel, s, call,
+        out_shape=[_column(s.n)] * n_out,
+        grid=(pl.cdiv(s.n, s.tn), pl.cdiv(s.v, s.tv)),
+        in_specs=_specs(s, 0),
         out_specs=[col] * n_out,
-        scratch_shapes=[pltpu.VMEM((tn, 1), jnp.float32)] * n_out,
-        compiler_params=_params(("parallel", "arbitrary")),
-        interpret=interpret,
+        scratch_shapes=[pltpu.VMEM((s.tn, 1), jnp.float32)] * n_out,
         name="jbce_linear_ce_fwd_tpu",
-    )(*args)
+    )(*ops.present())  # fmt: skip
 
 
-def _dlogits(refs, i, j, *, n, v, tn, tv, has_bias, has_cap, has_cw, sums, n_in, dcw=False):
-    """(refs split, d z, d cap per row, p, valid columns, label hits, row mask, and with
-    ``dcw`` the tile's ``[1, tv]`` share of d class weights) of tile (i, j)."""
-    r = tiles.split_refs(refs, has_bias, has_cap, n_in, has_cw)
-    keep, m, lse, g_lse, g_t, g_s, g_w = tiles.row_columns([ref[...] for ref in r.inputs])
-    cap = r.cap[...] if has_cap else None
-    cols = _cols(j, tv)
-    valid = cols < v
+class _Tile(NamedTuple):
+    """A backward tile: the refs, ``d z``, d cap per row, ``p``, the valid columns, label
+    hits, real rows, and (with class weights in the sums) the tile's d class weights."""
+
+    r: tiles.Refs
+    dz: jax.Array
+    dcap: jax.Array | None
+    p: jax.Array
+    valid: jax.Array
+    hit: jax.Array
+    real: jax.Array
+    dcw: jax.Array | None
+
+
+def _dlogits(refs, i, j, s: Static, dcw: bool = False) -> _Tile:
+    """Tile (i, j) of the backward kernels (``dcw``: its share of d class weights too)."""
+    r = tiles.split_refs(refs, s)
+    rows = tiles.row_columns([ref[...] for ref in r.inputs])
+    cap = r.cap[...] if s.has_cap else None
+    cols = _cols(j, s.tv)
+    valid = cols < s.v
     hit = cols == r.y[...]
-    real = (i * tn + lax.broadcasted_iota(jnp.int32, (tn, 1), 0)) < n
-    used = keep & real
+    real = (i * s.tn + lax.broadcasted_iota(jnp.int32, (s.tn, 1), 0)) < s.n
+    rows = rows._replace(keep=rows.keep & real)
     # Logits of rows past N and columns past V come from whatever follows the arrays in
     # memory (NaN, say): zeroed, so that no 0 * NaN reaches a real row's or column's sum.
     z = jnp.where(valid & real, _logits(r.h[...], r.w[...], r.b), 0.0)
     x = tiles.softcap(z, cap)
-    cw = r.cw[...] if has_cw else None
-    dx, p = tiles.logits_grad(x, valid, hit, used, m, lse, g_lse, g_t, g_s, cw)
+    cw = r.cw[...] if s.has_cw else None
+    dx, p = tiles.logits_grad(x, valid, hit, rows, cw)
     dz, dc = tiles.softcap_grad(z, cap, dx)
-    d_cw = tiles.class_weights_grad(x, valid, used, m, g_s, g_w) if dcw else None
-    return r, dz, dc, p, valid, hit, real, d_cw
+    d_cw = tiles.class_weights_grad(x, valid, rows) if dcw else None
+    return _Tile(r, dz, dc, p, valid, hit, real, d_cw)
 
 
-def _dhidden_kernel(*refs, thr, n_voc, **static):
+def _unless_filtered(t: _Tile, s: Static, add) -> None:
+    """Runs ``add`` (the tile's accumulation) unless gradient filtering skips the tile."""
+    if s.thr is None:
+        add()
+    else:
+        pl.when(jnp.logical_not(tiles.small(t.p, t.hit & t.real, s.thr)))(add)
+
+
+def _dhidden_kernel(*refs, s: Static):
     i, j = pl.program_id(0), pl.program_id(1)
-    r, dz, dc, p, valid, hit, real, _ = _dlogits(refs, i, j, **static)
-    w_ref, outs = r.w, r.outs
-    has_cap = static["has_cap"]
+    t = _dlogits(refs, i, j, s)
+    outs = t.r.outs
     dh_ref, acc_ref = outs[0], outs[-1]
-    dcap_ref = outs[1] if has_cap else None
+    dcap_ref = outs[1] if s.has_cap else None
 
     @pl.when(j == 0)
     def _():
@@ -184,33 +214,29 @@ def _dhidden_kernel(*refs, thr, n_voc, **static):
             dcap_ref[...] = jnp.zeros(dcap_ref.shape, dcap_ref.dtype)
 
     if dcap_ref is not None:
-        dcap_ref[...] += dc
+        dcap_ref[...] += t.dcap
 
     def add():
         # Columns past V hold whatever follows weight in memory: zeroed, not just unused.
-        w = jnp.where(valid, w_ref[...].astype(jnp.float32), 0.0)
-        acc_ref[...] += tiles.matmul(dz, w, transpose_b=True)
+        w = jnp.where(t.valid, t.r.w[...].astype(jnp.float32), 0.0)
+        acc_ref[...] += tiles.matmul(t.dz, w, transpose_b=True)
 
-    if thr is None:
-        add()
-    else:
-        pl.when(jnp.logical_not(tiles.small(p, hit & real, thr)))(add)
+    _unless_filtered(t, s, add)
 
-    @pl.when(j == n_voc - 1)
+    @pl.when(j == s.steps - 1)
     def _():
         dh_ref[...] = acc_ref[...].astype(dh_ref.dtype)
 
 
-def _dweight_kernel(*refs, thr, n_tok, **static):
+def _dweight_kernel(*refs, s: Static):
     j, i = pl.program_id(0), pl.program_id(1)
-    has_bias, has_cw = static["has_bias"], static["has_cw"]
-    r, dz, _, p, valid, hit, real, d_cw = _dlogits(refs, i, j, dcw=has_cw, **static)
+    t = _dlogits(refs, i, j, s, dcw=s.has_cw)
     # outputs: d weight[, d bias][, d class weights], then their accumulators in that order
-    n_out = 1 + has_bias + has_cw
-    outs, accs = r.outs[:n_out], r.outs[n_out:]
+    n_out = 1 + s.has_bias + s.has_cw
+    outs, accs = t.r.outs[:n_out], t.r.outs[n_out:]
     dw_ref, acc_ref = outs[0], accs[0]
-    db_ref, dbacc_ref = (outs[1], accs[1]) if has_bias else (None, None)
-    dcw_ref, dcwacc_ref = (outs[-1], accs[-1]) if has_cw else (None, None)
+    db_ref, dbacc_ref = (outs[1], accs[1]) if s.has_bias else (None, None)
+    dcw_ref, dcwacc_ref = (outs[-1], accs[-1]) if s.has_cw else (None, None)
 
     @pl.when(i == 0)
     def _():
@@ -219,19 +245,16 @@ def _dweight_kernel(*refs, thr, n_tok, **static):
 
     def add():
         # Rows past N hold whatever follows hidden in memory: zeroed, not just unused.
-        h = jnp.where(real, r.h[...].astype(jnp.float32), 0.0)
-        acc_ref[...] += tiles.matmul(h, dz, transpose_a=True)
+        h = jnp.where(t.real, t.r.h[...].astype(jnp.float32), 0.0)
+        acc_ref[...] += tiles.matmul(h, t.dz, transpose_a=True)
         if dbacc_ref is not None:
-            dbacc_ref[...] += jnp.sum(dz, axis=0, keepdims=True)
+            dbacc_ref[...] += jnp.sum(t.dz, axis=0, keepdims=True)
         if dcwacc_ref is not None:
-            dcwacc_ref[...] += d_cw
+            dcwacc_ref[...] += t.dcw
 
-    if thr is None:
-        add()
-    else:
-        pl.when(jnp.logical_not(tiles.small(p, hit & real, thr)))(add)
+    _unless_filtered(t, s, add)
 
-    @pl.when(i == n_tok - 1)
+    @pl.when(i == s.steps - 1)
     def _():
         dw_ref[...] = acc_ref[...].astype(dw_ref.dtype)
         if db_ref is not None:
@@ -240,61 +263,40 @@ def _dweight_kernel(*refs, thr, n_tok, **static):
             dcw_ref[...] = dcwacc_ref[...]
 
 
-def backward(
-    hidden, weight, bias, labels, cap, cw, rows, *, sums, threshold, interpret, blocks=None
-):
+def backward(ops: tiles.Operands, rows, call: tiles.Call):
     """(d hidden, d weight (in their inputs' dtypes), d bias ``[1, V]`` f32 or None, per-row
     d cap ``[n, 1]`` or None, d class weights ``[1, V]`` f32 through the smoothing sums or
-    None); ``cw`` as for :func:`forward`; ``rows`` = (keep, shift, lse, g_lse, g_t[, g_s[,
-    g_w]]) ``[n, 1]`` columns (keep int32; g_w, the cotangent of weight_sum, with ``cw``)."""
-    n, d = hidden.shape
-    v = weight.shape[1]
-    tn, tv = block_sizes(n, d, v, weight.dtype.itemsize, blocks)
-    has_bias, has_cap, has_cw = bias is not None, cap is not None, cw is not None
-    args = tiles.operands(hidden, weight, bias, labels, cap, cw) + list(rows)
-    static = dict(
-        n=n, v=v, tn=tn, tv=tv, has_bias=has_bias, has_cap=has_cap, has_cw=has_cw, sums=sums,
-        n_in=len(args), thr=threshold,
-    )  # fmt: skip
-    ni, nj = pl.cdiv(n, tn), pl.cdiv(v, tv)
-    dh_out = [jax.ShapeDtypeStruct((n, d), hidden.dtype)]
-    dh_specs = [pl.BlockSpec((tn, d), lambda i, j: (i, 0))]
-    if has_cap:
-        dh_out.append(_column(n))
-        dh_specs.append(pl.BlockSpec((tn, 1), lambda i, j: (i, 0)))
-    dh = tiles.pallas_call(
-        functools.partial(_dhidden_kernel, n_voc=nj, **static),
+    None); ``ops``, ``call`` as for :func:`forward`; ``rows`` = (keep, shift, lse, g_lse,
+    g_t[, g_s[, g_w]]) ``[n, 1]`` columns (keep int32; g_w, the cotangent of weight_sum, with
+    ``ops.cw``)."""
+    s = _static(ops, call, len(rows))
+    args = ops.present() + list(rows)
+    ni, nj = pl.cdiv(s.n, s.tn), pl.cdiv(s.v, s.tv)
+    dh_out = [jax.ShapeDtypeStruct((s.n, s.d), ops.hidden.dtype)]
+    dh_specs = [pl.BlockSpec((s.tn, s.d), lambda i, j: (i, 0))]
+    if s.has_cap:
+        dh_out.append(_column(s.n))
+        dh_specs.append(pl.BlockSpec((s.tn, 1), lambda i, j: (i, 0)))
+    dh = _call(
+        _dhidden_kernel, dataclasses.replace(s, steps=nj), call,
         out_shape=dh_out,
         grid=(ni, nj),
-        in_specs=_specs(tn, tv, d, has_bias, has_cap, len(rows), has_cw=has_cw),
+        in_specs=_specs(s, len(rows)),
         out_specs=dh_specs,
-        scratch_shapes=[pltpu.VMEM((tn, d), jnp.float32)],
-        compiler_params=_params(("parallel", "arbitrary")),
-        interpret=interpret,
+        scratch_shapes=[pltpu.VMEM((s.tn, s.d), jnp.float32)],
         name="jbce_linear_ce_dhidden_tpu",
-    )(*args)
-    dw_out = [jax.ShapeDtypeStruct((d, v), weight.dtype)]
-    dw_specs = [pl.BlockSpec((d, tv), lambda j, i: (0, j))]
-    scratch = [pltpu.VMEM((d, tv), jnp.float32)]
-    for _ in range(has_bias + has_cw):  # d bias, d class weights
-        dw_out.append(jax.ShapeDtypeStruct((1, v), jnp.float32))
-        dw_specs.append(pl.BlockSpec((1, tv), lambda j, i: (0, j)))
-        scratch.append(pltpu.VMEM((1, tv), jnp.float32))
-    dw = tiles.pallas_call(
-        functools.partial(_dweight_kernel, n_tok=ni, **static),
-        out_shape=dw_out,
+    )(*args)  # fmt: skip
+    n_rows = s.has_bias + s.has_cw  # d bias, d class weights: [1, V] each
+    dw = _call(
+        _dweight_kernel, dataclasses.replace(s, steps=ni), call,
+        out_shape=[jax.ShapeDtypeStruct((s.d, s.v), ops.weight.dtype)]
+        + [jax.ShapeDtypeStruct((1, s.v), jnp.float32)] * n_rows,
         grid=(nj, ni),
-        in_specs=_specs(tn, tv, d, has_bias, has_cap, len(rows), has_cw=has_cw, vocab_major=True),
-        out_specs=dw_specs,
-        scratch_shapes=scratch,
-        compiler_params=_params(("parallel", "arbitrary")),
-        interpret=interpret,
+        in_specs=_specs(s, len(rows), vocab_major=True),
+        out_specs=[pl.BlockSpec((s.d, s.tv), lambda j, i: (0, j))]
+        + [pl.BlockSpec((1, s.tv), lambda j, i: (0, j))] * n_rows,
+        scratch_shapes=[pltpu.VMEM((s.d, s.tv), jnp.float32)]
+        + [pltpu.VMEM((1, s.tv), jnp.float32)] * n_rows,
         name="jbce_linear_ce_dweight_tpu",
-    )(*args)
-    return (
-        dh[0],
-        dw[0],
-        dw[1] if has_bias else None,
-        dh[1] if has_cap else None,
-        dw[-1] if has_cw else None,
-    )
+    )(*args)  # fmt: skip
+    return tiles.backward_outputs(dh, dw, s)

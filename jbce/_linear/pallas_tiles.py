@@ -24,6 +24,7 @@ Every per-row quantity is a ``[rows, 1]`` column so that it broadcasts against a
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -146,11 +147,26 @@ def finish(acc: Running) -> tuple[jax.Array, ...]:
     return out if acc.c is None else (*out, acc.c)
 
 
-def logits_grad(x, valid, target_hit, keep, shift_, lse, g_lse, g_t, g_s, cw=None):
-    """``(d x, filter measure)`` of one tile for the cotangents of (lse, target, logit_sum)
-    (``g_s`` None without sums); ``keep`` ``[rows, 1]`` zeroes rows the loss does not use,
-    ``valid`` the columns this tile does not own (in both outputs); ``cw`` the tile's class
-    weights ``[1, cols]`` (the smoothing term's ``w_c``), or None (1).
+class Rows(NamedTuple):
+    """The backward kernels' per-row inputs, ``[rows, 1]`` columns (:func:`row_columns`):
+    the rows the loss uses (``keep``, boolean), the saved shift ``m`` and log-sum-exp
+    ``lse``, and the cotangents of lse, target, logit_sum (``g_s``, None without sums) and
+    weight_sum (``g_w``, None without class weights in the sums)."""
+
+    keep: jax.Array
+    m: jax.Array
+    lse: jax.Array
+    g_lse: jax.Array
+    g_t: jax.Array
+    g_s: jax.Array | None = None
+    g_w: jax.Array | None = None
+
+
+def logits_grad(x, valid, target_hit, rows: Rows, cw=None):
+    """``(d x, filter measure)`` of one tile for the cotangents in ``rows`` (whose ``keep``
+    zeroes the rows the loss does not use), ``valid`` the columns this tile owns (the others
+    are 0 in both outputs); ``cw`` the tile's class weights ``[1, cols]`` (the smoothing
+    term's ``w_c``), or None (1).
 
     The filter measure of an entry is its softmax share of the gradient, ``|g_lse| p``,
     relative to its token's label term ``|g_t|`` (``w_y |g|`` for the token loss's cotangent
@@ -161,24 +177,24 @@ def logits_grad(x, valid, target_hit, keep, shift_, lse, g_lse, g_t, g_s, cw=Non
     zero = jnp.zeros((), x.dtype)
     xm = jnp.where(valid, x, jnp.full((), -jnp.inf, x.dtype))
     sums = None
-    if g_s is not None:  # the smoothing sums' weight: w_c (1) on included classes, else 0
-        sums = (g_s, jnp.where(xm != -jnp.inf, 1.0 if cw is None else cw, zero))
-    dx, p = softmax_grad(xm, shift_, lse, g_lse, (target_hit, g_t), sums)
-    used = keep & valid
-    label = jnp.abs(g_t)
-    scale = jnp.where(label > 0, jnp.abs(g_lse) / jnp.where(label > 0, label, 1.0), jnp.inf)
+    if rows.g_s is not None:  # the smoothing sums' weight: w_c (1) on included classes, else 0
+        sums = (rows.g_s, jnp.where(xm != -jnp.inf, 1.0 if cw is None else cw, zero))
+    dx, p = softmax_grad(xm, rows.m, rows.lse, rows.g_lse, (target_hit, rows.g_t), sums)
+    used = rows.keep & valid
+    label = jnp.abs(rows.g_t)
+    scale = jnp.where(label > 0, jnp.abs(rows.g_lse) / jnp.where(label > 0, label, 1.0), jnp.inf)
     measure = jnp.where(p == 0, zero, scale * p)
     return jnp.where(used, dx, zero), jnp.where(used, measure, zero)
 
 
-def class_weights_grad(x, valid, keep, shift_, g_s, g_w):
+def class_weights_grad(x, valid, rows: Rows):
     """``[1, cols]``: this tile's rows' share of ``d class_weights`` through the smoothing
     sums, ``sum_rows [c in C] (g_s (x_c - shift) + g_w)`` (``g_s``, ``g_w`` the cotangents of
-    logit_sum and weight_sum); rows outside ``keep`` and columns outside ``valid`` add 0,
+    logit_sum and weight_sum); rows outside ``rows.keep`` and columns outside ``valid`` add 0,
     whatever their logits."""
     zero = jnp.zeros((), x.dtype)
-    inc = keep & valid & (x != -jnp.inf)
-    return jnp.sum(jnp.where(inc, g_s * (x - shift_) + g_w, zero), axis=0, keepdims=True)
+    inc = rows.keep & valid & (x != -jnp.inf)
+    return jnp.sum(jnp.where(inc, rows.g_s * (x - rows.m) + rows.g_w, zero), axis=0, keepdims=True)
 
 
 def small(measure, target_hit, threshold):
@@ -190,12 +206,95 @@ def small(measure, target_hit, threshold):
     return (jnp.max(measure) < threshold) & (hits == 0)
 
 
-def row_columns(cols):
-    """The backward kernels' per-row inputs, loaded (``[rows, 1]`` each): (keep as bool,
-    shift, lse, g_lse, g_t, g_s, g_w), g_s None without sums, g_w (the cotangent of
-    weight_sum) None without class weights."""
-    cols = list(cols) + [None] * (7 - len(cols))
-    return (cols[0] != 0, *cols[1:])
+def row_columns(cols) -> Rows:
+    """The backward kernels' per-row inputs, loaded (``[rows, 1]`` each: keep as int32, then
+    shift, lse, g_lse, g_t[, g_s[, g_w]]), as :class:`Rows`."""
+    return Rows(cols[0] != 0, *cols[1:])
+
+
+class Operands(NamedTuple):
+    """The kernels' operands in the layout both kernel sets take (None: absent)."""
+
+    hidden: jax.Array  # [N, D]
+    weight: jax.Array  # [D, V]
+    bias: jax.Array | None  # [1, V]
+    labels: jax.Array  # [N, 1] int32
+    cap: jax.Array | None  # [1, 1] float32
+    cw: jax.Array | None  # [1, V] float32: the class weights of the smoothing sums
+
+    def present(self) -> list:
+        """The operands passed to a kernel, in :class:`Refs`' order, without the absent ones."""
+        return [a for a in self if a is not None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """The static options of the kernels' wrappers.
+
+    Attributes:
+      sums: the smoothing sums too (``logit_sum``, ``weight_sum``[, ``count``]).
+      threshold: gradient filtering (None: off).
+      interpret: Pallas interpret mode.
+      blocks: caps on the block sizes (:func:`jbce._linear.pallas.interpret`), or None.
+      v: the number of real classes (GPU: the operands may be padded past it), or None.
+    """
+
+    sums: bool
+    threshold: float | None = None
+    interpret: bool = False
+    blocks: tuple | None = None
+    v: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Static:
+    """What a kernel body knows statically: ``n`` tokens, ``v`` real classes, ``d``, the
+    token and class blocks ``tn`` x ``tv``, which operands are present (:class:`Operands`),
+    the smoothing sums, the number of inputs (:func:`split_refs`) and the gradient filter's
+    threshold (None: off). GPU: ``vp`` classes after padding, D in ``tk`` slices per dot
+    and ``td`` per backward program; TPU: ``steps``, the blocks of the sequential grid axis.
+    """
+
+    n: int
+    v: int
+    d: int
+    tn: int
+    tv: int
+    has_bias: bool
+    has_cap: bool
+    has_cw: bool
+    sums: bool
+    n_in: int
+    thr: float | None = None
+    vp: int = 0
+    tk: int = 0
+    td: int = 0
+    steps: int = 1
+
+
+def static(ops: Operands, call: Call, n_in: int, blocks: dict) -> Static:
+    """:class:`Static` of a call on ``ops`` with ``n_in`` inputs and the block sizes
+    ``blocks`` (``tn``, ``tv`` and the platform's others)."""
+    n, d = ops.hidden.shape
+    vp = ops.weight.shape[1]
+    return Static(
+        n, vp if call.v is None else call.v, d, has_bias=ops.bias is not None,
+        has_cap=ops.cap is not None, has_cw=ops.cw is not None, sums=call.sums, n_in=n_in,
+        thr=call.threshold, vp=vp, **blocks,
+    )  # fmt: skip
+
+
+def backward_outputs(dh, dw, s: Static) -> tuple:
+    """(d hidden, d weight, d bias, per-row d cap, d class weights; None where absent) from
+    the outputs of the d hidden kernel (d hidden[, d cap]) and the d weight kernel (d
+    weight[, d bias][, d class weights])."""
+    return (
+        dh[0],
+        dw[0],
+        dw[1] if s.has_bias else None,
+        dh[1] if s.has_cap else None,
+        dw[-1] if s.has_cw else None,
+    )
 
 
 class Refs(NamedTuple):
@@ -211,22 +310,18 @@ class Refs(NamedTuple):
     outs: list  # the outputs and scratch
 
 
-def operands(hidden, weight, bias, labels, cap, cw):
-    """The kernels' leading operands, in :class:`Refs`' order, without the absent ones."""
-    return [a for a in (hidden, weight, bias, labels, cap, cw) if a is not None]
-
-
-def split_refs(refs, has_bias, has_cap, n_in, has_cw=False) -> Refs:
-    """A kernel's refs (:func:`operands`, the other inputs up to ``n_in``, then outputs and
-    scratch) as :class:`Refs`."""
+def split_refs(refs, layout) -> Refs:
+    """A kernel's refs (:meth:`Operands.present`, the other inputs up to ``layout.n_in``, then
+    outputs and scratch) as :class:`Refs`; ``layout`` has ``has_bias``, ``has_cap``,
+    ``has_cw`` and ``n_in``."""
     refs = list(refs)
-    it = iter(refs[:n_in])
+    it = iter(refs[: layout.n_in])
     h_ref, w_ref = next(it), next(it)
-    b_ref = next(it) if has_bias else None
+    b_ref = next(it) if layout.has_bias else None
     y_ref = next(it)
-    cap_ref = next(it) if has_cap else None
-    cw_ref = next(it) if has_cw else None
-    return Refs(h_ref, w_ref, b_ref, y_ref, cap_ref, cw_ref, list(it), refs[n_in:])
+    cap_ref = next(it) if layout.has_cap else None
+    cw_ref = next(it) if layout.has_cw else None
+    return Refs(h_ref, w_ref, b_ref, y_ref, cap_ref, cw_ref, list(it), refs[layout.n_in :])
 
 
 def pallas_call(kernel, *, out_shape, **kwargs):

@@ -69,10 +69,11 @@ def pad_classes(row, vp: int):
     return jnp.pad(row, ((0, 0), (0, vp - row.shape[1])))
 
 
-def pad(hidden, weight, bias, labels, keep=None):
-    """Operands padded where an axis is below 16 or D isn't a multiple of 16 (zeros; padded
-    classes are masked out by the kernels, padded tokens dropped by the caller). Class
-    weights take :func:`pad_classes` to ``weight``'s padded width."""
+def pad(ops: tiles.Operands, keep=None) -> tuple[tiles.Operands, jax.Array | None]:
+    """Operands (and the ``[N, 1]`` row mask ``keep``, or None) padded where an axis is below
+    16 or D isn't a multiple of 16 (zeros; padded classes are masked out by the kernels,
+    padded tokens dropped by the caller)."""
+    hidden, weight, labels = ops.hidden, ops.weight, ops.labels
     n, d = hidden.shape
     v = weight.shape[1]
     pn, pv, pd = max(0, MIN_BLOCK - n), max(0, MIN_BLOCK - v), -d % MIN_BLOCK
@@ -80,11 +81,20 @@ def pad(hidden, weight, bias, labels, keep=None):
         hidden = jnp.pad(hidden, ((0, pn), (0, pd)))
     if pv or pd:
         weight = jnp.pad(weight, ((0, pd), (0, pv)))
-    bias = pad_classes(bias, v + pv)
     if pn:
         labels = jnp.pad(labels, ((0, pn), (0, 0)), constant_values=-1)
         keep = None if keep is None else jnp.pad(keep, ((0, pn), (0, 0)))
-    return hidden, weight, bias, labels, keep
+    bias, cw = pad_classes(ops.bias, v + pv), pad_classes(ops.cw, v + pv)
+    return ops._replace(hidden=hidden, weight=weight, bias=bias, labels=labels, cw=cw), keep
+
+
+Static = tiles.Static
+
+
+def _static(ops: tiles.Operands, call: tiles.Call, n_in: int) -> Static:
+    n, d = ops.hidden.shape
+    blocks = block_sizes(n, d, ops.weight.shape[1], call.blocks)
+    return tiles.static(ops, call, n_in, dict(zip(("tn", "tv", "tk", "td"), blocks)))
 
 
 def _start(i, size: int, total: int):
@@ -92,19 +102,20 @@ def _start(i, size: int, total: int):
     return jnp.minimum(i * size, total - size)
 
 
-def _logits(h_ref, w_ref, b_ref, r0, c0, tn, tv, tk, d):
+def _logits(r: tiles.Refs, r0, c0, s: Static):
     """``hidden[r0:r0+tn] @ weight[:, c0:c0+tv] + bias`` in float32, D in ``tk`` slices."""
+    tn, tv, tk = s.tn, s.tv, s.tk
 
     def step(k, acc):
-        hk = h_ref[pl.ds(r0, tn), pl.ds(k * tk, tk)]
-        wk = w_ref[pl.ds(k * tk, tk), pl.ds(c0, tv)]
+        hk = r.h[pl.ds(r0, tn), pl.ds(k * tk, tk)]
+        wk = r.w[pl.ds(k * tk, tk), pl.ds(c0, tv)]
         if hk.dtype != wk.dtype:
             hk, wk = hk.astype(jnp.float32), wk.astype(jnp.float32)
         return acc + tiles.matmul(hk, wk)
 
-    z = lax.fori_loop(0, d // tk, step, jnp.zeros((tn, tv), jnp.float32))
-    if b_ref is not None:
-        z = z + b_ref[:, pl.ds(c0, tv)].astype(jnp.float32)
+    z = lax.fori_loop(0, s.d // tk, step, jnp.zeros((tn, tv), jnp.float32))
+    if r.b is not None:
+        z = z + r.b[:, pl.ds(c0, tv)].astype(jnp.float32)
     return z
 
 
@@ -113,55 +124,59 @@ def _class_weights(r, c0, tv):
     return None if r.cw is None else r.cw[:, pl.ds(c0, tv)]
 
 
-def _forward_kernel(*refs, n, v, vp, d, tn, tv, tk, has_bias, has_cap, has_cw, sums, n_in):
-    r = tiles.split_refs(refs, has_bias, has_cap, n_in, has_cw)
-    r0 = _start(pl.program_id(0), tn, n)
-    y = r.y[pl.ds(r0, tn), :]
-    cap = r.cap[...] if has_cap else None
+def _columns(j, c0, s: Static):
+    """(columns ``[1, tv]`` of vocabulary block ``j`` starting at ``c0``, those it owns: real
+    classes no earlier block had)."""
+    cols = c0 + lax.broadcasted_iota(jnp.int32, (1, s.tv), 1)
+    return cols, (cols >= j * s.tv) & (cols < s.v)
+
+
+def _forward_kernel(*refs, s: Static):
+    r = tiles.split_refs(refs, s)
+    r0 = _start(pl.program_id(0), s.tn, s.n)
+    y = r.y[pl.ds(r0, s.tn), :]
+    cap = r.cap[...] if s.has_cap else None
 
     def vocab_block(j, acc):
-        c0 = _start(j, tv, vp)
-        z = _logits(r.h, r.w, r.b, r0, c0, tn, tv, tk, d)
-        cols = c0 + lax.broadcasted_iota(jnp.int32, (1, tv), 1)
-        valid = (cols >= j * tv) & (cols < v)
-        hit = (cols == y) & (y >= j * tv)
-        cw = _class_weights(r, c0, tv)
+        c0 = _start(j, s.tv, s.vp)
+        z = _logits(r, r0, c0, s)
+        cols, valid = _columns(j, c0, s)
+        hit = (cols == y) & (y >= j * s.tv)
+        cw = _class_weights(r, c0, s.tv)
         return tiles.update_stats(acc, tiles.softcap(z, cap), valid, hit, cw)
 
-    acc = lax.fori_loop(0, pl.cdiv(vp, tv), vocab_block, tiles.empty(tn, sums, has_cw))
+    acc = lax.fori_loop(0, pl.cdiv(s.vp, s.tv), vocab_block, tiles.empty(s.tn, s.sums, s.has_cw))
     for ref, val in zip(r.outs, tiles.finish(acc), strict=True):
-        ref[pl.ds(r0, tn), :] = val
+        ref[pl.ds(r0, s.tn), :] = val
 
 
-def _params():
-    return plt.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+def _call(kernel, s: Static, call: tiles.Call, *, out_shape, grid, name):
+    return tiles.pallas_call(
+        functools.partial(kernel, s=s),
+        out_shape=out_shape,
+        grid=grid,
+        compiler_params=plt.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
+        interpret=call.interpret,
+        name=name,
+    )
 
 
 def _column(n):
     return jax.ShapeDtypeStruct((n, 1), jnp.float32)
 
 
-def forward(hidden, weight, bias, labels, cap, cw=None, *, v, sums, interpret, blocks=None):
+def forward(ops: tiles.Operands, call: tiles.Call):
     """Per-token ``(shift, lse, target[, logit_sum, weight_sum[, count]])``, ``[n, 1]``
-    float32 each, for padded operands (:func:`pad`; ``cw`` the ``[1, vp]`` class weights of
-    the smoothing sums, or None); ``v`` is the number of real classes."""
-    n, d = hidden.shape
-    vp = weight.shape[1]
-    tn, tv, tk, _ = block_sizes(n, d, vp, blocks)
-    args = tiles.operands(hidden, weight, bias, labels, cap, cw)
-    kernel = functools.partial(
-        _forward_kernel,
-        n=n, v=v, vp=vp, d=d, tn=tn, tv=tv, tk=tk, has_bias=bias is not None,
-        has_cap=cap is not None, has_cw=cw is not None, sums=sums, n_in=len(args),
-    )  # fmt: skip
-    return tiles.pallas_call(
-        kernel,
-        out_shape=[_column(n)] * tiles.fields(sums, cw is not None),
-        grid=(pl.cdiv(n, tn),),
-        compiler_params=_params(),
-        interpret=interpret,
+    float32 each, for padded operands (:func:`pad`; ``ops.cw`` the ``[1, vp]`` class weights
+    of the smoothing sums, or None); ``call.v`` is the number of real classes."""
+    args = ops.present()
+    s = _static(ops, call, len(args))
+    return _call(
+        _forward_kernel, s, call,
+        out_shape=[_column(s.n)] * tiles.fields(s.sums, s.has_cw),
+        grid=(pl.cdiv(s.n, s.tn),),
         name="jbce_linear_ce_fwd_gpu",
-    )(*args)
+    )(*args)  # fmt: skip
 
 
 def _row_inputs(refs, r0, tn):
@@ -169,135 +184,109 @@ def _row_inputs(refs, r0, tn):
     return tiles.row_columns([r[pl.ds(r0, tn), :] for r in refs])
 
 
-def _dhidden_kernel(*refs, n, v, vp, d, tn, tv, tk, td, has_bias, has_cap, has_cw, sums, thr, n_in):
-    r = tiles.split_refs(refs, has_bias, has_cap, n_in, has_cw)
-    dh_ref, dcap_ref = r.outs[0], r.outs[1] if has_cap else None
+def _dhidden_kernel(*refs, s: Static):
+    r = tiles.split_refs(refs, s)
+    dh_ref, dcap_ref = r.outs[0], r.outs[1] if s.has_cap else None
     i, kd = pl.program_id(0), pl.program_id(1)
-    r0 = _start(i, tn, n)
-    y = r.y[pl.ds(r0, tn), :]
-    keep, m, lse, g_lse, g_t, g_s, _ = _row_inputs(r.inputs, r0, tn)
-    cap = r.cap[...] if has_cap else None
+    r0 = _start(i, s.tn, s.n)
+    y = r.y[pl.ds(r0, s.tn), :]
+    rows = _row_inputs(r.inputs, r0, s.tn)
+    cap = r.cap[...] if s.has_cap else None
 
     def vocab_block(j, carry):
         acc, dcap = carry
-        c0 = _start(j, tv, vp)
-        z = _logits(r.h, r.w, r.b, r0, c0, tn, tv, tk, d)
-        cols = c0 + lax.broadcasted_iota(jnp.int32, (1, tv), 1)
-        valid = (cols >= j * tv) & (cols < v)
-        hit = (cols == y) & (y >= j * tv)
+        c0 = _start(j, s.tv, s.vp)
+        z = _logits(r, r0, c0, s)
+        cols, valid = _columns(j, c0, s)
+        hit = (cols == y) & (y >= j * s.tv)
         x = tiles.softcap(z, cap)
-        cw = _class_weights(r, c0, tv)
-        dx, p = tiles.logits_grad(x, valid, hit, keep, m, lse, g_lse, g_t, g_s, cw)
+        cw = _class_weights(r, c0, s.tv)
+        dx, p = tiles.logits_grad(x, valid, hit, rows, cw)
         dz, dc = tiles.softcap_grad(z, cap, dx)
         if dc is not None:
             dcap = dcap + dc
 
         def add(acc):
-            wd = r.w[pl.ds(kd * td, td), pl.ds(c0, tv)].astype(jnp.float32)
+            wd = r.w[pl.ds(kd * s.td, s.td), pl.ds(c0, s.tv)].astype(jnp.float32)
             return acc + tiles.matmul(dz, wd, transpose_b=True)
 
-        if thr is None:
+        if s.thr is None:
             return add(acc), dcap
-        return lax.cond(tiles.small(p, hit, thr), lambda a: a, add, acc), dcap
+        return lax.cond(tiles.small(p, hit, s.thr), lambda a: a, add, acc), dcap
 
-    init = (jnp.zeros((tn, td), jnp.float32), jnp.zeros((tn, 1), jnp.float32))
-    acc, dcap = lax.fori_loop(0, pl.cdiv(vp, tv), vocab_block, init)
-    dh_ref[pl.ds(r0, tn), pl.ds(kd * td, td)] = acc.astype(dh_ref.dtype)
+    init = (jnp.zeros((s.tn, s.td), jnp.float32), jnp.zeros((s.tn, 1), jnp.float32))
+    acc, dcap = lax.fori_loop(0, pl.cdiv(s.vp, s.tv), vocab_block, init)
+    dh_ref[pl.ds(r0, s.tn), pl.ds(kd * s.td, s.td)] = acc.astype(dh_ref.dtype)
     if dcap_ref is not None:
-        dcap_ref[pl.ds(r0, tn), :] = dcap
+        dcap_ref[pl.ds(r0, s.tn), :] = dcap
 
 
-def _dweight_kernel(*refs, n, v, vp, d, tn, tv, tk, td, has_bias, has_cap, has_cw, sums, thr, n_in):
-    r = tiles.split_refs(refs, has_bias, has_cap, n_in, has_cw)
+def _dweight_kernel(*refs, s: Static):
+    r = tiles.split_refs(refs, s)
     dw_ref = r.outs[0]
-    db_ref = r.outs[1] if has_bias else None
-    dcw_ref = r.outs[1 + has_bias] if has_cw else None
+    db_ref = r.outs[1] if s.has_bias else None
+    dcw_ref = r.outs[1 + s.has_bias] if s.has_cw else None
     j, kd = pl.program_id(0), pl.program_id(1)
-    c0 = _start(j, tv, vp)
-    cols = c0 + lax.broadcasted_iota(jnp.int32, (1, tv), 1)
-    valid = cols < v  # every real class of this block (overlapping ones too: same values)
-    cap = r.cap[...] if has_cap else None
-    cw = _class_weights(r, c0, tv)
+    c0 = _start(j, s.tv, s.vp)
+    cols = c0 + lax.broadcasted_iota(jnp.int32, (1, s.tv), 1)
+    valid = cols < s.v  # every real class of this block (overlapping ones too: same values)
+    cap = r.cap[...] if s.has_cap else None
+    cw = _class_weights(r, c0, s.tv)
 
     def token_block(i, carry):
-        r0 = _start(i, tn, n)
-        y = r.y[pl.ds(r0, tn), :]
-        keep, m, lse, g_lse, g_t, g_s, g_w = _row_inputs(r.inputs, r0, tn)
-        fresh = (r0 + lax.broadcasted_iota(jnp.int32, (tn, 1), 0)) >= i * tn
-        z = _logits(r.h, r.w, r.b, r0, c0, tn, tv, tk, d)
+        r0 = _start(i, s.tn, s.n)
+        y = r.y[pl.ds(r0, s.tn), :]
+        rows = _row_inputs(r.inputs, r0, s.tn)
+        fresh = (r0 + lax.broadcasted_iota(jnp.int32, (s.tn, 1), 0)) >= i * s.tn
+        rows = rows._replace(keep=rows.keep & fresh)
+        z = _logits(r, r0, c0, s)
         hit = cols == y
         x = tiles.softcap(z, cap)
-        dx, p = tiles.logits_grad(x, valid, hit, keep & fresh, m, lse, g_lse, g_t, g_s, cw)
+        dx, p = tiles.logits_grad(x, valid, hit, rows, cw)
         dz, _ = tiles.softcap_grad(z, cap, dx)
 
         def add(carry):
             acc, db, dcw = carry
-            hd = r.h[pl.ds(r0, tn), pl.ds(kd * td, td)].astype(jnp.float32)
+            hd = r.h[pl.ds(r0, s.tn), pl.ds(kd * s.td, s.td)].astype(jnp.float32)
             acc = acc + tiles.matmul(hd, dz, transpose_a=True)
             db = db + jnp.sum(dz, 0, keepdims=True)
             if dcw is not None:
-                dcw = dcw + tiles.class_weights_grad(x, valid, keep & fresh, m, g_s, g_w)
+                dcw = dcw + tiles.class_weights_grad(x, valid, rows)
             return acc, db, dcw
 
-        if thr is None:
+        if s.thr is None:
             return add(carry)
-        return lax.cond(tiles.small(p, hit & fresh, thr), lambda c: c, add, carry)
+        return lax.cond(tiles.small(p, hit & fresh, s.thr), lambda c: c, add, carry)
 
-    row = jnp.zeros((1, tv), jnp.float32)
-    init = (jnp.zeros((td, tv), jnp.float32), row, row if has_cw else None)
-    acc, db, dcw = lax.fori_loop(0, pl.cdiv(n, tn), token_block, init)
-    dw_ref[pl.ds(kd * td, td), pl.ds(c0, tv)] = acc.astype(dw_ref.dtype)
+    row = jnp.zeros((1, s.tv), jnp.float32)
+    init = (jnp.zeros((s.td, s.tv), jnp.float32), row, row if s.has_cw else None)
+    acc, db, dcw = lax.fori_loop(0, pl.cdiv(s.n, s.tn), token_block, init)
+    dw_ref[pl.ds(kd * s.td, s.td), pl.ds(c0, s.tv)] = acc.astype(dw_ref.dtype)
     if db_ref is not None:
-        db_ref[:, pl.ds(c0, tv)] = db
+        db_ref[:, pl.ds(c0, s.tv)] = db
     if dcw_ref is not None:  # the same in every slice of D
-        dcw_ref[:, pl.ds(c0, tv)] = dcw
+        dcw_ref[:, pl.ds(c0, s.tv)] = dcw
 
 
-def backward(
-    hidden, weight, bias, labels, cap, cw, rows, *, v, sums, threshold, interpret, blocks=None
-):
+def backward(ops: tiles.Operands, rows, call: tiles.Call):
     """(d hidden, d weight (in their inputs' dtypes), d bias ``[1, vp]`` f32 or None, per-row
     d cap ``[n, 1]`` or None, d class weights ``[1, vp]`` f32 through the smoothing sums or
-    None) for padded operands; ``cw`` as for :func:`forward`; ``rows`` = (keep, shift, lse,
-    g_lse, g_t[, g_s[, g_w]]) ``[n, 1]`` columns (keep int32; g_w, the cotangent of
-    weight_sum, with ``cw``)."""
-    n, d = hidden.shape
-    vp = weight.shape[1]
-    tn, tv, tk, td = block_sizes(n, d, vp, blocks)
-    args = tiles.operands(hidden, weight, bias, labels, cap, cw) + list(rows)
-    has_cw = cw is not None
-    static = dict(
-        n=n, v=v, vp=vp, d=d, tn=tn, tv=tv, tk=tk, td=td, has_bias=bias is not None,
-        has_cap=cap is not None, has_cw=has_cw, sums=sums, thr=threshold, n_in=len(args),
-    )  # fmt: skip
-    dh_out = [jax.ShapeDtypeStruct((n, d), hidden.dtype)]  # accumulated in f32, written once
-    if cap is not None:
-        dh_out.append(_column(n))
-    dh = tiles.pallas_call(
-        functools.partial(_dhidden_kernel, **static),
-        out_shape=dh_out,
-        grid=(pl.cdiv(n, tn), d // td),
-        compiler_params=_params(),
-        interpret=interpret,
+    None) for padded operands; ``ops``, ``call`` as for :func:`forward`; ``rows`` = (keep,
+    shift, lse, g_lse, g_t[, g_s[, g_w]]) ``[n, 1]`` columns (keep int32; g_w, the cotangent
+    of weight_sum, with ``ops.cw``)."""
+    args = ops.present() + list(rows)
+    s = _static(ops, call, len(args))
+    dh_out = [jax.ShapeDtypeStruct((s.n, s.d), ops.hidden.dtype)]  # f32 accumulation
+    if s.has_cap:
+        dh_out.append(_column(s.n))
+    dh = _call(
+        _dhidden_kernel, s, call, out_shape=dh_out, grid=(pl.cdiv(s.n, s.tn), s.d // s.td),
         name="jbce_linear_ce_dhidden_gpu",
-    )(*args)
-    dw_out = [jax.ShapeDtypeStruct((d, vp), weight.dtype)]
-    if bias is not None:
-        dw_out.append(jax.ShapeDtypeStruct((1, vp), jnp.float32))
-    if has_cw:
-        dw_out.append(jax.ShapeDtypeStruct((1, vp), jnp.float32))
-    dw = tiles.pallas_call(
-        functools.partial(_dweight_kernel, **static),
-        out_shape=dw_out,
-        grid=(pl.cdiv(vp, tv), d // td),
-        compiler_params=_params(),
-        interpret=interpret,
+    )(*args)  # fmt: skip
+    row = jax.ShapeDtypeStruct((1, s.vp), jnp.float32)  # d bias, d class weights
+    dw_out = [jax.ShapeDtypeStruct((s.d, s.vp), ops.weight.dtype)] + [row] * (s.has_bias + s.has_cw)
+    dw = _call(
+        _dweight_kernel, s, call, out_shape=dw_out, grid=(pl.cdiv(s.vp, s.tv), s.d // s.td),
         name="jbce_linear_ce_dweight_gpu",
-    )(*args)
-    return (
-        dh[0],
-        dw[0],
-        dw[1] if bias is not None else None,
-        dh[1] if cap is not None else None,
-        dw[-1] if has_cw else None,
-    )
+    )(*args)  # fmt: skip
+    return tiles.backward_outputs(dh, dw, s)

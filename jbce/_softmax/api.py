@@ -8,7 +8,6 @@ applied by :mod:`jbce._core.reduce`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import jax
@@ -16,37 +15,10 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jbce._core import checks
-from jbce._core.dtypes import compute_dtype
 from jbce._core.reduce import reduce_loss
 from jbce._core.sharding import pvary_like
+from jbce._softmax import inputs, xla
 from jbce._softmax import stats as _stats
-from jbce._softmax import xla
-
-
-# --- layout: move the class axes last and flatten them -----------------------------------------
-def to_rows(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
-    """[..batch.., ..classes..] with the class axes flattened into one last axis."""
-    batch = tuple(i for i in range(x.ndim) if i not in axes)
-    if axes != (x.ndim - 1,):
-        x = jnp.transpose(x, batch + axes)
-    k = math.prod(x.shape[len(batch) :])
-    return x.reshape(tuple(x.shape[: len(batch)]) + (k,))
-
-
-def batch_shape(shape: Sequence[int], axes: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(n for i, n in enumerate(shape) if i not in axes)
-
-
-def split_where(where, shape, axes, bshape):
-    """(per-logit mask in row layout or None, per-example mask or None)."""
-    if where is None:
-        return None, None
-    where = checks.as_array("where", where).astype(bool)
-    if where.ndim == len(shape) and len(shape) > len(bshape):
-        checks.check_broadcastable("where", where, "logits", shape)
-        return to_rows(jnp.broadcast_to(where, shape), axes), None
-    checks.check_broadcastable("where", where, "the logits' batch shape", bshape)
-    return None, jnp.broadcast_to(where, bshape)
 
 
 def _options(label_smoothing, z_loss=0.0, logit_softcap=None):
@@ -132,24 +104,19 @@ def softmax_cross_entropy_with_integer_labels(
       >>> jbce.softmax_cross_entropy_with_integer_labels(logits, jnp.array([0, -100]))
       Array(0.126928..., dtype=float32)
     """
-    logits, labels, axes, _, bshape = checks.with_integer_labels("logits", logits, labels, axis)
-    checks.check_reduction(reduction)
     checks.implementation(implementation, _stats.LSE_METHODS)
-    ignore_index = checks.check_ignore_index(ignore_index)
     e, z, cap = _options(label_smoothing, z_loss, logit_softcap)
-    dt = compute_dtype(logits, weights, class_weights, e, z, cap)
-    logit_mask, rows = split_where(where, logits.shape, axes, bshape)
-    x = to_rows(logits, axes)
-    k = x.shape[-1]
-    num_classes = k if axis_name is None else k * checks.axis_size("axis_name", axis_name)
-    weights, cw, kept = checks.integer_label_options(
-        labels, bshape, k, weights=weights, class_weights=class_weights,
-        ignore_index=ignore_index, num_classes=num_classes, dtype=dt,
+    shards = 1 if axis_name is None else checks.axis_size("axis_name", axis_name)
+    checks.check_reduction(reduction)
+    inp = inputs.integer_inputs(
+        logits, labels, axis=axis, where=where, options=(e, z, cap), shards=shards,
+        label_options=inputs.LabelOptions(weights, class_weights, ignore_index),
     )  # fmt: skip
-    cw = None if cw is None else pvary_like(cw, x)
-    rows = checks.both(rows, kept)
+    x, labels, dt, rows = inp.x, inp.labels, inp.dtype, inp.rows
+    num_classes = x.shape[-1] * shards
+    cw = None if inp.class_weights is None else pvary_like(inp.class_weights, x)
     opts = xla.Options(dt, sums=not checks.is_zero(e), axis_name=axis_name, method=implementation)
-    st = xla.softmax_stats(x, labels, cw, logit_mask, _scalar(cap, dt), rows, opts)
+    st = xla.softmax_stats(x, labels, cw, inp.mask, _scalar(cap, dt), rows, opts)
     loss, has = _stats.loss_terms(
         st, labels, num_classes=num_classes, label_smoothing=e, z_loss=z,
         class_weighted=cw is not None,
@@ -157,7 +124,7 @@ def softmax_cross_entropy_with_integer_labels(
     return reduce_loss(
         loss,
         reduction=reduction,
-        weights=weights,
+        weights=inp.weights,
         where=checks.both(rows, has),
         denominator_weights=None if cw is None else st.target_weight,
         normalizer=normalizer,
@@ -193,7 +160,8 @@ def softmax_cross_entropy(
     ``softmax_cross_entropy`` (including ``axis`` tuples and a logits-shaped ``where``,
     which takes classes out of the softmax). A ``-inf`` logit whose label is 0 contributes
     nothing and gets exactly zero gradient. ``"mean"`` divides by the number of included
-    examples.
+    examples: an example whose every class is ``-inf`` or masked is not one (as with
+    integer labels).
 
     Args:
       logits: float array ``[..., K, ...]``; bf16/fp16 computed in float32.
@@ -220,35 +188,20 @@ def softmax_cross_entropy(
       >>> jbce.softmax_cross_entropy(jnp.array([[2.0, 0.0]]), jnp.array([[0.75, 0.25]]))
       Array(0.626928..., dtype=float32)
     """
-    logits, axes, _ = checks.class_axes("logits", logits, axis)
-    labels = checks.as_array("labels", labels)
-    checks.check_shape("labels", labels, logits.shape, f"to match logits {logits.shape}")
-    checks.check_reduction(reduction)
     checks.implementation(implementation, _stats.LSE_METHODS)
     e, _, _ = _options(label_smoothing)
-    bshape = batch_shape(logits.shape, axes)
-    dt = compute_dtype(logits, labels, weights, e)
-    logit_mask, rows = split_where(where, logits.shape, axes, bshape)
-    x = to_rows(logits, axes)
-    # Float labels keep their dtype: the implementation casts them inside its kernels.
-    if not jnp.issubdtype(labels.dtype, jnp.floating):
-        labels = labels.astype(dt)
-    y = to_rows(labels, axes)
-    checks.debug_check_unit_interval("labels", y)
-    if weights is not None:
-        checks.check_broadcastable("weights", weights, "the logits' batch shape", bshape)
-        weights = checks.as_array("weights", weights).astype(dt)
+    checks.check_reduction(reduction)
+    inp = inputs.soft_inputs(logits, labels, axis=axis, weights=weights, where=where, options=(e,))
+    x, y, dt, rows = inp.x, inp.labels, inp.dtype, inp.rows
     if not checks.is_zero(e):
-        inc = _stats.included(x, logit_mask)
+        inc = _stats.included(x, inp.mask)
         k = jnp.maximum(jnp.sum(inc, axis=-1, keepdims=True), 1).astype(dt)
         y = jnp.where(inc, y.astype(dt) * (1 - e) + e / k, y.astype(dt))
-    if logit_mask is not None:
-        rows = checks.both(rows, jnp.any(logit_mask, axis=-1))
     y = pvary_like(y, x)
     opts = xla.Options(dt, sums=True, soft=True, method=implementation)
-    st = xla.softmax_stats(x, None, y, logit_mask, None, rows, opts)
+    st = xla.softmax_stats(x, None, y, inp.mask, None, rows, opts)
     loss, has = _stats.soft_terms(st)
     return reduce_loss(
-        loss, reduction=reduction, weights=weights, where=checks.both(rows, has),
+        loss, reduction=reduction, weights=inp.weights, where=checks.both(rows, has),
         normalizer=normalizer, batch_axis_name=batch_axis_name,
     )  # fmt: skip

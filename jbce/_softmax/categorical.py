@@ -17,9 +17,9 @@ from jax.typing import ArrayLike
 
 from jbce._core import autodiff, checks
 from jbce._core.dtypes import compute_dtype, to_compute
-from jbce._core.math import xmul
+from jbce._core.math import GRAD_EPS, clamped_log, xmul
 from jbce._core.reduce import reduce_loss
-from jbce._softmax.api import batch_shape, to_rows
+from jbce._softmax.inputs import batch_shape, to_rows
 
 
 def _row_where(where, bshape):
@@ -118,14 +118,6 @@ def nll_loss(
 
 
 # --- -y log p from probabilities, logs clamped at -100 (PyTorch's BCE convention) -----------
-_LOG_CLAMP = -100.0
-_GRAD_EPS = 1e-12
-
-
-def _clamped_log(p):
-    return jnp.maximum(jnp.log(p), _LOG_CLAMP)  # NaN stays NaN
-
-
 def _cce_value(p: jax.Array, y: jax.Array, mask, rows) -> jax.Array:
     """``-y max(log p, -100)`` elementwise, in the compute dtype of its (same-shaped) inputs.
 
@@ -134,7 +126,7 @@ def _cce_value(p: jax.Array, y: jax.Array, mask, rows) -> jax.Array:
     """
     del mask, rows
     p, y = _inputs(p, y)
-    return -y * _clamped_log(p)
+    return -y * clamped_log(p)
 
 
 def _inputs(p, y):
@@ -152,9 +144,9 @@ def _cce_tangent(primals, _, tangents):
 
     # d/dp = -y / max(p, 1e-12): PyTorch's BCE rule restricted to the log p term, finite at
     # p = 0 (where the clamped log itself would have slope 0 and stop all learning).
-    terms = [autodiff.contract(coef(-xmul(y, 1 / jnp.maximum(p, _GRAD_EPS))), dp, p.ndim)]
+    terms = [autodiff.contract(coef(-xmul(y, 1 / jnp.maximum(p, GRAD_EPS))), dp, p.ndim)]
     if dy is not None:
-        terms.append(autodiff.contract(coef(-_clamped_log(p)), dy, p.ndim))
+        terms.append(autodiff.contract(coef(-clamped_log(p)), dy, p.ndim))
     return autodiff.total(p.shape, p.dtype, *terms)
 
 

@@ -1,7 +1,7 @@
 """Softmax focal loss (soft and integer labels) and the Poly-1 cross-entropy: the API.
 
 Validates the arguments, lays the logits out with the classes last
-(:func:`jbce._softmax.api.to_rows`) and builds each loss on a core with lean derivatives
+(:mod:`jbce._softmax.inputs`) and builds each loss on a core with lean derivatives
 (:mod:`jbce._core.autodiff`): per-class terms of the log-probabilities
 (:func:`jbce._softmax.terms.term_loss`) for probability labels, and the softmax statistics
 (:func:`jbce._softmax.xla.softmax_stats`) with a per-row focal term for integer labels. Weights,
@@ -17,39 +17,10 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from jbce._core import checks
-from jbce._core.dtypes import compute_dtype
 from jbce._core.reduce import reduce_loss
 from jbce._softmax import xla
-from jbce._softmax.api import batch_shape, split_where, to_rows
+from jbce._softmax.inputs import LabelOptions, integer_inputs, soft_inputs
 from jbce._softmax.terms import Term, focal_of_log_prob, term_loss
-
-
-def soft_inputs(
-    logits, labels, *, axis, weights, where, reduction, options=(), labels_name="labels"
-):
-    """Checked soft-label inputs in row layout.
-
-    Returns ``(x, y, weights, class mask or None, row mask or None, compute dtype, batch shape)``
-    with ``x`` and ``y`` ``[..., K]`` in their own dtypes (the cores cast them), ``weights``
-    in the compute dtype and rows whose every class is masked out excluded.
-    """
-    logits, axes, _ = checks.class_axes("logits", logits, axis)
-    labels = checks.as_array(labels_name, labels)
-    checks.check_shape(labels_name, labels, logits.shape, f"to match logits {logits.shape}")
-    checks.check_reduction(reduction)
-    bshape = batch_shape(logits.shape, axes)
-    dt = compute_dtype(logits, labels, weights, *options)
-    logit_mask, rows = split_where(where, logits.shape, axes, bshape)
-    x = to_rows(logits, axes)
-    if not jnp.issubdtype(labels.dtype, jnp.floating):
-        labels = labels.astype(dt)
-    y = to_rows(labels, axes)
-    if weights is not None:
-        checks.check_broadcastable("weights", weights, "the logits' batch shape", bshape)
-        weights = checks.as_array("weights", weights).astype(dt)
-    if logit_mask is not None:
-        rows = checks.both(rows, jnp.any(logit_mask, axis=-1))
-    return x, y, weights, logit_mask, rows, dt, bshape
 
 
 def _alpha(alpha, k, dt):
@@ -129,20 +100,19 @@ def softmax_focal_loss(
       >>> jbce.softmax_focal_loss(jnp.log(probs), y, alpha=0.25, reduction="none")
       Array([2.634...e-04, 6.759...e-01], dtype=float32)
     """
-    x, y, weights, logit_mask, rows, dt, _ = soft_inputs(
-        logits, labels, axis=axis, weights=weights, where=where, reduction=reduction,
-        options=(alpha, gamma),
-    )  # fmt: skip
-    a = _alpha(alpha, x.shape[-1], dt)
-    g = _gamma(gamma, dt)
-    checks.debug_check_unit_interval("labels", y)
-    term = Term("focal", dt, static_theta=checks.static_number(gamma))
-    loss, has = term_loss(x, y, a, g, logit_mask, rows, term)
+    checks.check_reduction(reduction)
+    inp = soft_inputs(
+        logits, labels, axis=axis, weights=weights, where=where, options=(alpha, gamma)
+    )
+    a = _alpha(alpha, inp.x.shape[-1], inp.dtype)
+    g = _gamma(gamma, inp.dtype)
+    term = Term("focal", inp.dtype, static_theta=checks.static_number(gamma))
+    loss, has = term_loss(inp.x, inp.labels, a, g, inp.mask, inp.rows, term)
     return reduce_loss(
         loss,
         reduction=reduction,
-        weights=weights,
-        where=checks.both(rows, has),
+        weights=inp.weights,
+        where=checks.both(inp.rows, has),
         normalizer=normalizer,
         batch_axis_name=batch_axis_name,
     )
@@ -177,8 +147,10 @@ def softmax_focal_loss_with_integer_labels(
     ``alpha`` multiplies the loss only (it is not part of the denominator). A logit of
     ``-inf`` (or False in a logits-shaped ``where``) removes that class from the softmax; a
     label outside ``[0, K)`` that is not ``ignore_index`` gives NaN (reported under
-    checkify). The gradient is finite for every ``gamma >= 0`` at any logits. The backward
-    pass saves the inputs and a few floats per example.
+    checkify). A label whose own class ``where`` takes out has no target left, as in the
+    soft one-hot form: its loss is 0 and the example still counts in the mean. The gradient
+    is finite for every ``gamma >= 0`` at any logits, to second order. The backward pass
+    saves the inputs and a few floats per example.
 
     Args:
       logits: float array ``[..., K, ...]``; bf16/fp16 computed in float32.
@@ -210,19 +182,15 @@ def softmax_focal_loss_with_integer_labels(
       >>> jbce.softmax_focal_loss_with_integer_labels(logits, labels, reduction="none")
       Array([0.0010536..., 2.7036...], dtype=float32)
     """
-    logits, labels, axes, k, bshape = checks.with_integer_labels("logits", logits, labels, axis)
     checks.check_reduction(reduction)
-    ignore_index = checks.check_ignore_index(ignore_index)
-    dt = compute_dtype(logits, weights, class_weights, alpha, gamma)
+    inp = integer_inputs(
+        logits, labels, axis=axis, where=where, options=(alpha, gamma),
+        label_options=LabelOptions(weights, class_weights, ignore_index),
+    )  # fmt: skip
+    x, labels, logit_mask, rows, dt = inp.x, inp.labels, inp.mask, inp.rows, inp.dtype
+    k = x.shape[-1]
     a = _alpha(alpha, k, dt)
     g = _gamma(gamma, dt)
-    logit_mask, rows = split_where(where, logits.shape, axes, bshape)
-    x = to_rows(logits, axes)
-    weights, cw, kept = checks.integer_label_options(
-        labels, bshape, k, weights=weights, class_weights=class_weights,
-        ignore_index=ignore_index, num_classes=k, dtype=dt,
-    )  # fmt: skip
-    rows = checks.both(rows, kept)
     # method None: the platform's log-sum-exp reduction, chosen when the program is lowered
     opts = xla.Options(dt)
     st = xla.softmax_stats(x, labels, None, logit_mask, None, rows, opts)
@@ -243,14 +211,14 @@ def softmax_focal_loss_with_integer_labels(
     elif a is not None:
         loss = loss * a.astype(dt)
     tw = None
-    if cw is not None:
-        tw = jnp.take(cw, safe)
+    if inp.class_weights is not None:
+        tw = jnp.take(inp.class_weights, safe)
         loss = tw * loss
     loss = jnp.where(in_range, loss, jnp.nan)
     return reduce_loss(
         loss,
         reduction=reduction,
-        weights=weights,
+        weights=inp.weights,
         where=checks.both(rows, has),
         denominator_weights=tw,
         normalizer=normalizer,
@@ -310,18 +278,16 @@ def poly_loss_cross_entropy(
       >>> jbce.poly_loss_cross_entropy(logits, jnp.array([[1.0, 0.0, 0.0]]), epsilon=2.0)
       Array(1.693147..., dtype=float32)
     """
-    x, y, weights, logit_mask, rows, dt, _ = soft_inputs(
-        logits, labels, axis=axis, weights=weights, where=where, reduction=reduction,
-        options=(epsilon,),
-    )  # fmt: skip
-    eps = jnp.asarray(checks.hyperparameter("epsilon", epsilon), dt)
-    checks.debug_check_unit_interval("labels", y)
-    loss, has = term_loss(x, y, None, eps, logit_mask, rows, Term("poly", dt))
+    checks.check_reduction(reduction)
+    inp = soft_inputs(logits, labels, axis=axis, weights=weights, where=where, options=(epsilon,))
+    eps = jnp.asarray(checks.hyperparameter("epsilon", epsilon), inp.dtype)
+    term = Term("poly", inp.dtype)
+    loss, has = term_loss(inp.x, inp.labels, None, eps, inp.mask, inp.rows, term)
     return reduce_loss(
         loss,
         reduction=reduction,
-        weights=weights,
-        where=checks.both(rows, has),
+        weights=inp.weights,
+        where=checks.both(inp.rows, has),
         normalizer=normalizer,
         batch_axis_name=batch_axis_name,
     )

@@ -18,9 +18,9 @@ from jax.typing import ArrayLike
 from jbce._core import autodiff, checks
 from jbce._core.dtypes import compute_dtype, to_compute
 from jbce._core.reduce import reduce_loss
-from jbce._softmax.api import batch_shape, to_rows
-from jbce._softmax.focal import soft_inputs
-from jbce._softmax.terms import Term, jsd_loss, jsd_mode, term_loss
+from jbce._softmax.inputs import batch_shape, soft_inputs, to_rows
+from jbce._softmax.jsd import mode as jsd_mode
+from jbce._softmax.terms import Term, jsd_loss, term_loss
 
 
 def _neg_xlogx_value(p: jax.Array) -> jax.Array:
@@ -69,17 +69,14 @@ def entropy(probs: ArrayLike, *, axis: int | Sequence[int] = -1) -> jax.Array:
     return h.reshape(batch_shape(probs.shape, axes))
 
 
-def _reduce(loss, reduction, weights, rows, bshape, normalizer, batch_axis_name):
-    """``reduce_loss``, with ``"batchmean"``: the sum over the size of the first batch axis."""
+def _reduce(loss, has, inp, reduction, normalizer, batch_axis_name):
+    """``reduce_loss`` over the rows with a class, with ``"batchmean"``: the sum over the size
+    of the first batch axis."""
     return reduce_loss(
-        loss, reduction=reduction, weights=weights, where=rows, normalizer=normalizer,
-        batch_axis_name=batch_axis_name, batch_size=bshape[0] if bshape else 1,
+        loss, reduction=reduction, weights=inp.weights, where=checks.both(inp.rows, has),
+        normalizer=normalizer, batch_axis_name=batch_axis_name,
+        batch_size=inp.bshape[0] if inp.bshape else 1,
     )  # fmt: skip
-
-
-def _reduction(reduction):
-    """The reduction ``soft_inputs`` checks ("batchmean" reduces like "sum", then divides)."""
-    return "sum" if reduction == "batchmean" else reduction
 
 
 def kl_divergence(
@@ -149,16 +146,13 @@ def kl_divergence(
       >>> jbce.kl_divergence(jnp.zeros((1, 3)), jnp.log(y), log_labels=True)
       Array(0.405465..., dtype=float32)
     """
-    red = _reduction(reduction)
-    x, y, weights, mask, rows, dt, bshape = soft_inputs(
-        logits, labels, axis=axis, weights=weights, where=where, reduction=red
-    )
-    if not log_labels:
-        checks.debug_check_unit_interval("labels", y)
-    loss, has = term_loss(x, y, None, None, mask, rows, Term("kl", dt, bool(log_labels)))
-    return _reduce(
-        loss, reduction, weights, checks.both(rows, has), bshape, normalizer, batch_axis_name
-    )
+    inp = soft_inputs(
+        logits, labels, axis=axis, weights=weights, where=where,
+        kind="log_labels" if log_labels else "labels",
+    )  # fmt: skip
+    term = Term("kl", inp.dtype, bool(log_labels))
+    loss, has = term_loss(inp.x, inp.labels, None, None, inp.mask, inp.rows, term)
+    return _reduce(loss, has, inp, reduction, normalizer, batch_axis_name)
 
 
 def jensen_shannon_divergence(
@@ -233,16 +227,13 @@ def jensen_shannon_divergence(
       >>> jbce.jensen_shannon_divergence(student, teacher)  # disjoint supports: log 2
       Array(0.693147..., dtype=float32)
     """
-    red = _reduction(reduction)
     checks.check_float("teacher_logits", checks.as_array("teacher_logits", teacher_logits))
-    x, t, weights, mask, rows, dt, bshape = soft_inputs(
-        logits, teacher_logits, axis=axis, weights=weights, where=where, reduction=red,
-        options=(beta, temperature), labels_name="teacher_logits",
+    inp = soft_inputs(
+        logits, teacher_logits, axis=axis, weights=weights, where=where,
+        options=(beta, temperature), kind="teacher_logits",
     )  # fmt: skip
     b = checks.hyperparameter("beta", beta)
     temp = checks.hyperparameter("temperature", temperature)
-    mode = jsd_mode(b)
-    loss, has = jsd_loss(x, t, jnp.asarray(b, dt), jnp.asarray(temp, dt), mask, rows, mode, dt)
-    return _reduce(
-        loss, reduction, weights, checks.both(rows, has), bshape, normalizer, batch_axis_name
-    )
+    b_, t_ = jnp.asarray(b, inp.dtype), jnp.asarray(temp, inp.dtype)
+    loss, has = jsd_loss(inp.x, inp.labels, b_, t_, inp.mask, inp.rows, jsd_mode(b), inp.dtype)
+    return _reduce(loss, has, inp, reduction, normalizer, batch_axis_name)

@@ -493,12 +493,13 @@ def stats_tangent(
     tangents: tuple[jax.Array | None, jax.Array | None],
     *,
     weights: jax.Array | None = None,
-    mask: jax.Array | None = None,
-    rows: jax.Array | None = None,
+    masks: tuple[jax.Array | None, jax.Array | None] = (None, None),
     sums: bool = False,
     soft: bool = False,
 ) -> Stats:
-    r"""The tangent of ``block_stats(x, labels, ...)`` for ``tangents = (dx, dweights)``.
+    r"""The tangent of ``block_stats(x, labels, ...)`` for ``tangents = (dx, dweights)``;
+    ``masks = (mask, rows)``: the class mask and the rows the loss uses, as for
+    :func:`logits_grad`.
 
     Linear in ``(dx, dweights)`` (either may be None: zero), with the coefficients of
     :func:`logits_grad`, so that its transpose is that formula:
@@ -514,6 +515,7 @@ def stats_tangent(
     exactly zero, whatever its logits.
     """
     dx, dweights = tangents
+    mask, rows = masks
     zero = jnp.zeros((), x.dtype)
     rowmask = None if rows is None else _col(rows)
 

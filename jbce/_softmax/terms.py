@@ -31,11 +31,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jbce._core import autodiff, checks
+from jbce._core import autodiff
 from jbce._core.dtypes import to_compute
-from jbce._core.math import log_ratio, mixture_logs, safe_pow, xmul
+from jbce._core.math import safe_pow, xmul
+from jbce._softmax import jsd, xla_cpu
 from jbce._softmax import stats as _stats
-from jbce._softmax import xla_cpu
 
 TERMS = ("ce", "focal", "poly", "kl")
 
@@ -304,19 +304,6 @@ focal_of_log_prob = autodiff.lean_jvp(_focal_of_log_prob, _focal_of_log_prob_tan
 
 
 # --- generalised Jensen-Shannon divergence between two softmaxes ----------------------------
-JSD_MODES = ("forward", "reverse", "mix", "traced")
-
-
-def jsd_mode(beta) -> str:
-    """Which form of the generalised JSD ``beta`` selects: ``"forward"`` KL(P || Q) at a
-    static 0, ``"reverse"`` KL(Q || P) at a static 1, ``"mix"`` inside (0, 1), ``"traced"``
-    for an array (each row picks by value, with ``where``)."""
-    b = checks.static_number(beta)
-    if b is None:
-        return "traced"
-    return "forward" if b == 0 else "reverse" if b == 1 else "mix"
-
-
 def _two_log_softmax(logits, teacher, temperature, mask, dtype):
     """(log Q, log P, the per-row stats of each) at temperature T, classes masked out."""
     t = to_compute(temperature, dtype)
@@ -328,33 +315,12 @@ def _two_log_softmax(logits, teacher, temperature, mask, dtype):
     return z, w
 
 
-def _jsd_parts(mode, lq, lp, beta):
-    """(per-row value, d/dz, d/dw, d/dbeta per row) for one mode (not "traced")."""
-    q, p = jnp.exp(lq), jnp.exp(lp)
-    d = log_ratio(lq, lp)
-    if mode == "forward":  # KL(P || Q)
-        kl = jnp.sum(xmul(p, -d), axis=-1)
-        return kl, q - p, xmul(p, -d - kl[..., None]), jnp.zeros_like(kl)
-    if mode == "reverse":  # KL(Q || P)
-        kl = jnp.sum(xmul(q, d), axis=-1)
-        return kl, xmul(q, d - kl[..., None]), p - q, jnp.zeros_like(kl)
-    e, f = mixture_logs(d, beta)
-    kl_p = jnp.sum(xmul(p, e), axis=-1)  # KL(P || M)
-    kl_q = jnp.sum(xmul(q, f), axis=-1)  # KL(Q || M)
-    value = beta * kl_p + (1 - beta) * kl_q
-    gz = (1 - beta) * xmul(q, f - kl_q[..., None])
-    gw = beta * xmul(p, e - kl_p[..., None])
-    return value, gz, gw, kl_p - kl_q
-
-
 def _jsd_all(mode, lq, lp, beta):
-    if mode != "traced":
-        return _jsd_parts(mode, lq, lp, beta)
-    lo, hi = beta == 0, beta == 1
-    safe = jnp.where(lo | hi, jnp.full((), 0.5, beta.dtype), beta)
-    parts = [_jsd_parts(m, lq, lp, safe) for m in ("forward", "reverse", "mix")]
-    pick = lambda i: jnp.where(lo, parts[0][i], jnp.where(hi, parts[1][i], parts[2][i]))
-    return tuple(pick(i) for i in range(4))
+    """(per-row value, d/dz, d/dw, d/dbeta per row): :mod:`jbce._softmax.jsd`'s formulas
+    with the row sums taken over the whole row."""
+    sums = tuple(jnp.sum(t, axis=-1) for t in jsd.class_terms(mode, lq, lp, beta))
+    gz, gw = jsd.class_grads(mode, lq, lp, beta, tuple(s[..., None] for s in sums))
+    return jsd.divergence(mode, sums, beta), gz, gw, jsd.beta_grad(mode, sums, beta)
 
 
 def jsd_loss(logits, teacher_logits, beta, temperature, mask, rows, mode, dtype):

@@ -93,7 +93,7 @@ def _softmax_stats_tangent(primals, saved, tangents, opts: Options):
     dw = None if dweights is None else dweights.astype(opts.dtype)
     y = sharding.local_labels(labels, x.shape[-1], opts.axis_name)
     return _stats.stats_tangent(
-        x, y, _stats.Stats(*saved, None), (dx, dw), weights=w, mask=mask, rows=rows,
+        x, y, _stats.Stats(*saved, None), (dx, dw), weights=w, masks=(mask, rows),
         sums=opts.sums, soft=opts.soft,
     )  # fmt: skip
 

@@ -1,8 +1,7 @@
-"""Regression tests for the contract defects of the original jbce (commit 24ea5a3).
+"""The promises users rely on at the edges of the inputs, one test per promise.
 
-Each test pins one promised behaviour that the original code broke; every expected value
-is computed independently of jbce (float64 numpy, optax, or the formulas of
-``tests/reference.py``). Sections follow the defect list:
+Every expected value is computed independently of jbce (float64 numpy, optax, or the
+formulas of ``tests/reference.py``). Sections:
 
 1. bf16 logits computed under ``jit`` (``h @ W + b`` fused into the loss);
 2. traced hyperparameters;
@@ -18,7 +17,6 @@ is computed independently of jbce (float64 numpy, optax, or the formulas of
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 
 import jax
@@ -56,18 +54,8 @@ def np64(x):
 
 
 def kl(labels, logits, **kw):
-    """``jbce.kl_divergence`` of the target ``labels`` and ``logits``, per example.
-
-    The arguments go in positionally, in the documented order: ``kl_divergence(labels,
-    logits)`` at 24ea5a3. NOTE: a later change swaps it to ``(logits, labels)`` (optax's
-    order) and adds ``reduction``; the signature's first parameter name decides here.
-    """
-    params = list(inspect.signature(jbce.kl_divergence).parameters)
-    if "reduction" in params:
-        kw.setdefault("reduction", "none")
-    if params[0] == "labels":
-        return jbce.kl_divergence(labels, logits, **kw)
-    return jbce.kl_divergence(logits, labels, **kw)
+    """``jbce.kl_divergence`` of the target ``labels`` and ``logits``, per example."""
+    return jbce.kl_divergence(logits, labels, **{"reduction": "none", **kw})
 
 
 def ref_int_ce_and_grad(logits, labels, *, ignore_index=-100):
@@ -805,7 +793,6 @@ def test_kl_divergence_mixed_float_dtypes_under_strict_promotion():
     labels = f32(np_softmax(rng.normal(size=(3, 4))))
     logits = jnp.asarray(rng.normal(size=(3, 4)), jnp.float64)
     with jax.numpy_dtype_promotion("strict"):
-        # Positional (labels, logits) as currently documented; a later change may swap them.
         kl_values = kl(labels, logits)
     assert_close(kl_values, ref_kl_divergence(np64(labels), np.asarray(logits)), rtol=1e-5)
 
