@@ -6,17 +6,18 @@ every operation in it is supported; a compare, a select or a bool -> float conve
 costs an extra kernel and an ``N x K`` temporary, and so does an ``N x K`` subexpression two
 reductions share (XLA materialises it for both). The formula flags a positive weight on a
 ``-inf`` logit (an impossible soft target: ``s = -inf``) with a separate reduction of
-``w * (x == -inf)``; here the flag is a term of the weighted sum itself,
+``w * (x == -inf)``; here the flag is the bound of the weighted sum's clamp,
 
 .. math::
-    s = \sum_c \left[ w_c \max(x_c - m, -F) + \log(1 - u_c) \right], \qquad
-    u_c = \max(\mathrm{sign}(w_c), 0)\, \mathrm{sign}(\max(-x_c - F, 0))
+    s = \sum_c w_c \max\left(x_c - m, -F (1 + w_c F)\right)
 
-with :math:`F` the largest float: ``u`` is 1 exactly where ``x = -inf`` and ``w > 0`` (its
-log-term ``-inf``), 0 elsewhere (the term adds exactly 0), so ``s`` is the formula's ``s``, or
-``-inf`` where it flags the row. The passes that read the logits a second time read them
-through an ``optimization_barrier``, so that XLA does not merge their ``x - m`` (or a
-broadcast of ``m``) with the exp-sum's and materialise it.
+with :math:`F` the largest float: the bound is ``-F`` where ``w = 0`` (a ``-inf`` logit adds
+``0 * -F = 0``, the formula's ``0 * inf = 0``) and ``-inf`` where ``w > 0`` (``w * -inf =
+-inf``, the row flagged), and a finite ``x - m >= -F`` is never clamped: 6 operations per
+element, where a 0/1 flag made of ``sign``s cost 7 more and a ``log1p`` (``bench/NOTES.md``,
+section 25). The passes that read the logits a second time read them through an
+``optimization_barrier``, so that XLA does not merge their ``x - m`` (or a broadcast of ``m``)
+with the exp-sum's and materialise it.
 
 What it buys (4096 x 32768 float32 soft labels on the 2-core dev box; ``python -m bench --only
 ce_soft_4096 --dtypes float32``, one interleaved run): see ``bench/NOTES.md`` section 25.
