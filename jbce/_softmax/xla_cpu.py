@@ -20,7 +20,9 @@ section 25). The passes that read the logits a second time read them through an
 with the exp-sum's and materialise it.
 
 What it buys (4096 x 32768 float32 soft labels on the 2-core dev box; ``python -m bench --only
-ce_soft_4096 --dtypes float32``, one interleaved run): see ``bench/NOTES.md`` section 25.
+ce_soft_4096 --dtypes float32``): the forward's temp from 1 GiB to 64 KiB (``bench/NOTES.md``,
+section 25). Not the speed there: 0.55x optax's forward (three merged runs, NOTES section 28),
+whose loss XLA:CPU fuses into one kernel at 4096 rows and more.
 """
 
 from __future__ import annotations
