@@ -68,9 +68,9 @@ PLATFORMS = ("cpu", "other")
 #   of the backward pass stay a small fraction of the matrix, 1/64 each), between 512
 #   (smaller tiles only add loop steps) and 4096 (a 64 MiB float32 tile; larger ones gain
 #   little on a GPU, where fewer tiles mean fewer kernel launches). Value-and-grad temp at
-#   B = 8192, D = 64, against the dense loss's (``python -m bench.contrastive --memory``;
-#   deviceless H100 from ``--accelerators``): tiles of 1024 (this rule) 1/42 on CPU and 1/32
-#   on an H100, of 2048 1/11 and 1/8.
+#   B = 8192, D = 64 on CPU, against the dense loss's (``python -m bench.contrastive
+#   --memory``; deviceless H100 and TPU from ``--accelerators``, docs/contrastive.md): tiles
+#   of 1024 (this rule) 1/45 (CLIP) and 1/41 (SigLIP), of 2048 1/12 and 1/11.
 
 
 @dataclasses.dataclass(frozen=True)
