@@ -319,10 +319,10 @@ def ring_schedule(loss, b, d, n=8) -> dict:
     from jax.sharding import PartitionSpec as P
 
     import jbce
-    from bench import accelerators as acc
+    from bench import hlo
 
     topo = topologies.get_topology_desc(
-        platform="cuda", topology=f"1x1x{n}", target_config=acc.H100_TARGET_CONFIG
+        platform="cuda", topology=f"1x1x{n}", target_config=hlo.H100_TARGET_CONFIG
     )
     mesh = Mesh(np.array(topo.devices[:n]), ("data",))
 

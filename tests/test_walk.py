@@ -1,5 +1,5 @@
 """The tile-size rule of the fused ops' one walk (``jbce/_linear/walk.py``); the walk itself is
-checked through the three ops' tests (``test_linear*.py``)."""
+checked through the tests of the ops on it (``test_linear*.py``, ``test_contrastive.py``)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,16 @@ def test_defaults_per_op_pass_and_platform():
     t = walk.tile_sizes(8192, 32768, None, "distillation")
     assert t.forward == ((256, 32768), (1024, 32768))
     assert t.backward == ((4096, 2048), (4096, 8192))
+
+
+def test_contrastive_tiles_are_square_an_eighth_of_the_block_within_512_and_4096():
+    for b, side in [(8192, 1024), (1024, 512), (100, 100), (65536, 4096)]:
+        t = walk.tile_sizes(b, b, None, "contrastive")
+        assert t.forward == t.backward == ((side, side), (side, side))
+    t = walk.tile_sizes(13, 13, 4, "contrastive")  # an int: both sides
+    assert t.forward == t.backward == ((4, 4), (4, 4))
+    t = walk.tile_sizes(13, 13, (4, 50), "contrastive")  # a pair: (rows, columns), clipped
+    assert t.forward == t.backward == ((4, 13), (4, 13))
 
 
 def test_chunk_size_sets_both_passes_and_is_clipped():

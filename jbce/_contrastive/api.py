@@ -10,6 +10,8 @@ cross-entropy of :mod:`jbce._softmax.stats`) with the shared reductions
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -19,6 +21,7 @@ from jbce._contrastive import chunked_xla, ring
 from jbce._core import checks
 from jbce._core.dtypes import compute_dtype
 from jbce._core.reduce import reduce_loss
+from jbce._linear import walk
 from jbce._softmax import stats as _stats
 
 # The custom_vjp cores: (x, y, ids, scale, bias, Config) -> statistics.
@@ -113,7 +116,7 @@ def clip_loss(
       >>> dx.shape, dscale.shape
       ((3, 2), ())
     """
-    return _loss("clip", x, y, scale, None, ids, reduction, batch_axis_name, chunk_size)
+    return _loss("clip", x, y, scale, None, ids, Options(reduction, batch_axis_name, chunk_size))
 
 
 def siglip_loss(
@@ -176,13 +179,23 @@ def siglip_loss(
       >>> jbce.siglip_loss(x, x, scale=10.0, bias=-10.0)
       Array(0.6932..., dtype=float32)
     """
-    return _loss("siglip", x, y, scale, bias, ids, reduction, batch_axis_name, chunk_size)
+    return _loss("siglip", x, y, scale, bias, ids, Options(reduction, batch_axis_name, chunk_size))
 
 
-def _loss(name, x, y, scale, bias, ids, reduction, batch_axis_name, chunk_size):
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """The options :func:`clip_loss` and :func:`siglip_loss` share (their arguments)."""
+
+    reduction: str = "mean"
+    batch_axis_name: str | tuple[str, ...] | None = None
+    chunk_size: int | tuple[int, int] | None = None
+
+
+def _loss(name, x, y, scale, bias, ids, opts: Options):
     x, y, ids = _operands(x, y, ids)
+    reduction, batch_axis_name = opts.reduction, opts.batch_axis_name
     checks.check_reduction(reduction, batch_axis_name=batch_axis_name)
-    checks.check_chunk_size(chunk_size)
+    checks.check_chunk_size(opts.chunk_size)
     scale = checks.hyperparameter("scale", scale)
     if bias is not None:
         bias = checks.hyperparameter("bias", bias)
@@ -194,9 +207,10 @@ def _loss(name, x, y, scale, bias, ids, reduction, batch_axis_name, chunk_size):
     if ids is None:  # every pair its own id: its global index
         offset = 0 if batch_axis_name is None else lax.axis_index(batch_axis_name) * b
         ids = offset + jnp.arange(b, dtype=jnp.int32)
-    rows, cols = chunked_xla.tile_sizes(b, chunk_size)
+    # A block: the (per-device) batch's rows against as many columns.
+    tiles = walk.tile_sizes(b, b, opts.chunk_size, "contrastive")
     implementation = "chunked_xla" if batch_axis_name is None else "ring"
-    cfg = chunked_xla.Config(name, jnp.dtype(dt), rows, cols, batch_axis_name)
+    cfg = chunked_xla.Config(name, jnp.dtype(dt), tiles, batch_axis_name)
     scale = jnp.asarray(scale, dt)
     bias = None if bias is None else jnp.asarray(bias, dt)
     out = IMPLEMENTATIONS[implementation](x, y, ids, scale, bias, cfg)

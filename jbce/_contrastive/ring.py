@@ -54,25 +54,24 @@ def _next_device(cfg: Config):
 
 def forward(cfg: Config, x, y, ids, params):
     """The statistics of ``x``'s rows and (CLIP) ``y``'s columns of the global matrix."""
-    loss = LOSSES[cfg.loss]
+    reduce = LOSSES[cfg.loss].reduce
     send = _next_device(cfg)
-    empty_rows, empty_cols = chunked_xla.empty(cfg, x.shape[0], (x, y, ids, *params))
 
     def step(carry, first, last):
-        y_here, ids_here, rows, cols_done = carry
+        y_here, ids_here, rows_done, cols_done = carry
         # In flight during this step's tiles: the next step's block, and the column
         # statistics of this step's block from the devices it has visited.
         y_next, ids_next = (y_here, ids_here) if last else send((y_here, ids_here))
         cols_in = None if first or cols_done is None else send(cols_done)
-        rows, cols = chunked_xla.forward_block(
-            cfg, x, y_here, ids, ids_here, params, rows, empty_cols
-        )
+        rows, cols = chunked_xla.forward_block(cfg, x, y_here, ids, ids_here, params)
+        if not first:  # the rows' statistics of the blocks before (nothing on the first step)
+            rows = reduce.merge(rows_done, rows)
         if cols_in is not None:
-            cols = loss.merge(cols_in, cols)
+            cols = reduce.merge(cols_in, cols)
         return y_next, ids_next, rows, cols
 
-    _, _, rows, cols = _ring(cfg, step, (y, ids, empty_rows, empty_cols))
-    if not loss.columns:
+    _, _, rows, cols = _ring(cfg, step, (y, ids, None, None))
+    if not reduce.columns:
         return rows
     # The last block is the next device's own: its finished column statistics go home.
     return rows, (send(cols) if lax.axis_size(cfg.axis_name) > 1 else cols)

@@ -3,8 +3,10 @@
 :func:`jbce.linear_softmax_cross_entropy`, :func:`jbce.linear_log_probs` and
 :func:`jbce.linear_distillation_loss` (their XLA implementations, :mod:`jbce._linear.chunked_xla`
 and :mod:`jbce._linear.distill_xla`) compute the logits ``hidden @ weight + bias`` of one or two
-models one ``[token_chunk, vocab_chunk]`` tile at a time and never all of them. What differs
-between them is what they compute of a tile; how the tiles are walked is written here once:
+models one ``[token_chunk, vocab_chunk]`` tile at a time and never all of them; so do
+:func:`jbce.clip_loss` and :func:`jbce.siglip_loss` (:mod:`jbce._contrastive.chunked_xla`, and
+each step of its ring) with ``hidden = x`` and ``weight = y.T``. What differs between them is
+what they compute of a tile; how the tiles are walked is written here once:
 
 - :func:`forward`, token-major: for each block of tokens (a ``lax.scan``; one block when a
   tile holds whole batches), a first pass over the vocabulary chunks merges each tile's
@@ -12,7 +14,9 @@ between them is what they compute of a tile; how the tiles are walked is written
   ``empty``; an online log-sum-exp), combines them over the vocabulary's mesh axis, and an
   optional second pass walks the chunks again summing per-row terms given the rows' final
   statistics (the distillation's divergence). With whole vocabulary rows in a tile (one
-  chunk) both passes read the same tile: each model's logits are computed once.
+  chunk) both passes read the same tile: each model's logits are computed once. With
+  :attr:`Reduce.columns` the first pass also merges each tile's per-column statistics into
+  every column's, carried from token block to token block (CLIP's softmax over the columns).
 - :func:`backward`, vocabulary-major: the same tiles are recomputed, turned into ``d z`` of
   each model by the op (:class:`Grad`), and accumulated into ``d hidden`` (in the compute
   dtype), ``d bias``, per-class gradients (class weights) and scalar ones (soft-cap,
@@ -59,14 +63,42 @@ PLATFORMS = ("cpu", "other")
 #   accelerator runs a few large tiles (each launches a handful of kernels, and each token
 #   block of the forward pass reads the weights once): at N=4096, V=32768 the deviceless H100
 #   compile launches about a quarter of the kernels (`python -m bench.accelerators`).
+# - Contrastive (CLIP, SigLIP: ``N = V = B`` rows and columns of a block of the similarity
+#   matrix): square tiles, an eighth of the block a side (so that the few tile-sized buffers
+#   of the backward pass stay a small fraction of the matrix, 1/64 each), between 512
+#   (smaller tiles only add loop steps) and 4096 (a 64 MiB float32 tile; larger ones gain
+#   little on a GPU, where fewer tiles mean fewer kernel launches). Value-and-grad temp at
+#   B = 8192, D = 64 on CPU, against the dense loss's (``python -m bench.contrastive
+#   --memory``; deviceless H100 and TPU from ``--accelerators``, docs/contrastive.md): tiles
+#   of 1024 (this rule) 1/33 (CLIP) and 1/41 (SigLIP), of 2048 1/9 and 1/11.
+
+
+@dataclasses.dataclass(frozen=True)
+class Share:
+    """A chunk of ``1 / parts`` of its axis, within ``[lo, hi]`` (a :data:`DEFAULTS` entry's
+    vocabulary chunk that grows with the axis)."""
+
+    parts: int
+    lo: int
+    hi: int
+
+    def of(self, size: int) -> int:
+        return max(self.lo, min(self.hi, size // self.parts))
+
+
 _CE = {"forward": ((2048, 1 << 23), (2048, 1 << 23)), "backward": ((2048, 1 << 23),) * 2}
-DEFAULTS: dict[str, dict[str, tuple[tuple[int | None, int], tuple[int | None, int]]]] = {
+_SQUARE = ((Share(8, 512, 4096), None),) * 2
+# Per op and pass, (on CPU, elsewhere): (vocabulary chunk, logits per tile or None for
+# square tiles).
+Default = tuple[int | Share | None, int | None]
+DEFAULTS: dict[str, dict[str, tuple[Default, Default]]] = {
     "cross_entropy": _CE,
     "log_probs": _CE,
     "distillation": {
         "forward": ((None, 1 << 23), (None, 1 << 25)),
         "backward": ((2048, 1 << 23), (8192, 1 << 25)),
     },
+    "contrastive": {"forward": _SQUARE, "backward": _SQUARE},
 }
 
 
@@ -81,10 +113,16 @@ class Tiles:
 def tile_sizes(n: int, v: int, chunk_size, op: str) -> Tiles:
     """The tiles of ``op`` (a key of :data:`DEFAULTS`) for ``n`` tokens and ``v`` classes.
 
-    ``chunk_size`` None: the table's tiles of each pass and platform; an int: the vocabulary
-    chunk of both passes; a pair ``(token_chunk, vocab_chunk)``: both passes' tiles. A token
-    chunk not given keeps a tile at the table's number of logits. Both are clipped into
+    ``chunk_size`` None: the table's tiles of each pass and platform (a :class:`Share` of
+    ``v`` or whole rows for None); an int: the vocabulary chunk of both passes; a pair
+    ``(token_chunk, vocab_chunk)``: both passes' tiles. A token chunk not given keeps a tile
+    at the table's number of logits, or (None there) the tile square. Both are clipped into
     ``[1, n]`` and ``[1, v]``.
+
+    >>> tile_sizes(8192, 8192, None, "contrastive").forward  # B / 8 a side
+    ((1024, 1024), (1024, 1024))
+    >>> tile_sizes(13, 13, 4, "contrastive").backward
+    ((4, 4), (4, 4))
     """
 
     def one(default):
@@ -94,8 +132,11 @@ def tile_sizes(n: int, v: int, chunk_size, op: str) -> Tiles:
             tn, chunk = chunk_size
         elif chunk_size is not None:
             chunk = chunk_size
+        if isinstance(chunk, Share):
+            chunk = chunk.of(v)
         tv = max(1, min(v, v if chunk is None else chunk))
-        tn = elements // tv if tn is None else tn
+        if tn is None:
+            tn = tv if elements is None else elements // tv
         return max(1, min(n, tn)), tv
 
     table = DEFAULTS[op]
@@ -160,8 +201,9 @@ class Tile(NamedTuple):
         scalars).
       fresh: None, or ``[1, tv]`` boolean: the columns no earlier (overlapped) chunk had; the
         op must leave the others out.
-      keep: None, or ``[tn]`` boolean (backward): the rows this tile counts; the others
-        (covered by an earlier, overlapped token chunk) must get exactly zero gradient.
+      keep: None, or ``[tn]`` boolean: the rows this tile counts; the others (covered by an
+        earlier, overlapped token chunk) must get exactly zero gradient (backward), or be
+        left out of the column statistics (forward, :attr:`Reduce.columns`).
       start: the first column of the tile; index: its vocabulary chunk's index.
     """
 
@@ -203,6 +245,11 @@ class Reduce:
       sums: None, or ``(Tile, stats) -> sums``: a second pass, a pytree of ``[tn]`` per-row
         sums over the vocabulary given the rows' final statistics (summed over the shards of
         the vocabulary's mesh axis).
+      columns: per-column statistics too (the contrastive losses' columns: both directions
+        of the logits from one matmul per tile): ``stats`` returns ``(row stats, column
+        stats)``, the latter a pytree of ``[tv]`` statistics of the tile's :attr:`Tile.keep`
+        rows, merged with ``merge`` into every column's (from ``empty(v, dtype)``; exact on
+        one device, the vocabulary not sharded).
     """
 
     stats: Callable
@@ -210,6 +257,7 @@ class Reduce:
     empty: Callable
     combine: Callable
     sums: Callable | None = None
+    columns: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,6 +337,23 @@ def _write_columns(full, part, c0, fresh):
     return lax.dynamic_update_slice_in_dim(full, part, c0, full.ndim - 1)
 
 
+def _kept_rows(i, r0, n: int, tn: int, always: bool = False):
+    """None, or ``[tn]`` boolean: the rows of token chunk ``i`` (at ``r0``) that no earlier
+    chunk covered (None unless the last chunk overlaps its predecessor, or with ``always``
+    unless there is one chunk)."""
+    if n <= tn or (n % tn == 0 and not always):
+        return None
+    return (r0 + jnp.arange(tn)) >= i * tn
+
+
+def _merge_columns(merge, full, part, t: Tile):
+    """``full``'s (``[V]`` leaves) statistics of tile ``t``'s columns merged with ``part``
+    (``[tv]`` leaves), keeping the columns an earlier, overlapped chunk had."""
+    tv = t.z[0].shape[1]
+    new = merge(jax.tree.map(lambda a: _slice(a, t.start, tv, 0), full), part)
+    return jax.tree.map(lambda f, p: _write_columns(f, p, t.start, t.fresh), full, new)
+
+
 def _loop(count: int, body, init):
     return lax.fori_loop(0, count, body, init) if count > 1 else body(0, init)
 
@@ -301,7 +366,8 @@ def _add(acc, part):
 # --- the forward walk -------------------------------------------------------------------------
 def forward(ops: Operands, reduce: Reduce, walk: Walk):
     """Per-row statistics of every row (``[N]`` leaves) of the logits of ``ops.models``,
-    global over ``walk.axis_name``; with ``reduce.sums``, ``(statistics, sums)``."""
+    global over ``walk.axis_name``; with ``reduce.sums``, ``(statistics, sums)``; with
+    ``reduce.columns``, ``(that, column statistics)`` (``[V]`` leaves)."""
 
     def run(ops, tn, tv):
         return _forward(ops, reduce, walk, tn, tv)
@@ -315,26 +381,45 @@ def _forward(ops: Operands, reduce: Reduce, walk: Walk, tn: int, tv: int):
     count = num_chunks(v, tv)
     vary = sharding.varying_like(*jax.tree.leaves(ops))
 
-    def block(r0):
+    def block(col_st, i):
+        r0 = chunk_start(i, tn, n)
         hidden = tuple(_slice(m.hidden, r0, tn, 0) for m in ops.models)
         rows = jax.tree.map(lambda a: _slice(a, r0, tn, 0), ops.rows)
+        # The rows whose column statistics this block adds: a mask (all-True unless the last
+        # block overlaps) whenever there are several blocks. Masking the transposed tile lets
+        # XLA:GPU fuse the transpose into the column reductions instead of writing it out:
+        # deviceless H100, CLIP value_and_grad at B = 8192, 22.6 -> 17.6 MiB of temp and
+        # 7.17 -> 5.17 GiB of HBM traffic (``python -m bench.contrastive --accelerators``).
+        keep = _kept_rows(i, r0, n, tn, always=True) if reduce.columns else None
 
         def tile(j):
             c0 = chunk_start(j, tv, v)
             z = tuple(_logits(h, m, c0, tv, dtype) for h, m in zip(hidden, ops.models))
             cols = tuple(_slice(c, c0, tv, 0) for c in ops.columns)
-            return Tile(z, rows, cols, ops.params, _fresh(j, c0, tv, v), None, c0, j)
+            return Tile(z, rows, cols, ops.params, _fresh(j, c0, tv, v), keep, c0, j)
+
+        def add(j, acc):  # the running statistics of the rows (and columns) with tile j's
+            st, col_st = acc
+            t = tile(j)
+            out = reduce.stats(t)
+            if not reduce.columns:
+                return reduce.merge(st, out), col_st
+            out, col = out
+            return reduce.merge(st, out), _merge_columns(reduce.merge, col_st, col, t)
 
         if count == 1:  # whole rows: both passes read the one tile
             only = tile(0)
             st = reduce.stats(only)
+            if reduce.columns:
+                st, col = st
+                col_st = _merge_columns(reduce.merge, col_st, col, only)
         else:
             init = jax.tree.map(vary, reduce.empty(tn, dtype))
-            st = lax.fori_loop(0, count, lambda j, a: reduce.merge(a, reduce.stats(tile(j))), init)
+            st, col_st = lax.fori_loop(0, count, add, (init, col_st))
         if axis_name is not None:
             st = reduce.combine(st, axis_name)
         if reduce.sums is None:
-            return st
+            return col_st, st
         if count == 1:
             sums = reduce.sums(only, st)
         else:
@@ -348,22 +433,25 @@ def _forward(ops: Operands, reduce: Reduce, walk: Walk, tn: int, tv: int):
             sums = lax.fori_loop(0, count, step, init)
         if axis_name is not None:
             sums = lax.psum(sums, axis_name)
-        return st, sums
+        return col_st, (st, sums)
 
-    return _by_token_blocks(block, n, tn)
+    col_st = jax.tree.map(vary, reduce.empty(v, dtype)) if reduce.columns else None
+    col_st, out = _by_token_blocks(block, n, tn, col_st)
+    return (out, col_st) if reduce.columns else out
 
 
-def _by_token_blocks(fn, n: int, tn: int):
-    """``fn(r0)`` for every block of ``tn`` tokens (the last moved back to end at ``n``),
-    its per-row outputs ``[tn]`` assembled into ``[n]`` (each row once)."""
+def _by_token_blocks(fn, n: int, tn: int, carry=None):
+    """``fn(carry, i) -> (carry, out)`` for every block ``i`` of ``tn`` tokens (the last moved
+    back to end at ``n``), in order: the last carry, and the blocks' per-row outputs ``[tn]``
+    assembled into ``[n]`` (each row once)."""
     count = num_chunks(n, tn)
     if count == 1:
-        return fn(0)
-    starts = jnp.minimum(jnp.arange(count) * tn, n - tn)
-    _, stacked = lax.scan(lambda c, r0: (c, fn(r0)), None, starts)
+        return fn(carry, 0)
+    carry, stacked = lax.scan(fn, carry, jnp.arange(count))
     head = (count - 1) * tn  # rows the full blocks cover; the last block adds the rest
     tail = head - (n - tn)
-    return jax.tree.map(lambda a: jnp.concatenate([a[:-1].reshape(-1), a[-1, tail:]]), stacked)
+    out = jax.tree.map(lambda a: jnp.concatenate([a[:-1].reshape(-1), a[-1, tail:]]), stacked)
+    return carry, out
 
 
 # --- the backward walk ------------------------------------------------------------------------
@@ -405,9 +493,7 @@ def _backward(ops: Operands, grad: Grad, dtype, tn: int, tv: int) -> Grads:
             r0 = chunk_start(i, tn, n)
             hidden, rows = take(i, (tuple(m.hidden for m in models), ops.rows))
             z = tuple(_logits(h, m, c0, tv, dtype) for h, m in zip(hidden, models))
-            keep = None  # rows an overlapping last token chunk shares count once
-            if count > 1 and n % tn:
-                keep = (r0 + jnp.arange(tn)) >= i * tn
+            keep = _kept_rows(i, r0, n, tn)  # rows an overlapping last chunk shares count once
             dz, dc, dp = grad.tile(Tile(z, rows, cols, ops.params, fresh, keep, c0, j))
             out = []
             for k, (on_h, on_w, on_b) in enumerate(want):
