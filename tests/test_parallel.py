@@ -29,6 +29,7 @@ import jbce
 from jbce._core.sharding import psum_to_like
 from jbce._softmax.stats import block_stats, combine_over_axis
 from tests import _once
+from tests._parallel_checks import BATCH_COUPLED
 
 pytestmark = pytest.mark.no_x64
 
@@ -222,6 +223,7 @@ DATA_CHECKS = (
             "shard_map_psum_of_partial_sums_gives_global_mean",
         )
         for loss in jbce.__all__
+        if loss not in BATCH_COUPLED
     ]
     + [
         f"{check}[{loss}]"
@@ -231,6 +233,7 @@ DATA_CHECKS = (
         )
         for loss in jbce.__all__
         if loss not in ("entropy", "linear_log_probs")  # no reduction
+        and loss not in BATCH_COUPLED
     ]
     + [
         "micro_batches_with_class_weights_use_the_summed_target_weight",
@@ -255,8 +258,7 @@ def test_vocab_parallel_on_eight_devices(eight_devices, name):
     assert result["ok"], result["detail"]
 
 
-# Known bugs outside this files get a strict xfail here (name -> reason); the
-# shard_map cotangent-type bugs of the binary, focal, GAN and fused linear losses are fixed.
+# Known bugs of the 8-device checks get a strict xfail here (name -> reason).
 KNOWN_BUGS: dict[str, str] = {}
 
 
