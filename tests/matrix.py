@@ -1060,9 +1060,9 @@ LOSSES = {
 # The cases
 # ==============================================================================================
 
-# The second implementation of a pair (vocabulary tiles alone / with token tiles; the GPU /
-# TPU kernels) runs in the first setting only.
-SECOND_OF_A_PAIR = ("tiled_v5", "pallas_tpu")
+# The second implementation of a pair (one / two passes; vocabulary tiles alone / with
+# token tiles; the GPU / TPU kernels) runs in the first setting only.
+SECOND_OF_A_PAIR = ("two_pass", "tiled_v5", "pallas_tpu")  # two_pass: CPU's default
 VALUE_ONLY_EDGES = ("target_on_neg_inf",)  # infinite losses: no derivative to compare
 # Where a loss documented >= 0 is negative by its defined semantics.
 NOT_NONNEGATIVE = {
@@ -1073,16 +1073,22 @@ NOT_NONNEGATIVE = {
 }  # fmt: skip
 
 
+@functools.cache
+def _masked(kind: str, edge: str) -> bool:
+    return edge not in SHAPE_EDGES and "where" in inputs(KINDS[kind], edge)
+
+
 def covered(loss: str, impl: str, deriv: str, dtype: str, edge: str, setting: str) -> bool:
     """The deterministic part of the product; ``hypothesis`` draws from the rest.
 
-    Every loss x implementation x edge x setting in float32 with every derivative, except
-    that the batch-sharded and micro-batched runs (whose concern is the global reduction)
-    take the value and the gradient in the first setting (the masking edges under vmap
-    only). The materialised losses also in float64 and with bf16 logits made inside the
-    jit (value and gradient, first setting). The edges that change the shapes (one class,
-    no rows) take the value and gradient in float32, in the first setting, unsharded and
-    not micro-batched.
+    Every loss x implementation x edge x setting in float32 with the value, gradient,
+    Hessian and HVP, and the JVP and jacfwd in the first setting on the unmasked edges;
+    the second of a pair of implementations (SECOND_OF_A_PAIR) in the first setting; the
+    batch-sharded and micro-batched runs (whose concern is the global reduction) with the
+    value and gradient in the first setting (the masking edges under vmap only). The
+    materialised losses also in float64 and with bf16 logits made inside the jit (value
+    and gradient, first setting, unmasked). The edges that change the shapes (one class,
+    no rows) with the value and gradient in float32, first setting, unsharded.
     """
     im = IMPLEMENTATIONS[impl]
     first = setting == next(iter(LOSSES[loss].settings))
@@ -1091,15 +1097,15 @@ def covered(loss: str, impl: str, deriv: str, dtype: str, edge: str, setting: st
     if edge in SHAPE_EDGES:
         whole = im.shard is None and not im.micro
         return deriv in ("value", "grad") and dtype == "float32" and whole and first
-    masked = "where" in inputs(LOSSES[loss].kind, edge)
-    if masked and deriv in ("jvp", "jacfwd"):  # forward mode: the unmasked edges
-        return False
+    masked = _masked(LOSSES[loss].kind.name, edge)
+    if (masked or not first) and deriv in ("jvp", "jacfwd"):  # forward mode: 1st setting,
+        return False  # unmasked edges (forward-over-reverse: everywhere)
     if im.shard == "batch" or im.micro:
         if masked and impl != "batch_vmap":  # the masks' global count: under vmap
             return False
         return dtype == "float32" and deriv in ("value", "grad") and first
     if impl == "materialised" and dtype != "float32":
-        return deriv in ("value", "grad") and first
+        return deriv in ("value", "grad") and first and not masked
     if impl in SECOND_OF_A_PAIR and not first:  # its twin takes the other settings
         return False
     return dtype == "float32"
@@ -1189,8 +1195,7 @@ def _offered(loss: str, impl: str, deriv: str, dtype: str) -> bool:
 
 # The losses whose shard_map value also runs un-jitted, as a user may call it (op by op on
 # 8 devices: slow, so on the base inputs of the first setting only; the rest run jitted).
-EAGER_SHARD_MAP = ("softmax_cross_entropy_with_integer_labels", "linear_softmax_cross_entropy",
-                   "linear_distillation_loss")  # fmt: skip
+EAGER_SHARD_MAP = ("linear_distillation_loss",)
 
 
 def _eager(loss: str, impl: str, deriv: str, edge: str, setting: str) -> bool:
@@ -1204,7 +1209,7 @@ def _together(loss: str, impl: str, deriv: str, dtype: str, edge: str, setting: 
     and offered for inputs of this structure."""
     if _eager(loss, impl, deriv, edge, setting):
         return (deriv,)
-    base = edge if edge in SHAPE_EDGES else "random"
+    base = "random" if edge in VALUE_ONLY_EDGES else edge  # same structure, same function
     derivs = tuple(
         d for d in DERIVATIVES
         if covered(loss, impl, d, dtype, base, setting) and _offered(loss, impl, d, dtype)

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
@@ -113,9 +115,55 @@ def power(u, gamma, xp=np):
     as fast as 1 - p, so every derivative of the product tends to 0 there, also for
     gamma < 1 where the factor's own derivative is infinite.
     """
-    pos = u > 0
-    safe = xp.where(pos, u, xp.ones_like(u))
-    return xp.where(pos, safe**gamma, xp.where(gamma == 0, 1.0, 0.0) + 0.0 * u)
+    zero = u == 0
+    safe = xp.where(zero, xp.ones_like(u), u)
+    return xp.where(zero, xp.where(gamma == 0, 1.0, 0.0) + 0.0 * u, safe**gamma)
+
+
+@jax.custom_jvp
+def _clamped_log_jnp(p):
+    return jnp.maximum(jnp.log(p), -100.0)
+
+
+@_clamped_log_jnp.defjvp
+def _clamped_log_jvp(primals, tangents):
+    (p,), (t,) = primals, tangents
+    return _clamped_log_jnp(p), t / jnp.maximum(p, 1e-12)
+
+
+def clamped_log(p, xp=np):
+    """max(log p, -100) (PyTorch's BCE clamp), whose derivative is 1 / max(p, 1e-12) (PyTorch's
+    backward): finite at p = 0, and the derivative of the clamp is not 0 below e^-100."""
+    if xp is np:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.maximum(np.log(p), -100.0)
+    return _clamped_log_jnp(p)
+
+
+@jax.custom_jvp
+def _bce_jnp(p, y):
+    return -(y * _clamped_log_jnp(p) + (1 - y) * _clamped_log_jnp(1 - p))
+
+
+@_bce_jnp.defjvp
+def _bce_jvp(primals, tangents):
+    """PyTorch's gradient (p - y) / max(p (1 - p), 1e-12) in p (0 where p = y = 0 or 1)."""
+    (p, y), (tp, ty) = primals, tangents
+    dp = (p - y) / jnp.maximum(p * (1 - p), 1e-12)
+    dy = _clamped_log_jnp(1 - p) - _clamped_log_jnp(p)
+    return _bce_jnp(p, y), dp * tp + dy * ty
+
+
+@jax.custom_jvp
+def _plogp_jnp(p, tiny):
+    return p * jnp.log(jnp.where(p == 0, 1.0, p))
+
+
+@_plogp_jnp.defjvp
+def _plogp_jvp(primals, tangents):
+    """d(p log p) = log max(p, tiny) + 1: finite at p = 0 (the documented clamp)."""
+    (p, tiny), (t, _) = primals, tangents
+    return _plogp_jnp(p, tiny), (jnp.log(jnp.maximum(p, tiny)) + 1) * t
 
 
 def canonical_axes(axis, ndim: int) -> tuple[int, ...]:
@@ -158,7 +206,7 @@ def reduce(values, reduction: str, *, where=None, den=None, normalizer=None, xp=
     if reduction == "sum":
         return total
     if reduction == "batchmean":
-        return total / (values.shape[0] if values.ndim else 1)
+        return total / max(values.shape[0] if values.ndim else 1, 1)
     if reduction != "mean":
         raise ValueError(reduction)
     if normalizer is not None:
@@ -223,14 +271,16 @@ def ref_binary_cross_entropy(
     normalizer=None,
     xp=np,
 ):
-    """-(y max(log p, -100) + (1 - y) max(log(1 - p), -100)), as torch's binary_cross_entropy."""
+    """-(y max(log p, -100) + (1 - y) max(log(1 - p), -100)), as torch's binary_cross_entropy,
+    with torch's gradient (p - y) / max(p (1 - p), 1e-12) in p."""
     p = _f64(probs, xp)
     y = xp.broadcast_to(_f64(labels, xp), p.shape)
     y = y * (1 - label_smoothing) + label_smoothing / 2
-    with np.errstate(divide="ignore"):
-        logp = xp.maximum(xp.log(p), -100.0)
-        log1mp = xp.maximum(xp.log1p(-p), -100.0)
-    loss = _times(-(y * logp + (1 - y) * log1mp), weights, xp)
+    if xp is np:
+        loss = -(y * clamped_log(p) + (1 - y) * clamped_log(1 - p))
+    else:
+        loss = _bce_jnp(p, y)
+    loss = _times(loss, weights, xp)
     return reduce(loss, reduction, where=where, normalizer=normalizer, xp=xp)
 
 
@@ -303,15 +353,18 @@ def log_softmax(x, include, xp=np):
     s = xp.sum(e, axis=-1, keepdims=True)
     alive = xp.any(include, axis=-1, keepdims=True)
     lse = xp.log(xp.where(alive, s, 1.0)) + m
-    lse = xp.where(plus_inf, np.nan, lse)
+    lse = lse * xp.where(plus_inf, np.nan, 1.0)  # NaN in every derivative too
     logp = xp.where(include, xs - lse, 0.0)
     return logp, lse[..., 0], alive[..., 0]
 
 
-def _targets(y, logp, include, in_sum, xp):
-    """-sum_c y_c log p_c over ``in_sum`` classes: +inf for y > 0 on an excluded (-inf) one."""
+def _targets(y, logp, include, in_sum, xp, positive=None):
+    """-sum_c y_c log p_c over ``in_sum`` classes: +inf for a positive target (``positive``,
+    default y > 0) on an excluded (-inf) one, whose derivatives are 0 (the class is not in
+    the softmax)."""
     on_minus_inf = in_sum & ~include
-    inf_terms = xp.where(on_minus_inf & (y > 0), np.inf, 0.0)
+    positive = y > 0 if positive is None else positive
+    inf_terms = xp.where(on_minus_inf & positive, np.inf, 0.0)
     return xp.where(include, -y * logp, inf_terms)
 
 
@@ -363,7 +416,7 @@ def _focal_terms(y, logp, include, cls, alpha, gamma, xp):
     """-alpha_c y_c (1 - p_c)^gamma log p_c per class (+inf for y > 0 on a -inf class)."""
     a = y if alpha is None else y * xp.broadcast_to(_f64(alpha, xp), y.shape)
     one_minus_p = -xp.expm1(logp)
-    return _targets(a * power(one_minus_p, gamma, xp), logp, include, cls, xp)
+    return _targets(a * power(one_minus_p, gamma, xp), logp, include, cls, xp, positive=a > 0)
 
 
 def ref_softmax_focal_loss(
@@ -430,10 +483,10 @@ def ref_kl_divergence(
     lab = move_classes_last(_f64(labels, xp), axis, xp)
     if log_labels:
         y = xp.exp(lab)
-        logy = xp.where(y > 0, lab, 0.0)
+        logy = xp.where(y == 0, 0.0, lab)
     else:
         y = lab
-        logy = xp.log(xp.where(y > 0, y, 1.0))
+        logy = xp.log(xp.where(y == 0, 1.0, y))
     y = xp.where(cls, y, 0.0)
     include = cls & (x != -np.inf)
     logp, _, alive = log_softmax(x, include, xp)
@@ -512,15 +565,22 @@ def ref_categorical_cross_entropy(
     p, cls, ex = _rows(probs, where, axis, xp)
     y = move_classes_last(_f64(labels, xp), axis, xp)
     y = xp.where(cls, _smooth(y, cls, label_smoothing, xp), 0.0)
-    logp = xp.maximum(xp.log(xp.where(cls, p, 1.0)), -100.0)
+    logp = clamped_log(xp.where(cls, p, 1.0), xp)
     loss = -xp.sum(xp.where(cls, y * logp, 0.0), axis=-1)
     return _soft_finish(loss, xp.any(cls, -1), ex, weights, reduction, normalizer, xp)
 
 
-def ref_entropy(probs, *, axis=-1, xp=np):
-    r"""H(p) = -\sum_c p_c log p_c over ``axis`` (int or tuple), with 0 log 0 = 0."""
+def ref_entropy(probs, *, axis=-1, tiny=None, xp=np):
+    r"""H(p) = -\sum_c p_c log p_c over ``axis`` (int or tuple), with 0 log 0 = 0.
+
+    The derivative is the documented -(log max(p, tiny) + 1), ``tiny`` the smallest normal
+    number of the dtype computed in (float32's by default).
+    """
     p = move_classes_last(_f64(probs, xp), axis, xp)
-    return -xp.sum(xlogy(p, xp.log(xp.where(p > 0, p, 1.0)), xp), axis=-1)
+    tiny = float(np.finfo(np.float32).tiny) if tiny is None else tiny
+    if xp is np:
+        return -np.sum(p * np.log(np.where(p == 0, 1.0, p)), axis=-1)
+    return -xp.sum(_plogp_jnp(p, jnp.asarray(tiny, p.dtype)), axis=-1)
 
 
 # --------------------------------------------------------------------------------------
