@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build .venv-accel: jax with the TPU and CUDA plugins, for the deviceless accelerator checks
-# (bench/accelerators.py, tests/test_accelerators.py). XLA compiles for an H100 and a TPU v5e
+# (bench/accelerators.py, tests/test_accelerators.py running tests/deviceless.py). XLA compiles for an H100 and a TPU v5e
 # without either: no accelerator, driver or CUDA runtime is needed.
 #
 #   bash .ci/accelerators.sh        # then: .venv-accel/bin/python -m bench.accelerators --quick
@@ -28,12 +28,12 @@ fi
 
 echo "== accelerator environment: smoke compile for H100 and TPU v5e"
 .venv-accel/bin/python - <<'PY'
-from bench import accelerators as acc
+from bench import hlo
 
-acc.setup_environment()
+hlo.setup_environment()
 import jax.numpy as jnp  # noqa: E402
 
-for platform in acc.PLATFORMS:
-    c = acc.compile_for(lambda x: jnp.sum(jnp.exp(x)), [((1024,), "float32")], platform)
-    print(acc.DEVICE_NAMES[platform], "ok:", acc.analyse_hlo(c.as_text()))
+for platform in hlo.PLATFORMS:
+    c = hlo.compile_for(lambda x: jnp.sum(jnp.exp(x)), [((1024,), "float32")], platform)
+    print(hlo.DEVICE_NAMES[platform], "ok:", hlo.analyse_hlo(c.as_text()))
 PY

@@ -12,6 +12,7 @@ The Performance page's tables are generated here, from ``docs/_data/*.json``
 
 import os
 import sys
+import tomllib
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -25,14 +26,15 @@ if _flag not in os.environ.get("XLA_FLAGS", ""):
 sys.path.insert(0, str(HERE))
 import bench_tables  # noqa: E402
 
-import jbce  # noqa: E402
-
 bench_tables.write()
 
 project = "jbce"
-author = "the jbce authors"
-copyright = "the jbce authors; Apache-2.0"
-release = jbce.__version__
+author = "jbce maintainers"
+copyright = "jbce maintainers; Apache-2.0"
+# The version of this checkout: pyproject.toml is where the package metadata (and so
+# jbce.__version__ of an installed copy) gets it from, and it does not go stale in an
+# editable install the way the installed metadata does until the next `pip install -e .`.
+release = tomllib.loads((HERE.parent / "pyproject.toml").read_text())["project"]["version"]
 version = release
 
 extensions = [
@@ -43,6 +45,7 @@ extensions = [
     "sphinx.ext.mathjax",
     "sphinx.ext.doctest",
     "sphinx-mathjax-offline",  # a MathJax 3 copy in _static: math renders without a network
+    "sphinx_copybutton",
 ]
 
 source_suffix = {".md": "markdown"}
@@ -61,6 +64,16 @@ autodoc_typehints = "none"
 autosummary_generate = False
 add_module_names = True
 python_use_unqualified_type_names = True
+# A signature longer than this is set one parameter per line, so every option shows at page
+# width. (The autosummary tables shorten long signatures to "(...)", so they list names
+# only, ":nosignatures:"; each name links to its full signature.)
+python_maximum_signature_line_length = 80
+
+# sphinx-copybutton: the copy button copies the code only, without ">>> " / "... " prompts
+# and without the outputs of doctest blocks.
+copybutton_prompt_text = r">>> |\.\.\. |\$ "
+copybutton_prompt_is_regexp = True
+copybutton_only_copy_prompt_lines = True
 
 # sphinx.ext.doctest: the pages' ```{doctest}``` / ```{testcode}``` blocks. The docstrings'
 # own ``>>>`` examples are run by pytest (--doctest-modules), not a second time here.
@@ -78,6 +91,8 @@ doctest_default_flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 html_theme = "sphinx_book_theme"
 html_title = f"jbce {release}"
 html_static_path = ["_static"]
+# Tables wrap (long code in cells breaks) to the page's width, or scroll with a visible bar.
+html_css_files = ["jbce.css"]
 html_theme_options = {
     "show_toc_level": 2,
     "home_page_in_toc": True,

@@ -53,7 +53,9 @@ def panels(fig_title, x, curves, xlabel, path, *, relative=True):
     ex_loss, ex_grad = curves.pop("exact")
     naive_loss, naive_grad, _ = curves["naive"]
     bad = ~(np.isfinite(np.asarray(naive_loss)) & np.isfinite(np.asarray(naive_grad)))
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), constrained_layout=True)
+    # One panel per row: at the docs' page width each stays as wide as the text, legends
+    # readable (three side by side shrank to a third of that).
+    fig, axes = plt.subplots(3, 1, figsize=(7.5, 10), constrained_layout=True)
     for ax in axes:
         if bad.any():
             ax.fill_between(x, 0, 1, where=bad, color="tab:red", alpha=0.12, lw=0,
@@ -82,10 +84,10 @@ def panels(fig_title, x, curves, xlabel, path, *, relative=True):
             ax.semilogy(x, abs_err(loss, ex_loss), **style)
         ulp = np.spacing(np.abs(x).astype(np.float32)).astype(np.float64)
         ax.semilogy(x, ulp, color="gray", lw=0.8, label="one float32 ulp of the logit")
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="upper right", fontsize=9)
         ax.set(title="absolute error of the loss (top: inf or NaN)", xlabel=xlabel,
                ylim=(1e-10, 2e2))  # fmt: skip
-    axes[0].legend(loc="best", fontsize=8)
+    axes[0].legend(loc="best", fontsize=9)
     fig.suptitle(fig_title)
     fig.savefig(path, dpi=110)
     plt.close(fig)

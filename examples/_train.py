@@ -29,7 +29,7 @@ Step = Callable[[Any, Batch], tuple[Any, Metrics]]
 def supervised_step(
     graphdef: nnx.GraphDef, loss_fn: Callable[[nnx.Module, Batch], jax.Array]
 ) -> Step:
-    """A pure step for one ``(model, optimizer)`` pair minimising ``loss_fn(model, batch)``."""
+    """A pure step of ``(model, optimizer)`` minimising ``loss_fn(model, batch)``."""
 
     def train_step(state, batch):
         model, optimizer = nnx.merge(graphdef, state)

@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--cpu-devices", type=int, help="force N CPU devices (simulated)")
     ap.add_argument("--out", type=Path, help="write metrics JSON here")
+    ap.add_argument("--plot", type=Path, help="write the two runs' loss curves here (PNG)")
     args = ap.parse_args(argv)
     if args.cpu_devices:
         jax.config.update("jax_platforms", "cpu")
@@ -104,6 +105,23 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if args.out:
         args.out.write_text(json.dumps(metrics))
+    if args.plot:
+        from examples import _plot
+
+        title = f"digits, batch {args.batch_size}: {n} devices and 1 device"
+        diff_title = "|loss on the devices - loss on one device|"
+        difference = np.abs(np.asarray(losses) - np.asarray(ref_losses))
+        _plot.subplots_curves(
+            args.plot,
+            {
+                title: {f"{n} devices": losses, "1 device": ref_losses},
+                diff_title: {"difference": np.where(difference > 0, difference, np.nan)},
+            },
+            xlabels={},
+            ylabels={title: "minibatch loss", diff_title: "absolute difference"},
+            log_y=(diff_title,),
+        )
+        print(f"wrote {args.plot}")
     return metrics
 
 

@@ -207,7 +207,9 @@ def main(argv=None) -> dict:
         _plot.image_grid(
             args.out / "samples.png",
             grid,
-            title=f"GAN samples by predicted digit; score {fake_score:.2f} (real {real_score:.2f})",
+            title=f"GAN samples, a row per predicted digit (its count of {len(labels)}); "
+            f"score {fake_score:.2f}, real {real_score:.2f}",
+            row_labels=[f"{d} ({np.sum(labels == d)})" for d in range(10)],
         )
         _plot.loss_curves(
             args.out / "losses.png",

@@ -3,8 +3,9 @@
 Data: the top-level ``*.py`` modules of the running Python's standard library (every machine
 with Python has them), split by file (about 10% held out for validation, chosen by a hash of
 the file name). A byte-level BPE vocabulary of ``--vocab`` (16384) subwords is trained on the
-train files with the `tokenizers` package; the tokenizer and the token streams are cached
-(``--cache``), so only the first run spends the few seconds this takes.
+train files with the `tokenizers` package; the tokenizer and the token streams (about 5 MB)
+are cached in ``--cache DIR`` (default ``$JBCE_CACHE_DIR``, else ``~/.cache/jbce``; the run
+prints where), so only the first run spends the few seconds this takes.
 
 Model: a decoder-only transformer in Flax NNX (learned positions, pre-norm blocks of causal
 self-attention and a GELU MLP, a bias-free ``[d_model, vocab]`` head), trained with optax
@@ -443,6 +444,15 @@ def load_data(args, tokenizer=None):
     cache = None if args.no_cache else args.cache
     if tokenizer is None:
         tokenizer, train, val, corpus, hit = _data.cached_stdlib_tokens(args.vocab, cache)
+        if cache is None:
+            print("tokenizer cache: none (--no-cache)")
+        else:
+            size = sum(f.stat().st_size for f in cache.glob("*") if f.is_file())
+            print(
+                f"tokenizer cache: {cache} ({size / 2**20:.1f} MiB; "
+                f"{'reused' if hit else 'written'}; move it with --cache DIR or "
+                "JBCE_CACHE_DIR=DIR, skip it with --no-cache)"
+            )
     else:
         corpus, hit = _data.stdlib_corpus(), False
         train = _data.token_stream(tokenizer, corpus.train_texts)
@@ -464,6 +474,7 @@ def load_data(args, tokenizer=None):
         "val_windows_evaluated": int(len(data["val"])),
         "vocab": tokenizer.get_vocab_size(),
         "bytes_per_token": sum(len(t.encode()) for t in corpus.train_texts) / len(train),
+        "tokenizer_cache": None if cache is None else str(cache),
         "tokenizer_cache_hit": hit,
     }
     print(
@@ -476,14 +487,34 @@ def load_data(args, tokenizer=None):
     return tokenizer, data, summary
 
 
+def divergence_name(beta: float) -> str:
+    """What ``linear_distillation_loss``'s ``beta`` selects, for plot titles."""
+    if beta == 0:
+        return "forward KL(teacher || student)"
+    if beta == 1:
+        return "reverse KL(student || teacher)"
+    return "generalised Jensen-Shannon"
+
+
+def default_cache_dir() -> Path:
+    """``$JBCE_CACHE_DIR``, else ``$XDG_CACHE_HOME/jbce``, else ``~/.cache/jbce``."""
+    if os.environ.get("JBCE_CACHE_DIR"):
+        return Path(os.environ["JBCE_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jbce"
+
+
 def parse_args(argv=None):
-    default_cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jbce"
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=None, help="directory for the run's files")
     p.add_argument("--mode", choices=("lm", "distill", "both"), default="both")
     p.add_argument("--teacher", type=Path, default=None, help="--mode distill: a saved --out")
     p.add_argument("--vocab", type=int, default=16384, help="BPE vocabulary size")
-    p.add_argument("--cache", type=Path, default=default_cache, help="tokenizer cache dir")
+    p.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="tokenizer and token cache dir (default: $JBCE_CACHE_DIR, else ~/.cache/jbce)",
+    )
     p.add_argument("--no-cache", action="store_true", help="retrain the tokenizer, store none")
     p.add_argument("--context", type=int, default=128, help="tokens per training window")
     p.add_argument("--d-model", type=int, default=128)
@@ -512,6 +543,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = p.parse_args(argv)
+    if args.cache is None:
+        args.cache = default_cache_dir()
     if args.mode == "distill" and args.teacher is None:
         p.error("--mode distill needs --teacher DIR (the --out of a --mode lm or both run)")
     if args.steps < 1 or args.distill_steps < 1 or args.eval_every < 1:
@@ -587,10 +620,11 @@ def main(argv=None) -> dict:
             (out / "student_sample.txt").write_text(d["sample"]["text"])
             h = d["history"]
             steps = np.arange(1, len(d["distill_loss_history"]) + 1)
+            title = f"linear_distillation_loss, beta={d['beta']:g}: {divergence_name(d['beta'])}"
             _plot.train_val_panels(
                 out / "distill_losses.png",
                 {
-                    f"jbce.linear_distillation_loss (beta={d['beta']})": {
+                    title: {
                         "train": (steps, d["distill_loss_history"]),
                     },
                     "validation cross-entropy": {

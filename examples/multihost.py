@@ -142,6 +142,25 @@ def run(steps: int, lr: float) -> dict:
     return {"losses": losses, "grad0": grad0.tolist(), "mesh": dict(mesh.shape)}
 
 
+def plot(path: Path, result: dict, *, steps: int, lr: float) -> None:
+    """The mesh run's losses next to :func:`reference_losses` (one device, unsharded loss)."""
+    from examples import _plot
+
+    h, labels, w0 = make_problem()
+    with jax.default_device(jax.local_devices()[0]):
+        reference, _ = reference_losses(h, labels, w0, steps=steps, lr=lr)
+    mesh = " x ".join(f"{v} {k}" for k, v in result["mesh"].items())
+    _plot.subplots_curves(
+        path,
+        {f"SGD on a ({mesh}) mesh and on one device": {
+            f"mesh ({jax.process_count()} processes)": result["losses"],
+            "one device": reference,
+        }},
+        xlabels={},
+    )  # fmt: skip
+    print(f"wrote {path}")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -183,6 +202,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--lr", type=float, default=0.5)
     ap.add_argument("--out", type=Path, help="process 0 writes losses and step-0 grads here")
+    ap.add_argument(
+        "--plot", type=Path, help="process 0 plots the losses next to a one-device run (PNG)"
+    )
     ap.add_argument("--cpu-devices", type=int, help="force N CPU devices per process (testing)")
     ap.add_argument("--local-processes", type=int, help="launch N processes on this machine")
     ap.add_argument("--timeout", type=float, default=300, help="launcher: seconds to wait")
@@ -196,6 +218,8 @@ def main(argv: list[str] | None = None) -> None:
         passthrough = ["--steps", str(args.steps), "--lr", str(args.lr)]
         if args.out:
             passthrough += ["--out", str(args.out)]
+        if args.plot:
+            passthrough += ["--plot", str(args.plot)]
         if args.cpu_devices:
             passthrough += ["--cpu-devices", str(args.cpu_devices)]
         sys.exit(launch_local(args.local_processes, passthrough, args.timeout))
@@ -215,6 +239,8 @@ def main(argv: list[str] | None = None) -> None:
     result = run(args.steps, args.lr)
     if args.out and jax.process_index() == 0:
         args.out.write_text(json.dumps(result))
+    if args.plot and jax.process_index() == 0:
+        plot(args.plot, result, steps=args.steps, lr=args.lr)
     if jax.process_count() > 1:
         jax.distributed.shutdown()
 

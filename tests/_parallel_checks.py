@@ -362,7 +362,7 @@ def class_weighted_reference(h, w, labels, cw, kw):
 
 def _linear_pallas_under_shard_map(h, w, labels, cw, mesh, kw):
     """Both kernel sets (interpreted) in shard_map against the materialised loss, with ``kw``."""
-    from jbce import _linear_pallas
+    from jbce._linear import pallas as _linear_pallas
 
     def local(h, w, y, c):
         return jbce.linear_softmax_cross_entropy(

@@ -61,7 +61,7 @@ ONE_PASS, TWO_PASS, PALLAS = "one_pass", "two_pass", "pallas"
 def pallas_interpret(platform: str, block_sizes: tuple[int, ...]):
     """Runs ``implementation="pallas"`` with ``platform``'s kernels in Pallas interpret mode
     (the harness's one use of a private jbce module)."""
-    from jbce._linear_pallas import interpret
+    from jbce._linear.pallas import interpret
 
     return interpret(platform, block_sizes=block_sizes)
 

@@ -948,3 +948,36 @@ def saved_residuals(f, *args):
     except ImportError:  # jax >= 0.8 keeps it private; print_saved_residuals is public
         from jax._src.ad_checkpoint import saved_residuals as impl
     return impl(f, *args)
+
+
+# --------------------------------------------------------------------------------------
+# Contrastive losses: the dense [B, B] similarity matrix (jbce.clip_loss, jbce.siglip_loss)
+# --------------------------------------------------------------------------------------
+
+
+def _similarity(x, y, scale, ids, xp):
+    """(logits scale x y^T, true pairs [B, B]) in float64; ``ids`` None: the diagonal."""
+    x = xp.asarray(x, dtype=xp.float64)
+    y = xp.asarray(y, dtype=xp.float64)
+    logits = xp.asarray(scale, dtype=xp.float64) * (x @ y.T)
+    ids = np.arange(x.shape[0]) if ids is None else np.asarray(ids)
+    return logits, ids[:, None] == ids[None, :]
+
+
+def ref_clip_loss(x, y, *, scale, ids=None, reduction="mean", xp=np):
+    """Radford et al. (2021): the mean of (CE(L_i., q_i.) + CE(L_.i, q_.i)) / 2, L = s x y^T,
+    targets q uniform over each pair's positives (equal ids)."""
+    logits, pos = _similarity(x, y, scale, ids, xp)
+    q = pos / pos.sum(axis=1, keepdims=True)
+    rows = ref_softmax_cross_entropy(logits, q, reduction="none", xp=xp)
+    cols = ref_softmax_cross_entropy(logits.T, q.T, reduction="none", xp=xp)
+    return reduce((rows + cols) / 2, reduction, xp=xp)
+
+
+def ref_siglip_loss(x, y, *, scale, bias, ids=None, reduction="mean", xp=np):
+    """Zhai et al. (2023): -(1/B) sum_ij log sigmoid(z_ij (s x_i.y_j + b)), z = +1 on true
+    pairs and -1 elsewhere; ``"none"``: the row sums."""
+    logits, pos = _similarity(x, y, scale, ids, xp)
+    logits = logits + xp.asarray(bias, dtype=xp.float64)
+    bce = ref_sigmoid_binary_cross_entropy(logits, pos.astype(np.float64), reduction="none", xp=xp)
+    return reduce(xp.sum(bce, axis=1), reduction, xp=xp)

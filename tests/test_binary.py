@@ -1,5 +1,5 @@
 """sigmoid_binary_cross_entropy and binary_cross_entropy against float64 references,
-PyTorch, optax, numerical gradients, and the edge cases of the spec (issue 6)."""
+PyTorch, optax, numerical gradients, and the edge cases of the spec."""
 
 from __future__ import annotations
 

@@ -65,6 +65,8 @@ def test_logistic_regression_trains_and_writes_metrics_probs_and_curve(tmp_path)
         assert 0.5 < bc[fit]["accuracy"] <= 1.0
         assert 0.0 < bc[fit]["log_loss"] < np.log(2)
     assert 0.0 < m["digits"]["optax"]["accuracy"] <= 1.0
+    # The plot's reference line: scikit-learn's digits fit scored by the same objective.
+    assert 0.0 < m["digits"]["sklearn"]["train_objective"] < m["history"]["digits_loss"][0]
     assert set(m["goals"]) >= {"optax_log_loss_within_5pct", "newton_accuracy_within_1pt"}
 
     h = m["history"]
@@ -266,9 +268,11 @@ def test_language_model_trains_distils_and_reloads_its_teacher(tmp_path):
         timeout=900,  # ~60 CPU-seconds, mostly compiling; far longer on a loaded box
     )
     assert "compiled temp memory" in stdout and "perplexity" in stdout
+    assert f"tokenizer cache: {cache} (" in stdout and "JBCE_CACHE_DIR" in stdout
     m = json.loads((out / "metrics.json").read_text())
     data = m["data"]
     assert data["vocab"] == 2048 and not data["tokenizer_cache_hit"]
+    assert data["tokenizer_cache"] == str(cache) and any(cache.glob("bpe-*.json"))
     assert data["train_files"] > 50 and 0 < data["val_files"] < data["train_files"]
     assert data["val_windows_evaluated"] == 16
 
@@ -322,6 +326,40 @@ def test_language_model_trains_distils_and_reloads_its_teacher(tmp_path):
         m2["distill"]["distill_loss_history"], distill["distill_loss_history"], rtol=1e-5
     )
     assert_png(out2 / "distill_losses.png")
+
+
+def test_language_model_cache_is_the_flag_else_jbce_cache_dir_else_xdg(tmp_path, monkeypatch):
+    pytest.importorskip("tokenizers")
+    from examples.language_model import parse_args
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("JBCE_CACHE_DIR", raising=False)
+    assert parse_args([]).cache == tmp_path / "xdg" / "jbce"
+    monkeypatch.setenv("JBCE_CACHE_DIR", str(tmp_path / "env"))
+    assert parse_args([]).cache == tmp_path / "env"
+    assert parse_args(["--cache", str(tmp_path / "flag")]).cache == tmp_path / "flag"
+
+
+def test_distillation_plot_names_the_divergence_beta_selects():
+    pytest.importorskip("tokenizers")
+    from examples.language_model import divergence_name
+
+    assert divergence_name(0.0) == "forward KL(teacher || student)"
+    assert divergence_name(1.0) == "reverse KL(student || teacher)"
+    assert divergence_name(0.5) == "generalised Jensen-Shannon"
+
+
+def test_data_parallel_and_multihost_plot_their_runs_next_to_one_device(tmp_path):
+    run_example(
+        *("-m", "examples.data_parallel", "--cpu-devices", "2", "--steps", "5"),
+        *("--plot", str(tmp_path / "dp.png")),
+    )
+    assert_png(tmp_path / "dp.png")
+    run_example(
+        *("-m", "examples.multihost", "--local-processes", "2", "--cpu-devices", "2"),
+        *("--steps", "2", "--plot", str(tmp_path / "mh.png")),
+    )
+    assert_png(tmp_path / "mh.png")
 
 
 def test_language_model_tokens_round_trip_and_windows_cover_each_target_once(tmp_path):

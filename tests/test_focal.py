@@ -1,5 +1,5 @@
 """sigmoid_focal_loss against a float64 reference, optax, and closed-form gradients at
-extreme logits for every gamma >= 0 (issue 6)."""
+extreme logits for every gamma >= 0."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""discriminator_loss / generator_loss against float64 references and PyTorch (issue 6)."""
+"""discriminator_loss / generator_loss against float64 references and PyTorch."""
 
 from __future__ import annotations
 

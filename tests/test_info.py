@@ -1,6 +1,6 @@
-"""entropy and kl_divergence against float64 references and PyTorch; CE = H + KL (issue 6).
+"""entropy and kl_divergence against float64 references and PyTorch; CE = H + KL.
 
-kl_divergence takes the logits first since issue 12 (see CHANGELOG.md).
+kl_divergence takes the logits first (see CHANGELOG.md).
 """
 
 from __future__ import annotations

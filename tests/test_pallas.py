@@ -1,7 +1,7 @@
 """The Pallas kernels of the fused linear cross-entropy, run in Pallas interpret mode on a CPU.
 
 Both kernel sets (GPU: Triton-style loops inside the kernel; TPU: Mosaic-style sequential
-grid with VMEM accumulators) run through ``jbce._linear_pallas.interpret`` with small block
+grid with VMEM accumulators) run through ``jbce._linear.pallas.interpret`` with small block
 caps, so that inputs of a few dozen tokens and classes span several ragged blocks (the GPU
 kernels' overlapping last blocks, the TPU kernels' partial last blocks). Each is checked,
 value and gradients w.r.t. hidden, weight and bias, against the materialised loss in
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import jbce
-from jbce import _linear_pallas
+from jbce._linear import pallas as _linear_pallas
 from tests import reference as oracle
 
 pytestmark = pytest.mark.jax_strict

@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 
 import jbce
-from jbce._stats import block_stats, combine_over_axis
-from jbce._vma import psum_to_like
+from jbce._core.sharding import psum_to_like
+from jbce._softmax.stats import block_stats, combine_over_axis
 from tests import _once
 
 pytestmark = pytest.mark.no_x64

@@ -1,0 +1,1 @@
+"""Binary cross-entropy losses (from logits, from probabilities, focal) and the GAN losses."""

@@ -1,0 +1,1 @@
+"""Contrastive losses over the similarity matrix of two embedding batches (CLIP, SigLIP)."""

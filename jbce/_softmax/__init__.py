@@ -1,0 +1,1 @@
+"""Softmax losses: the per-row statistics every one of them is built from, and the losses."""

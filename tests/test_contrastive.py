@@ -1,0 +1,356 @@
+"""CLIP's and SigLIP's contrastive losses (jbce.clip_loss, jbce.siglip_loss).
+
+Every check is against the float64 dense reference of tests/reference.py
+(``ref_clip_loss``, ``ref_siglip_loss``: the ``[B, B]`` matrix, the textbook formulas), value
+and gradients w.r.t. x, y, scale and bias. Float64 unless a test says otherwise (conftest
+turns x64 on). The ring on several devices runs in a subprocess with 8 host devices
+(tests/_contrastive_devices.py), started in the background when this module's first test
+starts; its checks are the last tests here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jbce
+from tests import FAST_COMPILE_FLAG, _once, reference
+
+pytestmark = pytest.mark.jax_strict
+
+ROOT = Path(__file__).resolve().parent.parent
+F64 = jnp.float64
+SCALE, BIAS = 3.0, -2.0
+
+
+def clip(x, y, s, b, **kw):
+    return jbce.clip_loss(x, y, scale=s, **kw)
+
+
+def siglip(x, y, s, b, **kw):
+    return jbce.siglip_loss(x, y, scale=s, bias=b, **kw)
+
+
+def ref_clip(x, y, s, b, **kw):
+    return reference.ref_clip_loss(x, y, scale=s, xp=jnp, **kw)
+
+
+def ref_siglip(x, y, s, b, **kw):
+    return reference.ref_siglip_loss(x, y, scale=s, bias=b, xp=jnp, **kw)
+
+
+# name -> (loss, float64 reference, differentiable arguments among (x, y, scale, bias))
+LOSSES = {"clip": (clip, ref_clip, (0, 1, 2)), "siglip": (siglip, ref_siglip, (0, 1, 2, 3))}
+
+
+def make(b, d=5, *, dtype=F64, seed=0):
+    kx, ky = jax.random.split(jax.random.key(seed))
+    base = F64 if jnp.dtype(dtype) == F64 else jnp.float32
+    x = jax.random.normal(kx, (b, d), base).astype(dtype)
+    y = jax.random.normal(ky, (b, d), base).astype(dtype)
+    return x, y
+
+
+def duplicate_ids(b):
+    """Ids with several pairs sharing one (duplicate captions) and some alone."""
+    return jnp.asarray(np.random.default_rng(1).integers(0, max(1, b // 2), size=b), jnp.int32)
+
+
+def assert_tree_close(got, want, rtol):
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        r = np.asarray(r, np.float64)
+        scale = max(float(np.max(np.abs(r), initial=0.0)), 1e-300)
+        np.testing.assert_allclose(np.asarray(g, np.float64), r, rtol=rtol, atol=rtol * scale)
+
+
+def vag(f, argnums, *args):
+    return jax.jit(jax.value_and_grad(f, argnums))(*args)
+
+
+CASES = {
+    "duplicate_ids_one_tile": {"b": 9, "ids": True},
+    # B = 13 in 4 x 5 tiles: the last row and column chunks overlap their predecessors.
+    "b_not_a_multiple_of_chunk": {"b": 13, "ids": True, "chunk_size": (4, 5)},
+    "one_pair": {"b": 1},  # the diagonal (no ids) of larger batches: the device checks
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_value_and_gradients_match_the_float64_dense_reference(name, case):
+    opts = dict(CASES[case])
+    b = opts.pop("b")
+    x, y = make(b)
+    if opts.pop("ids", False):
+        opts["ids"] = duplicate_ids(b)
+    loss, ref, argnums = LOSSES[name]
+    ref_opts = {"ids": opts.get("ids")}
+    got = vag(lambda *a: loss(*a, **opts), argnums, x, y, SCALE, BIAS)
+    want = jax.value_and_grad(lambda *a: ref(*a, **ref_opts), argnums)(x, y, SCALE, BIAS)
+    assert_tree_close(got, want, 1e-12)
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_reductions_none_and_sum_are_the_per_pair_values_and_their_sum(name):
+    x, y = make(11)
+    ids = duplicate_ids(11)
+    loss, ref, _ = LOSSES[name]
+    f = jax.jit(lambda x, y: [loss(x, y, SCALE, BIAS, ids=ids, reduction=r, chunk_size=4)
+                              for r in ("none", "sum", "mean")])  # fmt: skip
+    for r, got in zip(("none", "sum", "mean"), f(x, y), strict=True):
+        assert_tree_close(got, ref(x, y, SCALE, BIAS, ids=ids, reduction=r), 1e-12)
+
+
+def test_duplicate_ids_share_the_target_mass_uniformly():
+    # Pairs 0 and 1 share an id: with identical captions (y0 == y1) the image-to-text
+    # targets put 1/2 on each, so row 0's CE is log-sum-exp minus the mean of two logits.
+    x = jnp.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]], F64)
+    y = jnp.array([[0.0, 1.0], [0.0, 1.0], [1.0, 0.0]], F64)
+    got = jbce.clip_loss(x, y, scale=2.0, ids=jnp.array([7, 7, 3]), reduction="none")
+    logits = 2.0 * x @ y.T
+    lse_r, lse_c = jax.nn.logsumexp(logits, 1), jax.nn.logsumexp(logits, 0)
+    row0 = lse_r[0] - (logits[0, 0] + logits[0, 1]) / 2
+    col0 = lse_c[0] - (logits[0, 0] + logits[1, 0]) / 2
+    np.testing.assert_allclose(got[0], (row0 + col0) / 2, rtol=1e-13)
+
+
+@pytest.mark.no_x64
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_scale_100_with_near_identical_embeddings_is_as_exact_as_float32_allows(name):
+    # Unit vectors 1e-3 apart: every logit is within 0.1 of 100, the loss is ~log B and its
+    # gradient made of differences of nearly equal softmax terms. The float32 loss is within
+    # twice the error of the dense float32 loss (float32 logits near 100 are rounded to 4e-6)
+    # of the float64 one.
+    b = 24
+    base = jax.random.normal(jax.random.key(0), (1, 16), jnp.float32)
+    noise = 1e-3 * jax.random.normal(jax.random.key(1), (2, b, 16), jnp.float32)
+    unit = lambda a: a / jnp.linalg.norm(a, axis=-1, keepdims=True)
+    x, y = unit(base + noise[0]), unit(base + noise[1])
+    loss, ref, argnums = LOSSES[name]
+    got = vag(lambda *a: loss(*a, chunk_size=(7, 5)), argnums, x, y, 100.0, -10.0)
+    with warnings.catch_warnings():  # without x64: the dense loss in float32
+        warnings.simplefilter("ignore", UserWarning)
+        dense32 = vag(ref, argnums, x, y, 100.0, -10.0)
+    with jax.enable_x64(True):
+        want = vag(ref, argnums, x.astype(F64), y.astype(F64), 100.0, -10.0)
+    assert got[0].dtype == jnp.float32 and want[0].dtype == F64  # float64 in float64
+    for g, d, w in zip(*(jax.tree.leaves(t) for t in (got, dense32, want)), strict=True):
+        g, d, w = (np.asarray(a, np.float64) for a in (g, d, w))
+        assert np.all(np.isfinite(g))
+        bound = 2 * np.max(np.abs(d - w)) + 1e-6 * np.max(np.abs(w))
+        assert np.max(np.abs(g - w)) <= bound, (np.max(np.abs(g - w)), bound)
+
+
+@pytest.mark.no_x64
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_bfloat16_embeddings_give_a_float32_loss_and_bfloat16_gradients(name):
+    x, y = make(40, 16, dtype=jnp.bfloat16)
+    loss, ref, argnums = LOSSES[name]
+    scale, bias = jnp.float32(SCALE), jnp.float32(BIAS)
+    f = lambda *a: loss(*a, ids=duplicate_ids(40), chunk_size=16)
+    got = vag(f, argnums, x, y, scale, bias)
+    assert got[0].dtype == jnp.float32
+    assert [g.dtype for g in got[1]] == [jnp.bfloat16] * 2 + [jnp.float32] * (len(argnums) - 2)
+    with jax.enable_x64(True):  # the float64 result of the same (rounded) inputs
+        r = lambda *a: ref(*a, ids=duplicate_ids(40))
+        want = jax.value_and_grad(r, argnums)(x.astype(F64), y.astype(F64), SCALE, BIAS)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    assert_tree_close(got[1], want[1], 1e-2)
+
+    # bf16 made inside the same jit (XLA could keep a bf16 product in float32): same numbers.
+    def both(x, y, x32, y32, s, t):
+        made_here = ((x32 * 1.0).astype(jnp.bfloat16), (y32 * 1.0).astype(jnp.bfloat16))
+        return f(*made_here, s, t), f(x, y, s, t)
+
+    inside, given = jax.jit(both)(x, y, x.astype(jnp.float32), y.astype(jnp.float32), scale, bias)
+    np.testing.assert_array_equal(inside, given)
+    np.testing.assert_allclose(f(x, y, scale, bias), given, rtol=1e-6)  # eager
+
+
+@pytest.mark.parametrize("kind", ["python", "numpy", "jax", "jit_argument"])
+def test_scale_and_bias_may_be_python_numpy_or_jax_scalars_and_jit_arguments(kind):
+    x, y = make(6)
+    want = reference.ref_siglip_loss(x, y, scale=SCALE, bias=BIAS)
+    wrap = {"python": float, "numpy": np.float64, "jax": jnp.float64, "jit_argument": float}[kind]
+    s, b = wrap(SCALE), wrap(BIAS)
+    if kind == "jit_argument":
+        f = jax.jit(lambda x, y, s, b: jbce.siglip_loss(x, y, scale=s, bias=b))
+    else:
+        f = lambda x, y, s, b: jbce.siglip_loss(x, y, scale=s, bias=b)
+    reference.assert_close(f(x, y, s, b), want, rtol=1e-12)
+    want = reference.ref_clip_loss(x, y, scale=SCALE)
+    reference.assert_close(jbce.clip_loss(x, y, scale=s), want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_forward_mode_is_refused(name):
+    # A custom VJP: JAX refuses forward mode with its own TypeError (jbce leaves it as is);
+    # the Hessian is jax.jacrev(jax.grad(f)), checked below.
+    x, y = make(4)
+    loss, _, _ = LOSSES[name]
+    f = lambda a: loss(a, y, SCALE, BIAS)
+    for forward in (lambda: jax.jvp(f, (x,), (x,)), lambda: jax.hessian(f)(x)):
+        with pytest.raises(TypeError, match="forward-mode"):
+            forward()
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_reverse_over_reverse_equals_the_dense_hessian(name):
+    x, y = make(4, 3)
+    ids = jnp.array([0, 1, 0, 2])
+    loss, ref, argnums = LOSSES[name]
+    f = lambda *a: loss(*a, ids=ids)
+    r = lambda *a: ref(*a, ids=ids)
+    got = jax.jit(jax.jacrev(jax.grad(f, argnums), argnums))(x, y, SCALE, BIAS)
+    assert_tree_close(got, jax.hessian(r, argnums)(x, y, SCALE, BIAS), 1e-11)
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_backward_saves_the_inputs_and_per_row_and_column_statistics_only(name):
+    b, d = 16, 4
+    x, y = make(b, d)
+    loss, _, _ = LOSSES[name]
+    f = lambda x, y, s, t: loss(x, y, s, t, chunk_size=4)
+    res = reference.saved_residuals(f, x, y, jnp.float64(SCALE), jnp.float64(BIAS))
+    shapes = [aval.shape for aval, _ in res]
+    assert all(s in ((b, d), (b,), ()) for s in shapes), shapes  # nothing [B, B] or tiled
+    core = [s for (aval, what), s in zip(res, shapes, strict=True) if "custom_vjp" in what]
+    # CLIP: the shift and log-sum-exp of each row and each column, and the loss's assembly
+    # the number of positives of each (a constant); SigLIP: nothing but the inputs.
+    assert core == ([(b,)] * 4 if name == "clip" else []), res
+    counts = [s for (aval, what), s in zip(res, shapes, strict=True) if "stop_gradient" in what]
+    assert counts == ([(b,)] * 2 if name == "clip" else [])
+    assert sum(s == (b, d) for s in shapes) == 2  # x and y themselves
+    assert all("argument" in what for aval, what in res if aval.shape == (b, d))
+
+
+@pytest.mark.no_x64
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_value_and_grad_temp_is_at_most_a_sixteenth_of_the_dense_loss(name):
+    # The benchmark's shape and dense losses (open_clip's and big_vision's), compiled only.
+    from bench import contrastive as bench
+
+    b, d = bench.MEMORY_SHAPE
+    temps = {}
+    for impl, f in bench.implementations(name, b).items():
+        c = bench.compile_vag(f, name, b, d)
+        temps[impl] = c.memory_analysis().temp_size_in_bytes
+        assert "conditional" not in c.as_text()
+    assert temps["jbce"] * bench.MEMORY_RATIO <= temps["dense"], temps
+
+
+def test_the_ring_schedule_reader_tells_overlapped_from_exposed_transfers():
+    from bench.contrastive import permute_order
+
+    hlo = """%body (p: f32[4]) -> f32[4] {
+  %s = (f32[4], f32[4]) collective-permute-start(%p), source_target_pairs={{0,1},{1,0}}
+  %w = (s32[], f32[4]) while(%t), condition=%c, body=%b
+  %d = f32[4] collective-permute-done(%s)
+}
+
+ENTRY %main (a: f32[4]) -> f32[4] {
+  %s2 = (f32[4], f32[4]) collective-permute-start(%a), source_target_pairs={{0,1},{1,0}}
+  %d2 = f32[4] collective-permute-done(%s2)
+  %w2 = (s32[], f32[4]) while(%t2), condition=%c, body=%body
+}
+"""
+    assert permute_order(hlo) == ["overlapped", "exposed"]
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"y": jnp.zeros((5, 4))}, r"y must have the shape of x \(6, 4\); got \(5, 4\)"),
+        ({"x": jnp.zeros((6,)), "y": jnp.zeros((6,))}, r"x must have shape \[B, D\]"),
+        ({"x": jnp.zeros((6, 4), jnp.int32)}, "x must be a floating-point array"),
+        ({"ids": jnp.zeros((5,), jnp.int32)}, r"ids must have shape \(6,\)"),
+        ({"ids": jnp.zeros((6,))}, "ids must be integers"),
+        ({"scale": -1.0}, "scale must be >= 0"),
+        ({"reduction": "avg"}, "reduction must be one of"),
+        ({"chunk_size": 0}, "chunk_size must be a positive int"),
+        ({"batch_axis_name": 3}, "batch_axis_name must be a mesh axis name"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs, match):
+    args = {"x": jnp.zeros((6, 4)), "y": jnp.zeros((6, 4)), "scale": 1.0}
+    args.update(kwargs)
+    x, y = args.pop("x"), args.pop("y")
+    for loss in (jbce.clip_loss, lambda *a, **k: jbce.siglip_loss(*a, bias=0.0, **k)):
+        with pytest.raises((ValueError, TypeError), match=match):
+            loss(x, y, **args)
+
+
+def test_empty_batch_gives_zero():
+    x = jnp.zeros((0, 3))
+    assert float(jbce.clip_loss(x, x, scale=1.0)) == 0.0
+    assert float(jbce.siglip_loss(x, x, scale=1.0, bias=0.0, reduction="sum")) == 0.0
+
+
+@pytest.mark.no_x64
+def test_retrieval_example_trains_both_losses_and_its_ring_run_repeats_one_device(tmp_path):
+    for module in ("flax", "optax", "matplotlib", "tqdm", "rank_bm25"):
+        pytest.importorskip(module)
+    import subprocess
+
+    out = tmp_path / "retrieval"
+    args = ["--steps", "6", "--eval-every", "3", "--dim", "16", "--batch-size", "32",
+            "--cpu-devices", "2", "--no-progress", "--out", str(out)]  # fmt: skip
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "examples.retrieval", *args], cwd=ROOT,
+                          capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "BM25" in proc.stdout and "beat" in proc.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["table"]) == {"random", "BM25", "CLIP", "SigLIP"}
+    for row in metrics["table"].values():
+        for by_k in row.values():
+            assert 0 <= by_k["R@1"] <= by_k["R@5"] <= by_k["R@10"] <= 1
+    assert metrics["data_parallel"]["devices"] == 2
+    assert metrics["data_parallel"]["max_loss_difference"] < 1e-4
+    assert (out / "retrieval.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# --- 8 host devices: shard_map (check_vma on and off), pmap, 1/4/8 devices, memory ----------
+DEVICE_CHECKS = [
+    "clip_8_devices_duplicate_ids_overlapping_tiles",
+    "siglip_8_devices_duplicate_ids_overlapping_tiles",
+    "clip_4_devices_diagonal_check_vma_false",
+    "siglip_1_device_mesh",
+    "siglip_one_row_per_device",
+    "siglip_pmap_gradients_are_n_times_their_share_and_pmean_gives_the_global_ones",
+    "temp_per_device_does_not_grow_with_devices",
+]
+_SCRIPT = "contrastive_devices"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _start_device_checks(request):
+    # In the background from this module's first test on, if a device check will run.
+    if any("device_checks" in item.fixturenames for item in request.session.items):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAG}".strip()
+        argv = [sys.executable, str(ROOT / "tests" / "_contrastive_devices.py")]
+        _once.start(_SCRIPT, argv, env=env, cwd=ROOT, limit=900)
+
+
+@pytest.fixture(scope="module")
+def device_checks():
+    return _once.result(_SCRIPT, limit=900)
+
+
+def test_every_device_check_is_reported(device_checks):
+    assert set(device_checks) == set(DEVICE_CHECKS)
+
+
+@pytest.mark.parametrize("name", DEVICE_CHECKS)
+def test_ring_on_host_devices(device_checks, name):
+    result = device_checks[name]
+    assert result["ok"], result["detail"]
