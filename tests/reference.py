@@ -459,7 +459,8 @@ def ref_poly_loss_cross_entropy(
     include = cls & (x != -np.inf)
     logp, _, alive = log_softmax(x, include, xp)
     ce = xp.sum(_targets(y, logp, include, cls, xp), axis=-1)
-    poly = xp.sum(y * xp.where(include, -xp.expm1(logp), 1.0), axis=-1)
+    # a -inf class has no term (its positive target makes the loss +inf): no derivative
+    poly = xp.sum(y * xp.where(include, -xp.expm1(logp), 0.0), axis=-1)
     return _soft_finish(ce + epsilon * poly, alive, ex, weights, reduction, normalizer, xp)
 
 
@@ -960,15 +961,17 @@ def _similarity(x, y, scale, ids, xp):
     x = xp.asarray(x, dtype=xp.float64)
     y = xp.asarray(y, dtype=xp.float64)
     logits = xp.asarray(scale, dtype=xp.float64) * (x @ y.T)
-    ids = np.arange(x.shape[0]) if ids is None else np.asarray(ids)
+    ids = xp.arange(x.shape[0]) if ids is None else xp.asarray(ids)
     return logits, ids[:, None] == ids[None, :]
 
 
 def ref_clip_loss(x, y, *, scale, ids=None, reduction="mean", xp=np):
     """Radford et al. (2021): the mean of (CE(L_i., q_i.) + CE(L_.i, q_.i)) / 2, L = s x y^T,
     targets q uniform over each pair's positives (equal ids)."""
+    if np.shape(x)[0] == 0:  # no pairs
+        return reduce(xp.zeros((0,)), reduction, xp=xp)
     logits, pos = _similarity(x, y, scale, ids, xp)
-    q = pos / pos.sum(axis=1, keepdims=True)
+    q = pos / xp.sum(pos, axis=1, keepdims=True)
     rows = ref_softmax_cross_entropy(logits, q, reduction="none", xp=xp)
     cols = ref_softmax_cross_entropy(logits.T, q.T, reduction="none", xp=xp)
     return reduce((rows + cols) / 2, reduction, xp=xp)
@@ -977,7 +980,11 @@ def ref_clip_loss(x, y, *, scale, ids=None, reduction="mean", xp=np):
 def ref_siglip_loss(x, y, *, scale, bias, ids=None, reduction="mean", xp=np):
     """Zhai et al. (2023): -(1/B) sum_ij log sigmoid(z_ij (s x_i.y_j + b)), z = +1 on true
     pairs and -1 elsewhere; ``"none"``: the row sums."""
+    if np.shape(x)[0] == 0:  # no pairs
+        return reduce(xp.zeros((0,)), reduction, xp=xp)
     logits, pos = _similarity(x, y, scale, ids, xp)
     logits = logits + xp.asarray(bias, dtype=xp.float64)
-    bce = ref_sigmoid_binary_cross_entropy(logits, pos.astype(np.float64), reduction="none", xp=xp)
+    bce = ref_sigmoid_binary_cross_entropy(
+        logits, xp.asarray(pos, xp.float64), reduction="none", xp=xp
+    )
     return reduce(xp.sum(bce, axis=1), reduction, xp=xp)
