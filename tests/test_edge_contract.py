@@ -329,36 +329,6 @@ def test_traced_hyperparameter_gives_the_untraced_value(entry, name, value):
 # 3. Range checks of Python-float hyperparameters
 # =========================================================================================
 
-OUT_OF_RANGE = [
-    ("softmax_cross_entropy_with_integer_labels", "label_smoothing", -0.1),
-    ("softmax_cross_entropy_with_integer_labels", "label_smoothing", 1.5),
-    ("softmax_cross_entropy_with_integer_labels", "z_loss", -1e-3),
-    ("softmax_cross_entropy_with_integer_labels", "logit_softcap", 0.0),
-    ("softmax_cross_entropy_with_integer_labels", "logit_softcap", -2.0),
-    ("softmax_cross_entropy", "label_smoothing", -0.1),
-    ("softmax_cross_entropy", "label_smoothing", 1.5),
-    ("linear_softmax_cross_entropy", "label_smoothing", -0.1),
-    ("linear_softmax_cross_entropy", "label_smoothing", 1.5),
-    ("linear_softmax_cross_entropy", "z_loss", -1e-3),
-    ("linear_softmax_cross_entropy", "logit_softcap", 0.0),
-    ("linear_softmax_cross_entropy", "logit_softcap", -2.0),
-    ("sigmoid_binary_cross_entropy", "label_smoothing", -0.1),
-    ("sigmoid_binary_cross_entropy", "label_smoothing", 1.5),
-    ("binary_cross_entropy", "label_smoothing", -0.1),
-    ("binary_cross_entropy", "label_smoothing", 1.5),
-    ("sigmoid_focal_loss", "alpha", -0.1),
-    ("sigmoid_focal_loss", "alpha", 1.5),
-    ("sigmoid_focal_loss", "gamma", -1.0),
-]
-
-
-@pytest.mark.parametrize(
-    ("entry", "name", "value"), OUT_OF_RANGE, ids=[f"{e}-{n}={v}" for e, n, v in OUT_OF_RANGE]
-)
-def test_out_of_range_hyperparameter_raises_value_error_naming_it(entry, name, value):
-    with pytest.raises(ValueError, match=name):
-        _call(entry, **{name: value})
-
 
 @pytest.mark.parametrize("cap", (0.0, -2.0))
 def test_vocabulary_parallel_loss_rejects_non_positive_softcap(cap):
@@ -402,14 +372,10 @@ def _nan_case(entry, size):
     return (lambda x, r: fn(x, y, reduction=r)), x, (1, 2)
 
 
+# The large-input path (small inputs of every loss: the conformance matrix's "nan" edge).
 NAN_ENTRIES = [
-    ("softmax_cross_entropy_with_integer_labels", (4, 5)),
-    ("softmax_cross_entropy_with_integer_labels", (64, 1024)),  # the large-input path
-    ("softmax_cross_entropy", (4, 5)),
+    ("softmax_cross_entropy_with_integer_labels", (64, 1024)),
     ("softmax_cross_entropy", (64, 1024)),
-    ("sigmoid_binary_cross_entropy", None),
-    ("sigmoid_focal_loss", None),
-    ("binary_cross_entropy", None),
 ]
 
 
@@ -474,29 +440,6 @@ def test_nan_logit_gives_nan_vocabulary_parallel_loss(nan_in_target_shard):
     assert np.all(np.isnan(losses["mean"])) and np.all(np.isnan(losses["sum"])), losses
     assert np.all(np.isnan(losses["none"][:, 2])), losses
     assert not np.any(np.isnan(np.delete(losses["none"], 2, axis=1))), losses
-
-
-@pytest.mark.jax_strict
-def test_nan_probability_gives_nan_entropy():
-    assert np.isnan(np.asarray(jbce.entropy(f32([NAN, 0.5, 0.5]))))
-    h = np.asarray(jbce.entropy(f32([[0.2, 0.8], [NAN, 0.5]])))
-    assert np.isfinite(h[0]) and np.isnan(h[1])
-
-
-@pytest.mark.jax_strict
-def test_nan_logit_gives_nan_kl_divergence():
-    labels = f32([[0.2, 0.3, 0.5], [0.2, 0.3, 0.5]])
-    logits = f32([[1.0, NAN, 0.0], [1.0, 2.0, 0.0]])
-    kl_values = np.asarray(kl(labels, logits))
-    assert np.isnan(kl_values[0]) and np.isfinite(kl_values[1])
-
-
-@pytest.mark.jax_strict
-def test_nan_logit_gives_nan_gan_losses():
-    ok, bad = f32([0.5, -1.0]), f32([0.5, NAN])
-    assert np.isnan(np.asarray(jbce.discriminator_loss(bad, ok)))
-    assert np.isnan(np.asarray(jbce.discriminator_loss(ok, bad)))
-    assert np.isnan(np.asarray(jbce.generator_loss(bad)))
 
 
 BAD_VALUES = (NAN, float("inf"))

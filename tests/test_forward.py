@@ -3,10 +3,10 @@
 Each case differentiates a loss with respect to every float input it has (logits, labels,
 weights and traced hyperparameters) and compares, in float64 on small shapes, against the
 plain-``jnp`` reference formula differentiated by JAX: the JVP, ``jacfwd == jacrev``, the
-Hessian, and ``check_grads`` to second order in both modes (finite differences). Then the
-edges (logits of +-1e30 and ``-inf`` classes: finite tangents, zero contribution from a
-``-inf`` class), excluded rows (zero tangent whatever their logits) and the residuals of
-reverse mode (the inputs and per-row values only: forward mode costs reverse mode nothing).
+Hessian, and ``check_grads`` to second order in both modes (finite differences). Then
+excluded rows (zero tangent whatever their logits) and the residuals of reverse mode (the
+inputs and per-row values only: forward mode costs reverse mode nothing). Edge inputs and
+the fused losses' second derivatives: the conformance matrix (tests/test_matrix.py).
 ``linear_softmax_cross_entropy`` (the fused loss) has reverse mode only and is not here.
 """
 
@@ -203,72 +203,6 @@ def test_check_grads_to_second_order_in_both_modes(name):
     check_grads(jax.jit(f), args, order=2, modes=("fwd", "rev"), atol=1e-5, rtol=1e-5)
 
 
-# --- edges ------------------------------------------------------------------------------------
-EXTREME = np.array(
-    [
-        [1e30, 0.0, -1.0, -np.inf, 2.0],
-        [-1e30, -1e30, -1e30, -np.inf, -1e30],
-        [3.0, -np.inf, 1e30, -1e30, 0.5],
-        [0.0, 0.0, 0.0, 0.0, 0.0],
-    ]
-)
-SOFT_EDGE = np.array(
-    [
-        [0.5, 0.25, 0.25, 0.0, 0.0],
-        [0.2, 0.2, 0.2, 0.0, 0.4],
-        [0.0, 0.0, 1.0, 0.0, 0.0],
-        [0.2, 0.2, 0.2, 0.2, 0.2],
-    ]
-)
-INT_EDGE = np.array([0, 4, 2, 3])
-EDGE_LOSSES = {
-    "ce_int": lambda x: jbce.softmax_cross_entropy_with_integer_labels(
-        x, j(INT_EDGE), label_smoothing=0.1, z_loss=1e-4, reduction="none"
-    ),
-    "ce_int_softcap": lambda x: jbce.softmax_cross_entropy_with_integer_labels(
-        x, j(INT_EDGE), logit_softcap=30.0, reduction="none"
-    ),
-    "ce_soft": lambda x: jbce.softmax_cross_entropy(x, j(SOFT_EDGE), reduction="none"),
-    "softmax_focal": lambda x: jbce.softmax_focal_loss(
-        x, j(SOFT_EDGE), gamma=0.5, reduction="none"
-    ),
-    "softmax_focal_int": lambda x: jbce.softmax_focal_loss_with_integer_labels(
-        x, j(INT_EDGE), gamma=0.5, reduction="none"
-    ),
-    "poly": lambda x: jbce.poly_loss_cross_entropy(x, j(SOFT_EDGE), reduction="none"),
-    "kl": lambda x: jbce.kl_divergence(x, j(SOFT_EDGE), reduction="none"),
-    "jsd": lambda x: jbce.jensen_shannon_divergence(
-        x, j(np.where(np.isinf(EXTREME), 0.0, EXTREME)), reduction="none"
-    ),
-    "sigmoid_bce": lambda x: jbce.sigmoid_binary_cross_entropy(
-        x, j(np.round(SOFT_EDGE)), reduction="none"
-    ),
-    "sigmoid_focal": lambda x: jbce.sigmoid_focal_loss(
-        x, j(np.round(SOFT_EDGE)), gamma=0.5, reduction="none"
-    ),
-}
-
-
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("name", sorted(EDGE_LOSSES))
-def test_jvp_is_finite_at_extreme_logits_and_zero_from_minus_inf_classes(name, dtype):
-    f = EDGE_LOSSES[name]
-    x = jnp.asarray(EXTREME, dtype)
-    tan = jnp.asarray(np.random.default_rng(3).normal(size=EXTREME.shape), dtype)
-    value, tangent = jax.jit(lambda x, t: jax.jvp(f, (x,), (t,)))(x, tan)
-    assert np.all(np.isfinite(np.asarray(tangent))), tangent
-    # the tangent equals the reverse-mode gradient contracted with it
-    grad = jax.jit(jax.grad(lambda x: jnp.sum(f(x))))(x)
-    np.testing.assert_allclose(
-        float(jnp.sum(tangent)), float(jnp.sum(grad * tan)), rtol=1e-4, atol=1e-4
-    )
-    if name.startswith("sigmoid") or name.endswith("softcap"):
-        return  # -inf is an ordinary (saturated) input there, not a class out of the softmax
-    only_minus_inf = jnp.where(jnp.isneginf(x), tan, jnp.zeros((), dtype))
-    _, t_inf = jax.jvp(f, (x,), (only_minus_inf,))
-    assert np.all(np.asarray(t_inf) == 0), t_inf
-
-
 BAD = [np.nan, np.inf]
 
 
@@ -400,44 +334,3 @@ def test_fused_losses_are_reverse_mode_only(name):
     with pytest.raises(TypeError, match="forward-mode"):  # forward over reverse
         jax.hessian(f)(h)
     assert jax.jacrev(jax.grad(f))(h).shape == h.shape * 2
-
-
-def test_fused_losses_reverse_over_reverse_equals_the_materialised_hessian():
-    h = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
-    w = jnp.linspace(-2.0, 2.0, 15).reshape(3, 5)
-    y = jnp.array([0, 1, 2, 4])
-    ce = lambda a: jbce.linear_softmax_cross_entropy(a, w, y, label_smoothing=0.1)
-    ce_ref = lambda a: jbce.softmax_cross_entropy_with_integer_labels(a @ w, y, label_smoothing=0.1)
-    lp = lambda a: jnp.sum(jnp.stack(jbce.linear_log_probs(a, w, y, temperature=0.5)))
-
-    def lp_ref(a):
-        ls = jax.nn.log_softmax(a @ w / 0.5)
-        return jnp.sum(jnp.take_along_axis(ls, y[:, None], -1)) - jnp.sum(jnp.exp(ls) * ls)
-
-    for f, r in ((ce, ce_ref), (lp, lp_ref)):
-        np.testing.assert_allclose(
-            jax.jacrev(jax.grad(f))(h), jax.hessian(r)(h), rtol=1e-5, atol=1e-6
-        )
-
-
-def test_vocabulary_parallel_ce_is_reverse_mode_only_with_exact_second_derivatives():
-    # Sharded classes keep the hand-written backward pass (right under pmap and shard_map);
-    # JAX refuses forward mode there, and reverse-over-reverse equals the unsharded Hessian.
-    # Simulated with vmap over 2 shards.
-    x = jnp.linspace(-2.0, 2.0, 24).reshape(2, 3, 4)  # [shards, N, K / shards]
-    y = jnp.array([0, 5, 7])
-    kw = dict(label_smoothing=0.1, z_loss=0.01)
-
-    def loss(a):
-        f = lambda s: jbce.softmax_cross_entropy_with_integer_labels(s, y, axis_name="v", **kw)
-        return jax.vmap(f, axis_name="v")(a)[0]
-
-    with pytest.raises(TypeError, match="forward-mode"):
-        jax.jvp(loss, (x,), (x,))
-    full = lambda a: jbce.softmax_cross_entropy_with_integer_labels(
-        jnp.concatenate([a[0], a[1]], axis=-1), y, **kw
-    )
-    np.testing.assert_allclose(jax.grad(loss)(x), jax.grad(full)(x), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(
-        jax.jacrev(jax.grad(loss))(x), jax.hessian(full)(x), rtol=1e-6, atol=1e-9
-    )
