@@ -32,7 +32,8 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 import jbce  # noqa: E402
 from tests import reference  # noqa: E402
 
-jax.config.update("jax_enable_x64", True)
+if __name__ == "__main__":  # not when pytest imports this file to collect its doctests
+    jax.config.update("jax_enable_x64", True)
 RESULTS: dict[str, dict] = {}
 D, SCALE, BIAS = 5, 3.0, -2.0
 

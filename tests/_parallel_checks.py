@@ -596,7 +596,11 @@ def loss_cases():
             (hs.astype(np.float32), hts.astype(np.float32), labels), {"beta": 0.3},
             labels != -100,
         )  # fmt: skip
-    assert set(jbce.__all__) <= set(cases), set(jbce.__all__) - set(cases)
+    # The contrastive losses couple every row with every other (a B x B similarity matrix):
+    # per-shard sums do not add up to them. Their ring across 1, 4 and 8 devices is checked
+    # against the float64 dense reference by tests/_contrastive_devices.py.
+    batch_coupled = {"clip_loss", "siglip_loss"}
+    assert set(jbce.__all__) - batch_coupled <= set(cases), set(jbce.__all__) - set(cases)
     return {
         k: (f, tuple(jnp.asarray(a) for a in args), kw, wh)
         for k, (f, args, kw, wh) in cases.items()

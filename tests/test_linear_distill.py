@@ -220,6 +220,49 @@ def test_a_class_minus_inf_in_one_model_only_is_finite_and_exact(beta):
     assert_tree_close(got, want, 1e-12)
 
 
+@pytest.mark.parametrize("beta", [0.3, "traced"])
+def test_the_complex_pair_sums_of_cuda_give_the_materialised_jsd(monkeypatch, beta):
+    # On CUDA the forward tile's sums are one reduction over complex pairs (so that XLA:GPU
+    # fuses the mixture's shared expm1/log1p instead of writing it out): forced here on CPU,
+    # the same values and gradients, a class -inf in one model, in both, and NaN included.
+    from jbce._linear import distill_xla
+
+    seen = []
+
+    def pairs(terms):
+        seen.append(len(terms))
+        return distill_xla._complex_pair_sums(*terms)
+
+    monkeypatch.setattr(distill_xla, "_row_sums", pairs)
+    args = list(make(7, 4, 3, 9, seed=7))
+    args[2] = args[2].at[jnp.array([0, 5, 8])].set(-jnp.inf)
+    args[5] = args[5].at[jnp.array([3, 5, 8])].set(-jnp.inf)
+    b = jnp.asarray(0.3, F64) if beta == "traced" else beta
+    fused, ref = fused_and_ref(beta=b, chunk_size=4)
+    got, want = value_and_grads(fused, *args), value_and_grads(ref, *args)
+    assert_tree_close(got, want, 1e-12)
+    assert set(seen) == {2 if beta == 0.3 else 4}
+    h = args[0].at[2, 1].set(jnp.nan)
+    per = jbce.linear_distillation_loss(h, *args[1:2], *args[3:5], bias=args[2],
+                                        teacher_bias=args[5], beta=b, reduction="none")  # fmt: skip
+    per = np.asarray(per)
+    assert np.isnan(per[2]) and np.all(np.isfinite(np.delete(per, 2)))
+
+
+@pytest.mark.parametrize("count", [2, 3, 4])
+@pytest.mark.parametrize("dtype", [jnp.float32, F64])
+def test_complex_pair_sums_are_the_float_sums_of_each_term(count, dtype):
+    from jbce._linear.distill_xla import _complex_pair_sums, _separate_sums
+
+    x = jax.random.normal(jax.random.key(3), (count, 6, 37), dtype)
+    x = x.at[0, 1, 4].set(jnp.nan).at[1, 2, 0].set(jnp.inf).at[count - 1, 3, 5].set(-jnp.inf)
+    got, want = _complex_pair_sums(*x), _separate_sums(*x)
+    assert [g.dtype for g in got] == [dtype] * count
+    for g, w in zip(got, want, strict=True):
+        rtol = 1e-6 if dtype == jnp.float32 else 1e-14
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=rtol)
+
+
 def test_nan_in_gives_nan_out_for_that_token_only():
     h, w, b, ht, wt, bt = make(5, 3, 3, 8)
     for hs, hts in ((h.at[2, 1].set(jnp.nan), ht), (h, ht.at[2, 0].set(jnp.nan))):

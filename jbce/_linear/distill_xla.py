@@ -61,23 +61,48 @@ def _scaled_tiles(t: _walk.Tile):
     return tuple(t.masked(z / temperature) for z in t.z)
 
 
+def _separate_sums(*terms):
+    return tuple(jnp.sum(a, axis=-1) for a in terms)
+
+
+def _one_reduction(terms):
+    init = tuple(jnp.zeros((), a.dtype) for a in terms)
+    add = lambda x, y: tuple(a + b for a, b in zip(x, y))
+    return tuple(lax.reduce(tuple(terms), init, add, (terms[0].ndim - 1,)))
+
+
+def _variadic_sums(*terms):
+    return _one_reduction(terms)
+
+
+def _complex_pair_sums(*terms):
+    """The row sums of one reduction whose operands are the terms in pairs, ``(a, b)`` as the
+    complex ``a + ib`` (a last odd term as it is): a complex sum adds the real and the
+    imaginary parts separately, so these are the float sums of each term."""
+    pairs = len(terms) // 2
+    ops = [lax.complex(a, b) for a, b in zip(terms[0 : 2 * pairs : 2], terms[1 : 2 * pairs : 2])]
+    sums = _one_reduction(ops + list(terms[2 * pairs :]))
+    return tuple(x for s in sums[:pairs] for x in (jnp.real(s), jnp.imag(s))) + sums[pairs:]
+
+
 def _row_sums(terms):
-    """Row sums of each ``[tn, tv]`` term. Off CPU one variadic reduction, so that the terms'
-    common producer (the transcendentals of both softmaxes) fuses into it rather than being
-    written out for separate reductions (deviceless H100 compile: one 3-output elementwise
-    kernel and its reader replaced by one kernel); XLA:CPU runs separate sums faster."""
+    """Row sums of each ``[tn, tv]`` term (in :data:`jbce._softmax.jsd.SUMS` order). Off CPU
+    in one reduction, so that the terms' common producer (the transcendentals of both
+    softmaxes) fuses into it rather than being written out; XLA:CPU runs separate sums faster.
 
-    def separate(*t):
-        return tuple(jnp.sum(a, axis=-1) for a in t)
-
-    def variadic(*t):
-        init = tuple(jnp.zeros((), a.dtype) for a in t)
-        add = lambda x, y: tuple(a + b for a, b in zip(x, y))
-        return tuple(lax.reduce(t, init, add, (t[0].ndim - 1,)))
-
+    On CUDA the reduction's operands are the terms in complex pairs
+    (:func:`_complex_pair_sums`): XLA:GPU does not fuse an expensive elementwise op
+    (``expm1``, ``log1p``) that two operands of a reduction read, so the mixture's
+    ``log1p(c expm1(.))`` that KL(P||M) and KL(Q||M) share (:data:`jbce._softmax.jsd.SUMS`
+    keeps them adjacent, one pair) was written to HBM as a ``[tn, tv]`` array and read back:
+    a third of the forward pass' tile traffic (the deviceless H100 compile of the bench case,
+    ``python -m tests.deviceless --checks distill``). A complex operand reads it once. On TPU
+    the plain variadic reduction fuses either way."""
     if len(terms) == 1:
-        return separate(*terms)
-    return lax.platform_dependent(*terms, cpu=separate, default=variadic)
+        return _separate_sums(*terms)
+    return lax.platform_dependent(
+        *terms, cpu=_separate_sums, cuda=_complex_pair_sums, default=_variadic_sums
+    )
 
 
 def _empty(n, dtype):

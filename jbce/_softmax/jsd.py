@@ -31,7 +31,9 @@ from jbce._core import checks
 from jbce._core.math import log_ratio, mixture_logs, xmul
 
 MODES = ("forward", "reverse", "mix", "traced")
-# The row sums each mode needs: KL(P||Q), KL(Q||P), KL(P||M), KL(Q||M).
+# The row sums each mode needs: KL(P||Q), KL(Q||P), KL(P||M), KL(Q||M). KL(P||M) and
+# KL(Q||M) share the mixture's log1p(expm1): adjacent, so that the fused loss reduces them as
+# one pair on CUDA (jbce._linear.distill_xla._row_sums).
 SUMS = {
     "forward": ("kl_pq",),
     "reverse": ("kl_qp",),
