@@ -203,10 +203,15 @@ def _soft_matching(a):
     a["labels"] = e / e.sum(-1, keepdims=True)
 
 
-def _soft_one_class():
-    a = _soft_make(k=1)
-    a["logits"][0] = -np.inf
-    return a
+def _one_class(make):
+    """One class, the first row's logit -inf (a row without classes)."""
+
+    def build():
+        a = make(k=1)
+        a["logits"][0] = -np.inf
+        return a
+
+    return build
 
 
 SOFT = Kind(
@@ -218,7 +223,7 @@ SOFT = Kind(
         "all_neg_inf_row": _all_neg_inf_row(), "all_masked_row": _all_masked_row,
         "confident": _soft_confident, "nan": _nan(), "matching": _soft_matching,
     },
-    {"one_class": _soft_one_class, "empty": lambda: _soft_make(n=0)},
+    {"one_class": _one_class(_soft_make), "empty": lambda: _soft_make(n=0)},
 )  # fmt: skip
 
 
@@ -283,12 +288,6 @@ def _int_confident(a):
     x[2, lab[2]] = 30.0
 
 
-def _int_one_class():
-    a = _int_make(k=1)
-    a["logits"][0] = -np.inf
-    return a
-
-
 INT = Kind(
     "int", _int_make, ("logits",), ("logits", "labels", "weights"),
     {"logits": 1, "class_weights": 0}, KI,
@@ -298,7 +297,7 @@ INT = Kind(
         "all_neg_inf_row": _all_neg_inf_row(), "all_masked_row": _all_masked_row,
         "confident": _int_confident, "nan": lambda a: _nan(at=(5, _off_label(a, 5)))(a),
     },
-    {"one_class": _int_one_class, "empty": lambda: _int_make(n=0)},
+    {"one_class": _one_class(_int_make), "empty": lambda: _int_make(n=0)},
 )  # fmt: skip
 
 

@@ -358,6 +358,16 @@ def log_softmax(x, include, xp=np):
     return logp, lse[..., 0], alive[..., 0]
 
 
+def _soft_rows(logits, labels, where, axis, xp):
+    """(targets, classes kept by ``where``, included classes, log-softmax over those, rows
+    with a class, kept examples) of a soft-label loss, classes last."""
+    x, cls, ex = _rows(logits, where, axis, xp)
+    y = xp.where(cls, move_classes_last(_f64(labels, xp), axis, xp), 0.0)
+    include = cls & (x != -np.inf)
+    logp, _, alive = log_softmax(x, include, xp)
+    return y, cls, include, logp, alive, ex
+
+
 def _targets(y, logp, include, in_sum, xp, positive=None):
     """-sum_c y_c log p_c over ``in_sum`` classes: +inf for a positive target (``positive``,
     default y > 0) on an excluded (-inf) one, whose derivatives are 0 (the class is not in
@@ -403,10 +413,7 @@ def ref_softmax_cross_entropy(
     Label smoothing maps y to (1 - e) y + e / K over the K included classes. Matches
     torch's ``cross_entropy`` with probability targets, and optax's with ``"none"``.
     """
-    x, cls, ex = _rows(logits, where, axis, xp)
-    y = move_classes_last(_f64(labels, xp), axis, xp)
-    include = cls & (x != -np.inf)
-    logp, _, alive = log_softmax(x, include, xp)
+    y, cls, include, logp, alive, ex = _soft_rows(logits, labels, where, axis, xp)
     y = xp.where(cls, _smooth(y, include, label_smoothing, xp), 0.0)
     loss = xp.sum(_targets(y, logp, include, cls, xp), axis=-1)
     return _soft_finish(loss, alive, ex, weights, reduction, normalizer, xp)
@@ -433,10 +440,7 @@ def ref_softmax_focal_loss(
     xp=np,
 ):
     r"""-\sum_c \alpha_c y_c (1 - p_c)^\gamma \log p_c (Lin et al.; Keras without clipping)."""
-    x, cls, ex = _rows(logits, where, axis, xp)
-    y = xp.where(cls, move_classes_last(_f64(labels, xp), axis, xp), 0.0)
-    include = cls & (x != -np.inf)
-    logp, _, alive = log_softmax(x, include, xp)
+    y, cls, include, logp, alive, ex = _soft_rows(logits, labels, where, axis, xp)
     loss = xp.sum(_focal_terms(y, logp, include, cls, alpha, gamma, xp), axis=-1)
     return _soft_finish(loss, alive, ex, weights, reduction, normalizer, xp)
 
@@ -454,10 +458,7 @@ def ref_poly_loss_cross_entropy(
     xp=np,
 ):
     r"""Poly-1: -\sum_c y_c \log p_c + \epsilon \sum_c y_c (1 - p_c) (Leng et al.)."""
-    x, cls, ex = _rows(logits, where, axis, xp)
-    y = xp.where(cls, move_classes_last(_f64(labels, xp), axis, xp), 0.0)
-    include = cls & (x != -np.inf)
-    logp, _, alive = log_softmax(x, include, xp)
+    y, cls, include, logp, alive, ex = _soft_rows(logits, labels, where, axis, xp)
     ce = xp.sum(_targets(y, logp, include, cls, xp), axis=-1)
     # a -inf class has no term (its positive target makes the loss +inf): no derivative
     poly = xp.sum(y * xp.where(include, -xp.expm1(logp), 0.0), axis=-1)
