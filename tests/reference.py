@@ -958,12 +958,12 @@ def saved_residuals(f, *args):
 
 
 def _similarity(x, y, scale, ids, xp):
-    """(logits scale x y^T, true pairs [B, B]) in float64; ``ids`` None: the diagonal."""
+    """(logits scale x y^T, true pairs [B, B] as 0/1) in float64; ``ids`` None: the diagonal."""
     x = xp.asarray(x, dtype=xp.float64)
     y = xp.asarray(y, dtype=xp.float64)
     logits = xp.asarray(scale, dtype=xp.float64) * (x @ y.T)
     ids = xp.arange(x.shape[0]) if ids is None else xp.asarray(ids)
-    return logits, ids[:, None] == ids[None, :]
+    return logits, xp.asarray(ids[:, None] == ids[None, :], xp.float64)
 
 
 def ref_clip_loss(x, y, *, scale, ids=None, reduction="mean", xp=np):
@@ -985,7 +985,5 @@ def ref_siglip_loss(x, y, *, scale, bias, ids=None, reduction="mean", xp=np):
         return reduce(xp.zeros((0,)), reduction, xp=xp)
     logits, pos = _similarity(x, y, scale, ids, xp)
     logits = logits + xp.asarray(bias, dtype=xp.float64)
-    bce = ref_sigmoid_binary_cross_entropy(
-        logits, xp.asarray(pos, xp.float64), reduction="none", xp=xp
-    )
+    bce = ref_sigmoid_binary_cross_entropy(logits, pos, reduction="none", xp=xp)
     return reduce(xp.sum(bce, axis=1), reduction, xp=xp)
