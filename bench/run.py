@@ -44,14 +44,14 @@ import jax.numpy as jnp  # noqa: E402
 
 from bench import impls, shapes, timing  # noqa: E402
 
-# Issue 5's targets, checked on every run that includes the shapes they name.
+# Issue 23's CPU targets, checked on every run (on the cases it measured): no case slower than
+# optax (the median ratio of 3 full runs is what counts; one run is noisier), sigmoid BCE at
+# 2^24 float32 at least 2x optax forward and value_and_grad, and XLA's temp at most optax's
+# plus one input-sized buffer (the case's inputs, logits and labels).
+MIN_VS_OPTAX = 0.95
 TARGETS = {
-    ("bce_2^24", "float32", "fwd"): {"vs_optax": 5.0, "over_floor": 1.5},
-    ("bce_2^24", "float32", "vag"): {"vs_optax": 3.0, "over_floor": 1.5},
-    ("ce_int_4096x32768", "float32", "fwd"): {"vs_optax": 1.0, "over_floor": 1.2},
-    ("ce_int_4096x32768", "float32", "vag"): {"vs_optax": 1.0, "over_floor": 1.2},
-    ("ce_soft_4096x32768", "float32", "fwd"): {"vs_optax": 1.0, "over_floor": 1.2},
-    ("ce_soft_4096x32768", "float32", "vag"): {"vs_optax": 1.0, "over_floor": 1.2},
+    ("bce_2^24", "float32", "fwd"): {"vs_optax": 2.0},
+    ("bce_2^24", "float32", "vag"): {"vs_optax": 2.0},
 }
 
 
@@ -91,6 +91,7 @@ def environment(args) -> dict:
         "python": platform.python_version(),
         "jax": jax.__version__,
         "memory_pages": memory_pages(),
+        "load_average": load_average(),
     }
     import optax
 
@@ -104,6 +105,15 @@ def environment(args) -> dict:
             torch.set_num_threads(env["cpu_threads"])
         env["torch_threads"] = torch.get_num_threads()
     return env
+
+
+def load_average() -> str:
+    """The machine's 1/5/15-minute load averages when the run started ("-" if unknown): on a
+    shared machine, how loud the neighbours were."""
+    try:
+        return " / ".join(f"{v:.1f}" for v in os.getloadavg())
+    except OSError:
+        return "-"
 
 
 def memory_pages() -> str:
@@ -294,21 +304,19 @@ def donation_cells(d: dict) -> list[str]:
 
 
 def check_targets(results: list[dict]) -> list[str]:
-    """Issue 5's targets, as lines "ok"/"MISSED" for the cases this run measured."""
+    """Issue 23's targets, as lines "ok"/"MISSED" for the cases this run measured."""
     lines = []
     for r in results:
         key = (r["case"], r["dtype"], r["mode"])
         if key in TARGETS:
-            t = TARGETS[key]
-            ok = r["vs_optax"] >= t["vs_optax"] and r["over_floor"] <= t["over_floor"]
+            want = TARGETS[key]["vs_optax"]
             lines.append(
-                f"{'ok    ' if ok else 'MISSED'} {' '.join(key)}: optax/jbce {r['vs_optax']:.2f}"
-                f" (want >= {t['vs_optax']}), jbce/floor {r['over_floor']:.2f}"
-                f" (want <= {t['over_floor']})"
+                f"{'ok    ' if r['vs_optax'] >= want else 'MISSED'} {' '.join(key)}: optax/jbce"
+                f" {r['vs_optax']:.2f} (want >= {want})"
             )
-    slower = [r for r in results if r["vs_optax"] < 1.0]
+    slower = [r for r in results if r["vs_optax"] < MIN_VS_OPTAX]
     lines.append(
-        f"{'ok    ' if not slower else 'MISSED'} no case slower than optax"
+        f"{'ok    ' if not slower else 'MISSED'} no case slower than optax (>= {MIN_VS_OPTAX})"
         + "".join(
             f"\n         {r['case']} {r['dtype']} {r['mode']}: {r['vs_optax']:.2f}" for r in slower
         )
@@ -317,14 +325,13 @@ def check_targets(results: list[dict]) -> list[str]:
         r
         for r in results
         if None not in r["temp_bytes"].values()
-        and r["temp_bytes"]["jbce"] > r["temp_bytes"]["optax"]
+        and r["temp_bytes"]["jbce"] > r["temp_bytes"]["optax"] + r["input_bytes"]
     ]
     lines.append(
-        f"{'ok    ' if not fat else 'MISSED'} temp bytes never above optax's"
+        f"{'ok    ' if not fat else 'MISSED'} temp bytes at most optax's + the inputs'"
         + "".join(
             f"\n         {r['case']} {r['dtype']} {r['mode']}: {r['temp_bytes']['jbce']} B vs"
-            f" {r['temp_bytes']['optax']} B (+{r['temp_bytes']['jbce'] - r['temp_bytes']['optax']},"
-            f" inputs {r['input_bytes']} B)"
+            f" {r['temp_bytes']['optax']} B + inputs {r['input_bytes']} B"
             for r in fat
         )
     )
@@ -378,6 +385,7 @@ def main(argv=None) -> int:
             del x, y
     step = [] if args.no_step else step_memory(args.quick, args.dtypes)
     elapsed = time.perf_counter() - t_start
+    env["load_average"] += f" (start); {load_average()} (end)"
     table = [row_cells(r) for r in results]
     print()
     print(text_table(table))

@@ -60,6 +60,14 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _loads(env: dict) -> str:
+    """The load average of the run, or of each run of a merged file (``bench.merge``)."""
+    if env.get("runs"):
+        return "; ".join(f"run {i + 1}: {r.get('load_average') or '-'}"
+                         for i, r in enumerate(env["runs"]))  # fmt: skip
+    return env.get("load_average", "-")
+
+
 def environment(env: dict, elapsed: float | None) -> str:
     rows = [
         ["date (UTC)", env.get("date", "-")],
@@ -67,6 +75,7 @@ def environment(env: dict, elapsed: float | None) -> str:
         ["device", env.get("device", "-")],
         ["CPU", f"{env.get('cpu', '-')}, {env.get('cpu_threads', '-')} threads"],
         ["memory pages", env.get("memory_pages", "-")],
+        ["load average (1/5/15 min)", _loads(env)],
         ["Python", env.get("python", "-")],
         ["jax", env.get("jax", "-")],
         ["optax", env.get("optax", "-")],

@@ -98,3 +98,24 @@ def test_hardware_script_for_the_fused_loss_times_every_implementation(tmp_path)
         tol = 1e-5 if r["dtype"] == "float32" else 2e-2
         assert r["rel_err_vs_optax_f32"] < tol, r
     assert doc["precision"] == "highest" and doc["platform"] == "cpu"
+
+
+def test_merge_takes_each_cases_median_ratio_and_keeps_the_format():
+    from bench import merge
+
+    def run_(vs, t, load):
+        case = {"case": "bce_2^10", "kind": "binary", "dims": [1024], "dtype": "float32",
+                "mode": "fwd", "median_s": {"jbce": t, "optax": t * vs},
+                "spread_s": {"jbce": [t, t], "optax": [t, t]}, "rounds": {"jbce": 3, "optax": 3},
+                "floor": "traffic", "vs_optax": vs, "vs_torch": None, "over_floor": 1.0,
+                "temp_bytes": {"jbce": 0, "optax": 8}, "input_bytes": 8,
+                "rel_err": 0.0}  # fmt: skip
+        env = {"date": "d", "command": "python -m bench --json x", "load_average": load}
+        return {"env": env, "cases": [case], "elapsed_s": 1.0}
+
+    out = merge.merge([run_(0.9, 1.0, "5"), run_(1.3, 2.0, "9"), run_(1.1, 4.0, "7")])
+    (c,) = out["cases"]
+    assert c["vs_optax"] == pytest.approx(1.1) and c["vs_optax_runs"] == [0.9, 1.3, 1.1]
+    assert c["median_s"]["jbce"] == 2.0 and c["rounds"]["jbce"] == 9
+    assert [r["load_average"] for r in out["env"]["runs"]] == ["5", "9", "7"]
+    assert any(t.startswith("ok") and "slower than optax" in t for t in out["targets"])

@@ -509,11 +509,6 @@ def test_vmap_of_mean_equals_per_row_means():
     ref.assert_close(gp, ref.ref_binary_cross_entropy(ref.sigmoid(x), y, reduction="none").sum(1))
 
 
-@pytest.mark.xfail(
-    reason="XLA:CPU materialises the selects of the readable core (5 buffers; optax 4) "
-    "without a CPU-tuned core",
-    strict=True,
-)
 def test_training_step_writes_the_logits_gradient_in_place():
     # logits = h @ w inside the differentiated function: the backward pass is their last
     # reader, so XLA gives their gradient the same buffer.
@@ -524,6 +519,39 @@ def test_training_step_writes_the_logits_gradient_in_place():
     )
     temp = jax.jit(step).lower(h, w, y).compile().memory_analysis().temp_size_in_bytes
     assert temp < 1.25 * n * k * 4, temp / (n * k * 4)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("grad", [False, True], ids=["fwd", "vag"])
+def test_compiled_program_keeps_no_logits_sized_temporary(dtype, grad):
+    # XLA:CPU: the forward is one fused reduction and the backward one elementwise kernel,
+    # bf16 read inside them (no float32 copy); optax keeps two or three N-element buffers.
+    n = 2**14
+    x, y = jnp.zeros((n,), dtype), jnp.zeros((n,), dtype)
+    f = jbce.sigmoid_binary_cross_entropy
+    temp = jax.jit(jax.value_and_grad(f) if grad else f).lower(x, y).compile()
+    temp = temp.memory_analysis().temp_size_in_bytes
+    assert temp <= 64, temp  # a few scalars at most
+
+
+# The XLA:CPU core (jbce._binary.xla_cpu) against the formula the other platforms compile, on
+# every edge value: the same numbers (bit for bit, both compiled as elementwise kernels).
+_EDGE_X = np.float32(
+    [np.inf, -np.inf, 1e30, -1e30, 3.4028235e38, -3.4028235e38, 100.0, -100.0, 20.0, -20.0,
+     1.0, -1.0, 1e-45, -1e-45, 0.0, -0.0, np.nan]
+)  # fmt: skip
+_EDGE_Y = np.float32([0.0, 1.0, 0.3, 1e-40, 1 - 2**-24, 0.5, np.nan])
+
+
+@pytest.mark.parametrize("pw", [None, 2.5, 0.0], ids=["no_pos_weight", "pos_weight", "zero_pw"])
+def test_cpu_core_gives_the_formulas_values_on_edge_inputs(pw):
+    from jbce._binary import api, xla_cpu
+
+    x, y = (jnp.asarray(v) for v in np.meshgrid(_EDGE_X, _EDGE_Y, indexing="ij"))
+    p = None if pw is None else jnp.full(x.shape, pw, jnp.float32)
+    got = jax.jit(xla_cpu.bce_logits_value, static_argnums=3)(x, y, p, jnp.float32)
+    want = jax.jit(api._bce_logits_formula)(x, y, p)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_vmapped_value_and_grad_equal_each_members_own_call():

@@ -92,3 +92,37 @@ def test_hyperparameter_ranges_come_from_one_table():
         with pytest.raises(ValueError, match=f"{name} must be"):
             checks.hyperparameter(key, below)
         assert not bool(interval.holds(jnp.asarray(below)))
+
+
+def test_cpu_bfloat16_read_rounds_as_astype_bfloat16():
+    # jbce._core.xla_cpu.upcast: what the XLA:CPU cores read a bf16 input as, in place of
+    # reduce_precision. Every bf16 value (an argument) comes back exactly, and a float32 value
+    # XLA kept unrounded (excess precision: bf16 made in the same jit) is rounded to nearest,
+    # ties to even: random values, exact ties and the edges, against astype(bfloat16).
+    import jax
+
+    from jbce._core import xla_cpu
+
+    bits = np.arange(1 << 16, dtype=np.uint32) << 16
+    every_bf16 = bits.view(np.float32)
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 1 << 32, size=1 << 20, dtype=np.uint64).astype(np.uint32)
+    ties = (raw & np.uint32(0xFFFF0000)) | np.uint32(0x8000)
+    v = np.concatenate([every_bf16, raw.view(np.float32), ties.view(np.float32)])
+    v = v[np.abs(v) <= xla_cpu.SPLIT_BOUND]  # finite ones above are split off unrounded
+    v = np.concatenate([v, np.float32([np.inf, -np.inf, np.nan, 3.3e38, -3.3e38])])
+
+    @jax.jit
+    def read(a):  # bf16 made in the jit from float32: XLA may skip the rounding
+        return xla_cpu.upcast(a.astype(jnp.bfloat16), xla_cpu.constants())
+
+    got = np.asarray(read(jnp.asarray(v)))
+    want = np.asarray(jnp.asarray(v).astype(jnp.bfloat16).astype(jnp.float32))
+    tiny = np.abs(want) < np.finfo(np.float32).tiny  # subnormals: XLA:CPU flushes them to 0
+    np.testing.assert_array_equal(got[~tiny], want[~tiny])
+    assert np.all(got[tiny] == 0)
+    # Arguments: every bf16 value itself, above the bound too.
+    exact = np.asarray(jax.jit(lambda a: xla_cpu.upcast(a, xla_cpu.constants()))(
+        jnp.asarray(every_bf16).astype(jnp.bfloat16)))  # fmt: skip
+    normal = ~(np.abs(every_bf16) < np.finfo(np.float32).tiny)
+    np.testing.assert_array_equal(exact[normal], every_bf16[normal])

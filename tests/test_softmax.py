@@ -440,36 +440,9 @@ def test_residuals_are_the_logits_and_per_example_values_only(kind):
     assert all(np.prod(r[0].shape) <= n for r in small), res
 
 
-# XLA:CPU materialises what it cannot fuse into a reduction (a select, a subexpression two
-# passes share). The CPU-tuned cores that avoided this went with the fast paths (they put a
-# conditional into every GPU/TPU compile); a CPU-specific implementation chosen at lowering
-# is the way back. These cases are known to regress until then (XLA:CPU only).
-CPU_TEMP_REGRESSIONS = {
-    ("int", "bfloat16", False),
-    ("int", "bfloat16", True),
-    ("soft", "float32", False),
-    ("soft", "float32", True),
-    ("soft", "bfloat16", False),
-    ("soft", "bfloat16", True),
-}
-
-
-def _cpu_temp_case(kind, dtype, grad):
-    mark = pytest.mark.xfail(
-        (kind, dtype, grad) in CPU_TEMP_REGRESSIONS,
-        reason="XLA:CPU materialises a logits-sized temporary (no CPU-tuned core yet)",
-        strict=True,
-    )
-    return pytest.param(
-        kind, dtype, grad, marks=mark, id=f"{kind}-{dtype}-{'vag' if grad else 'fwd'}"
-    )
-
-
-@pytest.mark.parametrize(
-    "kind, dtype, grad",
-    [_cpu_temp_case(k, d, g) for k in ("int", "soft") for d in ("float32", "bfloat16")
-     for g in (False, True)],
-)  # fmt: skip
+@pytest.mark.parametrize("grad", [False, True], ids=["fwd", "vag"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("kind", ["int", "soft"])
 def test_compiled_program_keeps_no_logits_sized_temporary(kind, dtype, grad):
     # What XLA allocates, not what JAX saves: a broadcast lse, a probability matrix or an f32
     # copy of bf16 logits shows up here even when the residuals are right (compile only).
@@ -486,11 +459,6 @@ def test_compiled_program_keeps_no_logits_sized_temporary(kind, dtype, grad):
     assert temp <= 16 * n * 4, temp  # a few per-example vectors at most
 
 
-@pytest.mark.xfail(
-    reason="XLA:CPU keeps the logits next to their gradient (2-3 buffers, optax's count) "
-    "without the CPU-tuned cores",
-    strict=True,
-)
 @pytest.mark.parametrize("kind", ["int", "soft"])
 def test_training_step_writes_the_logits_gradient_in_place(kind):
     # logits = h @ w inside the differentiated function, as in a model's last layer: the

@@ -106,7 +106,7 @@ def softmax_focal_loss(
     )
     a = _alpha(alpha, inp.x.shape[-1], inp.dtype)
     g = _gamma(gamma, inp.dtype)
-    term = Term("focal", inp.dtype)
+    term = Term("focal", inp.dtype, static_theta=checks.static_number(gamma))
     loss, has = term_loss(inp.x, inp.labels, a, g, inp.mask, inp.rows, term)
     return reduce_loss(
         loss,

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 
 from jbce._core import checks
 from jbce._core.math import xmul
+from jbce._softmax import xla_cpu
 
 
 class Stats(NamedTuple):
@@ -128,13 +129,16 @@ def _masked(x, weights, mask, soft):
     return x, weights
 
 
-def _sum_weights(x, weights, soft):
+def _sum_weights(x, weights, soft, to_w=None):
     """(w, 0/1 included) for the sums ``s`` and ``W``: class weights count included classes
-    only, soft targets every class (a target on a ``-inf`` class is flagged separately)."""
+    only, soft targets every class (a target on a ``-inf`` class is flagged separately).
+    Soft targets stay as given (``to_w`` is applied by their reader, :func:`row_reduce`)."""
     inc = (x != -jnp.inf).astype(x.dtype)  # NaN logits are included
     if soft:
         return _row_weights(weights, x), inc
-    return inc if weights is None else inc * _row_weights(weights, x), inc
+    if weights is None:
+        return inc, inc
+    return inc * _row_weights((to_w or _identity)(weights), x), inc
 
 
 def _finite_shifted(x, shift):
@@ -145,11 +149,12 @@ def _finite_shifted(x, shift):
 LSE_METHODS = ("one_pass", "two_pass")
 
 
-def row_reduce(logits, to_x, weights=None, method: str | None = None):
+def row_reduce(logits, to_x, weights=None, method: str | None = None, to_w=None):
     """``(m, sum_c exp(x_c - m'), W, s)`` over the last axis of ``x = to_x(logits)``.
 
     ``m`` is the row max, ``m'`` the same with ``-inf`` (a row without classes) replaced
-    by 0; with ``weights`` (per logit, broadcastable to ``x``), ``W = sum_c w_c`` and
+    by 0; with ``weights`` (per logit, broadcastable to ``x``, read as ``w = to_w(weights)``;
+    None: as given), ``W = sum_c w_c`` and
     ``s = sum_c w_c (x_c - m')``, a positive weight on a ``-inf`` logit making ``s``
     ``-inf``; without, both are None. Two ways:
 
@@ -162,19 +167,22 @@ def row_reduce(logits, to_x, weights=None, method: str | None = None):
     - ``"two_pass"``: the max, then the sums. XLA:CPU runs the variadic reduction about 7x
       slower than the two passes (2048 x 32768 float32 on the 2-core dev box).
 
-    ``None`` picks per platform when the program is lowered (``two_pass`` on CPU,
+    ``None`` picks per platform when the program is lowered (on CPU the two passes as
+    :mod:`jbce._softmax.xla_cpu` writes them for XLA:CPU's fused kernels, the same numbers;
     ``one_pass`` elsewhere, with uncut rows on TPU), so a program compiled for a GPU or TPU
     on a CPU host gets its platform's choice.
     """
+    to_w = to_w or _identity
+    read = lambda w: None if w is None else to_w(w)  # noqa: E731
     if method is None:
         return jax.lax.platform_dependent(
             logits,
             weights,
-            cpu=lambda v, w: _two_pass(v, to_x, w),
-            tpu=lambda v, w: _one_pass(v, to_x, w, pieces=1),
-            default=lambda v, w: _one_pass(v, to_x, w),
+            cpu=lambda v, w: xla_cpu.two_pass(v, to_x, w, to_w),
+            tpu=lambda v, w: _one_pass(v, to_x, read(w), pieces=1),
+            default=lambda v, w: _one_pass(v, to_x, read(w)),
         )
-    return (_one_pass if method == "one_pass" else _two_pass)(logits, to_x, weights)
+    return (_one_pass if method == "one_pass" else _two_pass)(logits, to_x, read(weights))
 
 
 def _nonempty(m):
@@ -263,6 +271,7 @@ def block_stats(
     *,
     to_x=None,
     weights: jax.Array | None = None,
+    to_w=None,
     mask: jax.Array | None = None,
     sums: bool = False,
     soft: bool = False,
@@ -277,6 +286,8 @@ def block_stats(
         applied lazily so the max and the target logit can be read from ``logits`` and the
         transformed copy has a single reader. None: ``logits`` are ``x``.
       weights: ``[k]`` class weights or ``[..., k]`` label weights (soft labels), or None (1).
+      to_w: the map of ``weights`` to the compute dtype, applied lazily as ``to_x`` is (a
+        platform's reduction may read them its own way, :func:`row_reduce`). None: as given.
       mask: optional ``[..., k]`` boolean, False takes a class out of the softmax.
       sums: also compute ``logit_sum``, ``weight_sum`` and ``count``.
       soft: ``weights`` are probability targets: a positive target on a ``-inf`` logit makes
@@ -291,15 +302,15 @@ def block_stats(
         # optax's where does): the loss is then lse over the included classes minus x_y.
         target = _take(logits, labels, to_x)
         if weights is not None and not soft:
-            target_weight = _take(weights, labels)
+            target_weight = _take(weights, labels, to_w or _identity)
     if mask is not None:  # masked after the transform (soft-capping maps -inf to -cap)
         logits, weights = _masked(to_x(logits), weights, mask, soft)
         to_x = _identity
     w = inc = None
     if sums:
         x = to_x(logits)
-        w, inc = _sum_weights(x, weights, soft)
-    m, sumexp, weight_sum, logit_sum = row_reduce(logits, to_x, w, method)
+        w, inc = _sum_weights(x, weights, soft, to_w)
+    m, sumexp, weight_sum, logit_sum = row_reduce(logits, to_x, w, method, to_w)
     m = jax.lax.stop_gradient(_nonempty(m))
     lse = jnp.log(sumexp)
     if not sums:

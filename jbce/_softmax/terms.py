@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jbce._core import autodiff
 from jbce._core.dtypes import to_compute
 from jbce._core.math import safe_pow, xmul
-from jbce._softmax import jsd
+from jbce._softmax import jsd, xla_cpu
 from jbce._softmax import stats as _stats
 
 TERMS = ("ce", "focal", "poly", "kl")
@@ -139,11 +139,14 @@ def _log_probs(x, shift, lse):
 @dataclasses.dataclass(frozen=True)
 class Term:
     """The static options of :func:`term_loss`: which term (one of :data:`TERMS`), whether
-    the labels are log-probabilities, and the compute dtype."""
+    the labels are log-probabilities, the compute dtype, and the term's parameter if it is a
+    Python number (``theta`` is then that number too)."""
 
     kind: str
     dtype: jnp.dtype
     log_labels: bool = False
+    static_theta: float | None = None  # theta's value when known at trace time (the CPU
+    # implementation then raises to a constant power: XLA turns q ** 2 into q * q)
 
 
 def term_loss(logits, labels, alpha, theta, mask, rows, term: Term):
@@ -171,10 +174,34 @@ def term_loss(logits, labels, alpha, theta, mask, rows, term: Term):
 def _term_value(logits, labels, alpha, theta, mask, rows, term: Term):
     """(per-row loss, shift, shifted log-sum-exp)."""
     del rows  # masks the derivatives only
+    if mask is None and not term.log_labels:
+        # XLA:CPU gets the same numbers in fused kernels (jbce._softmax.xla_cpu), chosen when
+        # the program is lowered: no logits-sized temporary instead of one or two.
+        return jax.lax.platform_dependent(
+            logits, labels, alpha, theta,
+            cpu=functools.partial(_term_value_cpu, term=term),
+            default=functools.partial(_term_value_formula, mask=None, term=term),
+        )  # fmt: skip
+    return _term_value_formula(logits, labels, alpha, theta, mask, term)
+
+
+def _term_value_formula(logits, labels, alpha, theta, mask, term: Term):
     x, y, a, ly = _prepared(logits, labels, alpha, mask, term.dtype, term.log_labels)
     st = _row_stats(x)
     loss = _row_loss(term, x, y, a, ly, theta, st)
     return loss, st.shift, st.lse
+
+
+def _term_value_cpu(logits, labels, alpha, theta, term: Term):
+    dt = term.dtype
+    st = _stats.block_stats(logits, None, to_x=lambda v: to_compute(v, dt))
+    lse = jnp.where(st.lse == -jnp.inf, jnp.zeros((), dt), st.lse)  # as _log_probs reads it
+    al = _class_coef(alpha, logits.shape, dt)
+    th = None if theta is None else to_compute(theta, dt)
+    if term.static_theta is not None:
+        th = term.static_theta
+    loss = xla_cpu.term_sum(term.kind, logits, labels, al, th, st.shift, lse, dt)
+    return jnp.where(jnp.isnan(st.lse), jnp.nan, loss), st.shift, st.lse
 
 
 def _log_y(y, ly):
@@ -200,6 +227,8 @@ def _term_tangent(primals, saved, tangents, term: Term):
     lg = _finite_log_probs(_log_probs(x, shift, lse))
     p = jnp.exp(lg)
     th = None if theta is None else to_compute(theta, dtype)
+    if term.static_theta is not None:  # a constant power: XLA turns q ** 2 into q * q
+        th = term.static_theta
     dphi, dtheta_c = _phi_grads(kind, lg, th)
     coef = functools.partial(autodiff.keep_rows, rows)
     nrow = x.ndim - 1

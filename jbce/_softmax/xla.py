@@ -69,11 +69,11 @@ def _softmax_stats(logits, labels, weights, mask, cap, rows, opts: Options):
       rows: ``[...]`` boolean, the rows the loss uses (others get zero derivatives), or None.
       opts: :class:`Options`.
     """
-    w = None if weights is None else to_compute(weights, opts.dtype)
     y = sharding.local_labels(labels, logits.shape[-1], opts.axis_name)
     st = _stats.block_stats(
-        logits, y, to_x=_to_x(opts.dtype, cap), weights=w, mask=mask, sums=opts.sums,
-        soft=opts.soft, method=opts.method,
+        logits, y, to_x=_to_x(opts.dtype, cap), weights=weights,
+        to_w=lambda v: to_compute(v, opts.dtype), mask=mask, sums=opts.sums, soft=opts.soft,
+        method=opts.method,
     )  # fmt: skip
     return st if opts.axis_name is None else _stats.combine_over_axis(st, opts.axis_name)
 
