@@ -11,7 +11,9 @@
   ``jax_strict(rank_promotion=False)`` keeps only the dtype part; ``JBCE_TEST_LENIENT=1``
   switches both off, to tell such failures from others.
 * XLA compiles with LLVM's -O0 backend (``tests.FAST_COMPILE_FLAG``; ``JBCE_TEST_OPTIMIZED=1``
-  keeps the default); example and benchmark subprocesses run with the default.
+  keeps the default) on 8 host CPU devices (``tests.DEVICE_COUNT_FLAG``, for the matrix's
+  ``shard_map`` checks; ``JBCE_TEST_ONE_DEVICE=1`` keeps one); example and benchmark
+  subprocesses run with XLA's defaults.
 * Scripts whose results several tests read (the 8-device checks) run once per session, in
   the background, however many xdist workers there are (``tests/_once.py``).
 * Hypothesis uses a deterministic, small profile (``jbce``) so the suite stays fast;
@@ -31,7 +33,7 @@ import jax
 import pytest
 from hypothesis import HealthCheck, settings
 
-from tests import FAST_COMPILE_FLAG, _once
+from tests import DEVICE_COUNT_FLAG, FAST_COMPILE_FLAG, _once
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,6 +44,11 @@ if os.environ.get("JBCE_TEST_OPTIMIZED") != "1" and FAST_COMPILE_FLAG not in os.
     "XLA_FLAGS", ""
 ):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAG}".strip()
+# 8 host CPU devices, for the matrix's shard_map checks (JBCE_TEST_ONE_DEVICE=1: one).
+if os.environ.get("JBCE_TEST_ONE_DEVICE") != "1" and "device_count" not in os.environ.get(
+    "XLA_FLAGS", ""
+):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {DEVICE_COUNT_FLAG}".strip()
 
 settings.register_profile(
     "jbce",
@@ -87,6 +94,11 @@ def pytest_collection_modifyitems(config, items):
     # soon as a worker knows a test needs them; the workers run other tests meanwhile.
     if config.option.collectonly:
         return
+    if any("optax_suite" in getattr(item, "fixturenames", ()) for item in items):
+        from tests.test_optax_suite import MODES, start
+
+        for mode in MODES:  # optax's own tests against jbce (tests/test_optax_suite.py)
+            start(mode)
     if any("eight_devices" in getattr(item, "fixturenames", ()) for item in items):
         _once.start(
             "eight_devices",

@@ -58,22 +58,19 @@ def kl(labels, logits, **kw):
     return jbce.kl_divergence(logits, labels, **{"reduction": "none", **kw})
 
 
-def ref_int_ce_and_grad(logits, labels, *, ignore_index=-100):
-    """float64 per-example loss ``lse - x_y`` and d(sum loss)/dlogits = softmax - onehot.
-
-    ``labels`` are read as plain integers (no wrap-around); ignored rows are 0.
-    """
-    x = np64(logits)
-    lab = np.asarray(labels).astype(np.int64)
-    keep = lab != ignore_index
-    safe = np.where(keep, lab, 0)
-    m = x.max(axis=-1, keepdims=True)
-    lse = m[..., 0] + np.log(np.exp(x - m).sum(axis=-1))
-    loss = np.where(keep, lse - np.take_along_axis(x, safe[..., None], -1)[..., 0], 0.0)
-    p = np.exp(x - lse[..., None])
-    onehot = np.arange(x.shape[-1]) == safe[..., None]
-    grad = np.where(keep[..., None], p - onehot, 0.0)
-    return loss, grad
+def ce_value_and_grad(logits, labels, *, ignore_index=-100):
+    """float64 per-example loss ``lse - x_y`` of the float32-rounded logits and
+    d(sum loss)/dlogits (softmax - onehot), from :mod:`tests.reference`."""
+    x = jnp.asarray(np64(logits))
+    lab = jnp.asarray(np.asarray(labels).astype(np.int64))
+    loss, vjp = jax.vjp(
+        lambda a: ref_softmax_cross_entropy_with_integer_labels(
+            a, lab, ignore_index=ignore_index, reduction="none", xp=jnp
+        ),
+        x,
+    )
+    (grad,) = vjp(jnp.ones_like(loss))
+    return np.asarray(loss), np.asarray(grad)
 
 
 # =========================================================================================
@@ -141,7 +138,7 @@ def test_bf16_mean_under_jit_matches_eager_to_bf16_rounding(kind):
     jitted, eager = float(np.mean(jit_loss)), float(np.mean(eager_loss))
     # First-order effect of moving every logit by one bf16 ulp: sum_c |dL/dx_c| |x_c| eps.
     logits = h @ w + b
-    _, g = ref_int_ce_and_grad(logits, y)
+    _, g = ce_value_and_grad(logits, y)
     bound = float(np.mean(np.sum(np.abs(g) * np.abs(np64(logits)), axis=-1))) * BF16_EPS
     assert abs(jitted - eager) <= bound, (jitted, eager, bound)
 
@@ -332,36 +329,6 @@ def test_traced_hyperparameter_gives_the_untraced_value(entry, name, value):
 # 3. Range checks of Python-float hyperparameters
 # =========================================================================================
 
-OUT_OF_RANGE = [
-    ("softmax_cross_entropy_with_integer_labels", "label_smoothing", -0.1),
-    ("softmax_cross_entropy_with_integer_labels", "label_smoothing", 1.5),
-    ("softmax_cross_entropy_with_integer_labels", "z_loss", -1e-3),
-    ("softmax_cross_entropy_with_integer_labels", "logit_softcap", 0.0),
-    ("softmax_cross_entropy_with_integer_labels", "logit_softcap", -2.0),
-    ("softmax_cross_entropy", "label_smoothing", -0.1),
-    ("softmax_cross_entropy", "label_smoothing", 1.5),
-    ("linear_softmax_cross_entropy", "label_smoothing", -0.1),
-    ("linear_softmax_cross_entropy", "label_smoothing", 1.5),
-    ("linear_softmax_cross_entropy", "z_loss", -1e-3),
-    ("linear_softmax_cross_entropy", "logit_softcap", 0.0),
-    ("linear_softmax_cross_entropy", "logit_softcap", -2.0),
-    ("sigmoid_binary_cross_entropy", "label_smoothing", -0.1),
-    ("sigmoid_binary_cross_entropy", "label_smoothing", 1.5),
-    ("binary_cross_entropy", "label_smoothing", -0.1),
-    ("binary_cross_entropy", "label_smoothing", 1.5),
-    ("sigmoid_focal_loss", "alpha", -0.1),
-    ("sigmoid_focal_loss", "alpha", 1.5),
-    ("sigmoid_focal_loss", "gamma", -1.0),
-]
-
-
-@pytest.mark.parametrize(
-    ("entry", "name", "value"), OUT_OF_RANGE, ids=[f"{e}-{n}={v}" for e, n, v in OUT_OF_RANGE]
-)
-def test_out_of_range_hyperparameter_raises_value_error_naming_it(entry, name, value):
-    with pytest.raises(ValueError, match=name):
-        _call(entry, **{name: value})
-
 
 @pytest.mark.parametrize("cap", (0.0, -2.0))
 def test_vocabulary_parallel_loss_rejects_non_positive_softcap(cap):
@@ -405,14 +372,10 @@ def _nan_case(entry, size):
     return (lambda x, r: fn(x, y, reduction=r)), x, (1, 2)
 
 
+# The large-input path (small inputs of every loss: the conformance matrix's "nan" edge).
 NAN_ENTRIES = [
-    ("softmax_cross_entropy_with_integer_labels", (4, 5)),
-    ("softmax_cross_entropy_with_integer_labels", (64, 1024)),  # the large-input path
-    ("softmax_cross_entropy", (4, 5)),
+    ("softmax_cross_entropy_with_integer_labels", (64, 1024)),
     ("softmax_cross_entropy", (64, 1024)),
-    ("sigmoid_binary_cross_entropy", None),
-    ("sigmoid_focal_loss", None),
-    ("binary_cross_entropy", None),
 ]
 
 
@@ -477,29 +440,6 @@ def test_nan_logit_gives_nan_vocabulary_parallel_loss(nan_in_target_shard):
     assert np.all(np.isnan(losses["mean"])) and np.all(np.isnan(losses["sum"])), losses
     assert np.all(np.isnan(losses["none"][:, 2])), losses
     assert not np.any(np.isnan(np.delete(losses["none"], 2, axis=1))), losses
-
-
-@pytest.mark.jax_strict
-def test_nan_probability_gives_nan_entropy():
-    assert np.isnan(np.asarray(jbce.entropy(f32([NAN, 0.5, 0.5]))))
-    h = np.asarray(jbce.entropy(f32([[0.2, 0.8], [NAN, 0.5]])))
-    assert np.isfinite(h[0]) and np.isnan(h[1])
-
-
-@pytest.mark.jax_strict
-def test_nan_logit_gives_nan_kl_divergence():
-    labels = f32([[0.2, 0.3, 0.5], [0.2, 0.3, 0.5]])
-    logits = f32([[1.0, NAN, 0.0], [1.0, 2.0, 0.0]])
-    kl_values = np.asarray(kl(labels, logits))
-    assert np.isnan(kl_values[0]) and np.isfinite(kl_values[1])
-
-
-@pytest.mark.jax_strict
-def test_nan_logit_gives_nan_gan_losses():
-    ok, bad = f32([0.5, -1.0]), f32([0.5, NAN])
-    assert np.isnan(np.asarray(jbce.discriminator_loss(bad, ok)))
-    assert np.isnan(np.asarray(jbce.discriminator_loss(ok, bad)))
-    assert np.isnan(np.asarray(jbce.generator_loss(bad)))
 
 
 BAD_VALUES = (NAN, float("inf"))
@@ -607,7 +547,7 @@ def _narrow_problem(dtype, k, labels):
 @pytest.mark.parametrize(("dtype", "k", "labels"), NARROW, ids=NARROW_IDS)
 def test_narrow_integer_labels_count_as_written(dtype, k, labels):
     x, y = _narrow_problem(dtype, k, labels)
-    ref_loss, ref_grad = ref_int_ce_and_grad(x, np.asarray(labels), ignore_index=-(10**9))
+    ref_loss, ref_grad = ce_value_and_grad(x, np.asarray(labels), ignore_index=-(10**9))
     per_example, mean, grad = jax.jit(
         lambda x: (
             CE(x, y, reduction="none"),
@@ -628,7 +568,7 @@ def test_narrow_integer_labels_count_as_written_in_linear_loss(dtype, k, labels)
     w = f32(rng.normal(size=(3, k)))
     y = jnp.asarray(np.asarray(labels, dtype))
     logits = np64(h) @ np64(w)
-    ref_loss, ref_grad = ref_int_ce_and_grad(logits, np.asarray(labels), ignore_index=-(10**9))
+    ref_loss, ref_grad = ce_value_and_grad(logits, np.asarray(labels), ignore_index=-(10**9))
     per_example, mean, grad_h = jax.jit(
         lambda h: (
             LINEAR_CE(h, w, y, reduction="none"),
@@ -644,7 +584,7 @@ def test_narrow_integer_labels_count_as_written_in_linear_loss(dtype, k, labels)
 @pytest.mark.jax_strict
 def test_uint8_labels_still_honour_an_explicit_ignore_index():
     x, y = _narrow_problem("uint8", 200, (156, 3, 199, 0))
-    ref_loss, _ = ref_int_ce_and_grad(x, np.asarray([156, 3, 199, 0]), ignore_index=3)
+    ref_loss, _ = ce_value_and_grad(x, np.asarray([156, 3, 199, 0]), ignore_index=3)
     assert_close(CE(x, y, ignore_index=3, reduction="none"), ref_loss, rtol=1e-5, atol=1e-6)
     assert_close(CE(x, y, ignore_index=3), ref_loss.sum() / 3, rtol=1e-5)
 
@@ -765,7 +705,7 @@ def test_offset_logits_get_probabilities_as_accurate_as_optax(shape, kind):
     x = f32(rng.normal(size=shape) * 2 + 1e4)
     y = jnp.asarray(rng.integers(0, shape[1], size=shape[0]), jnp.int32)
     onehot = jax.nn.one_hot(y, shape[1], dtype=F32)
-    _, ref_grad = ref_int_ce_and_grad(x, y)  # from the float32 inputs, in float64
+    _, ref_grad = ce_value_and_grad(x, y)  # from the float32 inputs, in float64
     ref_p = ref_grad + np64(onehot)
     if kind == "integer":
         ours = jax.jit(jax.grad(lambda x: CE(x, y, reduction="sum")))(x)
@@ -794,7 +734,9 @@ def test_kl_divergence_mixed_float_dtypes_under_strict_promotion():
     logits = jnp.asarray(rng.normal(size=(3, 4)), jnp.float64)
     with jax.numpy_dtype_promotion("strict"):
         kl_values = kl(labels, logits)
-    assert_close(kl_values, ref_kl_divergence(np64(labels), np.asarray(logits)), rtol=1e-5)
+    assert_close(
+        kl_values, ref_kl_divergence(np.asarray(logits), np64(labels), reduction="none"), rtol=1e-5
+    )
 
 
 def _axis_entries():
@@ -880,7 +822,7 @@ def _list_case(entry, convert):
     if entry == "entropy":
         return jbce.entropy(c(PROBS)), ref_entropy(PROBS)
     if entry == "kl_divergence":
-        return kl(c(PROBS), c(LOGITS)), ref_kl_divergence(PROBS, LOGITS)
+        return kl(c(PROBS), c(LOGITS)), ref_kl_divergence(LOGITS, PROBS, reduction="none")
     if entry == "linear_softmax_cross_entropy":
         hid, w = [[1.0, -1.0], [0.5, 2.0]], [[1.0, 0.0, -1.0], [0.5, 0.5, 2.0]]
         ref = ref_softmax_cross_entropy_with_integer_labels(

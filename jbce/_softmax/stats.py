@@ -551,11 +551,13 @@ def stats_tangent(
         w, inc = _sum_weights(xm, wm, soft)
         parts = []
         if dx is not None:
-            parts.append(jnp.sum(coef(w) * dx, axis=-1))
+            parts.append(jnp.sum(coef(w * inc) * dx, axis=-1))
         if dweights is not None:
             shifted = inc * _finite_shifted(xm, stats.shift)
             parts.append(jnp.sum(coef(shifted) * dweights, axis=-1))
-            weight_sum = jnp.sum(coef(jnp.ones((), x.dtype) if soft else inc) * dweights, axis=-1)
+            # s and W over included classes: a target on a -inf class (0, or the loss is
+            # +inf) has no derivative, as the class is not in the softmax
+            weight_sum = jnp.sum(coef(inc) * dweights, axis=-1)
         logit_sum = sum(parts[1:], parts[0]) if parts else None
     return Stats(
         None, out(lse_dot), out(target), out(logit_sum), out(weight_sum), out(target_weight)

@@ -232,13 +232,14 @@ def _term_tangent(primals, saved, tangents, term: Term):
     dphi, dtheta_c = _phi_grads(kind, lg, th)
     coef = functools.partial(autodiff.keep_rows, rows)
     nrow = x.ndim - 1
-    u = xmul(a, jnp.broadcast_to(dphi, lg.shape))
+    # a class outside the softmax (-inf or masked) has no term: 0 here and in d/da below,
+    # so that no derivative of the map depends on its target or alpha
+    inc = _stats.included(x, mask)
+    u = jnp.where(inc, xmul(a, jnp.broadcast_to(dphi, lg.shape)), jnp.zeros((), dtype))
     # d/dx_j = u_j - p_j sum_c u_c (through l = x - m - lse)
     terms = [autodiff.contract(coef(u - p * jnp.sum(u, axis=-1, keepdims=True)), dlogits, nrow)]
     if dlabels is not None or dalpha is not None:
-        # d/da = phi(lg); a class outside the softmax (-inf or masked) gets 0, not the +inf
-        # slope.
-        inc = _stats.included(x, mask)
+        # d/da = phi(lg), 0 on a class outside the softmax, not the +inf slope
         if kind == "kl":  # d/dy [y (log y - lg)] = log y - lg + 1, log y clamped at the tiny
             tiny = jnp.finfo(dtype).tiny
             log_y = ly if ly is not None else jnp.log(jnp.maximum(y, tiny))
