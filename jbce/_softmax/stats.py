@@ -460,7 +460,7 @@ def logits_grad(
     dx, _ = softmax_grad(
         x, _col(stats.shift), _col(stats.lse), _col(g.lse),
         None if hit is None else (hit, _col(g.target)),
-        None if w is None else (_col(g.logit_sum), w),
+        None if w is None else (_col(g.logit_sum), w * inc),
     )  # fmt: skip
     if rows is not None:
         dx = jnp.where(_col(rows), dx, zero)
@@ -470,7 +470,7 @@ def logits_grad(
     if g.logit_sum is not None:
         dw = dw + _col(g.logit_sum) * inc * _finite_shifted(x, stats.shift)
     if g.weight_sum is not None:
-        dw = dw + _col(g.weight_sum) * (1 if soft else inc)
+        dw = dw + _col(g.weight_sum) * inc  # s and W: included classes only, as stats_tangent
     if g.target_weight is not None and labels is not None:
         dw = dw + jnp.where(_onehot(labels, x), _col(g.target_weight), zero)
     if rows is not None:

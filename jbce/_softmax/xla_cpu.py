@@ -9,15 +9,15 @@ reductions share (XLA materialises it for both). The formula flags a positive we
 ``w * (x == -inf)``; here the flag is the bound of the weighted sum's clamp,
 
 .. math::
-    s = \sum_c w_c \max\left(x_c - m, -F (1 + w_c F)\right)
+    s = \sum_c w_c \max\left(x_c - m, -F (1 + |w_c| F)\right)
 
 with :math:`F` the largest float: the bound is ``-F`` where ``w = 0`` (a ``-inf`` logit adds
 ``0 * -F = 0``, the formula's ``0 * inf = 0``) and ``-inf`` where ``w > 0`` (``w * -inf =
--inf``, the row flagged), and a finite ``x - m >= -F`` is never clamped: 6 operations per
-element, where a 0/1 flag made of ``sign``s cost 7 more and a ``log1p`` (``bench/NOTES.md``,
-section 25). The passes that read the logits a second time read them through an
-``optimization_barrier``, so that XLA does not merge their ``x - m`` (or a broadcast of ``m``)
-with the exp-sum's and materialise it.
+-inf``, the row flagged), and a finite ``x - m >= -F`` is never clamped, whatever the sign
+of ``w``: 7 operations per element, where a 0/1 flag made of ``sign``s cost 6 more and a
+``log1p`` (``bench/NOTES.md``, section 25). The passes that read the logits a second time
+read them through an ``optimization_barrier``, so that XLA does not merge their ``x - m`` (or
+a broadcast of ``m``) with the exp-sum's and materialise it.
 
 What it buys (4096 x 32768 float32 soft labels on the 2-core dev box; ``python -m bench --only
 ce_soft_4096 --dtypes float32``): the forward's temp from 1 GiB to 64 KiB (``bench/NOTES.md``,
@@ -100,8 +100,9 @@ def term_sum(kind, logits, labels, alpha, theta, shift, lse, dtype):
 
 def _floor(w, one):
     """Where a term ``w t`` clamps ``t`` from below: at ``-F`` for ``w = 0`` (so a ``-inf``
-    logit gives ``0 * -F = 0``, the formula's ``0 * inf = 0``) and at ``-inf`` for ``w > 0``
-    (``-F (1 + w F)`` overflows for any ``w`` XLA:CPU does not flush to 0), where the formula's
-    ``w * -inf`` is ``-inf``; a finite ``t >= -F`` is never clamped."""
+    logit gives ``0 * -F = 0``, the formula's ``0 * inf = 0``) and at ``-inf`` for ``w != 0``
+    (``-F (1 + |w| F)`` overflows for any ``w`` XLA:CPU does not flush to 0), where the
+    formula's ``w * -inf`` is ``-inf`` (``+inf`` for a negative weight, as a finite-difference
+    check makes); a finite ``t >= -F`` is never clamped, whatever the sign of ``w``."""
     big = jnp.finfo(w.dtype).max
-    return -big * (one + w * big)
+    return -big * (one + jnp.abs(w) * big)
