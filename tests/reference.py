@@ -11,7 +11,7 @@ same arguments and keyword options (the implementation options ``implementation`
   zero derivatives (no ``inf * 0``), and ``(1 - p) ** gamma`` is taken as 0 with zero
   derivative where ``1 - p`` is exactly 0 (the limit of every focal term there).
 * ``torch_*`` functions: the matching ``torch.nn.functional`` call in float64 (imported
-  lazily; callers ``pytest.importorskip("torch")`` first).
+  lazily).
 * :data:`TOLERANCE` / :func:`tolerance` / :func:`assert_close`: one tolerance per dtype.
 
 The semantics every reference shares:
@@ -811,7 +811,7 @@ def ref_linear_distillation_loss(
 
 
 # --------------------------------------------------------------------------------------
-# PyTorch oracles (float64). Call ``pytest.importorskip("torch")`` before using them.
+# PyTorch oracles (float64); torch is imported when one is called.
 # --------------------------------------------------------------------------------------
 
 

@@ -73,7 +73,6 @@ def test_docs_have_copy_buttons_and_the_wrapping_stylesheet():
 
 
 def test_ratio_chart_is_redrawn_when_the_bench_json_changes(tmp_path):
-    pytest.importorskip("matplotlib")
     import json
     import sys
 

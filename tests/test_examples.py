@@ -16,12 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("flax")
-pytest.importorskip("optax")
-pytest.importorskip("sklearn")
-pytest.importorskip("matplotlib")
-pytest.importorskip("tqdm")
-
 from examples import _data  # noqa: E402
 from tests import runtime_env  # noqa: E402
 
@@ -248,7 +242,6 @@ LM_TINY = (
 
 
 def test_language_model_trains_distils_and_reloads_its_teacher(tmp_path):
-    pytest.importorskip("tokenizers")
     from tokenizers import Tokenizer
 
     # Compiling (a dozen training steps, evaluations and samplers) is most of this test's time:
@@ -329,7 +322,6 @@ def test_language_model_trains_distils_and_reloads_its_teacher(tmp_path):
 
 
 def test_language_model_cache_is_the_flag_else_jbce_cache_dir_else_xdg(tmp_path, monkeypatch):
-    pytest.importorskip("tokenizers")
     from examples.language_model import parse_args
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
@@ -341,7 +333,6 @@ def test_language_model_cache_is_the_flag_else_jbce_cache_dir_else_xdg(tmp_path,
 
 
 def test_distillation_plot_names_the_divergence_beta_selects():
-    pytest.importorskip("tokenizers")
     from examples.language_model import divergence_name
 
     assert divergence_name(0.0) == "forward KL(teacher || student)"
@@ -363,7 +354,6 @@ def test_data_parallel_and_multihost_plot_their_runs_next_to_one_device(tmp_path
 
 
 def test_language_model_tokens_round_trip_and_windows_cover_each_target_once(tmp_path):
-    pytest.importorskip("tokenizers")
     texts = ["def f(x):\n    return x + 1\n", "import os\nprint(os.sep)  # ünïcode\n"] * 20
     tokenizer = _data.train_bpe(texts, 300)
     stream = _data.token_stream(tokenizer, texts[:2])

@@ -65,7 +65,8 @@ def test_gamma_zero_without_alpha_is_sigmoid_bce():
 @pytest.mark.parametrize("alpha", [None, 0.25])
 @pytest.mark.parametrize("gamma", GAMMAS)
 def test_none_reduction_is_a_drop_in_for_optax(gamma, alpha):
-    optax = pytest.importorskip("optax")
+    import optax
+
     x, y, *_ = _data(seed=2)
     got = focal(jnp.asarray(x), jnp.asarray(y), alpha=alpha, gamma=gamma, reduction="none")
     want = optax.sigmoid_focal_loss(jnp.asarray(x), jnp.asarray(y), alpha=alpha, gamma=gamma)

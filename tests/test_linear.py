@@ -311,7 +311,6 @@ def test_class_weights_match_materialised_loss_value_and_all_gradients(name):
 
 
 def test_class_weighted_mean_divides_by_the_kept_tokens_class_weights_like_pytorch():
-    pytest.importorskip("torch")
     h, w, b, y = make(12, 4, 9, ignore=(2, 7))
     cw = class_weights_for(9)
     got = jbce.linear_softmax_cross_entropy(

@@ -19,8 +19,6 @@ import pytest
 from tests import _once, matrix
 from tests._optax_suite import optax_test_ids
 
-pytest.importorskip("optax")
-
 ROOT = Path(__file__).resolve().parent.parent
 MODES = ("reverse", "forward")
 
