@@ -179,15 +179,16 @@ def ratio_chart(cases: list[dict], path: Path, *, env: dict | None = None) -> Pa
                 color="tab:green", va="bottom", ha="right")  # fmt: skip
     axes[-1, 0].set_xlabel("time of optax or PyTorch / time of jbce (log scale)")
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    top = 1 - 0.75 / (sum(heights) + 0.9)
+    inch = 1 / (sum(heights) + 0.9)  # one inch of the figure's height
+    top = 1 - 1.0 * inch  # the legend below the title line, the panels below the legend
     fig.legend(handles, labels, loc="upper center", ncol=2, fontsize=9,
-               bbox_to_anchor=(0.5, top + 0.35 / (sum(heights) + 0.9)))  # fmt: skip
+               bbox_to_anchor=(0.5, top + 0.55 * inch))  # fmt: skip
     if env:
         fig.suptitle(
             f"{env.get('command', '')}; {env.get('cpu', '')}, "
             f"{env.get('cpu_threads', '?')} threads; {env.get('date', '')[:10]}",
-            fontsize=8.5,
-        )
+            fontsize=8.5, y=1 - 0.1 * inch, va="top",
+        )  # fmt: skip
     fig.tight_layout(rect=(0, 0, 1, top))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, metadata={"Software": None})
