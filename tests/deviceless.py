@@ -19,7 +19,7 @@ It compiles, the two platforms side by side (XLA compiles outside the GIL):
 - ``distill``: the fused distillation loss at the bench shape on the H100 (float32
   value_and_grad) against the materialised JSD.
 
-Every other figure (HBM, temp, the targets of the performance issues) is ``python -m
+Every other figure (HBM, temp, the performance targets) is ``python -m
 bench.accelerators``'s report.
 """
 

@@ -40,7 +40,7 @@ CE = jbce.softmax_cross_entropy_with_integer_labels
 SOFT_CE = jbce.softmax_cross_entropy
 LINEAR_CE = jbce.linear_softmax_cross_entropy
 REDUCTIONS = ("mean", "sum", "none")
-# Strict dtype promotion; rank promotion allowed for the issue's own `h @ W + b`.
+# Strict dtype promotion; rank promotion allowed for the fused loss's `h @ W + b`.
 STRICT_DTYPES = pytest.mark.jax_strict(rank_promotion=False)
 BF16_EPS = 2.0**-8  # one bf16 ulp relative to the value (8 significand bits)
 

@@ -1,4 +1,4 @@
-"""The rest of the cross-entropy family (issue 12) against float64 references and their peers.
+"""The rest of the cross-entropy family against float64 references and their peers.
 
 ``nll_loss`` (torch ``F.nll_loss``), ``categorical_cross_entropy`` (a float64 reference and the
 Keras ``CategoricalCrossentropy(from_logits=False)`` formula), ``softmax_focal_loss`` and its
