@@ -57,9 +57,11 @@ def check(fn):
 
 
 def check_each_loss(fn):
-    """Runs ``fn(name, case)`` once per public loss, as checks ``fn_name[loss]``."""
-    for name, case in loss_cases().items():
-        record(f"{fn.__name__}[{name}]", fn, name, case)
+    """Runs ``fn(name, case)`` once per public loss, as checks ``fn_name[loss]``; builds no
+    case when imported (tests/test_parallel.py reads :data:`BATCH_COUPLED` from here)."""
+    if RUN:
+        for name, case in loss_cases().items():
+            record(f"{fn.__name__}[{name}]", fn, name, case)
     return fn
 
 
