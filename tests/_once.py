@@ -1,11 +1,12 @@
 """Scripts the suite runs once per pytest session, in the background, however many xdist
 workers share the session.
 
-A script's tests (the 8-device checks of ``tests/test_parallel.py``) read one JSON result;
-run per worker, the script ran once on each of them (~150-200 s each on 2 cores). Instead
-the first worker that collects a test needing it starts it (:func:`start`, from the
-``pytest_collection_modifyitems`` hook in ``tests/conftest.py``), detached from that
-worker, and every test that needs the result waits for it (:func:`result`). Meanwhile the
+A script's tests (the deviceless GPU/TPU compiles of ``tests/test_accelerators.py``, which
+need the accelerator environment's python; optax's own test file run against jbce by
+``tests/test_optax_suite.py``) read one JSON result; run per worker, the script
+would run once on each of them. Instead the first worker that collects a test needing it
+starts it (:func:`start`), detached from that worker, and every test that needs the result
+waits for it (:func:`result`). Meanwhile the
 workers run the other tests. The session's directory (:data:`RUN_DIR`, made by the xdist
 controller or the single pytest process and inherited through the environment) holds one
 ``<name>.started`` claim, the script's stdout and stderr and, when it has ended, its exit

@@ -4,7 +4,7 @@ Run by tests/test_parallel.py: ``python tests/_two_process_fused.py --out result
 launches two copies of itself (``--process-id 0/1``), which build a ``("data", "vocab")`` =
 ``(2, LOCAL_DEVICES)`` mesh over both processes: tokens over ``"data"`` (each process feeds
 its own rows), the weight's, bias' and class weights' vocabulary axis over each process'
-devices (one: vocabulary-parallel on many devices is tests/_parallel_checks.py's; with 2 or
+devices (one: vocabulary-parallel on many devices is tests/test_eight_devices.py's; with 2 or
 4 devices per process, XLA:CPU's gloo collectives timed out on a loaded 2-core box).
 Each process writes its shards of the values and gradients of
 

@@ -12,10 +12,11 @@
   switches both off, to tell such failures from others.
 * XLA compiles with LLVM's -O0 backend (``tests.FAST_COMPILE_FLAG``; ``JBCE_TEST_OPTIMIZED=1``
   keeps the default) on 8 host CPU devices (``tests.DEVICE_COUNT_FLAG``, for the matrix's
-  ``shard_map`` checks; ``JBCE_TEST_ONE_DEVICE=1`` keeps one); example and benchmark
+  ``shard_map`` rows and ``tests/test_eight_devices.py``; ``JBCE_TEST_ONE_DEVICE=1`` keeps
+  one); example and benchmark
   subprocesses run with XLA's defaults.
-* Scripts whose results several tests read (the 8-device checks) run once per session, in
-  the background, however many xdist workers there are (``tests/_once.py``).
+* Scripts whose results several tests read (the deviceless GPU/TPU compiles) run once per
+  session, in the background, however many xdist workers there are (``tests/_once.py``).
 * Hypothesis uses a deterministic, small profile (``jbce``) so the suite stays fast;
   ``HYPOTHESIS_PROFILE=thorough`` runs more examples.
 """
@@ -25,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -90,8 +90,6 @@ def pytest_unconfigure(config):
 
 @pytest.hookimpl(trylast=True)  # after -k / -m deselection: only the tests that will run
 def pytest_collection_modifyitems(config, items):
-    # The 8-device checks (tests/test_parallel.py's ``eight_devices`` fixture): started as
-    # soon as a worker knows a test needs them; the workers run other tests meanwhile.
     if config.option.collectonly:
         return
     if any("optax_suite" in getattr(item, "fixturenames", ()) for item in items):
@@ -99,14 +97,6 @@ def pytest_collection_modifyitems(config, items):
 
         for mode in MODES:  # optax's own tests against jbce (tests/test_optax_suite.py)
             start(mode)
-    if any("eight_devices" in getattr(item, "fixturenames", ()) for item in items):
-        _once.start(
-            "eight_devices",
-            [sys.executable, str(ROOT / "tests" / "_parallel_checks.py")],
-            env=dict(os.environ, JAX_PLATFORMS="cpu"),
-            cwd=ROOT,
-            limit=2400,
-        )
 
 
 @pytest.fixture(autouse=True)

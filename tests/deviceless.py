@@ -460,7 +460,7 @@ def pallas_shard_map_compile(
     ``platform``, with the other loss ``options`` (:data:`PALLAS_SHARD_MAP_OPTIONS`):
     ``{"pallas_calls": ..., "conditionals": ...}``. The kernels' outputs must carry the
     mesh-axis types there (interpret mode cannot check this: see
-    tests/_parallel_checks.py)."""
+    tests/test_eight_devices.py)."""
     import jax
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P

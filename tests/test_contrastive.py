@@ -3,9 +3,8 @@
 Every check is against the float64 dense reference of tests/reference.py
 (``ref_clip_loss``, ``ref_siglip_loss``: the ``[B, B]`` matrix, the textbook formulas), value
 and gradients w.r.t. x, y, scale and bias. Float64 unless a test says otherwise (conftest
-turns x64 on). The ring on several devices runs in a subprocess with 8 host devices
-(tests/_contrastive_devices.py), started in the background when this module's first test
-starts; its checks are the last tests here.
+turns x64 on). The ring on 1, 4 and 8 of the 8 host devices that tests/conftest.py forces
+is checked last.
 """
 
 from __future__ import annotations
@@ -20,9 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 import jbce
-from tests import FAST_COMPILE_FLAG, _once, reference
+from tests import reference
 
 pytestmark = pytest.mark.jax_strict
 
@@ -316,39 +317,129 @@ def test_retrieval_example_trains_both_losses_and_its_ring_run_repeats_one_devic
     assert (out / "retrieval.png").read_bytes()[:4] == b"\x89PNG"
 
 
-# --- 8 host devices: shard_map (check_vma on and off), pmap, 1/4/8 devices, memory ----------
-DEVICE_CHECKS = [
-    "clip_8_devices_duplicate_ids_overlapping_tiles",
-    "siglip_8_devices_duplicate_ids_overlapping_tiles",
-    "clip_4_devices_diagonal_check_vma_false",
-    "siglip_1_device_mesh",
-    "siglip_one_row_per_device",
-    "siglip_pmap_gradients_are_n_times_their_share_and_pmean_gives_the_global_ones",
-    "temp_per_device_does_not_grow_with_devices",
-]
-_SCRIPT = "contrastive_devices"
+# --- 8 host devices (tests/conftest.py): shard_map (check_vma on and off), pmap, 1/4/8 devices,
+# memory; the ring against the float64 dense reference, value and gradients in x, y, scale, bias
+D = 5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _start_device_checks(request):
-    # In the background from this module's first test on, if a device check will run.
-    if any("device_checks" in item.fixturenames for item in request.session.items):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAG}".strip()
-        argv = [sys.executable, str(ROOT / "tests" / "_contrastive_devices.py")]
-        _once.start(_SCRIPT, argv, env=env, cwd=ROOT, limit=900)
+@pytest.fixture
+def eight_devices():
+    if jax.device_count() < 8:  # only with JBCE_TEST_ONE_DEVICE=1 (tests/conftest.py)
+        pytest.skip("needs 8 devices; tests/conftest.py forces them unless told not to")
 
 
-@pytest.fixture(scope="module")
-def device_checks():
-    return _once.result(_SCRIPT, limit=900)
+def device_problem(b_total, ids=True, seed=0):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(b_total, D)))
+    y = jnp.asarray(rng.normal(size=(b_total, D)))
+    pair_ids = jnp.asarray(rng.integers(0, max(1, b_total // 2), size=b_total)) if ids else None
+    return x, y, pair_ids
 
 
-def test_every_device_check_is_reported(device_checks):
-    assert set(device_checks) == set(DEVICE_CHECKS)
+def ring_losses(name, ids, chunk_size):
+    """(ring loss of this device's shards, float64 dense reference of the whole batch)."""
+    if name == "clip":
+
+        def local(x, y, s, b, i):
+            return jbce.clip_loss(x, y, scale=s, ids=i, batch_axis_name="d", chunk_size=chunk_size)
+
+        def ref(x, y, s, b):
+            return reference.ref_clip_loss(x, y, scale=s, ids=ids, xp=jnp)
+    else:
+
+        def local(x, y, s, b, i):
+            return jbce.siglip_loss(
+                x, y, scale=s, bias=b, ids=i, batch_axis_name="d", chunk_size=chunk_size
+            )
+
+        def ref(x, y, s, b):
+            return reference.ref_siglip_loss(x, y, scale=s, bias=b, ids=ids, xp=jnp)
+
+    return local, ref
 
 
-@pytest.mark.parametrize("name", DEVICE_CHECKS)
-def test_ring_on_host_devices(device_checks, name):
-    result = device_checks[name]
-    assert result["ok"], result["detail"]
+def close_f64(got, want, what):
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+        scale = max(1e-300, float(np.max(np.abs(w), initial=0.0)))
+        np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12 * scale, err_msg=what)
+
+
+def through_shard_map(name, devices, b_total, *, ids=True, chunk_size=None, check_vma=True):
+    """value_and_grad of the shard_map-ed ring loss equals the unsharded reference's."""
+    x, y, pair_ids = device_problem(b_total, ids)
+    local, ref = ring_losses(name, pair_ids, chunk_size)
+    mesh = Mesh(np.array(jax.devices()[:devices]), ("d",))
+    specs = (P("d"), P("d"), P(), P(), None if pair_ids is None else P("d"))
+    f = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=check_vma)
+    vag = jax.value_and_grad(lambda x, y, s, b: f(x, y, s, b, pair_ids), (0, 1, 2, 3))
+    got = jax.jit(vag)(x, y, SCALE, BIAS)
+    want = jax.value_and_grad(ref, (0, 1, 2, 3))(x, y, SCALE, BIAS)
+    if name == "clip":  # no bias
+        got, want = (got[0], got[1][:3]), (want[0], want[1][:3])
+    close_f64(got, want, f"{name} on {devices} devices")
+
+
+@pytest.mark.usefixtures("eight_devices")
+def test_clip_8_devices_duplicate_ids_overlapping_tiles():
+    through_shard_map("clip", 8, 24, chunk_size=2)  # 3 rows a device, tiles of 2 overlap
+
+
+@pytest.mark.usefixtures("eight_devices")
+def test_siglip_8_devices_duplicate_ids_overlapping_tiles():
+    through_shard_map("siglip", 8, 24, chunk_size=2)
+
+
+@pytest.mark.usefixtures("eight_devices")
+def test_clip_4_devices_diagonal_check_vma_false():
+    through_shard_map("clip", 4, 20, ids=False, check_vma=False)
+
+
+@pytest.mark.usefixtures("eight_devices")
+def test_siglip_1_device_mesh():
+    through_shard_map("siglip", 1, 7)
+
+
+@pytest.mark.usefixtures("eight_devices")
+def test_siglip_one_row_per_device():
+    through_shard_map("siglip", 8, 8)
+
+
+@pytest.mark.usefixtures("eight_devices")
+def test_siglip_pmap_gradients_are_n_times_their_share_and_pmean_gives_the_global_ones():
+    n, b = 8, 2
+    x, y, pair_ids = device_problem(n * b)
+    local, ref = ring_losses("siglip", pair_ids, None)
+
+    def step(x, y, s, t, i):
+        loss, grads = jax.value_and_grad(local, (0, 1, 2, 3))(x, y, s, t, i)
+        return loss, grads, jax.lax.pmean(grads[2:], "d")
+
+    shard = lambda a: a.reshape(n, b, *a.shape[1:])
+    loss, (gx, gy, _, _), params_mean = jax.pmap(step, "d", in_axes=(0, 0, None, None, 0))(
+        shard(x), shard(y), SCALE, BIAS, shard(pair_ids)
+    )
+    want, (rx, ry, rs, rb) = jax.value_and_grad(ref, (0, 1, 2, 3))(x, y, SCALE, BIAS)
+    close_f64(loss, np.full(n, want), "the global loss on every device")
+    # Under pmap the transpose of the loss's psum is a psum: each device gets n times the
+    # global loss's gradient for its rows (and n times its share of d scale and d bias).
+    close_f64((gx.reshape(-1, D) / n, gy.reshape(-1, D) / n), (rx, ry), "d x, d y")
+    close_f64(params_mean, (np.full(n, rs), np.full(n, rb)), "pmean of d scale, d bias")
+
+
+@pytest.mark.usefixtures("eight_devices")
+def test_temp_per_device_does_not_grow_with_devices():
+    b, d = 512, 32
+    temps = {}
+    for devices in (4, 8):
+        mesh = Mesh(np.array(jax.devices()[:devices]), ("d",))
+        f = jax.shard_map(
+            lambda x, y, s: jbce.clip_loss(x, y, scale=s, batch_axis_name="d"),
+            mesh=mesh, in_specs=(P("d"), P("d"), P()), out_specs=P(),
+        )  # fmt: skip
+        spec = [jax.ShapeDtypeStruct((devices * b, d), jnp.float32)] * 2
+        spec.append(jax.ShapeDtypeStruct((), jnp.float32))
+        c = jax.jit(jax.value_and_grad(f, (0, 1, 2))).lower(*spec).compile()
+        temps[devices] = c.memory_analysis().temp_size_in_bytes
+        assert "conditional" not in c.as_text()
+    assert temps[8] <= temps[4], temps

@@ -2,12 +2,11 @@
 
 Three kinds of tests:
 
-* in this process (one device): the vocabulary-parallel loss simulated with
+* in this process: the vocabulary-parallel loss simulated with
   ``jax.vmap(..., axis_name=...)`` over shards, its residuals, and its argument checks;
-* on 8 forced host devices: ``tests/_parallel_checks.py`` runs once per session in a
-  background subprocess (``tests/_once.py``; the XLA flag must be set before jax starts, and
-  this process must keep one device); each of its checks (shard_map, pmap, jit with
-  NamedSharding, 2-D meshes) becomes one test here;
+* the data-parallel example and the parallel benchmark, as a user runs them, on 8 devices
+  (the shard_map, pmap and NamedSharding checks of every loss are
+  ``tests/test_eight_devices.py``);
 * multi-host: ``examples/multihost.py`` launched as 2 processes x 4 CPU devices talking over
   gloo on 127.0.0.1, compared with the same training run on one device.
 """
@@ -28,8 +27,6 @@ import pytest
 import jbce
 from jbce._core.sharding import psum_to_like
 from jbce._softmax.stats import block_stats, combine_over_axis
-from tests import _once
-from tests._parallel_checks import BATCH_COUPLED
 
 pytestmark = pytest.mark.no_x64
 
@@ -198,84 +195,7 @@ def test_psum_to_like_is_identity_outside_shard_map():
     assert psum_to_like(g, g) is g
 
 
-# --- 8 forced host devices, in a subprocess --------------------------------------------------
-VOCAB_CHECKS = [
-    "vocab_parallel_options_match_unsharded",
-    "vocab_parallel_masks_and_weights_match_unsharded",
-    "vocab_parallel_row_without_classes_has_zero_loss_and_gradient",
-    "vocab_parallel_out_of_range_label_is_nan_like_unsharded",
-    "vocab_parallel_never_gathers_logits",
-    "vocab_parallel_under_pmap_gives_unsharded_gradients",
-    "vocab_parallel_bf16_logits_keep_dtype",
-    "vocab_parallel_over_a_tuple_of_axes_matches_unsharded",
-    "linear_vocab_parallel_matches_unsharded",
-    "linear_pallas_kernels_under_shard_map_match_unsharded",
-    "linear_log_probs_vocab_parallel_matches_unsharded",
-    "linear_class_weights_data_and_vocab_parallel_give_global_mean",
-    "data_and_vocab_parallel_2d_mesh_gives_global_mean",
-]
-DATA_CHECKS = (
-    [
-        f"{check}[{loss}]"
-        for check in (
-            "loss_under_pmap_matches_unsharded",
-            "loss_under_jit_with_batch_sharding_matches_unsharded",
-            "shard_map_psum_of_partial_sums_gives_global_mean",
-        )
-        for loss in jbce.__all__
-        if loss not in BATCH_COUPLED
-    ]
-    + [
-        f"{check}[{loss}]"
-        for check in (
-            "batch_axis_name_gives_global_mean",
-            "micro_batches_with_normalizer_add_up_to_full_batch",
-        )
-        for loss in jbce.__all__
-        if loss not in ("entropy", "linear_log_probs")  # no reduction
-        and loss not in BATCH_COUPLED
-    ]
-    + [
-        "micro_batches_with_class_weights_use_the_summed_target_weight",
-        "kl_batchmean_with_batch_axis_name_divides_by_the_global_batch",
-    ]
-)
-
-
-@pytest.fixture(scope="module")
-def eight_devices():
-    # Started once per session by tests/conftest.py, as soon as a test needing it is collected.
-    return _once.result("eight_devices", limit=2400)
-
-
-def test_eight_device_checks_are_all_reported(eight_devices):
-    assert set(eight_devices) == set(VOCAB_CHECKS) | set(DATA_CHECKS)
-
-
-@pytest.mark.parametrize("name", VOCAB_CHECKS)
-def test_vocab_parallel_on_eight_devices(eight_devices, name):
-    result = eight_devices[name]
-    assert result["ok"], result["detail"]
-
-
-# Known bugs of the 8-device checks get a strict xfail here (name -> reason).
-KNOWN_BUGS: dict[str, str] = {}
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[n]))
-        if n in KNOWN_BUGS
-        else n
-        for n in DATA_CHECKS
-    ],
-)
-def test_data_parallel_on_eight_devices(eight_devices, name):
-    result = eight_devices[name]
-    assert result["ok"], result["detail"]
-
-
+# --- the examples and benchmark on 8 devices, in subprocesses -----------------------------
 def test_data_parallel_example_matches_single_device(tmp_path):
     out = tmp_path / "metrics.json"
     proc = subprocess.run(

@@ -1,68 +1,43 @@
-"""Checks that need 8 devices, run in a subprocess by tests/test_parallel.py.
+"""Vocabulary-parallel and data-parallel behaviour of the losses on 8 host CPU devices
+(``tests/conftest.py`` forces them): ``shard_map``, ``pmap``, ``jit`` with ``NamedSharding``
+and 2-D meshes, each compared with the unsharded loss on one device.
 
-The XLA flag forcing 8 host devices must be set before jax is imported, and the main
-pytest process must keep its single device, hence a separate interpreter. Prints one JSON
-object ``{check name: {"ok": bool, "detail": str}}`` on its last stdout line; the pytest
-side turns each entry into a test. Run by hand: ``python tests/_parallel_checks.py``.
+Every public loss runs under pmap, batch-sharded jit and shard_map with psum-ed partial sums,
+and (the losses that reduce) with ``batch_axis_name`` and micro-batches with ``normalizer``.
+The contrastive losses couple every row with every other; their ring is checked in
+``tests/test_contrastive.py``. ``pytest tests/test_eight_devices.py -k pmap`` runs a part.
 """
 
 from __future__ import annotations
 
-import os
+import functools
+from functools import partial
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-import json  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import traceback  # noqa: E402
-from functools import partial  # noqa: E402
+import jbce
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import Mesh, NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
-
-import jbce  # noqa: E402
-
+pytestmark = pytest.mark.no_x64
 N_DEV = 8
-RESULTS: dict[str, dict] = {}
-# By hand, JBCE_PARALLEL_ONLY=<prefix> runs only the checks whose names start with it.
-ONLY = os.environ.get("JBCE_PARALLEL_ONLY", "")
-# The checks run when this file runs as a script; importing it (pytest's doctest collection
-# imports every module under tests/) must not run them on the importer's devices.
-RUN = __name__ == "__main__"
 
 
-def record(name, fn, *args):
-    """Runs ``fn(*args)``; an exception marks the check failed with its traceback."""
-    if not RUN or not name.startswith(ONLY):
-        return
-    t0 = time.perf_counter()
-    try:
-        fn(*args)
-        RESULTS[name] = {"ok": True, "detail": ""}
-    except Exception:  # noqa: BLE001 - every failure is reported, not raised
-        RESULTS[name] = {"ok": False, "detail": traceback.format_exc()[-3000:]}
-    RESULTS[name]["seconds"] = round(time.perf_counter() - t0, 2)
+@pytest.fixture(autouse=True)
+def _eight_devices():
+    if jax.device_count() < N_DEV:  # only with JBCE_TEST_ONE_DEVICE=1 (tests/conftest.py)
+        pytest.skip(f"needs {N_DEV} devices; tests/conftest.py forces them unless told not to")
 
 
-def check(fn):
-    """Registers and runs a check named after the function."""
-    record(fn.__name__, fn)
-    return fn
+def vocab_mesh():
+    return Mesh(np.array(jax.devices()[:N_DEV]), ("vocab",))
 
 
-def check_each_loss(fn):
-    """Runs ``fn(name, case)`` once per public loss, as checks ``fn_name[loss]``; builds no
-    case when imported (tests/test_parallel.py reads :data:`BATCH_COUPLED` from here)."""
-    if RUN:
-        for name, case in loss_cases().items():
-            record(f"{fn.__name__}[{name}]", fn, name, case)
-    return fn
+def data_mesh():
+    return Mesh(np.array(jax.devices()[:N_DEV]), ("data",))
 
 
 def close(got, ref, rtol=1e-5, what=""):
@@ -73,26 +48,25 @@ def close(got, ref, rtol=1e-5, what=""):
         np.testing.assert_allclose(g, r, rtol=rtol, atol=rtol * scale, err_msg=what)
 
 
-RNG = np.random.default_rng(0)
 B, K = 16, 64  # K_local = 8 on 8 shards
 
 
-def int_ce_case(*, ignore=True, neg_inf=False):
-    logits = RNG.normal(size=(B, K)).astype(np.float32) * 3
-    labels = RNG.integers(0, K, size=B).astype(np.int32)
+def int_ce_case(*, ignore=True, neg_inf=False, seed=0):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(B, K)).astype(np.float32) * 3
+    labels = rng.integers(0, K, size=B).astype(np.int32)
     if ignore:
         labels[[1, 5, 6]] = -100
     if neg_inf:
         logits[2, 10:50] = -np.inf
         labels[2] = 60  # its target stays possible
-    cw = RNG.uniform(0.5, 2.0, size=K).astype(np.float32)
+    cw = rng.uniform(0.5, 2.0, size=K).astype(np.float32)
     return jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(cw)
 
 
 # ---------------------------------------------------------------------------------------
 # 1. Vocabulary-parallel integer CE: value and gradients equal the unsharded loss.
 # ---------------------------------------------------------------------------------------
-VOCAB_MESH = Mesh(np.array(jax.devices()), ("vocab",))
 OPTION_SETS = {
     "plain": {},
     "smoothing_class_weights": {"label_smoothing": 0.1, "class_weights": True},
@@ -113,9 +87,10 @@ def vocab_parallel_vs_unsharded(opts, reduction, *, where_kind=None, neg_inf=Fal
     )
     opts = dict(opts)
     use_cw = opts.pop("class_weights", False)
-    weights = jnp.asarray(RNG.uniform(0.5, 1.5, size=B).astype(np.float32))
-    ex_where = jnp.asarray(RNG.uniform(size=B) > 0.2)
-    logit_where = jnp.asarray(RNG.uniform(size=(B, K)) > 0.3)
+    rng = np.random.default_rng(1)
+    weights = jnp.asarray(rng.uniform(0.5, 1.5, size=B).astype(np.float32))
+    ex_where = jnp.asarray(rng.uniform(size=B) > 0.2)
+    logit_where = jnp.asarray(rng.uniform(size=(B, K)) > 0.3)
     extra = {}
     if where_kind == "example":
         extra = {"where": ex_where, "weights": weights}
@@ -132,7 +107,7 @@ def vocab_parallel_vs_unsharded(opts, reduction, *, where_kind=None, neg_inf=Fal
 
     @partial(
         jax.shard_map,
-        mesh=VOCAB_MESH,
+        mesh=vocab_mesh(),
         in_specs=(logit_spec, P("vocab"), P(), where_spec, P()),
         out_specs=P(),
     )
@@ -164,8 +139,7 @@ def vocab_parallel_vs_unsharded(opts, reduction, *, where_kind=None, neg_inf=Fal
         close(jax.jit(sh_loss)(logits, cw), ref_loss(logits, cw), what="per-example")
 
 
-@check
-def vocab_parallel_options_match_unsharded():
+def test_vocab_parallel_options_match_unsharded():
     for name, opts in OPTION_SETS.items():
         for reduction in ("mean", "none") if name == "everything" else ("mean",):
             try:
@@ -174,15 +148,13 @@ def vocab_parallel_options_match_unsharded():
                 raise AssertionError(f"option set {name}, reduction {reduction}") from e
 
 
-@check
-def vocab_parallel_masks_and_weights_match_unsharded():
+def test_vocab_parallel_masks_and_weights_match_unsharded():
     vocab_parallel_vs_unsharded({}, "mean", where_kind="example", neg_inf=True)
     opts = {"label_smoothing": 0.1, "class_weights": True}
     vocab_parallel_vs_unsharded(opts, "sum", where_kind="logit", neg_inf=True)
 
 
-@check
-def vocab_parallel_row_without_classes_has_zero_loss_and_gradient():
+def test_vocab_parallel_row_without_classes_has_zero_loss_and_gradient():
     # Checked against the documented behaviour rather than the unsharded path.
     logits, labels, _ = int_ce_case()
     logits = logits.at[3].set(-jnp.inf)
@@ -193,7 +165,7 @@ def vocab_parallel_row_without_classes_has_zero_loss_and_gradient():
             lambda x, m: jbce.softmax_cross_entropy_with_integer_labels(
                 x, labels, where=m, label_smoothing=0.1, reduction=reduction, axis_name="vocab"
             ),
-            mesh=VOCAB_MESH, in_specs=(P(None, "vocab"), P(None, "vocab")), out_specs=P(),
+            mesh=vocab_mesh(), in_specs=(P(None, "vocab"), P(None, "vocab")), out_specs=P(),
         )  # fmt: skip
         return f(x, where)
 
@@ -210,15 +182,14 @@ def vocab_parallel_row_without_classes_has_zero_loss_and_gradient():
     close(per[rows], ref)
 
 
-@check
-def vocab_parallel_out_of_range_label_is_nan_like_unsharded():
+def test_vocab_parallel_out_of_range_label_is_nan_like_unsharded():
     logits, labels, _ = int_ce_case()
     labels = labels.at[0].set(K)  # out of the global range: NaN for that example
     f = jax.shard_map(
         lambda x, y: jbce.softmax_cross_entropy_with_integer_labels(
             x, y, reduction="none", axis_name="vocab"
         ),
-        mesh=VOCAB_MESH, in_specs=(P(None, "vocab"), P()), out_specs=P(),
+        mesh=vocab_mesh(), in_specs=(P(None, "vocab"), P()), out_specs=P(),
     )  # fmt: skip
     got = np.asarray(jax.jit(f)(logits, labels))
     ref = np.asarray(
@@ -228,14 +199,13 @@ def vocab_parallel_out_of_range_label_is_nan_like_unsharded():
     close(got[1:], ref[1:])
 
 
-@check
-def vocab_parallel_never_gathers_logits():
+def test_vocab_parallel_never_gathers_logits():
     logits, labels, _ = int_ce_case()
 
     def loss(x):
         f = jax.shard_map(
             lambda x, y: jbce.softmax_cross_entropy_with_integer_labels(x, y, axis_name="vocab"),
-            mesh=VOCAB_MESH, in_specs=(P(None, "vocab"), P()), out_specs=P(),
+            mesh=vocab_mesh(), in_specs=(P(None, "vocab"), P()), out_specs=P(),
         )  # fmt: skip
         return f(x, labels)
 
@@ -244,8 +214,7 @@ def vocab_parallel_never_gathers_logits():
     assert "all-reduce" in hlo, "expected the statistics to be all-reduced"
 
 
-@check
-def vocab_parallel_under_pmap_gives_unsharded_gradients():
+def test_vocab_parallel_under_pmap_gives_unsharded_gradients():
     # pmap transposes psum differently from shard_map; the custom VJP must not care.
     logits, labels, cw = int_ce_case()
     opts = {"label_smoothing": 0.1, "z_loss": 1e-3}
@@ -273,13 +242,12 @@ def vocab_parallel_under_pmap_gives_unsharded_gradients():
     close(gw.reshape(K), rw)
 
 
-@check
-def vocab_parallel_bf16_logits_keep_dtype():
+def test_vocab_parallel_bf16_logits_keep_dtype():
     logits, labels, _ = int_ce_case()
     x16 = logits.astype(jnp.bfloat16)
     f = jax.shard_map(
         lambda x: jbce.softmax_cross_entropy_with_integer_labels(x, labels, axis_name="vocab"),
-        mesh=VOCAB_MESH, in_specs=P(None, "vocab"), out_specs=P(),
+        mesh=vocab_mesh(), in_specs=P(None, "vocab"), out_specs=P(),
     )  # fmt: skip
     val, g = jax.jit(jax.value_and_grad(f))(x16)
     ref, rg = jax.jit(jax.value_and_grad(jbce.softmax_cross_entropy_with_integer_labels))(
@@ -290,8 +258,7 @@ def vocab_parallel_bf16_logits_keep_dtype():
     close(g.astype(jnp.float32), rg.astype(jnp.float32), rtol=1e-2)
 
 
-@check
-def vocab_parallel_over_a_tuple_of_axes_matches_unsharded():
+def test_vocab_parallel_over_a_tuple_of_axes_matches_unsharded():
     # Classes sharded over two mesh axes at once: P(None, ("x", "y")), axis_name=("x", "y").
     logits, labels, cw = int_ce_case()
     mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("x", "y"))
@@ -315,8 +282,7 @@ def vocab_parallel_over_a_tuple_of_axes_matches_unsharded():
     close(got, ref)
 
 
-@check
-def linear_vocab_parallel_matches_unsharded():
+def test_linear_vocab_parallel_matches_unsharded():
     # The fused linear loss with the weight's vocabulary axis sharded: value and the
     # gradients of hidden (replicated over "vocab") and of the weight shards.
     rng = np.random.default_rng(3)
@@ -326,7 +292,7 @@ def linear_vocab_parallel_matches_unsharded():
     kw = {"label_smoothing": 0.1, "z_loss": 1e-3, "logit_softcap": 6.0}
     f = jax.shard_map(
         lambda h, w: jbce.linear_softmax_cross_entropy(h, w, labels, axis_name="vocab", **kw),
-        mesh=VOCAB_MESH, in_specs=(P(), P(None, "vocab")), out_specs=P(),
+        mesh=vocab_mesh(), in_specs=(P(), P(None, "vocab")), out_specs=P(),
     )  # fmt: skip
     got = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(h, w)
     ref = jax.jit(
@@ -392,8 +358,7 @@ def _linear_pallas_under_shard_map(h, w, labels, cw, mesh, kw):
         close((val, tuple(grads)), ref, what=f"{platform} {kw}")
 
 
-@check
-def linear_pallas_kernels_under_shard_map_match_unsharded():
+def test_linear_pallas_kernels_under_shard_map_match_unsharded():
     # implementation="pallas", both kernel sets in interpret mode, inside shard_map on a
     # ("data", "vocab") = (2, 4) mesh: class weights over "vocab", the global PyTorch mean
     # over "data" through batch_axis_name; value and d hidden, d weight, d class_weights,
@@ -420,8 +385,7 @@ def _materialised_log_probs(h, w, b, y, t):
     return jnp.take_along_axis(ls, y[:, None], axis=-1)[:, 0], ent
 
 
-@check
-def linear_log_probs_vocab_parallel_matches_unsharded():
+def test_linear_log_probs_vocab_parallel_matches_unsharded():
     # linear_log_probs with the weight's (and bias') vocabulary axis sharded over 8 devices,
     # a -inf bias class and a traced temperature: both outputs and the gradients of hidden
     # (replicated), weight and bias shards and temperature.
@@ -436,7 +400,7 @@ def linear_log_probs_vocab_parallel_matches_unsharded():
         lambda h, w, b, t: jbce.linear_log_probs(
             h, w, labels, bias=b, temperature=t, chunk_size=3, axis_name="vocab"
         ),
-        mesh=VOCAB_MESH, in_specs=(P(), P(None, "vocab"), P("vocab"), P()), out_specs=P(),
+        mesh=vocab_mesh(), in_specs=(P(), P(None, "vocab"), P("vocab"), P()), out_specs=P(),
     )  # fmt: skip
     close(jax.jit(sharded)(h, w, b, t), _materialised_log_probs(h, w, b, labels, t))
     got = jax.jit(jax.value_and_grad(lambda *a: _lp_objective(*sharded(*a)), (0, 1, 2, 3)))(
@@ -455,8 +419,7 @@ def linear_log_probs_vocab_parallel_matches_unsharded():
     assert "all-gather" not in hlo.compile().as_text(), "linear_log_probs gathers something"
 
 
-@check
-def linear_class_weights_data_and_vocab_parallel_give_global_mean():
+def test_linear_class_weights_data_and_vocab_parallel_give_global_mean():
     # The fused loss with class weights on a ("data", "vocab") = (2, 4) mesh: tokens over
     # "data", weight columns and class weights over "vocab"; the global PyTorch mean is
     # psum(sum) / psum(the class weights of the kept tokens' labels).
@@ -486,13 +449,12 @@ def linear_class_weights_data_and_vocab_parallel_give_global_mean():
         lambda h, w, c: jbce.linear_softmax_cross_entropy(
             h, w, labels, class_weights=c, axis_name="vocab", **kw
         ),
-        mesh=VOCAB_MESH, in_specs=(P(), P(None, "vocab"), P("vocab")), out_specs=P(),
+        mesh=vocab_mesh(), in_specs=(P(), P(None, "vocab"), P("vocab")), out_specs=P(),
     )  # fmt: skip
     close(jax.jit(jax.value_and_grad(mean, (0, 1, 2)))(h, w, cw), ref)
 
 
-@check
-def data_and_vocab_parallel_2d_mesh_gives_global_mean():
+def test_data_and_vocab_parallel_2d_mesh_gives_global_mean():
     # Batch over "data" (2), classes over "vocab" (4): per-shard sums and counts are
     # psum-ed over "data"; ignored tokens are counted globally.
     logits, labels, cw = int_ce_case()
@@ -529,27 +491,32 @@ def data_and_vocab_parallel_2d_mesh_gives_global_mean():
 # ---------------------------------------------------------------------------------------
 # The contrastive losses couple every row with every other (a B x B similarity matrix): per-shard
 # sums do not add up to them. Their ring on 1, 4 and 8 devices is checked against the float64
-# dense reference by tests/_contrastive_devices.py.
+# dense reference in tests/test_contrastive.py.
 BATCH_COUPLED = frozenset({"clip_loss", "siglip_loss"})
+# Every public loss but the batch-coupled ones; and those of them that reduce (entropy and
+# linear_log_probs return per-row values: nothing to reduce, no batch_axis_name).
+EACH_LOSS = [name for name in jbce.__all__ if name not in BATCH_COUPLED]
+REDUCED_LOSSES = [name for name in EACH_LOSS if name not in ("entropy", "linear_log_probs")]
 
 
+@functools.cache
 def loss_cases():
     """name -> (loss(*args, **kw), args with batch axis 0, kwargs, where for the count or None).
 
     ``args[0]`` is differentiated. ``where`` masks (unevenly spread over the 8 shards) are
     passed only to losses that take them; the list below is every public loss.
     """
-    n = B
-    x = RNG.normal(size=(n, 5)).astype(np.float32) * 2
-    y = (RNG.uniform(size=(n, 5)) > 0.5).astype(np.float32)
-    probs = RNG.uniform(0.01, 0.99, size=(n, 5)).astype(np.float32)
-    where = RNG.uniform(size=(n, 5)) > 0.3
+    n, rng = B, np.random.default_rng(2)
+    x = rng.normal(size=(n, 5)).astype(np.float32) * 2
+    y = (rng.uniform(size=(n, 5)) > 0.5).astype(np.float32)
+    probs = rng.uniform(0.01, 0.99, size=(n, 5)).astype(np.float32)
+    where = rng.uniform(size=(n, 5)) > 0.3
     where[:4] = False  # two whole shards contribute nothing
-    logits = RNG.normal(size=(n, 7)).astype(np.float32)
-    soft = RNG.dirichlet(np.ones(7), size=n).astype(np.float32)
-    ex_where = RNG.uniform(size=n) > 0.3
+    logits = rng.normal(size=(n, 7)).astype(np.float32)
+    soft = rng.dirichlet(np.ones(7), size=n).astype(np.float32)
+    ex_where = rng.uniform(size=n) > 0.3
     ex_where[:3] = False  # and the first micro-batch of MICRO neither
-    labels = RNG.integers(0, 7, size=n).astype(np.int32)
+    labels = rng.integers(0, 7, size=n).astype(np.int32)
     labels[[0, 1, 2, 3, 5, 9]] = -100  # uneven: shards 0 and 1 are fully ignored
     cases = {
         "sigmoid_binary_cross_entropy": (
@@ -579,15 +546,15 @@ def loss_cases():
             jbce.poly_loss_cross_entropy, (logits, soft), {"epsilon": 1.0}, ex_where),
     }  # fmt: skip
     if hasattr(jbce, "linear_softmax_cross_entropy"):
-        h = RNG.normal(size=(n, 6)).astype(np.float32)
-        w = RNG.normal(size=(6, 7)).astype(np.float32)
+        h = rng.normal(size=(n, 6)).astype(np.float32)
+        w = rng.normal(size=(6, 7)).astype(np.float32)
         cases["linear_softmax_cross_entropy"] = (
             lambda hh, yy, **kw: jbce.linear_softmax_cross_entropy(hh, jnp.asarray(w), yy, **kw),
             (h, labels), {"label_smoothing": 0.1}, labels != -100,
         )  # fmt: skip
     if hasattr(jbce, "linear_log_probs"):  # per-token outputs: no reduction, valid labels
-        h = RNG.normal(size=(n, 6)).astype(np.float32)
-        w = RNG.normal(size=(6, 7)).astype(np.float32)
+        h = rng.normal(size=(n, 6)).astype(np.float32)
+        w = rng.normal(size=(6, 7)).astype(np.float32)
         cases["linear_log_probs"] = (
             lambda hh, yy: (lambda lp, ent: lp + 0.5 * ent)(
                 *jbce.linear_log_probs(hh, jnp.asarray(w), yy)
@@ -595,8 +562,8 @@ def loss_cases():
             (h, np.maximum(labels, 0)), None, None,
         )  # fmt: skip
     if hasattr(jbce, "linear_distillation_loss"):
-        hs, hts = RNG.normal(size=(n, 6)), RNG.normal(size=(n, 4))
-        ws, wts = RNG.normal(size=(6, 7)) / 2, RNG.normal(size=(4, 7)) / 2
+        hs, hts = rng.normal(size=(n, 6)), rng.normal(size=(n, 4))
+        ws, wts = rng.normal(size=(6, 7)) / 2, rng.normal(size=(4, 7)) / 2
         cases["linear_distillation_loss"] = (
             lambda hh, tt, yy, **kw: jbce.linear_distillation_loss(
                 hh, jnp.asarray(ws, jnp.float32), tt, jnp.asarray(wts, jnp.float32), labels=yy,
@@ -618,8 +585,9 @@ def per_example_sum(f, kw):
     return lambda *a: f(*a, reduction="sum", **kw)
 
 
-@check_each_loss
-def loss_under_pmap_matches_unsharded(name, case):
+@pytest.mark.parametrize("name", EACH_LOSS)
+def test_loss_under_pmap_matches_unsharded(name):
+    case = loss_cases()[name]
     f, args, kw, _ = case
     total = per_example_sum(f, kw)
     ref, rg = jax.jit(jax.value_and_grad(total))(*args)
@@ -629,16 +597,14 @@ def loss_under_pmap_matches_unsharded(name, case):
     close(g.reshape(rg.shape), rg, what=name)
 
 
-DATA_MESH = Mesh(np.array(jax.devices()), ("data",))
-
-
-@check_each_loss
-def loss_under_jit_with_batch_sharding_matches_unsharded(name, case):
+@pytest.mark.parametrize("name", EACH_LOSS)
+def test_loss_under_jit_with_batch_sharding_matches_unsharded(name):
+    case = loss_cases()[name]
     f, args, kw, _ = case
     loss = (lambda *a: jnp.mean(f(*a))) if kw is None else partial(f, **kw)
     ref, rg = jax.jit(jax.value_and_grad(loss))(*args)
     sharded = [
-        jax.device_put(a, NamedSharding(DATA_MESH, P("data", *([None] * (a.ndim - 1)))))
+        jax.device_put(a, NamedSharding(data_mesh(), P("data", *([None] * (a.ndim - 1)))))
         for a in args
     ]
     val, g = jax.jit(jax.value_and_grad(loss))(*sharded)
@@ -648,8 +614,9 @@ def loss_under_jit_with_batch_sharding_matches_unsharded(name, case):
     assert g.sharding.is_equivalent_to(sharded[0].sharding, g.ndim), (name, g.sharding)
 
 
-@check_each_loss
-def shard_map_psum_of_partial_sums_gives_global_mean(name, case):
+@pytest.mark.parametrize("name", EACH_LOSS)
+def test_shard_map_psum_of_partial_sums_gives_global_mean(name):
+    case = loss_cases()[name]
     # Each shard returns (sum, count); psum of both gives the global "mean", with masked
     # and ignored terms counted globally. The mean of per-shard means does not.
     f, args, kw, where = case
@@ -658,7 +625,7 @@ def shard_map_psum_of_partial_sums_gives_global_mean(name, case):
         loss = lambda *a: jnp.mean(f(*a))
         sm = jax.shard_map(
             lambda *a: jax.lax.pmean(loss(*a), "data"),
-            mesh=DATA_MESH, in_specs=tuple(P("data") for _ in args), out_specs=P(),
+            mesh=data_mesh(), in_specs=tuple(P("data") for _ in args), out_specs=P(),
         )  # fmt: skip
         got = jax.jit(jax.value_and_grad(sm))(*args)
         close(got, jax.jit(jax.value_and_grad(loss))(*args), what=name)
@@ -674,7 +641,7 @@ def shard_map_psum_of_partial_sums_gives_global_mean(name, case):
         return jax.lax.psum(s, "data") / jax.lax.psum(c, "data"), naive
 
     specs = tuple(P("data") for _ in (*args, where))
-    sm = jax.shard_map(local_mean, mesh=DATA_MESH, in_specs=specs, out_specs=(P(), P()))
+    sm = jax.shard_map(local_mean, mesh=data_mesh(), in_specs=specs, out_specs=(P(), P()))
     wkw = {} if integer else {"where": where}
     ref, rg = jax.jit(jax.value_and_grad(lambda *a: f(*a, **kw, **wkw)))(*args)
     (got, naive), g = jax.jit(jax.value_and_grad(lambda *a: sm(*a, where), has_aux=True))(*args)
@@ -686,16 +653,6 @@ def shard_map_psum_of_partial_sums_gives_global_mean(name, case):
 # ---------------------------------------------------------------------------------------
 # 3. Global means: batch_axis_name (sharded batch) and normalizer (micro-batches).
 # ---------------------------------------------------------------------------------------
-# Losses whose value is a reduction (entropy returns per-row values: nothing to reduce).
-NOT_REDUCED = ("entropy", "linear_log_probs")  # per-example outputs, no reduction
-
-
-def check_each_reduced_loss(fn):
-    """``check_each_loss`` over the losses that reduce (take ``batch_axis_name``)."""
-    for name, case in loss_cases().items():
-        if name not in NOT_REDUCED:
-            record(f"{fn.__name__}[{name}]", fn, name, case)
-    return fn
 
 
 def _masked_call(name, f, kw):
@@ -711,8 +668,9 @@ def _with_mask(args, where):
     return (*args, mask)
 
 
-@check_each_reduced_loss
-def batch_axis_name_gives_global_mean(name, case):
+@pytest.mark.parametrize("name", REDUCED_LOSSES)
+def test_batch_axis_name_gives_global_mean(name):
+    case = loss_cases()[name]
     # Shards hold unequal numbers of included terms (two hold none); with batch_axis_name
     # every shard returns the global mean, and the gradients are the unsharded ones under
     # shard_map (with and without check_vma). Under pmap, differentiated on each device,
@@ -726,7 +684,7 @@ def batch_axis_name_gives_global_mean(name, case):
     for check_vma in (True, False):
         sm = jax.shard_map(
             lambda *a: call(*a, batch_axis_name="data"),
-            mesh=DATA_MESH, in_specs=specs, out_specs=P(), check_vma=check_vma,
+            mesh=data_mesh(), in_specs=specs, out_specs=P(), check_vma=check_vma,
         )  # fmt: skip
         got, g = jax.jit(jax.value_and_grad(sm))(*args)
         close(got, ref, what=f"{name} check_vma={check_vma}")
@@ -741,7 +699,7 @@ def batch_axis_name_gives_global_mean(name, case):
         got = jax.jit(
             jax.shard_map(
                 lambda *a: call(*a, batch_axis_name="data", reduction="sum"),
-                mesh=DATA_MESH,
+                mesh=data_mesh(),
                 in_specs=specs,
                 out_specs=P(),
             )  # fmt: skip
@@ -760,8 +718,9 @@ def _included_count(name, args, where):
     return jnp.sum(jnp.broadcast_to(jnp.asarray(where), args[0].shape[: jnp.ndim(where)]))
 
 
-@check_each_reduced_loss
-def micro_batches_with_normalizer_add_up_to_full_batch(name, case):
+@pytest.mark.parametrize("name", REDUCED_LOSSES)
+def test_micro_batches_with_normalizer_add_up_to_full_batch(name):
+    case = loss_cases()[name]
     # Gradient accumulation: each micro-batch's loss with normalizer = the whole batch's
     # count; the losses and the gradients add up to the whole batch's mean and gradient.
     f, args, kw, where = case
@@ -784,37 +743,28 @@ def micro_batches_with_normalizer_add_up_to_full_batch(name, case):
     close(call(*args, normalizer=float(count)), ref, what=name)
 
 
-@check
-def micro_batches_with_class_weights_use_the_summed_target_weight():
+def test_micro_batches_with_class_weights_use_the_summed_target_weight():
     logits, labels, cw = int_ce_case()
     full = partial(jbce.softmax_cross_entropy_with_integer_labels, class_weights=cw)
-    ref, rg = jax.value_and_grad(full)(logits, labels)
+    ref, rg = jax.jit(jax.value_and_grad(full))(logits, labels)
     den = jnp.sum(jnp.where(labels != -100, cw[jnp.maximum(labels, 0)], 0.0))
+    step = jax.jit(jax.value_and_grad(lambda x, y, n: full(x, y, normalizer=n)))
     total, grads = 0.0, []
     for lo, hi in ((0, 2), (2, 7), (7, B)):
-        v, g = jax.value_and_grad(lambda x, lo=lo, hi=hi: full(x, labels[lo:hi], normalizer=den))(
-            logits[lo:hi]
-        )
+        v, g = step(logits[lo:hi], labels[lo:hi], den)
         total, grads = total + v, [*grads, g]
     close(total, ref)
     close(jnp.concatenate(grads), rg)
 
 
-@check
-def kl_batchmean_with_batch_axis_name_divides_by_the_global_batch():
+def test_kl_batchmean_with_batch_axis_name_divides_by_the_global_batch():
     f, args, _, _ = loss_cases()["kl_divergence"]
     loss = partial(f, reduction="batchmean")
     ref, rg = jax.value_and_grad(loss)(*args)
     sm = jax.shard_map(
         lambda *a: loss(*a, batch_axis_name="data"),
-        mesh=DATA_MESH, in_specs=(P("data"), P("data")), out_specs=P(),
+        mesh=data_mesh(), in_specs=(P("data"), P("data")), out_specs=P(),
     )  # fmt: skip
     got, g = jax.jit(jax.value_and_grad(sm))(*args)
     close(got, ref)
     close(g, rg)
-
-
-if __name__ == "__main__":
-    assert jax.device_count() == N_DEV, jax.devices()
-    sys.stdout.flush()
-    print(json.dumps(RESULTS))
