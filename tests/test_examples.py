@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from examples import _data  # noqa: E402
-from tests import runtime_env  # noqa: E402
+from tests import example_env  # noqa: E402
 
 pytestmark = pytest.mark.no_x64
 
@@ -32,7 +32,7 @@ def run_example(*args: str, env: dict[str, str] | None = None, timeout: float = 
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**runtime_env({**os.environ, "JAX_PLATFORMS": "cpu"}), **(env or {})},
+        env={**example_env({**os.environ, "JAX_PLATFORMS": "cpu"}), **(env or {})},
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stdout
@@ -245,10 +245,9 @@ def test_language_model_trains_distils_and_reloads_its_teacher(tmp_path):
     from tokenizers import Tokenizer
 
     # Compiling (a dozen training steps, evaluations and samplers) is most of this test's time:
-    # LLVM's optimisation level 0 halves it (buffer assignment, hence the memory figures, is
-    # unchanged), and the second run finds the first one's programs in a compilation cache.
+    # LLVM's optimisation level 0 halves it (tests/__init__.py), and the second run finds the
+    # first one's programs in a compilation cache.
     env = {
-        "XLA_FLAGS": "--xla_backend_optimization_level=0",
         "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
