@@ -1657,10 +1657,6 @@ DEFECTS = {
         "second derivatives at a probability of exactly 0 or 1: NaN in the labels x probs "
         "block (binary_cross_entropy's clamp 1/max(p(1-p), 1e-12), categorical's log clamp)"
     ),
-    "int_focal_hessian": (
-        "softmax_focal_loss_with_integer_labels, gamma < 1: reverse-over-reverse NaN with a "
-        "where-masked label class or a row without classes"
-    ),
     "jsd_hessian": (
         "jensen_shannon_divergence: reverse-over-reverse NaN with a class -inf in one of the "
         "two distributions only (0 x inf in the mixture's log)"
@@ -1688,12 +1684,6 @@ KNOWN_DEFECTS: dict[str, str] = {
     "binary_cross_entropy-*-hvp-*-zero_one-*": DEFECTS["probs_second_order"],
     "categorical_cross_entropy-*-hessian-*-zero-*": DEFECTS["probs_second_order"],
     "categorical_cross_entropy-*-hvp-*-zero-*": DEFECTS["probs_second_order"],
-    "softmax_focal_loss_with_integer_labels-*-hessian-*-masked_classes-gamma0.5":
-        DEFECTS["int_focal_hessian"],
-    "softmax_focal_loss_with_integer_labels-*-hessian-*-all_neg_inf_row-gamma0.5":
-        DEFECTS["int_focal_hessian"],
-    "softmax_focal_loss_with_integer_labels-*-hessian-*-all_masked_row-gamma0.5":
-        DEFECTS["int_focal_hessian"],
     "jensen_shannon_divergence-*-hessian-*-neg_inf_classes-*": DEFECTS["jsd_hessian"],
     "linear_distillation_loss-*-hessian-*-*-*": DEFECTS["distill_second_order"],
     "linear_distillation_loss-*-hvp-*-*-*": DEFECTS["distill_second_order"],
