@@ -1657,10 +1657,6 @@ DEFECTS = {
         "second derivatives at a probability of exactly 0 or 1: NaN in the labels x probs "
         "block (binary_cross_entropy's clamp 1/max(p(1-p), 1e-12), categorical's log clamp)"
     ),
-    "jsd_hessian": (
-        "jensen_shannon_divergence: reverse-over-reverse NaN with a class -inf in one of the "
-        "two distributions only (0 x inf in the mixture's log)"
-    ),
     "distill_second_order": (
         "linear_distillation_loss: jacrev(grad) in hidden, weight, bias and teacher_hidden "
         "fails inside JAX (ad_util.Zero passed to reshape) before jbce's documented "
@@ -1684,7 +1680,6 @@ KNOWN_DEFECTS: dict[str, str] = {
     "binary_cross_entropy-*-hvp-*-zero_one-*": DEFECTS["probs_second_order"],
     "categorical_cross_entropy-*-hessian-*-zero-*": DEFECTS["probs_second_order"],
     "categorical_cross_entropy-*-hvp-*-zero-*": DEFECTS["probs_second_order"],
-    "jensen_shannon_divergence-*-hessian-*-neg_inf_classes-*": DEFECTS["jsd_hessian"],
     "linear_distillation_loss-*-hessian-*-*-*": DEFECTS["distill_second_order"],
     "linear_distillation_loss-*-hvp-*-*-*": DEFECTS["distill_second_order"],
     "linear_softmax_cross_entropy-pallas_*-hessian-*-*-*": DEFECTS["pallas_second_order"],
