@@ -1653,10 +1653,6 @@ DEFECTS = {
         "softmax (int CE mean 4.4144 for 4.4075; all -inf row 2.7474 for 0), against "
         "numerics.md's rule that -inf removes a class: a semantic decision to take"
     ),
-    "probs_second_order": (
-        "second derivatives at a probability of exactly 0 or 1: NaN in the labels x probs "
-        "block (binary_cross_entropy's clamp 1/max(p(1-p), 1e-12), categorical's log clamp)"
-    ),
     "distill_second_order": (
         "linear_distillation_loss: jacrev(grad) in hidden, weight, bias and teacher_hidden "
         "fails inside JAX (ad_util.Zero passed to reshape) before jbce's documented "
@@ -1676,10 +1672,6 @@ KNOWN_DEFECTS: dict[str, str] = {
     "linear_softmax_cross_entropy-*-grad-*-neg_inf_bias-options": DEFECTS["softcap"],
     "linear_softmax_cross_entropy-*-value-*-target_on_neg_inf-options": DEFECTS["softcap"],
     "linear_softmax_cross_entropy-*-value-*-all_neg_inf_row-options": DEFECTS["softcap"],
-    "binary_cross_entropy-*-hessian-*-zero_one-*": DEFECTS["probs_second_order"],
-    "binary_cross_entropy-*-hvp-*-zero_one-*": DEFECTS["probs_second_order"],
-    "categorical_cross_entropy-*-hessian-*-zero-*": DEFECTS["probs_second_order"],
-    "categorical_cross_entropy-*-hvp-*-zero-*": DEFECTS["probs_second_order"],
     "linear_distillation_loss-*-hessian-*-*-*": DEFECTS["distill_second_order"],
     "linear_distillation_loss-*-hvp-*-*-*": DEFECTS["distill_second_order"],
     "linear_softmax_cross_entropy-pallas_*-hessian-*-*-*": DEFECTS["pallas_second_order"],

@@ -257,7 +257,9 @@ def binary_cross_entropy(
         \ell = -w \left[ y \max(\log p, -100) + (1 - y) \max(\log(1 - p), -100) \right]
 
     The log terms are clamped at -100 as in PyTorch, so p = 0 or 1 gives a finite loss;
-    the gradient is PyTorch's ``w (p - y) / max(p (1 - p), 1e-12)``, finite at p = 0 and 1.
+    the gradient is PyTorch's ``w (p - y) / max(p (1 - p), 1e-12)``, finite at p = 0 and 1,
+    and the clamped logs differentiate as ``1 / max(p, 1e-12)`` by the same convention, so
+    the second derivatives (the ``labels`` x ``probs`` terms) are finite there too.
     Prefer :func:`sigmoid_binary_cross_entropy` on logits when you have them: it is exact
     where probabilities have already rounded to 0 or 1.
 

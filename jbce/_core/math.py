@@ -35,14 +35,43 @@ LOG_CLAMP = -100.0
 GRAD_EPS = 1e-12
 
 
+# The clamped logs' derivative is PyTorch's convention for these losses, 1 / max(p, 1e-12),
+# not the clamp's slope (0 below e^-100, so at p = 0): the same rule as the losses' gradient
+# (p - y) / max(p (1 - p), 1e-12), so that their second derivatives, which differentiate the
+# logs in the label terms, are finite at p = 0 and 1 and the Hessian stays symmetric there.
+@jax.custom_jvp
 def clamped_log(p: jax.Array) -> jax.Array:
-    """``max(log p, -100)`` (NaN stays NaN)."""
+    """``max(log p, -100)`` (NaN stays NaN), with the derivative ``1 / max(p, 1e-12)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jbce._core.math import clamped_log
+      >>> p = jnp.array([0.0, 0.5])
+      >>> clamped_log(p)
+      Array([-100.        ,   -0.6931472], dtype=float32)
+      >>> jax.vmap(jax.grad(clamped_log))(p)  # finite at 0, and differentiable again
+      Array([1.e+12, 2.e+00], dtype=float32)
+    """
     return jnp.maximum(jnp.log(p), LOG_CLAMP)
 
 
+@clamped_log.defjvp
+def _clamped_log_jvp(primals, tangents):
+    (p,), (dp,) = primals, tangents
+    return clamped_log(p), dp / jnp.maximum(p, GRAD_EPS)
+
+
+@jax.custom_jvp
 def clamped_log1p(x: jax.Array) -> jax.Array:
-    """``max(log1p(x), -100)``: ``log(1 - p)`` as ``clamped_log1p(-p)``, exact for small p."""
+    """``max(log1p(x), -100)``: ``log(1 - p)`` as ``clamped_log1p(-p)``, exact for small p;
+    the derivative is ``1 / max(1 + x, 1e-12)``, as :func:`clamped_log`'s."""
     return jnp.maximum(jnp.log1p(x), LOG_CLAMP)
+
+
+@clamped_log1p.defjvp
+def _clamped_log1p_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    return clamped_log1p(x), dx / jnp.maximum(1 + x, GRAD_EPS)
 
 
 def log_ratio(lq: jax.Array, lp: jax.Array) -> jax.Array:
