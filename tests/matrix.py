@@ -1653,23 +1653,6 @@ DEFECTS = {
         "softmax (int CE mean 4.4144 for 4.4075; all -inf row 2.7474 for 0), against "
         "numerics.md's rule that -inf removes a class: a semantic decision to take"
     ),
-    "sigmoid_focal_hessian": (
-        "sigmoid_focal_loss, gamma < 1: the Hessian's labels x labels block is NaN where "
-        "1 - p_t rounds to ~1e-22 (the tangent map's dm/m differentiated gives dm^2/m^2, "
-        "which overflows in float32); optax's test_extreme_logits_finite_gradients"
-    ),
-    "probs_second_order": (
-        "second derivatives at a probability of exactly 0 or 1: NaN in the labels x probs "
-        "block (binary_cross_entropy's clamp 1/max(p(1-p), 1e-12), categorical's log clamp)"
-    ),
-    "int_focal_hessian": (
-        "softmax_focal_loss_with_integer_labels, gamma < 1: reverse-over-reverse NaN with a "
-        "where-masked label class or a row without classes"
-    ),
-    "jsd_hessian": (
-        "jensen_shannon_divergence: reverse-over-reverse NaN with a class -inf in one of the "
-        "two distributions only (0 x inf in the mixture's log)"
-    ),
     "distill_second_order": (
         "linear_distillation_loss: jacrev(grad) in hidden, weight, bias and teacher_hidden "
         "fails inside JAX (ad_util.Zero passed to reshape) before jbce's documented "
@@ -1689,21 +1672,6 @@ KNOWN_DEFECTS: dict[str, str] = {
     "linear_softmax_cross_entropy-*-grad-*-neg_inf_bias-options": DEFECTS["softcap"],
     "linear_softmax_cross_entropy-*-value-*-target_on_neg_inf-options": DEFECTS["softcap"],
     "linear_softmax_cross_entropy-*-value-*-all_neg_inf_row-options": DEFECTS["softcap"],
-    "sigmoid_focal_loss-*-hessian-*-confident-gamma0.5": DEFECTS["sigmoid_focal_hessian"],
-    "sigmoid_focal_loss-*-hvp-*-confident-gamma0.5": DEFECTS["sigmoid_focal_hessian"],
-    "optax-*-SigmoidFocalLossTest::test_extreme_logits_finite_gradients":
-        DEFECTS["sigmoid_focal_hessian"],
-    "binary_cross_entropy-*-hessian-*-zero_one-*": DEFECTS["probs_second_order"],
-    "binary_cross_entropy-*-hvp-*-zero_one-*": DEFECTS["probs_second_order"],
-    "categorical_cross_entropy-*-hessian-*-zero-*": DEFECTS["probs_second_order"],
-    "categorical_cross_entropy-*-hvp-*-zero-*": DEFECTS["probs_second_order"],
-    "softmax_focal_loss_with_integer_labels-*-hessian-*-masked_classes-gamma0.5":
-        DEFECTS["int_focal_hessian"],
-    "softmax_focal_loss_with_integer_labels-*-hessian-*-all_neg_inf_row-gamma0.5":
-        DEFECTS["int_focal_hessian"],
-    "softmax_focal_loss_with_integer_labels-*-hessian-*-all_masked_row-gamma0.5":
-        DEFECTS["int_focal_hessian"],
-    "jensen_shannon_divergence-*-hessian-*-neg_inf_classes-*": DEFECTS["jsd_hessian"],
     "linear_distillation_loss-*-hessian-*-*-*": DEFECTS["distill_second_order"],
     "linear_distillation_loss-*-hvp-*-*-*": DEFECTS["distill_second_order"],
     "linear_softmax_cross_entropy-pallas_*-hessian-*-*-*": DEFECTS["pallas_second_order"],

@@ -25,6 +25,7 @@ from jbce._core.math import (
     clamped_log,
     clamped_log1p,
     neg_abs,
+    pow_slope_times,
     safe_pow,
     sigmoid_pair,
     softplus_pair,
@@ -256,7 +257,9 @@ def binary_cross_entropy(
         \ell = -w \left[ y \max(\log p, -100) + (1 - y) \max(\log(1 - p), -100) \right]
 
     The log terms are clamped at -100 as in PyTorch, so p = 0 or 1 gives a finite loss;
-    the gradient is PyTorch's ``w (p - y) / max(p (1 - p), 1e-12)``, finite at p = 0 and 1.
+    the gradient is PyTorch's ``w (p - y) / max(p (1 - p), 1e-12)``, finite at p = 0 and 1,
+    and the clamped logs differentiate as ``1 / max(p, 1e-12)`` by the same convention, so
+    the second derivatives (the ``labels`` x ``probs`` terms) are finite there too.
     Prefer :func:`sigmoid_binary_cross_entropy` on logits when you have them: it is exact
     where probabilities have already rounded to 0 or 1.
 
@@ -307,13 +310,13 @@ def _focal_parts(x, y):
     sp_pos, sp_neg = softplus_pair(x)
     ce = xmul(y, sp_neg) + xmul(1 - y, sp_pos)
     m = y * s_neg + (1 - y) * s_pos
-    return s_pos, s_neg, ce, m
+    return s_pos, s_neg, sp_pos, sp_neg, ce, m
 
 
 def _focal_value(x, y, gamma, keep, dtype):
     del keep  # masks the derivatives only
     x, y, gamma = _inputs(dtype, x, y, gamma)
-    _, _, ce, m = _focal_parts(x, y)
+    *_, ce, m = _focal_parts(x, y)
     return xmul(ce, safe_pow(m, gamma))
 
 
@@ -321,21 +324,28 @@ def _focal_tangent(primals, _, tangents, dtype):
     x0, y0, gamma0, keep = primals
     dx0, dy0, dgamma0, _ = tangents
     x, y, gamma = _inputs(dtype, x0, y0, gamma0)
-    s_pos, s_neg, ce, m = _focal_parts(x, y)
-    mg = safe_pow(m, gamma)
-    # dm/dx = (1 - 2y) sigmoid(x) sigmoid(-x); use (dm/dx) / m, which stays bounded, so the
-    # gamma * ce * m^(gamma-1) * dm/dx term is finite for every gamma >= 0 (gamma < 1 too).
-    dm = (1 - 2 * y) * s_pos * s_neg
-    ratio = jnp.where(m > 0, dm / jnp.where(m > 0, m, 1), jnp.zeros((), m.dtype))
+    s_pos, s_neg, sp_pos, sp_neg, ce, m = _focal_parts(x, y)
+    # d/dx = ce_x m^g + g ce m^g (m_x / m) and d/dy = -x m^g + g ce m^(g-1) m_y, with m^g,
+    # m_x / m (bounded by 1) and ce m^(g-1) written from log m, never as quotients by m: the
+    # derivatives of these coefficients (the loss's second derivatives) are then O(1 / m)
+    # at most, where a quotient's derivative would hold 1 / m^2, which overflows float32 for
+    # 1 - p_t ~ 1e-22 (|x| = 50, gamma < 1: NaN). Where m is below the smallest normal float
+    # (a hard label agreeing with |x| > 87 in float32, or an infinite logit) it is taken as
+    # its limit 0: m^g is 0^g and the terms in g m^(g-1) vanish.
+    zero = jnp.zeros((), m.dtype)
+    ok = m >= jnp.finfo(m.dtype).tiny  # False for NaN
+    log_m = jnp.log(jnp.where(ok, m, 1))
+    mg = jnp.where(ok, jnp.exp(gamma * log_m), safe_pow(jnp.where(ok, 1, m * 0), gamma))
+    # m_x / m = (1 - 2y) sigmoid(x) sigmoid(-x) / m
+    ratio = jnp.where(ok, (1 - 2 * y) * jnp.exp(-(sp_pos + sp_neg) - log_m), zero)
     dce = (1 - y) * s_pos - y * s_neg
     pairs = [(dce * mg + xmul(gamma * ratio, xmul(ce, mg)), dx0)]
     if dy0 is not None:
         # d/dy: ce' = softplus(-x) - softplus(x) = -x, m' = sigmoid(-x) - sigmoid(x).
-        dmy = s_neg - s_pos
-        ratio_y = jnp.where(m > 0, dmy / jnp.where(m > 0, m, 1), jnp.zeros((), m.dtype))
-        pairs.append((xmul(mg, -x) + xmul(gamma * ratio_y, xmul(ce, mg)), dy0))
+        c = ok & jnp.isfinite(ce)  # an infinite ce (infinite logit) is in the -x m^g term
+        slope = jnp.where(c, pow_slope_times(jnp.where(c, ce, 0), log_m, gamma), zero)
+        pairs.append((xmul(mg, -x) + (s_neg - s_pos) * slope, dy0))
     if dgamma0 is not None:
-        log_m = jnp.log(jnp.where(m > 0, m, 1))
         pairs.append((xmul(xmul(ce, mg), log_m), dgamma0))
     return _elementwise_tangent(keep, pairs, x.ndim)
 
@@ -364,7 +374,9 @@ def sigmoid_focal_loss(
         \alpha_t = \alpha y + (1 - \alpha)(1 - y)
 
     :math:`1 - p_t` is computed from both sigmoid tails, never as ``1 - sigmoid``, and the
-    gradient stays finite for every ``gamma >= 0`` (``gamma < 1`` included) at extreme logits.
+    gradient and the second derivatives stay finite for every ``gamma >= 0`` (``gamma < 1``
+    included) at extreme logits; where :math:`1 - p_t` is below the smallest normal float
+    (a hard label agreeing with a logit beyond about 87 in float32) it is taken as 0.
     ``alpha=None`` means no class balancing (torchvision's ``alpha=-1``).
 
     Args:

@@ -35,14 +35,43 @@ LOG_CLAMP = -100.0
 GRAD_EPS = 1e-12
 
 
+# The clamped logs' derivative is PyTorch's convention for these losses, 1 / max(p, 1e-12),
+# not the clamp's slope (0 below e^-100, so at p = 0): the same rule as the losses' gradient
+# (p - y) / max(p (1 - p), 1e-12), so that their second derivatives, which differentiate the
+# logs in the label terms, are finite at p = 0 and 1 and the Hessian stays symmetric there.
+@jax.custom_jvp
 def clamped_log(p: jax.Array) -> jax.Array:
-    """``max(log p, -100)`` (NaN stays NaN)."""
+    """``max(log p, -100)`` (NaN stays NaN), with the derivative ``1 / max(p, 1e-12)``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jbce._core.math import clamped_log
+      >>> p = jnp.array([0.0, 0.5])
+      >>> clamped_log(p)
+      Array([-100.        ,   -0.6931472], dtype=float32)
+      >>> jax.vmap(jax.grad(clamped_log))(p)  # finite at 0, and differentiable again
+      Array([1.e+12, 2.e+00], dtype=float32)
+    """
     return jnp.maximum(jnp.log(p), LOG_CLAMP)
 
 
+@clamped_log.defjvp
+def _clamped_log_jvp(primals, tangents):
+    (p,), (dp,) = primals, tangents
+    return clamped_log(p), dp / jnp.maximum(p, GRAD_EPS)
+
+
+@jax.custom_jvp
 def clamped_log1p(x: jax.Array) -> jax.Array:
-    """``max(log1p(x), -100)``: ``log(1 - p)`` as ``clamped_log1p(-p)``, exact for small p."""
+    """``max(log1p(x), -100)``: ``log(1 - p)`` as ``clamped_log1p(-p)``, exact for small p;
+    the derivative is ``1 / max(1 + x, 1e-12)``, as :func:`clamped_log`'s."""
     return jnp.maximum(jnp.log1p(x), LOG_CLAMP)
+
+
+@clamped_log1p.defjvp
+def _clamped_log1p_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    return clamped_log1p(x), dx / jnp.maximum(1 + x, GRAD_EPS)
 
 
 def log_ratio(lq: jax.Array, lp: jax.Array) -> jax.Array:
@@ -96,6 +125,48 @@ def safe_pow(q: jax.Array, gamma) -> jax.Array:
     q_safe = jnp.where(pos, q, jnp.ones((), q.dtype))
     at_zero = jnp.where(q == 0, jnp.zeros((), q.dtype) ** gamma, jnp.nan)  # NaN in, NaN out
     return jnp.where(pos, q_safe**gamma, at_zero)
+
+
+@jax.custom_jvp
+def pow_slope_times(c: jax.Array, log_q: jax.Array, gamma) -> jax.Array:
+    r"""``gamma * c * q^(gamma - 1)`` (``c`` times the slope of ``q^gamma``) from ``log q``,
+    for ``q`` at least the smallest normal float, with derivatives that stay finite.
+
+    The focal losses' term in the modulating factor's slope (``c`` a cross-entropy that
+    vanishes like ``q``). Its derivative is written out, in the order that keeps every
+    intermediate no larger than the result:
+
+    .. math::
+        d\,[\gamma c q^{\gamma-1}] = (\gamma q^{\gamma-1})\, dc
+          + \gamma c q^{\gamma-1} (\gamma - 1)\, d\log q
+          + c q^{\gamma-1} (1 + \gamma \log q)\, d\gamma
+
+    Autodiff of the formula would form ``dc / c`` or ``q^(gamma - 2)`` along the way (forward
+    mode), which overflow float32 where ``q`` is ~1e-37 while the products above do not, and
+    a ``gamma = 0`` times that infinity would be NaN.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jbce._core.math import pow_slope_times
+      >>> f32 = jnp.float32
+      >>> pow_slope_times(f32(2.0), jnp.log(f32(0.25)), f32(0.5))  # 0.5 * 2 * 0.25^-0.5
+      Array(2., dtype=float32)
+      >>> primals = f32(1e-37), jnp.log(f32(1e-37)), f32(0.0)  # gamma = 0: no 0 x inf
+      >>> jax.jvp(pow_slope_times, primals, (f32(90.0), f32(1e37), f32(0.0)))[1]
+      Array(0., dtype=float32)
+    """
+    return gamma * (c * jnp.exp((gamma - 1) * log_q))
+
+
+@pow_slope_times.defjvp
+def _pow_slope_times_jvp(primals, tangents):
+    c, log_q, gamma = primals
+    dc, dlog_q, dgamma = tangents
+    pw = jnp.exp((gamma - 1) * log_q)  # q^(gamma - 1) <= 1 / q: finite for a normal q
+    c_pw = c * pw
+    out = gamma * c_pw
+    d_gamma = c_pw * (1 + gamma * log_q)
+    return out, (gamma * pw) * dc + (out * (gamma - 1)) * dlog_q + d_gamma * dgamma
 
 
 def neg_abs(x: jax.Array) -> jax.Array:

@@ -174,9 +174,11 @@ def categorical_cross_entropy(
 
     The logs are clamped at -100 as in :func:`binary_cross_entropy` (PyTorch's convention),
     so :math:`p = 0` gives a finite loss, and the gradient
-    :math:`-\tilde y / \max(p, 10^{-12})` is finite there too. The probabilities are used as
-    given: rows are **not** renormalised, and values outside ``[0, 1]`` (or NaN) are
-    reported under ``jax.experimental.checkify``. Prefer :func:`softmax_cross_entropy` on
+    :math:`-\tilde y / \max(p, 10^{-12})` is finite there too; by the same convention the
+    clamped log's slope is :math:`1 / \max(p, 10^{-12})`, so the second derivatives (in
+    ``labels`` and ``probs``) are finite as well. The probabilities are used as given: rows
+    are **not** renormalised, and values outside ``[0, 1]`` (or NaN) are reported under
+    ``jax.experimental.checkify``. Prefer :func:`softmax_cross_entropy` on
     logits when you have them: it is exact where probabilities have rounded to 0.
 
     Compared with Keras' ``CategoricalCrossentropy(from_logits=False)``: Keras divides each

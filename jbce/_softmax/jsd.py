@@ -69,15 +69,31 @@ def _select(mode, beta, forward, reverse, mix):
     return jnp.where(lo, forward(), jnp.where(hi, reverse(), mix()))
 
 
+def _end_ratios(mode: str, beta, d: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``d`` as the two KL ends read it (KL(P || Q), KL(Q || P)): with a traced beta, 0 in
+    the one that beta does not select.
+
+    An end is infinite in a row where one distribution lacks a class the other has (``d``
+    is ``+-inf`` there). ``where`` discards the unselected end's value, but computed from
+    ``d`` it would hold NaN partials, which a second derivative multiplies by the zero
+    cotangent that ``where`` sends it (0 x NaN); computed from 0 they stay finite.
+    """
+    if mode != "traced":
+        return d, d
+    zero = jnp.zeros((), d.dtype)
+    return jnp.where(beta == 0, d, zero), jnp.where(beta == 1, d, zero)
+
+
 def class_terms(mode: str, lq: jax.Array, lp: jax.Array, beta) -> tuple[jax.Array, ...]:
     """The per-class terms whose row sums are :data:`SUMS` ``[mode]``, in that order."""
     q, p = jnp.exp(lq), jnp.exp(lp)
     d = log_ratio(lq, lp)
+    d_pq, d_qp = _end_ratios(mode, beta, d)
     out = {}
     if mode in ("forward", "traced"):
-        out["kl_pq"] = xmul(p, -d)
+        out["kl_pq"] = xmul(p, -d_pq)
     if mode in ("reverse", "traced"):
-        out["kl_qp"] = xmul(q, d)
+        out["kl_qp"] = xmul(q, d_qp)
     if mode in ("mix", "traced"):
         e, f = mixture_logs(d, safe_beta(mode, beta))
         out["kl_pm"] = xmul(p, e)
@@ -105,12 +121,13 @@ def class_grads(mode: str, lq, lp, beta, sums) -> tuple[jax.Array, jax.Array]:
     s = dict(zip(SUMS[mode], sums, strict=True))
     q, p = jnp.exp(lq), jnp.exp(lp)
     d = log_ratio(lq, lp)
+    d_pq, d_qp = _end_ratios(mode, beta, d)
 
     def forward():  # KL(P || Q)
-        return q - p, xmul(p, -d - s["kl_pq"])
+        return q - p, xmul(p, -d_pq - s["kl_pq"])
 
     def reverse():  # KL(Q || P)
-        return xmul(q, d - s["kl_qp"]), p - q
+        return xmul(q, d_qp - s["kl_qp"]), p - q
 
     def mix():
         b = safe_beta(mode, beta)

@@ -292,6 +292,12 @@ def _focal_of_log_prob(lg: jax.Array, gamma: jax.Array, keep: jax.Array | None) 
 def _focal_of_log_prob_tangent(primals, _, tangents):
     lg, gamma, keep = primals
     dlg, dgamma, _ = tangents
+    # The coefficients at a stand-in log-probability where ``keep`` is False (a row without
+    # classes: lg = -inf or NaN; a masked label class: its logit, so possibly lg > 0 and
+    # q < 0), not only masked afterwards: differentiated (second derivatives), the masked
+    # coefficient's zero cotangent would meet the NaN or infinite partials there (0 * NaN).
+    if keep is not None:
+        lg = jnp.where(keep, lg, -jnp.ones((), lg.dtype))
     dl, dg = _phi_grads("focal", lg, gamma)
     terms = [
         autodiff.contract(autodiff.keep_where(keep, dl), dlg, lg.ndim),
