@@ -584,9 +584,9 @@ def loss_terms(
     """
     has = stats.lse != -jnp.inf  # NaN rows count (and make the loss NaN)
     # Rows without classes: replaced before any arithmetic so that their (zero) cotangent
-    # never meets an infinity.
+    # never meets an infinity (the label's logit is -inf there: w_y's would be 0 * inf).
     lse = jnp.where(has, stats.lse, 0)
-    ce = lse - (stats.target - stats.shift)
+    ce = jnp.where(has, lse - (stats.target - stats.shift), 0)
     tw = stats.target_weight if class_weighted else None
     smoothing = not checks.is_zero(label_smoothing)
     loss = ce if tw is None else tw * ce
