@@ -1648,11 +1648,6 @@ def gradient_filter_case(platform: str, option: str, threshold: float = 1e-4) ->
 
 # Why each known defect fails.
 DEFECTS = {
-    "softcap": (
-        "logit_softcap maps a -inf logit (or -inf bias) to -c, so the class is back in the "
-        "softmax (int CE mean 4.4144 for 4.4075; all -inf row 2.7474 for 0), against "
-        "numerics.md's rule that -inf removes a class: a semantic decision to take"
-    ),
     "sigmoid_focal_hessian": (
         "sigmoid_focal_loss, gamma < 1: the Hessian's labels x labels block is NaN where "
         "1 - p_t rounds to ~1e-22 (the tangent map's dm/m differentiated gives dm^2/m^2, "
@@ -1682,13 +1677,6 @@ DEFECTS = {
 }
 # Case-id patterns (fnmatch) -> the defect they show; the first match gives the reason.
 KNOWN_DEFECTS: dict[str, str] = {
-    "softmax_cross_entropy_with_integer_labels-*-*-*-inf-options": DEFECTS["softcap"],
-    "softmax_cross_entropy_with_integer_labels-*-*-*-neg_inf_classes-options": DEFECTS["softcap"],
-    "softmax_cross_entropy_with_integer_labels-*-*-*-all_neg_inf_row-options": DEFECTS["softcap"],
-    "linear_softmax_cross_entropy-*-value-*-neg_inf_bias-options": DEFECTS["softcap"],
-    "linear_softmax_cross_entropy-*-grad-*-neg_inf_bias-options": DEFECTS["softcap"],
-    "linear_softmax_cross_entropy-*-value-*-target_on_neg_inf-options": DEFECTS["softcap"],
-    "linear_softmax_cross_entropy-*-value-*-all_neg_inf_row-options": DEFECTS["softcap"],
     "sigmoid_focal_loss-*-hessian-*-confident-gamma0.5": DEFECTS["sigmoid_focal_hessian"],
     "sigmoid_focal_loss-*-hvp-*-confident-gamma0.5": DEFECTS["sigmoid_focal_hessian"],
     "optax-*-SigmoidFocalLossTest::test_extreme_logits_finite_gradients":

@@ -88,8 +88,9 @@ def linear_softmax_cross_entropy(
     Equals :func:`jbce.softmax_cross_entropy_with_integer_labels` applied to
     ``hidden @ weight + bias`` with the same options: with
     :math:`x_{nc} = h_n \cdot W_{:c} + b_c` (soft-capped to :math:`c \tanh(x/c)` with
-    ``logit_softcap``), :math:`\ell_n = \log\sum_c e^{x_{nc}}`, class weights :math:`w`
-    (1 without ``class_weights``) and label smoothing :math:`e` over :math:`V` classes,
+    ``logit_softcap``; a ``-inf`` bias stays ``-inf``), :math:`\ell_n = \log\sum_c e^{x_{nc}}`,
+    class weights :math:`w` (1 without ``class_weights``) and label smoothing :math:`e` over
+    :math:`V` classes,
 
     .. math::
         L_n = (1 - e)\, w_{y_n} (\ell_n - x_{n y_n})
