@@ -151,6 +151,20 @@ def test_minus_inf_bias_removes_classes(platform):
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)
+def test_second_derivatives_raise_the_first_order_error(platform):
+    # The backward kernels are not derived for them: jbce's error, not one from inside JAX.
+    h, w, b, y = make(n=8, v=20)
+
+    def loss(h):
+        return jbce.linear_softmax_cross_entropy(h, w, y, bias=b, implementation="pallas")
+
+    first_order = r"jbce\.linear_softmax_cross_entropy has first-order derivatives only"
+    with _linear_pallas.interpret(platform, block_sizes=BLOCKS[platform]):
+        with pytest.raises(TypeError, match=first_order):
+            jax.jit(jax.jacrev(jax.grad(loss)))(h)
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
 def test_sizes_below_and_at_one_block(platform):
     for n, d, v in ((3, 8, 5), (16, 16, 64), (1, 4, 1)):
         h, w, b, y = make(n, d, v, ignore=())

@@ -140,7 +140,8 @@ def linear_softmax_cross_entropy(
         tile on chip (Triton on GPUs, Mosaic on TPUs; on other platforms the tiled loop).
         The kernels compute in float32 (float64 inputs are refused) and choose their own
         block sizes (``chunk_size`` must be None).
-        Not the default until measured faster on hardware.
+        Not the default until measured faster on hardware. First-order derivatives only:
+        its second derivatives raise an error naming it (``"xla"``'s are exact).
       gradient_filter: ``"pallas"`` only: skip, in the backward pass, a tile that holds no
         token's label and whose every gradient entry :math:`|\partial L / \partial x_{nc}|`
         is below this threshold times its token's label term :math:`w_{y_n} |\bar g_n|`
