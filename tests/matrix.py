@@ -59,6 +59,9 @@ ONE_PASS, TWO_PASS, PALLAS = "one_pass", "two_pass", "pallas"
 # Forward mode of a custom_vjp loss: JAX's own TypeError, which jbce leaves as JAX writes it
 # (docs/gradients.md, "Forward mode").
 REVERSE_ONLY_ERROR = "forward-mode autodiff"
+# A second derivative of a loss or implementation with first-order derivatives only: jbce's
+# own TypeError naming it (docs/gradients.md), in reverse and forward-over-reverse mode alike.
+FIRST_ORDER_ONLY_ERROR = "has first-order derivatives only"
 
 
 def pallas_interpret(platform: str, block_sizes: tuple[int, ...]):
@@ -1424,6 +1427,8 @@ def run_case(loss: str, impl: str, deriv: str, dtype: str, edge: str, setting: s
     if not _offered(loss, impl, deriv, dtype):  # a combination not offered: a clear error
         exc, match = ((ValueError, im.dtype_error) if dtype not in im.dtypes
                       else (TypeError, REVERSE_ONLY_ERROR))  # fmt: skip
+        if exc is TypeError and de.order == 2:  # forward over reverse: JAX's, or jbce's own
+            match = rf"{REVERSE_ONLY_ERROR}|jbce\.{loss} {FIRST_ORDER_ONLY_ERROR}"
         a, t, _ = case_inputs(loss, edge, setting, dtype)
         with im.context(), pytest.raises(exc, match=match):
             check_function(loss, impl, dtype, (deriv,))(a, t)
@@ -1646,33 +1651,8 @@ def gradient_filter_case(platform: str, option: str, threshold: float = 1e-4) ->
 # case XPASSes.
 # ==============================================================================================
 
-# Why each known defect fails.
-DEFECTS = {
-    "softcap": (
-        "logit_softcap maps a -inf logit (or -inf bias) to -c, so the class is back in the "
-        "softmax (int CE mean 4.4144 for 4.4075; all -inf row 2.7474 for 0), against "
-        "numerics.md's rule that -inf removes a class: a semantic decision to take"
-    ),
-    "distill_second_order": (
-        "linear_distillation_loss: jacrev(grad) in hidden, weight, bias and teacher_hidden "
-        "fails inside JAX (ad_util.Zero passed to reshape) before jbce's documented "
-        "'has first-order derivatives only' error"
-    ),
-    "pallas_second_order": (
-        "implementation='pallas': jacrev(grad) raises a bare AssertionError, not the "
-        "first_order_only error its backward pass wraps"
-    ),
-}
+# Why each known defect fails (none today: every defect the matrix found is fixed). A new
+# one is a reason here and its case-id patterns below.
+DEFECTS: dict[str, str] = {}
 # Case-id patterns (fnmatch) -> the defect they show; the first match gives the reason.
-KNOWN_DEFECTS: dict[str, str] = {
-    "softmax_cross_entropy_with_integer_labels-*-*-*-inf-options": DEFECTS["softcap"],
-    "softmax_cross_entropy_with_integer_labels-*-*-*-neg_inf_classes-options": DEFECTS["softcap"],
-    "softmax_cross_entropy_with_integer_labels-*-*-*-all_neg_inf_row-options": DEFECTS["softcap"],
-    "linear_softmax_cross_entropy-*-value-*-neg_inf_bias-options": DEFECTS["softcap"],
-    "linear_softmax_cross_entropy-*-grad-*-neg_inf_bias-options": DEFECTS["softcap"],
-    "linear_softmax_cross_entropy-*-value-*-target_on_neg_inf-options": DEFECTS["softcap"],
-    "linear_softmax_cross_entropy-*-value-*-all_neg_inf_row-options": DEFECTS["softcap"],
-    "linear_distillation_loss-*-hessian-*-*-*": DEFECTS["distill_second_order"],
-    "linear_distillation_loss-*-hvp-*-*-*": DEFECTS["distill_second_order"],
-    "linear_softmax_cross_entropy-pallas_*-hessian-*-*-*": DEFECTS["pallas_second_order"],
-}  # fmt: skip
+KNOWN_DEFECTS: dict[str, str] = {}

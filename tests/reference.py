@@ -664,7 +664,7 @@ def ref_softmax_cross_entropy_with_integer_labels(
     xs = xp.where(include, x, 0.0)
     x_y = xp.sum(xp.where(onehot, xp.where(onehot & ~include, x, xs), 0.0), axis=-1)
     w_t = cw[safe]
-    nll = w_t * (lse - x_y)
+    nll = w_t * xp.where(alive, lse - x_y, 0.0)  # a row without classes: no 0 * inf for w_t
     k_eff = xp.maximum(xp.sum(include, axis=-1, dtype=xp.float64), 1.0)
     smooth = xp.sum(xp.where(include, -xp.broadcast_to(cw, x.shape) * logp, 0.0), axis=-1)
     smooth = smooth / k_eff

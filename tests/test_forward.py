@@ -318,7 +318,7 @@ FUSED = {
 def test_fused_losses_are_reverse_mode_only(name):
     # Custom VJPs: JAX refuses forward mode with its own TypeError (jbce does not rewrite
     # JAX's messages); reverse mode works, to second order except for the distillation loss,
-    # whose backward pass raises jbce's error when differentiated again.
+    # whose derivative rules raise jbce's error when differentiated again.
     h = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
     w = jnp.linspace(-2.0, 2.0, 15).reshape(3, 5)
     y = jnp.array([0, 1, 2, 4])

@@ -138,12 +138,30 @@ def test_minus_inf_bias_removes_classes(platform):
     h, w, b, y = make()
     b = b.at[250:].set(-jnp.inf).at[::7].set(-jnp.inf)  # padding columns and holes
     y = jnp.where((y >= 250) | (y % 7 == 0), 1, y)
-    for opts in ({}, {"label_smoothing": 0.2}):
+    # under the soft-cap too: -inf stays -inf (docs/numerics.md), it does not become -c
+    for opts in ({}, {"label_smoothing": 0.2}, {"logit_softcap": 4.0, "label_smoothing": 0.1}):
         got = pallas(h, w, b, y, platform, **opts)
         assert np.all(np.asarray(got[1][2])[250:] == 0)
         want = reference(h, w, b, y, **opts)
         # the reference's bias gradient is NaN-free zero on -inf classes too
         assert_close(got, want, 1e-5)
+        h64, w64, b64 = (np.asarray(a, np.float64) for a in (h, w, b))  # the spec's value
+        spec = oracle.ref_linear_softmax_cross_entropy(h64, w64, np.asarray(y), bias=b64, **opts)
+        np.testing.assert_allclose(float(got[0]), spec, rtol=1e-5)
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_second_derivatives_raise_the_first_order_error(platform):
+    # The backward kernels are not derived for them: jbce's error, not one from inside JAX.
+    h, w, b, y = make(n=8, v=20)
+
+    def loss(h):
+        return jbce.linear_softmax_cross_entropy(h, w, y, bias=b, implementation="pallas")
+
+    first_order = r"jbce\.linear_softmax_cross_entropy has first-order derivatives only"
+    with _linear_pallas.interpret(platform, block_sizes=BLOCKS[platform]):
+        with pytest.raises(TypeError, match=first_order):
+            jax.jit(jax.jacrev(jax.grad(loss)))(h)
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)

@@ -140,9 +140,17 @@ def keep_where(mask: jax.Array | None, v: jax.Array) -> jax.Array:
 
 
 def first_order_only(name: str, alternative: str):
-    """An identity whose derivative raises: wraps the cotangents a ``custom_vjp`` backward
-    pass returns when its second derivatives are not right, so ``jax.hessian`` or
-    ``jax.jacrev(jax.grad(f))`` raise instead of returning wrong numbers."""
+    """A guard for a ``custom_vjp`` whose rules are not derived for second derivatives: it
+    returns a pytree as it is, and its derivative raises a TypeError that names the loss.
+
+    The rules apply it to what they compute from (the forward rule's inputs, the backward
+    pass's residuals and cotangents), so that ``jax.hessian`` or
+    ``jax.jacrev(jax.grad(f))`` raise this error before JAX differentiates the rules
+    themselves, where it would fail on a Pallas call or inside a walk with an error that
+    does not say why, or return wrong numbers. Only float leaves are guarded (an integer
+    input has no tangent); a symbolic zero cotangent is left as it is. A value without a
+    tangent passes through untouched, so first derivatives are unaffected.
+    """
 
     @jax.custom_jvp
     def identity(x):
@@ -155,19 +163,24 @@ def first_order_only(name: str, alternative: str):
             f"derivatives use {alternative}."
         )
 
-    return identity
+    def guard(tree):
+        return jax.tree.map(lambda v: identity(v) if _inexact(v) else v, tree)
+
+    return guard
 
 
-def cotangents(*pairs, first_order=None):
+def _inexact(v) -> bool:
+    return not isinstance(v, SymbolicZero) and jnp.issubdtype(jnp.result_type(v), jnp.inexact)
+
+
+def cotangents(*pairs):
     """The cotangents a ``custom_vjp`` backward pass returns, one per ``(primal, gradient)``:
     None for a None primal, float0 zeros for an integer or boolean one (gradient None), else
     the gradient in the primal's dtype.
 
     Inside ``shard_map`` an input replicated over a mesh axis its gradient varies on
     (weight under data parallelism, hidden under vocabulary parallelism) gets the sum over
-    it (:func:`jbce._core.sharding.psum_to_like`). ``first_order`` (a
-    :func:`first_order_only` identity, or None) wraps each float cotangent, so that a second
-    derivative through the backward pass raises.
+    it (:func:`jbce._core.sharding.psum_to_like`).
     """
     out = []
     for x, g in pairs:
@@ -176,6 +189,5 @@ def cotangents(*pairs, first_order=None):
         elif g is None:
             out.append(jnp.zeros(jnp.shape(x), jax.dtypes.float0))
         else:
-            ct = sharding.psum_to_like(g.astype(x.dtype), x)
-            out.append(ct if first_order is None else first_order(ct))
+            out.append(sharding.psum_to_like(g.astype(x.dtype), x))
     return tuple(out)

@@ -88,8 +88,9 @@ def linear_softmax_cross_entropy(
     Equals :func:`jbce.softmax_cross_entropy_with_integer_labels` applied to
     ``hidden @ weight + bias`` with the same options: with
     :math:`x_{nc} = h_n \cdot W_{:c} + b_c` (soft-capped to :math:`c \tanh(x/c)` with
-    ``logit_softcap``), :math:`\ell_n = \log\sum_c e^{x_{nc}}`, class weights :math:`w`
-    (1 without ``class_weights``) and label smoothing :math:`e` over :math:`V` classes,
+    ``logit_softcap``; a ``-inf`` bias stays ``-inf``), :math:`\ell_n = \log\sum_c e^{x_{nc}}`,
+    class weights :math:`w` (1 without ``class_weights``) and label smoothing :math:`e` over
+    :math:`V` classes,
 
     .. math::
         L_n = (1 - e)\, w_{y_n} (\ell_n - x_{n y_n})
@@ -139,7 +140,8 @@ def linear_softmax_cross_entropy(
         tile on chip (Triton on GPUs, Mosaic on TPUs; on other platforms the tiled loop).
         The kernels compute in float32 (float64 inputs are refused) and choose their own
         block sizes (``chunk_size`` must be None).
-        Not the default until measured faster on hardware.
+        Not the default until measured faster on hardware. First-order derivatives only:
+        its second derivatives raise an error naming it (``"xla"``'s are exact).
       gradient_filter: ``"pallas"`` only: skip, in the backward pass, a tile that holds no
         token's label and whose every gradient entry :math:`|\partial L / \partial x_{nc}|`
         is below this threshold times its token's label term :math:`w_{y_n} |\bar g_n|`

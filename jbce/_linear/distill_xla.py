@@ -142,6 +142,15 @@ def _loss(mode, rows, beta):
     return jnp.where(jnp.isnan(lz) | jnp.isnan(ly), jnp.nan, value)
 
 
+# Neither rule is derived for second derivatives: they raise this error, applied to what the
+# rules compute from (the forward rule's inputs, the backward pass's residuals and cotangent),
+# before JAX would differentiate the walk.
+_SECOND_ORDER = first_order_only(
+    "linear_distillation_loss",
+    "jbce.jensen_shannon_divergence on the materialised logits (jax.hessian works there)",
+)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def distillation_rows(student, teacher, beta, temperature, opts: Distill):
     r"""Per-token generalised JSD between ``softmax((h w + b) / T)`` (``student``, a
@@ -173,7 +182,7 @@ def _wanted(tree) -> bool:
 
 def _distillation_rows_fwd(student, teacher, beta, temperature, opts: Distill):
     primals = (student, teacher, beta, temperature)
-    args = _values(primals)
+    args = _SECOND_ORDER(_values(primals))  # a second derivative raises here, not in the walk
     wanted = _perturbed(primals)
     rows = forward_rows(args[0], args[1], args[2:], opts)
     # Residuals: the inputs and a few floats per token (two per model and the sums).
@@ -201,7 +210,7 @@ def _tile_grad(mode: str, want_temperature: bool):
 
 
 def _distillation_rows_bwd(opts: Distill, res, g):
-    args, rows, wanted = res
+    (args, rows, wanted), g = _SECOND_ORDER((res, g))
     student, teacher, beta, temperature = args
     models = tuple(tuple(map(_wanted, m)) for m in wanted[:2])
     want_beta, want_temp = map(_wanted, wanted[2:])
@@ -216,20 +225,10 @@ def _distillation_rows_bwd(opts: Distill, res, g):
         dtemp = -dtemp / temperature
     grads = (ds, dt_, dbeta, dtemp)
     # Inside shard_map an input replicated over an axis its cotangent varies on gets the sum.
-    # Differentiating this backward pass again gives wrong numbers (not derived for it):
-    # second derivatives raise.
     return jax.tree.map(
-        lambda ct, a: None if ct is None else _SECOND_ORDER(
-            sharding.psum_to_like(ct.astype(a.dtype), a)
-        ),
+        lambda ct, a: None if ct is None else sharding.psum_to_like(ct.astype(a.dtype), a),
         grads, args, is_leaf=lambda x: x is None,
     )  # fmt: skip
-
-
-_SECOND_ORDER = first_order_only(
-    "linear_distillation_loss",
-    "jbce.jensen_shannon_divergence on the materialised logits (jax.hessian works there)",
-)
 
 
 distillation_rows.defvjp(_distillation_rows_fwd, _distillation_rows_bwd, symbolic_zeros=True)

@@ -255,10 +255,19 @@ def _xla_grads(ops: tiles.Operands, rows, sums: bool):
     return dh, dw, db, dcap, dcw
 
 
+# The backward kernels are not derived for second derivatives (a pallas_call has no JVP rule
+# to differentiate them by): differentiating the backward pass raises this error first.
+_SECOND_ORDER = autodiff.first_order_only(
+    "linear_softmax_cross_entropy",
+    'implementation="xla", the default (jax.jacrev(jax.grad(f)) works there)',
+)
+
+
 def _bwd(kernels: Kernels, res, g):
     sums, threshold, axis_name, interpret = (
         kernels.sums, kernels.threshold, kernels.axis_name, kernels.interpret
     )  # fmt: skip
+    res, g = _SECOND_ORDER((res, g))
     hidden, weight, bias, labels, class_weights, cap, rows, shift, lse = res
     n = hidden.shape[0]
     y = sharding.local_labels(labels, weight.shape[1], axis_name)
@@ -284,14 +293,9 @@ def _bwd(kernels: Kernels, res, g):
         v = class_weights.shape[0]
         base = jnp.zeros((v,), jnp.float32) if dcw is None else dcw.astype(jnp.float32)
         dcw = base.at[jnp.clip(y, 0, v - 1)].add(g_w)
-    first_order = autodiff.first_order_only(
-        "linear_softmax_cross_entropy",
-        "the materialised loss on hidden @ weight + bias (jax.hessian works there)",
-    )
     return autodiff.cotangents(
         (hidden, dh), (weight, dw), (bias, db), (labels, None), (class_weights, dcw),
         (cap, None if cap is None else jnp.asarray(dcap).reshape(cap.shape)), (rows, None),
-        first_order=first_order,
     )  # fmt: skip
 
 

@@ -60,7 +60,8 @@ def softmax_cross_entropy_with_integer_labels(
 
     ``reduction="mean"`` divides the sum by the number of non-ignored examples, or by
     :math:`\sum_n w_{y_n}` with ``class_weights``, exactly as PyTorch does. With
-    ``logit_softcap=c`` the logits are first replaced by :math:`c \tanh(x / c)`.
+    ``logit_softcap=c`` the logits are first replaced by :math:`c \tanh(x / c)`, except
+    that ``-inf`` stays ``-inf`` (the class stays removed; ``+inf`` becomes ``c``).
 
     A logit of ``-inf`` (or False in a logits-shaped ``where``) removes that class from
     the softmax and from the smoothing term (K counts the remaining classes); its

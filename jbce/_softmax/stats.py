@@ -65,19 +65,29 @@ class Stats(NamedTuple):
 
 
 def softcap(x: jax.Array, cap) -> jax.Array:
-    """Gemma-style soft-capping ``cap * tanh(x / cap)``; ``cap=None`` leaves ``x`` as it is."""
-    return x if cap is None else cap * jnp.tanh(x / cap)
+    """Gemma-style soft-capping ``cap * tanh(x / cap)``, with ``-inf`` kept ``-inf`` (a removed
+    class stays removed; ``+inf`` becomes ``cap``, NaN stays NaN) and a derivative of 0 there;
+    ``cap=None`` leaves ``x`` as it is."""
+    if cap is None:
+        return x
+    removed = x == -jnp.inf
+    # x = 0 inside tanh where removed: the unused branch's d/d cap would be 0 * inf = NaN.
+    capped = cap * jnp.tanh(jnp.where(removed, jnp.zeros((), x.dtype), x) / cap)
+    return jnp.where(removed, jnp.full((), -jnp.inf, capped.dtype), capped)
 
 
 def softcap_coefficients(z: jax.Array, cap):
     """``(d x / d z, d x / d cap)`` of ``x = softcap(z, cap)``, elementwise: ``1 - t^2`` and
-    ``t - (z / cap)(1 - t^2)`` with ``t = tanh(z / cap)``; the latter is 0 where ``z`` is
-    infinite (``x`` is ``+-cap`` exactly there; ``inf * 0`` otherwise)."""
+    ``t - (z / cap)(1 - t^2)`` with ``t = tanh(z / cap)``. Where ``1 - t^2`` is 0 (``z`` at
+    ``+inf`` or rounding to ``+-cap``) the latter is ``t``, not ``inf * 0``; at ``z = -inf``
+    both are 0 (``x`` stays ``-inf``)."""
     zero = jnp.zeros((), z.dtype)
+    removed = z == -jnp.inf
+    z = jnp.where(removed, zero, z)  # as in softcap: no NaN in the coefficients' derivatives
     t = jnp.tanh(z / cap)
     slope = 1 - t * t
     z_over = jnp.where(slope == 0, zero, z / jnp.where(slope == 0, 1, cap))
-    return slope, t - slope * z_over
+    return jnp.where(removed, zero, slope), jnp.where(removed, zero, t - slope * z_over)
 
 
 def softcap_vjp(z: jax.Array, cap, dx: jax.Array):
@@ -584,9 +594,9 @@ def loss_terms(
     """
     has = stats.lse != -jnp.inf  # NaN rows count (and make the loss NaN)
     # Rows without classes: replaced before any arithmetic so that their (zero) cotangent
-    # never meets an infinity.
+    # never meets an infinity (the label's logit is -inf there: w_y's would be 0 * inf).
     lse = jnp.where(has, stats.lse, 0)
-    ce = lse - (stats.target - stats.shift)
+    ce = jnp.where(has, lse - (stats.target - stats.shift), 0)
     tw = stats.target_weight if class_weighted else None
     smoothing = not checks.is_zero(label_smoothing)
     loss = ce if tw is None else tw * ce
