@@ -92,12 +92,12 @@ def test_simulated_shards_match_unsharded_value_and_grads(opts):
     logits, labels, cw = problem()
     f = vmapped(labels, **opts)
     with strict():
-        val, (gx, gw) = jax.value_and_grad(lambda x, w: jnp.sum(f(x, w)), argnums=(0, 1))(
+        val, (gx, gw) = jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(f(x, w)), argnums=(0, 1)))(
             to_shards(logits), to_shards(cw)
         )
-        values = f(to_shards(logits), to_shards(cw))
-    ref, (rx, rw) = jax.value_and_grad(
-        lambda x, w: CE(x, labels, class_weights=w, **opts), argnums=(0, 1)
+        values = jax.jit(f)(to_shards(logits), to_shards(cw))
+    ref, (rx, rw) = jax.jit(
+        jax.value_and_grad(lambda x, w: CE(x, labels, class_weights=w, **opts), argnums=(0, 1))
     )(logits, cw)
     rtol_close(values, jnp.full((SHARDS,), ref))  # replicated: every shard holds the loss
     rtol_close(val / SHARDS, ref)
@@ -133,11 +133,15 @@ def test_class_axis_not_last_and_batch_of_rank_two():
     def f(x):
         return CE(x, labels, axis=1, z_loss=1e-2, reduction="none", axis_name="v")
 
+    def value_and_vjp(f, x):
+        out, vjp = jax.vjp(f, x)
+        return out, vjp(jnp.ones_like(out))[0]
+
     with strict():
-        got, vjp = jax.vjp(jax.vmap(f, axis_name="v"), shards)
-        (g,) = vjp(jnp.ones_like(got))
-    ref, rvjp = jax.vjp(lambda x: CE(x, labels, axis=1, z_loss=1e-2, reduction="none"), logits)
-    (rg,) = rvjp(jnp.ones_like(ref))
+        got, g = jax.jit(lambda x: value_and_vjp(jax.vmap(f, axis_name="v"), x))(shards)
+    ref, rg = jax.jit(
+        lambda x: value_and_vjp(lambda x: CE(x, labels, axis=1, z_loss=1e-2, reduction="none"), x)
+    )(logits)
     rtol_close(got, jnp.broadcast_to(ref, got.shape))
     rtol_close(jnp.concatenate(list(g), axis=1) / SHARDS, rg)
 
@@ -163,7 +167,7 @@ def test_combined_stats_equal_those_of_the_whole_row():
     def combined(x, y):
         return combine_over_axis(block_stats(x, y, sums=True), "v")
 
-    st = jax.vmap(combined, axis_name="v")(shards, local)
+    st = jax.jit(jax.vmap(combined, axis_name="v"))(shards, local)
     for got, want in zip(st, whole):
         if want is not None:
             np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want), rtol=1e-6)
