@@ -33,6 +33,7 @@ import dataclasses
 import fnmatch
 import functools
 import math
+import re
 import zlib
 from collections.abc import Callable
 
@@ -496,6 +497,10 @@ TWO = Kind(
      "all_masked_row": _all_masked_row, "confident": _two_confident, "nan": _nan(),
      "matching": lambda a: a.update(teacher_logits=a["logits"].copy())},
     {"empty": lambda: _two_make(n=0)},
+    # At +-1e30 the second derivatives are differences of 1e30-sized terms that cancel to
+    # ~1e24 (1e-6 of them): float32 keeps a few percent of such a difference (a bfloat16 hvp
+    # entry 1.45e24 for the float64 1.15e24 of the same rounded inputs).
+    conditioning={"large": 4.0},
 )  # fmt: skip
 
 
@@ -1195,8 +1200,16 @@ def all_cases():
             for dtype in DTYPES:
                 for setting in row.settings:
                     for edge in edges_of(row.kind):
-                        for deriv in DERIVATIVES:
-                            yield loss, impl, deriv, dtype, edge, setting
+                        if _splittable(impl, edge):
+                            for deriv in DERIVATIVES:
+                                yield loss, impl, deriv, dtype, edge, setting
+
+
+def _splittable(impl: str, edge: str) -> bool:
+    """A class axis of one cannot be split over several vocabulary shards (one class per
+    shard is its own implementation, ``vocab_vmap_one_class``)."""
+    im = IMPLEMENTATIONS[impl]
+    return not (edge == "one_class" and im.shard == "vocab" and im.shards > 1)
 
 
 def known_defect(cid: str) -> str | None:
@@ -1310,6 +1323,25 @@ def check_function(loss: str, impl: str, dtype: str, derivs: tuple[str, ...],
 _FAILED: dict[tuple, Exception] = {}
 
 
+@contextlib.contextmanager
+def partitioner_for(impl: str, edge: str):
+    """JAX's GSPMD partitioner for ``shard_map`` on the empty batch, its default (Shardy)
+    elsewhere. Shardy fails to lower a ``shard_map`` body whose shards are zero-size (JAX
+    lowers zero-size values to constants, so the body reads none of its operands): "'func.call'
+    op expected at least one operand of @xla.sdy.manual_computation_body to be produced by a
+    xla.sdy.GlobalToLocalShape CustomCallOp", with jax 0.10.2 and without jbce too, e.g.
+    ``psum(sum(logaddexp(x, 0) - x * y))`` on ``[0, K]`` inputs (docs/devices.md)."""
+    if not (IMPLEMENTATIONS[impl].shard_map and edge == "empty"):
+        yield
+        return
+    before = jax.config.jax_use_shardy_partitioner
+    jax.config.update("jax_use_shardy_partitioner", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_use_shardy_partitioner", before)
+
+
 def _structure(a: dict) -> tuple:
     return tuple((k, np.shape(v), str(np.asarray(v).dtype)) for k, v in a.items())
 
@@ -1324,7 +1356,7 @@ def jbce_results(loss: str, impl: str, dtype: str, edge: str, setting: str, deri
     key = (loss, impl, dtype, derivs, eager, _structure(a))
     if key not in _FAILED:
         try:
-            with IMPLEMENTATIONS[impl].context():
+            with IMPLEMENTATIONS[impl].context(), partitioner_for(impl, edge):
                 return jax.device_get(check_function(loss, impl, dtype, derivs, eager)(a, t))
         except Exception as e:  # noqa: BLE001 - attributed below, or by the case
             _FAILED[key] = e
@@ -1430,7 +1462,18 @@ def run_case(loss: str, impl: str, deriv: str, dtype: str, edge: str, setting: s
         if exc is TypeError and de.order == 2:  # forward over reverse: JAX's, or jbce's own
             match = rf"{REVERSE_ONLY_ERROR}|jbce\.{loss} {FIRST_ORDER_ONLY_ERROR}"
         a, t, _ = case_inputs(loss, edge, setting, dtype)
-        with im.context(), pytest.raises(exc, match=match):
+        if exc is TypeError and edge == "empty":
+            # No rows: JAX never calls the reverse-only rule, so forward mode returns the
+            # empty batch's zero derivatives; either that or the error, never a number.
+            with im.context(), partitioner_for(impl, edge):
+                try:
+                    out = check_function(loss, impl, dtype, (deriv,))(a, t)
+                except TypeError as e:
+                    assert re.search(match, str(e)), e
+                else:
+                    assert all(not np.any(np.asarray(o)) for o in jax.tree.leaves(out)), out
+            return
+        with im.context(), partitioner_for(impl, edge), pytest.raises(exc, match=match):
             check_function(loss, impl, dtype, (deriv,))(a, t)
         return
     derivs = _together(loss, impl, deriv, dtype, edge, setting)

@@ -80,8 +80,10 @@ def _zero_if_none(o, t):
     if o is None:
         return None
     # zeros_like keeps the primal's varying mesh axes (a zero of float32[8]{V:data} inside
-    # shard_map must be varying too)
-    return jnp.zeros_like(o) if t is None else t
+    # shard_map must be varying too). An empty output's tangent is its zeros as well: inside
+    # shard_map JAX may fold an empty primal to a replicated constant while the tangent
+    # computed from the sharded inputs varies, and the rule must return matching types.
+    return jnp.zeros_like(o) if t is None or o.size == 0 else t
 
 
 def _nonzero(t):
