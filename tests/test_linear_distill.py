@@ -32,15 +32,15 @@ ARGNUMS = (0, 1, 2, 3, 4, 5)  # hidden, weight, bias, teacher_hidden, teacher_we
 
 
 def make(n, d, dt, v, *, dtype=F64, seed=0, bias=True):
-    """(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias)."""
-    k = jax.random.split(jax.random.key(seed), 6)
-    base = F64 if jnp.dtype(dtype) == F64 else jnp.float32
-    h = jax.random.normal(k[0], (n, d), base).astype(dtype)
-    w = (jax.random.normal(k[1], (d, v), base) * 1.2).astype(dtype)
-    ht = jax.random.normal(k[2], (n, dt), base).astype(dtype)
-    wt = (jax.random.normal(k[3], (dt, v), base) * 1.5).astype(dtype)
-    b = jax.random.normal(k[4], (v,), base).astype(dtype) if bias else None
-    bt = jax.random.normal(k[5], (v,), base).astype(dtype) if bias else None
+    """(hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias), drawn by NumPy:
+    jax.random's eager ops compile for every new shape (about 1.5 CPU-s per call here)."""
+    r = np.random.default_rng(seed)
+    h = jnp.asarray(r.normal(size=(n, d)), dtype)
+    w = jnp.asarray(r.normal(size=(d, v)) * 1.2, dtype)
+    ht = jnp.asarray(r.normal(size=(n, dt)), dtype)
+    wt = jnp.asarray(r.normal(size=(dt, v)) * 1.5, dtype)
+    b = jnp.asarray(r.normal(size=v), dtype) if bias else None
+    bt = jnp.asarray(r.normal(size=v), dtype) if bias else None
     return h, w, b, ht, wt, bt
 
 
@@ -596,14 +596,9 @@ def _shard_map_cases():
     from jax.sharding import Mesh
     from jax.sharding import PartitionSpec as P
 
-    k = jax.random.split(jax.random.key(0), 6)
     n, d, dt, v = 10, 5, 3, 24
-    h = jax.random.normal(k[0], (n, d), F64)
-    w = jax.random.normal(k[1], (d, v), F64)
-    b = jax.random.normal(k[2], (v,), F64).at[7].set(-jnp.inf)
-    ht = jax.random.normal(k[3], (n, dt), F64)
-    wt = jax.random.normal(k[4], (dt, v), F64)
-    bt = jax.random.normal(k[5], (v,), F64).at[7].set(-jnp.inf)
+    h, w, b, ht, wt, bt = make(n, d, dt, v)
+    b, bt = b.at[7].set(-jnp.inf), bt.at[7].set(-jnp.inf)
     y = jnp.arange(n, dtype=jnp.int32).at[3].set(-100)
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "vocab"))
     cases = [(0.0, (3, 2), "sum"), (1.0, None, "sum"),
