@@ -192,16 +192,7 @@ def test_sigmoid_bce_equals_torch_values_and_gradients(opts, reduction):
         )
 
     args = [jnp.asarray(x)] + [jnp.asarray(v) for v in kw.values()]
-    with _maybe_allow_rank_promotion(opts):
-        got = f(*args)
-        grads = jitted(jax.grad(lambda *a: jnp.sum(f(*a)), argnums=tuple(range(len(args)))))(*args)
-    # torch differentiates only w.r.t. the logits; weight / pos_weight gradients are checked
-    # against jax.grad of the float64 reference
-    want, (tg,) = ref.torch_sigmoid_binary_cross_entropy(
-        x, y, reduction=reduction, grad_of=("logits",), **kw
-    )
-    ref.assert_close(got, want, rtol=1e-12)
-    ref.assert_close(grads[0], tg, rtol=1e-10, atol=1e-15)
+    argnums = tuple(range(len(args)))
 
     def r(*args):
         d = dict(zip(names, args))
@@ -211,7 +202,21 @@ def test_sigmoid_bce_equals_torch_values_and_gradients(opts, reduction):
             )
         )
 
-    rgrads = jitted(jax.grad(r, argnums=tuple(range(len(args)))))(*args)
+    with _maybe_allow_rank_promotion(opts):  # the loss, its gradients and the reference's
+        got, grads, rgrads = jax.jit(
+            lambda *a: (
+                f(*a),
+                jax.grad(lambda *a: jnp.sum(f(*a)), argnums)(*a),
+                jax.grad(r, argnums)(*a),
+            )
+        )(*args)
+    # torch differentiates only w.r.t. the logits; weight / pos_weight gradients are checked
+    # against jax.grad of the float64 reference
+    want, (tg,) = ref.torch_sigmoid_binary_cross_entropy(
+        x, y, reduction=reduction, grad_of=("logits",), **kw
+    )
+    ref.assert_close(got, want, rtol=1e-12)
+    ref.assert_close(grads[0], tg, rtol=1e-10, atol=1e-15)
     for g, rg in zip(grads, rgrads):
         ref.assert_close(g, np.asarray(rg), rtol=1e-12, atol=1e-15)
 
