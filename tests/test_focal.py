@@ -92,50 +92,61 @@ def _closed_form_grad(x, y, gamma):
     return np.where(y == 1, g1, g0)
 
 
-@pytest.mark.parametrize("gamma", GAMMAS)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_focal_gradient_is_finite_and_exact_at_extreme_logits(dtype, gamma):
+def test_focal_gradient_is_finite_and_exact_at_extreme_logits(dtype):
     x = np.concatenate([EXTREME, EXTREME]).astype(dtype)
     y = np.concatenate([np.ones_like(EXTREME), np.zeros_like(EXTREME)]).astype(dtype)
-    val, g = jitted(
-        jax.value_and_grad(lambda a: focal(a, jnp.asarray(y), gamma=gamma, reduction="sum"))
+    results = jax.jit(  # every gamma in one compiled program
+        lambda a: [
+            jax.value_and_grad(lambda a, g=g: focal(a, jnp.asarray(y), gamma=g, reduction="sum"))(a)
+            for g in GAMMAS
+        ]
     )(jnp.asarray(x))
-    assert np.isfinite(float(val))
-    g = np.asarray(g)
-    assert g.dtype == dtype and np.all(np.isfinite(g)), g
-    want = _closed_form_grad(x.astype(np.float64), y.astype(np.float64), gamma)
-    tol = 1e-12 if dtype == np.float64 else 2e-6
-    ref.assert_close(g, want, rtol=tol, atol=float(np.finfo(dtype).tiny))
+    for gamma, (val, g) in zip(GAMMAS, results, strict=True):
+        assert np.isfinite(float(val)), gamma
+        g = np.asarray(g)
+        assert g.dtype == dtype and np.all(np.isfinite(g)), (gamma, g)
+        want = _closed_form_grad(x.astype(np.float64), y.astype(np.float64), gamma)
+        tol = 1e-12 if dtype == np.float64 else 2e-6
+        ref.assert_close(g, want, rtol=tol, atol=float(np.finfo(dtype).tiny))
 
 
-@pytest.mark.parametrize("gamma", GAMMAS)
-def test_focal_gradient_is_finite_for_soft_labels_and_infinite_logits(gamma):
+def test_focal_gradient_is_finite_for_soft_labels_and_infinite_logits():
     x = jnp.asarray([np.inf, -np.inf, 1e30, -1e30, np.inf, -np.inf])
     y = jnp.asarray([0.3, 0.3, 0.7, 0.7, 1.0, 0.0])
-    g = jitted(jax.grad(lambda a: focal(a, y, gamma=gamma, reduction="sum")))(x)
-    assert np.all(np.isfinite(np.asarray(g))), g
-    loss = np.asarray(jitted(focal)(x, y, gamma=gamma, reduction="none"))
-    assert loss[4] == 0 and loss[5] == 0  # infinite logits agreeing with hard labels
+    results = jax.jit(  # every gamma in one compiled program
+        lambda a: [
+            (
+                jax.grad(lambda a, g=g: focal(a, y, gamma=g, reduction="sum"))(a),
+                focal(a, y, gamma=g, reduction="none"),
+            )
+            for g in GAMMAS
+        ]
+    )(x)
+    for gamma, (g, loss) in zip(GAMMAS, results, strict=True):
+        assert np.all(np.isfinite(np.asarray(g))), (gamma, g)
+        loss = np.asarray(loss)
+        assert loss[4] == 0 and loss[5] == 0, gamma  # infinite logits agreeing with hard labels
 
 
-@pytest.mark.parametrize("gamma", GAMMAS)
-def test_float32_extreme_logits_within_a_few_ulps_of_float64(gamma):
+def test_float32_extreme_logits_within_a_few_ulps_of_float64():
     x32 = np.concatenate([EXTREME, EXTREME]).astype(np.float32)
     y32 = np.concatenate([np.ones_like(EXTREME), np.zeros_like(EXTREME)]).astype(np.float32)
-    got = jitted(focal)(
-        jnp.asarray(x32), jnp.asarray(y32), gamma=gamma, alpha=0.25, reduction="none"
-    )
-    assert got.dtype == jnp.float32
-    want = ref.ref_sigmoid_focal_loss(
-        x32.astype(np.float64),
-        y32.astype(np.float64),
-        gamma=gamma,
-        alpha=0.25,
-        reduction="none",
-    )
-    ref.assert_close(
-        got, want, rtol=8 * np.finfo(np.float32).eps, atol=float(np.finfo(np.float32).tiny)
-    )
+    gots = jax.jit(  # every gamma in one compiled program
+        lambda a, b: [focal(a, b, gamma=g, alpha=0.25, reduction="none") for g in GAMMAS]
+    )(jnp.asarray(x32), jnp.asarray(y32))
+    for gamma, got in zip(GAMMAS, gots, strict=True):
+        assert got.dtype == jnp.float32
+        want = ref.ref_sigmoid_focal_loss(
+            x32.astype(np.float64),
+            y32.astype(np.float64),
+            gamma=gamma,
+            alpha=0.25,
+            reduction="none",
+        )
+        ref.assert_close(
+            got, want, rtol=8 * np.finfo(np.float32).eps, atol=float(np.finfo(np.float32).tiny)
+        )
 
 
 @pytest.mark.parametrize("gamma", [0.5, 2.0])
