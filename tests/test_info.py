@@ -21,6 +21,12 @@ pytestmark = pytest.mark.jax_strict
 LAYOUTS = {"last": ((5, 4), -1), "first": ((4, 5), 0), "tuple": ((3, 2, 4), (1, 2))}
 
 
+def jitted(fn):
+    """``fn`` compiled as one program when called: op by op, each primitive would compile
+    on its own (a loss and its reference's gradients: 4.5 s of CPU eagerly, 0.9 s jitted)."""
+    return lambda *args, **kwargs: jax.jit(lambda: fn(*args, **kwargs))()
+
+
 def _data(layout="last", seed=0, zeros=True):
     shape, axis = LAYOUTS[layout]
     rng = np.random.default_rng(seed)
@@ -37,8 +43,8 @@ def _data(layout="last", seed=0, zeros=True):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_entropy_and_kl_match_float64_reference(layout):
     x, p, axis = _data(layout)
-    h = jbce.entropy(jnp.asarray(p), axis=axis)
-    kl = jbce.kl_divergence(jnp.asarray(x), jnp.asarray(p), axis=axis, reduction="none")
+    h = jitted(jbce.entropy)(jnp.asarray(p), axis=axis)
+    kl = jitted(jbce.kl_divergence)(jnp.asarray(x), jnp.asarray(p), axis=axis, reduction="none")
     assert h.dtype == jnp.float64
     ref.assert_close(h, ref.ref_entropy(p, axis=axis), atol=1e-15)
     ref.assert_close(kl, ref.ref_kl_divergence(x, p, axis=axis, reduction="none"), atol=1e-15)
@@ -47,75 +53,61 @@ def test_entropy_and_kl_match_float64_reference(layout):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_cross_entropy_equals_entropy_plus_kl(layout):
     x, p, axis = _data(layout, seed=1)
-    ce = jbce.softmax_cross_entropy(jnp.asarray(x), jnp.asarray(p), axis=axis, reduction="none")
-    h = jbce.entropy(jnp.asarray(p), axis=axis)
-    kl = jbce.kl_divergence(jnp.asarray(x), jnp.asarray(p), axis=axis, reduction="none")
+    ce = jitted(jbce.softmax_cross_entropy)(
+        jnp.asarray(x), jnp.asarray(p), axis=axis, reduction="none"
+    )
+    h = jitted(jbce.entropy)(jnp.asarray(p), axis=axis)
+    kl = jitted(jbce.kl_divergence)(jnp.asarray(x), jnp.asarray(p), axis=axis, reduction="none")
     ref.assert_close(np.asarray(h) + np.asarray(kl), np.asarray(ce), rtol=1e-12, atol=1e-14)
 
 
 def test_kl_of_a_distribution_with_itself_is_zero_and_kl_is_nonnegative():
     x, p, _ = _data(zeros=False, seed=2)
-    same = jbce.kl_divergence(jnp.log(jnp.asarray(p)), jnp.asarray(p), reduction="none")
+    same = jitted(jbce.kl_divergence)(jnp.log(jnp.asarray(p)), jnp.asarray(p), reduction="none")
     np.testing.assert_allclose(np.asarray(same), 0.0, atol=1e-14)
-    kl = jbce.kl_divergence(jnp.asarray(x), jnp.asarray(p), reduction="none")
+    kl = jitted(jbce.kl_divergence)(jnp.asarray(x), jnp.asarray(p), reduction="none")
     assert np.all(np.asarray(kl) >= 0)
 
 
 def test_kl_equals_torch_kl_div():
     x, p, _ = _data(seed=3)
     want, (tg,) = ref.torch_kl_divergence(p, x, grad_of=("logits",))
-    got = jbce.kl_divergence(jnp.asarray(x), jnp.asarray(p), reduction="none")
-    g = jax.grad(lambda a: jbce.kl_divergence(a, jnp.asarray(p), reduction="sum"))(jnp.asarray(x))
+    got = jitted(jbce.kl_divergence)(jnp.asarray(x), jnp.asarray(p), reduction="none")
+    g = jitted(jax.grad(lambda a: jbce.kl_divergence(a, jnp.asarray(p), reduction="sum")))(
+        jnp.asarray(x)
+    )
     ref.assert_close(got, want, rtol=1e-12, atol=1e-15)
     ref.assert_close(g, tg, rtol=1e-10, atol=1e-15)
 
 
 def test_uniform_distribution_has_entropy_log_k():
     p = jnp.full((3, 7), 1 / 7)
-    ref.assert_close(jbce.entropy(p), np.full(3, np.log(7.0)))
+    ref.assert_close(jitted(jbce.entropy)(p), np.full(3, np.log(7.0)))
 
 
-def test_gradients_check_numerically_to_second_order():
+def test_kl_gradients_check_numerically_to_second_order_in_the_labels_too():
+    # (the entropy's and the logits' second derivatives against the float64 references:
+    # the matrix's {entropy,kl_divergence}-materialised-hessian-float32-*-plain)
     x, p, _ = _data(zeros=False, seed=4)
     p = 0.5 * p + 0.5 / p.shape[-1]  # keep finite differences away from p = 0
-    check_grads(jax.jit(lambda a: jbce.entropy(a)), (jnp.asarray(p),), 2, ["rev"])
     check_grads(jax.jit(jbce.kl_divergence), (jnp.asarray(x), jnp.asarray(p)), 2, ["rev"])
 
 
-def test_gradients_equal_reference_gradients_and_hessian():
+def test_gradients_equal_reference_gradients():
+    # (the Hessians: the matrix's {entropy,kl_divergence}-materialised-hessian-float32-*-plain)
     x, p, _ = _data(zeros=False, seed=5)
     f = lambda a, b: jbce.kl_divergence(b, a, reduction="sum")
     r = lambda a, b: jnp.sum(ref.ref_kl_divergence(b, a, reduction="none", xp=jnp))
-    g = jax.grad(f, (0, 1))(jnp.asarray(p), jnp.asarray(x))
-    gr = jax.grad(r, (0, 1))(jnp.asarray(p), jnp.asarray(x))
+    g = jitted(jax.grad(f, (0, 1)))(jnp.asarray(p), jnp.asarray(x))
+    gr = jitted(jax.grad(r, (0, 1)))(jnp.asarray(p), jnp.asarray(x))
     for a, b in zip(g, gr):
         ref.assert_close(a, np.asarray(b), rtol=1e-12, atol=1e-15)
-    h = jax.jit(jax.jacrev(jax.grad(f, 1), 1))(jnp.asarray(p), jnp.asarray(x))
-    hr = jax.jit(jax.jacrev(jax.grad(r, 1), 1))(jnp.asarray(p), jnp.asarray(x))
-    ref.assert_close(h, np.asarray(hr), rtol=1e-11, atol=1e-14)
-    # reverse over reverse: forward mode (jax.hessian) is not available on a custom_vjp
-    he = jax.jit(jax.jacrev(jax.grad(lambda a: jnp.sum(jbce.entropy(a)))))(jnp.asarray(p[0]))
-    ref.assert_close(he, np.diag(-1 / p[0]), rtol=1e-12, atol=1e-14)
 
 
-def test_zero_probabilities_give_finite_values_and_kl_gradients():
-    x, p, _ = _data(seed=6)
-    h = np.asarray(jbce.entropy(jnp.asarray(p)))
-    kl, g = jax.value_and_grad(lambda b: jbce.kl_divergence(b, jnp.asarray(p), reduction="sum"))(
-        jnp.asarray(x)
-    )
-    assert np.all(np.isfinite(h)) and np.isfinite(float(kl))
-    assert np.all(np.isfinite(np.asarray(g)))
-
-
-def test_minus_inf_logits_where_labels_are_zero_keep_kl_finite():
-    x = np.array([[0.5, -np.inf, 1.0]])
-    p = np.array([[0.4, 0.0, 0.6]])
-    kl, g = jax.value_and_grad(lambda b: jbce.kl_divergence(b, jnp.asarray(p), reduction="sum"))(
-        jnp.asarray(x)
-    )
-    ref.assert_close(kl, ref.ref_kl_divergence(x, p, reduction="none").sum())
-    assert np.asarray(g)[0, 1] == 0 and np.all(np.isfinite(np.asarray(g)))
+# Zero probabilities (entropy) and labels, and -inf logits under zero labels (KL): finite
+# values and gradients equal to the float64 references', the matrix's
+# entropy-materialised-*-float32-zero-plain, kl_divergence-materialised-*-float32-random-plain
+# (a one-hot row) and kl_divergence-materialised-*-float32-neg_inf_classes-plain.
 
 
 def test_checkify_reports_probabilities_outside_unit_interval():
@@ -130,8 +122,8 @@ def test_checkify_reports_probabilities_outside_unit_interval():
 def test_half_precision_computes_in_float32(dtype):
     x, p, _ = _data(zeros=False, seed=7)
     pl, xl = jnp.asarray(p, dtype), jnp.asarray(x, dtype)
-    h = jbce.entropy(pl)
-    kl, g = jax.value_and_grad(lambda b: jbce.kl_divergence(b, pl, reduction="sum"))(xl)
+    h = jitted(jbce.entropy)(pl)
+    kl, g = jitted(jax.value_and_grad(lambda b: jbce.kl_divergence(b, pl, reduction="sum")))(xl)
     assert h.dtype == jnp.float32 and kl.dtype == jnp.float32 and g.dtype == dtype
     p64, x64 = np.asarray(pl, np.float64), np.asarray(xl, np.float64)
     ref.assert_close(h, ref.ref_entropy(p64), rtol=1e-6)
@@ -140,7 +132,7 @@ def test_half_precision_computes_in_float32(dtype):
 
 def test_vmap_equals_per_row_calls():
     x, p, _ = _data(layout="tuple", seed=8)
-    got = jax.vmap(lambda a, b: jbce.kl_divergence(b, a, axis=(0, 1), reduction="none"))(
+    got = jitted(jax.vmap(lambda a, b: jbce.kl_divergence(b, a, axis=(0, 1), reduction="none")))(
         jnp.asarray(p), jnp.asarray(x)
     )
     want = [
