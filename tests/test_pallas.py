@@ -11,6 +11,8 @@ Every call is jitted (interpret mode is slow eagerly).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,32 +43,52 @@ def make(n=37, d=32, v=300, *, dtype=jnp.float32, seed=0, ignore=(3, 11), bias=T
     return h, w, b, y
 
 
-def reference(h, w, b, y, **opts):
-    """Value and gradients of the materialised loss, in float64."""
-    f64 = ("weights", "class_weights")
-    opts = {k: (np.asarray(a, np.float64) if k in f64 else a) for k, a in opts.items()}
-
-    def loss(h, w, b):
+@functools.cache
+def _reference(argnums, static):
+    def loss(h, w, b, y, arrays):
         logits = h @ w if b is None else h @ w + b[None, :]
-        out = jbce.softmax_cross_entropy_with_integer_labels(logits, y, **opts)
+        out = jbce.softmax_cross_entropy_with_integer_labels(logits, y, **dict(static), **arrays)
         return jnp.sum(out)
 
+    return jax.jit(jax.value_and_grad(loss, argnums))
+
+
+def reference(h, w, b, y, **opts):
+    """Value and gradients of the materialised loss, in float64 (jitted: op by op, each
+    reference cost seconds)."""
+    f64 = ("weights", "class_weights")
+    arrays = {k: jnp.asarray(a, F64 if k in f64 else None) for k, a in opts.items()
+              if isinstance(a, (np.ndarray, jax.Array))}  # fmt: skip
+    static = tuple(sorted((k, a) for k, a in opts.items() if k not in arrays))
     args = tuple(None if a is None else jnp.asarray(a, F64) for a in (h, w, b))
-    return jax.value_and_grad(loss, (0, 1) if b is None else (0, 1, 2))(*args)
+    f = _reference((0, 1) if b is None else (0, 1, 2), static)
+    return f(*args, y, arrays)
+
+
+@functools.cache
+def _value_and_grads(platform, argnums, gradient_filter, static):
+    """One jitted value-and-gradients per platform and static options: the tests that share
+    a structure (shapes, option values) share its compile; labels and array options are
+    arguments."""
+
+    def loss(h, w, b, y, arrays):
+        out = jbce.linear_softmax_cross_entropy(
+            h, w, y, bias=b, implementation="pallas", gradient_filter=gradient_filter,
+            **dict(static), **arrays,
+        )  # fmt: skip
+        return jnp.sum(out)
+
+    return jax.jit(jax.value_and_grad(loss, argnums))
 
 
 def pallas(h, w, b, y, platform, *, gradient_filter=None, **opts):
     """Value and gradients of the fused loss with ``platform``'s kernels, interpreted."""
-
-    def loss(h, w, b):
-        out = jbce.linear_softmax_cross_entropy(
-            h, w, y, bias=b, implementation="pallas", gradient_filter=gradient_filter, **opts
-        )
-        return jnp.sum(out)
-
+    arrays = {k: jnp.asarray(a) for k, a in opts.items() if isinstance(a, (np.ndarray, jax.Array))}
+    static = tuple(sorted((k, a) for k, a in opts.items() if k not in arrays))
+    argnums = (0, 1) if b is None else (0, 1, 2)
+    f = _value_and_grads(platform, argnums, gradient_filter, static)
     with _linear_pallas.interpret(platform, block_sizes=BLOCKS[platform]):
-        f = jax.jit(jax.value_and_grad(loss, (0, 1) if b is None else (0, 1, 2)))
-        return f(h, w, b)
+        return f(h, w, b, y, arrays)
 
 
 def assert_close(got, want, rtol):
@@ -196,7 +218,7 @@ def test_overlapping_last_blocks_are_summed_once(platform):
     with _linear_pallas.interpret(platform, block_sizes=BLOCKS[platform]):
         got = jax.jit(jax.value_and_grad(fused, range(5)))(h, w, b, cw, jnp.float32(3.0))
     args = (jnp.asarray(a, F64) for a in (h, w, b, cw, 3.0))
-    assert_close(got, jax.value_and_grad(materialised, range(5))(*args), 1e-5)
+    assert_close(got, jax.jit(jax.value_and_grad(materialised, range(5)))(*args), 1e-5)
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)
@@ -242,7 +264,7 @@ def test_traced_hyperparameters_under_jit(platform):
             logits, y, label_smoothing=0.1, z_loss=1e-3, logit_softcap=c
         )
 
-    want = jax.value_and_grad(ref, (0, 1, 2))(h.astype(F64), w.astype(F64), F64(3.0))
+    want = jax.jit(jax.value_and_grad(ref, (0, 1, 2)))(h.astype(F64), w.astype(F64), F64(3.0))
     assert_close(got, want, 1e-5)
 
 
@@ -389,7 +411,7 @@ def test_class_weights_gradient_unsharded_and_vocabulary_parallel(platform, smoo
         logits = jnp.asarray(h, F64) @ jnp.asarray(w, F64) + jnp.asarray(b, F64)[None, :]
         return jbce.softmax_cross_entropy_with_integer_labels(logits, y, class_weights=cw, **opts)
 
-    want_v, want_g = jax.value_and_grad(ref)(jnp.asarray(cw, F64))
+    want_v, want_g = jax.jit(jax.value_and_grad(ref))(jnp.asarray(cw, F64))
 
     def fused(cw, w=w, b=b, axis_name=None):
         return jbce.linear_softmax_cross_entropy(
