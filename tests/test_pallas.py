@@ -100,13 +100,14 @@ def assert_close(got, want, rtol):
 
 
 CLASS_WEIGHTS = np.linspace(0.2, 3.0, 300, dtype=np.float32)
+# Reductions and per-token weights (no class weights) through the kernels are the matrix's
+# pallas_{gpu,tpu}-{value,grad}-float32-random-plain cases (none, sum, mean; weighted mean's
+# gradient); here the options in blocks spanning ragged tiles.
 OPTIONS = {
     "plain": {},
     "smoothing_z_loss": {"label_smoothing": 0.2, "z_loss": 1e-2},
     "softcap": {"logit_softcap": 2.5},
     "all": {"label_smoothing": 0.1, "z_loss": 1e-3, "logit_softcap": 4.0},
-    "sum": {"reduction": "sum", "label_smoothing": 0.1},
-    "none_weights": {"reduction": "none", "weights": np.linspace(0.0, 2.0, 37, dtype=np.float32)},
     "no_ignore_index": {"ignore_index": None},
     # Class weights (no label smoothing): the PyTorch mean over the kept tokens' weights.
     "class_weights": {"class_weights": CLASS_WEIGHTS, "z_loss": 1e-3, "logit_softcap": 4.0},
@@ -161,7 +162,7 @@ def test_minus_inf_bias_removes_classes(platform):
     b = b.at[250:].set(-jnp.inf).at[::7].set(-jnp.inf)  # padding columns and holes
     y = jnp.where((y >= 250) | (y % 7 == 0), 1, y)
     # under the soft-cap too: -inf stays -inf (docs/numerics.md), it does not become -c
-    for opts in ({}, {"label_smoothing": 0.2}, {"logit_softcap": 4.0, "label_smoothing": 0.1}):
+    for opts in ({}, OPTIONS["smoothing_z_loss"], OPTIONS["all"]):  # compiled for those tests
         got = pallas(h, w, b, y, platform, **opts)
         assert np.all(np.asarray(got[1][2])[250:] == 0)
         want = reference(h, w, b, y, **opts)
@@ -188,7 +189,8 @@ def test_second_derivatives_raise_the_first_order_error(platform):
 
 @pytest.mark.parametrize("platform", PLATFORMS)
 def test_sizes_below_and_at_one_block(platform):
-    for n, d, v in ((3, 8, 5), (16, 16, 64), (1, 4, 1)):
+    # Inputs below one block (N = 8, V = 12) are the matrix's pallas_{gpu,tpu} cases.
+    for n, d, v in ((16, 16, 64), (1, 4, 1)):
         h, w, b, y = make(n, d, v, ignore=())
         assert_close(pallas(h, w, b, y, platform), reference(h, w, b, y), 1e-5)
 
@@ -231,10 +233,9 @@ def test_all_ignored_tokens_give_zero_loss_and_gradient(platform):
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)
-def test_nan_hidden_row_gives_nan_loss_and_an_ignored_one_only_nan_weight_grad(platform):
+def test_nan_in_an_ignored_hidden_row_gives_nan_weight_grad_only(platform):
+    # A NaN in a kept row: the matrix's pallas_{gpu,tpu}-{value,grad}-float32-nan-plain.
     h, w, b, y = make()
-    bad = h.at[5].set(jnp.nan)
-    assert np.isnan(float(pallas(bad, w, b, y, platform)[0]))
     ignored_nan = h.at[3].set(jnp.nan)  # token 3 is ignored
     value, (dh, dw, db) = pallas(ignored_nan, w, b, y, platform)
     assert np.isfinite(float(value))
@@ -298,8 +299,8 @@ def test_gradient_filter_drops_only_tiny_probabilities(platform):
     bound = thr / 35 * 300 * max(float(jnp.max(jnp.abs(w))), float(jnp.max(jnp.abs(h))), 1.0)
     assert max(float(np.max(np.abs(dd))) for dd in diffs) < bound
     # with label smoothing every class has a gradient: nothing is skipped
-    smooth = pallas(h, w, b, y, platform, label_smoothing=0.1)
-    smooth_f = pallas(h, w, b, y, platform, label_smoothing=0.1, gradient_filter=thr)
+    smooth = pallas(h, w, b, y, platform, **OPTIONS["all"])
+    smooth_f = pallas(h, w, b, y, platform, **OPTIONS["all"], gradient_filter=thr)
     for a, c in zip(jax.tree.leaves(smooth), jax.tree.leaves(smooth_f), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
 
