@@ -63,6 +63,13 @@ def ce_value_and_grad(logits, labels, *, ignore_index=-100):
     d(sum loss)/dlogits (softmax - onehot), from :mod:`tests.reference`."""
     x = jnp.asarray(np64(logits))
     lab = jnp.asarray(np.asarray(labels).astype(np.int64))
+    loss, grad = _ref_value_and_grad(x, lab, ignore_index=ignore_index)
+    return np.asarray(loss), np.asarray(grad)
+
+
+@functools.partial(jax.jit, static_argnames="ignore_index")
+def _ref_value_and_grad(x, lab, *, ignore_index):
+    """The reference's per-example loss and d(sum loss)/dx (compiled, not op by op)."""
     loss, vjp = jax.vjp(
         lambda a: ref_softmax_cross_entropy_with_integer_labels(
             a, lab, ignore_index=ignore_index, reduction="none", xp=jnp
@@ -70,7 +77,7 @@ def ce_value_and_grad(logits, labels, *, ignore_index=-100):
         x,
     )
     (grad,) = vjp(jnp.ones_like(loss))
-    return np.asarray(loss), np.asarray(grad)
+    return loss, grad
 
 
 # =========================================================================================
@@ -287,7 +294,6 @@ def ramp(lo, hi, n):
 TRACED = [
     ("sigmoid_focal_loss", "gamma", 1.5),
     ("sigmoid_focal_loss", "alpha", 0.25),
-    ("softmax_cross_entropy_with_integer_labels", "label_smoothing", 0.1),
     ("softmax_cross_entropy_with_integer_labels", "z_loss", 1e-2),
     ("softmax_cross_entropy_with_integer_labels", "logit_softcap", 5.0),
     (
@@ -302,7 +308,6 @@ TRACED = [
     ),
     ("softmax_cross_entropy", "label_smoothing", 0.1),
     ("softmax_cross_entropy", "weights", ramp(0.5, 2, 6)),
-    ("linear_softmax_cross_entropy", "label_smoothing", 0.1),
     ("linear_softmax_cross_entropy", "z_loss", 1e-2),
     ("linear_softmax_cross_entropy", "logit_softcap", 5.0),
     ("linear_softmax_cross_entropy", "weights", ramp(0.5, 2, 6)),
@@ -314,15 +319,27 @@ TRACED = [
 ]
 
 
+# The label smoothing of the integer-label and the fused CE, traced under jit: the matrix's
+# {softmax_cross_entropy_with_integer_labels,linear_softmax_cross_entropy}-label_smoothing-
+# {traced,python} cases (each against the float64 reference).
+TRACED_ENTRIES = sorted({e for e, _, _ in TRACED})
+
+
 @pytest.mark.jax_strict
-@pytest.mark.parametrize(("entry", "name", "value"), TRACED, ids=[f"{e}-{n}" for e, n, _ in TRACED])
-def test_traced_hyperparameter_gives_the_untraced_value(entry, name, value):
-    both = lambda v: (
-        _call(entry, reduction="none", **{name: v}),
-        _call(entry, reduction="none", **{name: value}),
-    )
-    traced, expected = jax.jit(both)(f32(value))
-    assert_close(traced, np.asarray(expected, np.float64), rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize("entry", TRACED_ENTRIES)
+def test_traced_hyperparameter_gives_the_untraced_value(entry):
+    # Every traced hyperparameter of the entry point in one compiled program.
+    cases = [(name, value) for e, name, value in TRACED if e == entry]
+    both = lambda vs: [
+        (
+            _call(entry, reduction="none", **{name: v}),
+            _call(entry, reduction="none", **{name: value}),
+        )
+        for (name, value), v in zip(cases, vs)
+    ]
+    out = jax.jit(both)([f32(value) for _, value in cases])
+    for traced, expected in out:
+        assert_close(traced, np.asarray(expected, np.float64), rtol=1e-5, atol=1e-6)
 
 
 # =========================================================================================
@@ -395,23 +412,24 @@ def test_nan_input_gives_nan_loss_for_every_reduction(entry, size):
 
 
 @pytest.mark.jax_strict
-@pytest.mark.parametrize("all_true", (False, True), ids=("partial", "all_true"))
-def test_nan_logit_gives_nan_integer_label_loss_with_logits_shaped_where(all_true):
+def test_nan_logit_gives_nan_integer_label_loss_with_logits_shaped_where():
     rng = np.random.default_rng(5)
     x = _with_nan(f32(rng.normal(size=(4, 5))), (1, 2))
     y = jnp.asarray([0, 0, 3, 4], jnp.int32)
-    where = jnp.ones((4, 5), bool)
-    if not all_true:
-        where = where.at[1, 4].set(False).at[3, 1].set(False)  # the NaN's class 2 is kept
-    losses = _all_reductions(lambda x, r: CE(x, y, where=where, reduction=r), x)
-    assert np.isnan(np.asarray(losses["mean"])) and np.isnan(np.asarray(losses["sum"])), losses
-    assert np.isnan(np.asarray(losses["none"])[1]), losses
+    all_true = jnp.ones((4, 5), bool)
+    partial = all_true.at[1, 4].set(False).at[3, 1].set(False)  # the NaN's class 2 is kept
+    # One compiled program for both masks (the mask is data).
+    run = jax.jit(lambda x, where: {r: CE(x, y, where=where, reduction=r) for r in REDUCTIONS})
+    for where in (partial, all_true):
+        losses = run(x, where)
+        assert np.isnan(np.asarray(losses["mean"])) and np.isnan(np.asarray(losses["sum"])), losses
+        assert np.isnan(np.asarray(losses["none"])[1]), losses
 
 
 @pytest.mark.jax_strict
-@pytest.mark.parametrize("shape", ((4, 3, 7), (64, 16, 1024)), ids=("small", "large"))
-def test_nan_hidden_gives_nan_linear_loss(shape):
-    n, d, v = shape
+def test_nan_hidden_gives_nan_linear_loss():
+    # Small inputs: the matrix's linear_softmax_cross_entropy-*-value-float32-nan-* cases.
+    n, d, v = 64, 16, 1024
     rng = np.random.default_rng(6)
     h = _with_nan(f32(rng.normal(size=(n, d))), (1, 0))
     w = f32(rng.normal(size=(d, v)))
@@ -422,24 +440,27 @@ def test_nan_hidden_gives_nan_linear_loss(shape):
     assert np.isnan(losses["none"][1]) and np.sum(np.isnan(losses["none"])) == 1, losses
 
 
-@pytest.mark.parametrize("nan_in_target_shard", (True, False))
-def test_nan_logit_gives_nan_vocabulary_parallel_loss(nan_in_target_shard):
-    """Four vocabulary shards simulated with ``jax.vmap(..., axis_name=...)``."""
+def test_nan_logit_gives_nan_vocabulary_parallel_loss():
+    """Four vocabulary shards simulated with ``jax.vmap(..., axis_name=...)``; the NaN in the
+    target's shard, then in another (one compiled program for both)."""
     rng = np.random.default_rng(7)
     shards, n, k_local = 4, 6, 5
-    x = f32(rng.normal(size=(shards, n, k_local)))
+    clean = f32(rng.normal(size=(shards, n, k_local)))
     y = jnp.asarray(rng.integers(0, shards * k_local, size=n), jnp.int32)
     y = y.at[2].set(1)  # row 2's target is class 1, held by shard 0
-    x = x.at[0 if nan_in_target_shard else 3, 2, 3].set(NAN)
 
     def per_shard(s, reduction):
         return CE(s, y, axis_name="v", reduction=reduction)
 
-    losses = _all_reductions(lambda x, r: jax.vmap(lambda s: per_shard(s, r), axis_name="v")(x), x)
-    losses = {r: np.asarray(v) for r, v in losses.items()}
-    assert np.all(np.isnan(losses["mean"])) and np.all(np.isnan(losses["sum"])), losses
-    assert np.all(np.isnan(losses["none"][:, 2])), losses
-    assert not np.any(np.isnan(np.delete(losses["none"], 2, axis=1))), losses
+    run = jax.jit(
+        lambda x: {r: jax.vmap(lambda s, r=r: per_shard(s, r), axis_name="v")(x)
+                   for r in REDUCTIONS}
+    )  # fmt: skip
+    for shard in (0, 3):
+        losses = {r: np.asarray(v) for r, v in run(clean.at[shard, 2, 3].set(NAN)).items()}
+        assert np.all(np.isnan(losses["mean"])) and np.all(np.isnan(losses["sum"])), losses
+        assert np.all(np.isnan(losses["none"][:, 2])), losses
+        assert not np.any(np.isnan(np.delete(losses["none"], 2, axis=1))), losses
 
 
 BAD_VALUES = (NAN, float("inf"))
@@ -482,10 +503,9 @@ EXCLUDABLE = (
 
 
 @pytest.mark.jax_strict
-@pytest.mark.parametrize("bad", BAD_VALUES, ids=("nan", "inf"))
 @pytest.mark.parametrize("entry", EXCLUDABLE)
-def test_row_excluded_by_where_contributes_nothing_to_value_or_gradient(entry, bad):
-    f, x, x_bad, excluded = _excluded_row_problem(entry, bad)
+def test_row_excluded_by_where_contributes_nothing_to_value_or_gradient(entry):
+    f, x, _, excluded = _excluded_row_problem(entry, NAN)
 
     def values_and_grads(x):
         out = {}
@@ -494,17 +514,24 @@ def test_row_excluded_by_where_contributes_nothing_to_value_or_gradient(entry, b
             out[r] = jax.value_and_grad(total, has_aux=True)(x)
         return out
 
-    run = jax.jit(values_and_grads)
-    got, clean = run(x_bad), run(x)
-    for r in REDUCTIONS:
-        (value, loss), grad = got[r]
-        (clean_value, clean_loss), clean_grad = clean[r]
-        assert_close(loss, np.asarray(clean_loss, np.float64), rtol=1e-6)
-        assert_close(value, float(clean_value), rtol=1e-6)
-        grad, clean_grad = np.asarray(grad), np.asarray(clean_grad)
-        assert np.all(np.isfinite(grad)), (r, grad)
-        assert np.all(grad[excluded] == 0), (r, grad)
-        np.testing.assert_allclose(grad[~excluded], clean_grad[~excluded], rtol=1e-6, atol=1e-7)
+    run = jax.jit(values_and_grads)  # one compiled program for the clean and bad inputs
+    clean = run(x)
+    for bad in BAD_VALUES:
+        _, _, x_bad, _ = _excluded_row_problem(entry, bad)
+        got = run(x_bad)
+        for r in REDUCTIONS:
+            _check_excluded(got[r], clean[r], excluded, (bad, r))
+
+
+def _check_excluded(got, clean, excluded, what):
+    (value, loss), grad = got
+    (clean_value, clean_loss), clean_grad = clean
+    assert_close(loss, np.asarray(clean_loss, np.float64), rtol=1e-6)
+    assert_close(value, float(clean_value), rtol=1e-6)
+    grad, clean_grad = np.asarray(grad), np.asarray(clean_grad)
+    assert np.all(np.isfinite(grad)), (what, grad)
+    assert np.all(grad[excluded] == 0), (what, grad)
+    np.testing.assert_allclose(grad[~excluded], clean_grad[~excluded], rtol=1e-6, atol=1e-7)
 
 
 def test_row_excluded_by_where_matches_optax_gradient():
@@ -585,8 +612,11 @@ def test_narrow_integer_labels_count_as_written_in_linear_loss(dtype, k, labels)
 def test_uint8_labels_still_honour_an_explicit_ignore_index():
     x, y = _narrow_problem("uint8", 200, (156, 3, 199, 0))
     ref_loss, _ = ce_value_and_grad(x, np.asarray([156, 3, 199, 0]), ignore_index=3)
-    assert_close(CE(x, y, ignore_index=3, reduction="none"), ref_loss, rtol=1e-5, atol=1e-6)
-    assert_close(CE(x, y, ignore_index=3), ref_loss.sum() / 3, rtol=1e-5)
+    per_example, mean = jax.jit(
+        lambda x: (CE(x, y, ignore_index=3, reduction="none"), CE(x, y, ignore_index=3))
+    )(x)
+    assert_close(per_example, ref_loss, rtol=1e-5, atol=1e-6)
+    assert_close(mean, ref_loss.sum() / 3, rtol=1e-5)
 
 
 # =========================================================================================
@@ -688,11 +718,17 @@ def test_row_of_huge_negative_logits_is_uniform(dtype):
     y = jnp.asarray([0, 2], jnp.int32)
     onehot = jnp.asarray(np.eye(3)[[0, 2]], dtype)
     log3 = np.full((2,), math.log(3))
-    assert_close(CE(x, y, reduction="none"), log3, rtol=1e-6)
-    assert_close(SOFT_CE(x, onehot, reduction="none"), log3, rtol=1e-6)
+    loss_int, loss_soft, grad_int, grad_soft = jax.jit(  # one compiled program
+        lambda x: (
+            CE(x, y, reduction="none"),
+            SOFT_CE(x, onehot, reduction="none"),
+            jax.grad(lambda x: CE(x, y, reduction="sum"))(x),
+            jax.grad(lambda x: SOFT_CE(x, onehot, reduction="sum"))(x),
+        )
+    )(x)
+    assert_close(loss_int, log3, rtol=1e-6)
+    assert_close(loss_soft, log3, rtol=1e-6)
     expected = np.full((2, 3), 1 / 3) - np.eye(3)[[0, 2]]
-    grad_int = jax.jit(jax.grad(lambda x: CE(x, y, reduction="sum")))(x)
-    grad_soft = jax.jit(jax.grad(lambda x: SOFT_CE(x, onehot, reduction="sum")))(x)
     assert_close(grad_int, expected, rtol=1e-6, atol=1e-7)
     assert_close(grad_soft, expected, rtol=1e-6, atol=1e-7)
 

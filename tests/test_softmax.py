@@ -117,10 +117,8 @@ def _j(kw):
 IMPLEMENTATIONS = ("one_pass", "two_pass")
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("opts", list(INT_OPTIONS))
-def test_integer_label_ce_matches_float64_reference(opts, layout, implementation):
+def _int_case(opts, layout):
+    """(logits, labels, axis, array keywords, static keywords) of one option set."""
     x, labels, _, w, cw, where_ex, where_logit, axis = _data(layout)
     if opts == "where_logit":
         # a per-logit mask in the classes-last layout of the logits
@@ -133,17 +131,32 @@ def test_integer_label_ce_matches_float64_reference(opts, layout, implementation
     kw = _int_kwargs(INT_OPTIONS[opts], labels, w, cw, where_ex, where_logit, axis)
     static = {k: v for k, v in kw.items() if not isinstance(v, np.ndarray)}
     arrays = {k: v for k, v in kw.items() if isinstance(v, np.ndarray)}
-    static["implementation"] = implementation
-    gots = jax.jit(
-        lambda a, b, k: [ce_int(a, b, axis=axis, reduction=r, **static, **k) for r in REDUCTIONS]
-    )(jnp.asarray(x), jnp.asarray(labels), _j(arrays))
-    del static["implementation"]
-    for reduction, got in zip(REDUCTIONS, gots):
-        want = ref.ref_softmax_cross_entropy_with_integer_labels(
-            x, labels, axis=axis, reduction=reduction, **kw
-        )
-        assert got.dtype == jnp.float64
-        ref.assert_close(got, want, atol=1e-15)
+    return x, labels, axis, arrays, static
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_integer_label_ce_matches_float64_reference(layout, implementation):
+    # Every option set and reduction of one layout in one compiled program.
+    cases = {opts: _int_case(opts, layout) for opts in INT_OPTIONS}
+
+    def losses(inputs):
+        return {
+            opts: [ce_int(x, lab, axis=cases[opts][2], reduction=r, implementation=implementation,
+                          **cases[opts][4], **arrays) for r in REDUCTIONS]
+            for opts, (x, lab, arrays) in inputs.items()
+        }  # fmt: skip
+
+    gots = jax.jit(losses)(
+        {o: (jnp.asarray(c[0]), jnp.asarray(c[1]), _j(c[3])) for o, c in cases.items()}
+    )
+    for opts, (x, labels, axis, arrays, static) in cases.items():
+        for reduction, got in zip(REDUCTIONS, gots[opts]):
+            want = ref.ref_softmax_cross_entropy_with_integer_labels(
+                x, labels, axis=axis, reduction=reduction, **static, **arrays
+            )
+            assert got.dtype == jnp.float64, opts
+            ref.assert_close(got, want, atol=1e-15)
 
 
 SOFT_OPTIONS = {
@@ -156,11 +169,7 @@ SOFT_OPTIONS = {
 }
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("opts", list(SOFT_OPTIONS))
-def test_soft_label_ce_matches_float64_reference(opts, layout, implementation):
-    x, _, soft, w, _, where_ex, where_logit, axis = _data(layout, seed=1)
+def _soft_kwargs(opts, w, where_ex, where_logit):
     arrays, static = {}, {}
     for k, v in SOFT_OPTIONS[opts].items():
         if k == "weights":
@@ -169,17 +178,32 @@ def test_soft_label_ce_matches_float64_reference(opts, layout, implementation):
             arrays["where"] = where_ex if v == "example" else where_logit
         else:
             static[k] = v
-    gots = jax.jit(
-        lambda a, b, k: [
-            ce_soft(a, b, axis=axis, reduction=r, implementation=implementation, **static, **k)
-            for r in REDUCTIONS
-        ]
-    )(jnp.asarray(x), jnp.asarray(soft), _j(arrays))
-    for reduction, got in zip(REDUCTIONS, gots):
-        want = ref.ref_softmax_cross_entropy(
-            x, soft, axis=axis, reduction=reduction, **static, **arrays
-        )
-        ref.assert_close(got, want, atol=1e-15)
+    return arrays, static
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_soft_label_ce_matches_float64_reference(layout, implementation):
+    # Every option set and reduction of one layout in one compiled program.
+    x, _, soft, w, _, where_ex, where_logit, axis = _data(layout, seed=1)
+    kwargs = {o: _soft_kwargs(o, w, where_ex, where_logit) for o in SOFT_OPTIONS}
+
+    def losses(a, b, arrays):
+        return {
+            opts: [ce_soft(a, b, axis=axis, reduction=r, implementation=implementation,
+                           **kwargs[opts][1], **arrays[opts]) for r in REDUCTIONS]
+            for opts in SOFT_OPTIONS
+        }  # fmt: skip
+
+    gots = jax.jit(losses)(
+        jnp.asarray(x), jnp.asarray(soft), {o: _j(kw[0]) for o, kw in kwargs.items()}
+    )
+    for opts, (arrays, static) in kwargs.items():
+        for reduction, got in zip(REDUCTIONS, gots[opts]):
+            want = ref.ref_softmax_cross_entropy(
+                x, soft, axis=axis, reduction=reduction, **static, **arrays
+            )
+            ref.assert_close(got, want, atol=1e-15)
 
 
 def test_default_reduction_is_mean():
@@ -255,10 +279,9 @@ TORCH_INT = {
 }
 
 
-@pytest.mark.parametrize("reduction", ["none", "mean"])  # "sum" = sum of "none"
 @pytest.mark.parametrize("layout", ["last", "torch_nc_d"])
 @pytest.mark.parametrize("opts", list(TORCH_INT))
-def test_integer_label_ce_equals_torch_values_and_logit_gradients(opts, layout, reduction):
+def test_integer_label_ce_equals_torch_values_and_logit_gradients(opts, layout):
     x, labels, _, _, cw, _, _, axis = _data(layout, seed=2)
     o = TORCH_INT[opts]
     ignore_index = o.get("ignore_index", -100)
@@ -268,7 +291,7 @@ def test_integer_label_ce_equals_torch_values_and_logit_gradients(opts, layout, 
     if ignore_index != -100:
         torch_labels = np.where(labels < 0, ignore_index, labels)
 
-    def f(a):
+    def f(a, reduction):
         return ce_int(
             a,
             jnp.asarray(torch_labels),
@@ -279,35 +302,42 @@ def test_integer_label_ce_equals_torch_values_and_logit_gradients(opts, layout, 
             reduction=reduction,
         )
 
-    got, g = jax.jit(lambda a: (f(a), jax.grad(lambda b: jnp.sum(f(b)))(a)))(jnp.asarray(x))
-    want, (tg,) = ref.torch_cross_entropy(
-        x,
-        torch_labels,
-        axis=axis,
-        weight=weight,
-        ignore_index=ignore_index,
-        label_smoothing=smoothing,
-        reduction=reduction,
-        grad_of=("logits",),
-    )
-    ref.assert_close(got, want, rtol=1e-12, atol=1e-15)
-    ref.assert_close(g, tg, rtol=1e-10, atol=1e-15)
+    reductions = ("none", "mean")  # "sum" = sum of "none"
+    out = jax.jit(
+        lambda a: [(f(a, r), jax.grad(lambda b, r=r: jnp.sum(f(b, r)))(a)) for r in reductions]
+    )(jnp.asarray(x))
+    for reduction, (got, g) in zip(reductions, out):
+        want, (tg,) = ref.torch_cross_entropy(
+            x,
+            torch_labels,
+            axis=axis,
+            weight=weight,
+            ignore_index=ignore_index,
+            label_smoothing=smoothing,
+            reduction=reduction,
+            grad_of=("logits",),
+        )
+        ref.assert_close(got, want, rtol=1e-12, atol=1e-15)
+        ref.assert_close(g, tg, rtol=1e-10, atol=1e-15)
 
 
-@pytest.mark.parametrize("reduction", ["none", "mean"])
-@pytest.mark.parametrize("smoothing", [0.0, 0.2])
 @pytest.mark.parametrize("layout", ["last", "torch_nc_d"])
-def test_soft_label_ce_equals_torch_probability_targets(layout, smoothing, reduction):
+def test_soft_label_ce_equals_torch_probability_targets(layout):
+    # Both smoothings and both reductions in one compiled program.
     x, _, soft, *_, axis = _data(layout, seed=3)
-    f = lambda a: ce_soft(
-        a, jnp.asarray(soft), axis=axis, label_smoothing=smoothing, reduction=reduction
-    )
-    got, g = jax.jit(lambda a: (f(a), jax.grad(lambda b: jnp.sum(f(b)))(a)))(jnp.asarray(x))
-    want, (tg,) = ref.torch_cross_entropy(
-        x, soft, axis=axis, label_smoothing=smoothing, reduction=reduction, grad_of=("logits",)
-    )
-    ref.assert_close(got, want, rtol=1e-12, atol=1e-15)
-    ref.assert_close(g, tg, rtol=1e-10, atol=1e-15)
+    settings = [(s, r) for s in (0.0, 0.2) for r in ("none", "mean")]
+    f = lambda a, s, r: ce_soft(a, jnp.asarray(soft), axis=axis, label_smoothing=s, reduction=r)
+    out = jax.jit(
+        lambda a: [(f(a, s, r), jax.grad(lambda b, s=s, r=r: jnp.sum(f(b, s, r)))(a))
+                   for s, r in settings]
+    )(jnp.asarray(x))  # fmt: skip
+    for (smoothing, reduction), (got, g) in zip(settings, out):
+        want, (tg,) = ref.torch_cross_entropy(
+            x, soft, axis=axis, label_smoothing=smoothing, reduction=reduction,
+            grad_of=("logits",),
+        )  # fmt: skip
+        ref.assert_close(got, want, rtol=1e-12, atol=1e-15)
+        ref.assert_close(g, tg, rtol=1e-10, atol=1e-15)
 
 
 # ----------------------------------------------------------------------------- optax
@@ -326,16 +356,22 @@ def test_none_reduction_is_a_drop_in_for_optax(layout, where):
     else:
         m = None if where is None else where_ex
     jm = None if m is None else jnp.asarray(m)
-    got_i = ce_int(jnp.asarray(x), jnp.asarray(labels), axis=axis, where=jm, reduction="none")
-    want_i = optax.softmax_cross_entropy_with_integer_labels(
-        jnp.asarray(x), jnp.asarray(labels), axis=axis, where=jm
-    )
-    ref.assert_close(got_i, np.asarray(want_i), rtol=1e-12, atol=1e-15)
     if where == "logit":
         # optax's soft-label CE needs the labels' mass inside the mask to be well defined
         soft = np.where(m, soft, 0.0)
-    got_s = ce_soft(jnp.asarray(x), jnp.asarray(soft), axis=axis, where=jm, reduction="none")
-    want_s = optax.softmax_cross_entropy(jnp.asarray(x), jnp.asarray(soft), axis=axis, where=jm)
+
+    def both(x, labels, soft):  # jbce's and optax's, in one compiled program
+        return (
+            ce_int(x, labels, axis=axis, where=jm, reduction="none"),
+            optax.softmax_cross_entropy_with_integer_labels(x, labels, axis=axis, where=jm),
+            ce_soft(x, soft, axis=axis, where=jm, reduction="none"),
+            optax.softmax_cross_entropy(x, soft, axis=axis, where=jm),
+        )
+
+    got_i, want_i, got_s, want_s = jax.jit(both)(
+        jnp.asarray(x), jnp.asarray(labels), jnp.asarray(soft)
+    )
+    ref.assert_close(got_i, np.asarray(want_i), rtol=1e-12, atol=1e-15)
     ref.assert_close(got_s, np.asarray(want_s), rtol=1e-12, atol=1e-15)
 
 
@@ -479,19 +515,23 @@ def test_training_step_writes_the_logits_gradient_in_place(kind):
 def test_minus_inf_non_target_logits_give_finite_loss_and_exactly_zero_gradient():
     x = np.array([[2.0, -np.inf, 0.5, -np.inf], [-np.inf, 1.0, -np.inf, 3.0]])
     labels = np.array([0, 3])
-    for kw in ({}, {"label_smoothing": 0.2}, {"class_weights": np.array([1.0, 2.0, 0.5, 1.5])}):
-        f = lambda a, kw=kw: ce_int(a, jnp.asarray(labels), reduction="sum", **_j(kw))
-        val, g = jax.value_and_grad(f)(jnp.asarray(x))
+    options = ({}, {"label_smoothing": 0.2}, {"class_weights": np.array([1.0, 2.0, 0.5, 1.5])})
+    soft = np.array([[0.7, 0.0, 0.3, 0.0], [0.0, 0.4, 0.0, 0.6]])
+    f = lambda a, kw: ce_int(a, jnp.asarray(labels), reduction="sum", **_j(kw))
+    outs = jax.jit(  # one compiled program: every option, then the soft labels
+        lambda a: (
+            [jax.value_and_grad(f)(a, kw) for kw in options]
+            + [jax.value_and_grad(lambda b: ce_soft(b, jnp.asarray(soft), reduction="sum"))(a)]
+        )
+    )(jnp.asarray(x))
+    for kw, (val, g) in zip(options, outs):
         assert np.isfinite(float(val))
         ref.assert_close(
             val, ref.ref_softmax_cross_entropy_with_integer_labels(x, labels, reduction="sum", **kw)
         )
         g = np.asarray(g)
         assert np.all(g[np.isinf(x)] == 0) and np.all(np.isfinite(g))
-    soft = np.array([[0.7, 0.0, 0.3, 0.0], [0.0, 0.4, 0.0, 0.6]])
-    val, g = jax.value_and_grad(lambda a: ce_soft(a, jnp.asarray(soft), reduction="sum"))(
-        jnp.asarray(x)
-    )
+    val, g = outs[-1]
     ref.assert_close(val, ref.ref_softmax_cross_entropy(x, soft, reduction="sum"))
     g = np.asarray(g)
     assert np.all(g[np.isinf(x)] == 0) and np.all(np.isfinite(g))
@@ -575,23 +615,25 @@ ROWS = np.array(
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-@pytest.mark.parametrize("target", [0, 1, 2])
-def test_float32_extreme_logits_within_a_few_ulps_of_float64(target, implementation):
+def test_float32_extreme_logits_within_a_few_ulps_of_float64(implementation):
     x32 = ROWS.astype(np.float32)
-    labels = np.full(len(ROWS), target)
     ce_int = functools.partial(
         jbce.softmax_cross_entropy_with_integer_labels, implementation=implementation
     )
     ce_soft = functools.partial(jbce.softmax_cross_entropy, implementation=implementation)
-    got = ce_int(jnp.asarray(x32), jnp.asarray(labels), reduction="none")
-    assert got.dtype == jnp.float32
-    want = ref.ref_softmax_cross_entropy_with_integer_labels(
-        x32.astype(np.float64), labels, reduction="none"
-    )
-    ref.assert_close(got, want, atol=float(np.finfo(np.float32).tiny))
-    soft = np.eye(3, dtype=np.float32)[labels]
-    got_s = ce_soft(jnp.asarray(x32), jnp.asarray(soft), reduction="none")
-    ref.assert_close(got_s, want, atol=float(np.finfo(np.float32).tiny))
+    # One compiled program, every target class in turn (the labels are data).
+    run = jax.jit(lambda x, lab, soft: (ce_int(x, lab, reduction="none"),
+                                        ce_soft(x, soft, reduction="none")))  # fmt: skip
+    for target in (0, 1, 2):
+        labels = np.full(len(ROWS), target)
+        soft = np.eye(3, dtype=np.float32)[labels]
+        got, got_s = run(jnp.asarray(x32), jnp.asarray(labels), jnp.asarray(soft))
+        assert got.dtype == jnp.float32
+        want = ref.ref_softmax_cross_entropy_with_integer_labels(
+            x32.astype(np.float64), labels, reduction="none"
+        )
+        ref.assert_close(got, want, atol=float(np.finfo(np.float32).tiny))
+        ref.assert_close(got_s, want, atol=float(np.finfo(np.float32).tiny))
 
 
 def test_row_pieces_cut_long_rows_into_equal_pieces_xla_gpu_reduces_in_one_kernel():
@@ -628,21 +670,38 @@ def test_one_pass_over_rows_cut_into_pieces_matches_float64(kind):
         r = lambda a, xp=np: ref.ref_softmax_cross_entropy(
             a, xp.asarray(lab, a.dtype), reduction="none", xp=xp
         )
-    got = f(jnp.asarray(x))
-    g = jax.grad(lambda a: jnp.sum(f(a)))(jnp.asarray(x))
+    two = ce_int if kind == "int" else ce_soft
+    kw = {"label_smoothing": 0.1} if kind == "int" else {}
+    # One compiled program: the one-pass value and gradient, the reference's gradient and the
+    # two-pass value.
+    got, g, gref, two_pass = jax.jit(
+        lambda a: (
+            f(a),
+            jax.grad(lambda b: jnp.sum(f(b)))(a),
+            jax.grad(lambda b: jnp.sum(r(b, jnp)))(a.astype(jnp.float64)),
+            two(a, jnp.asarray(lab), reduction="none", implementation="two_pass", **kw),
+        )
+    )(jnp.asarray(x))
     ref.assert_close(got, r(x.astype(np.float64)), rtol=2e-6)
-    gref = jax.grad(lambda a: jnp.sum(r(a, jnp)))(jnp.asarray(x, jnp.float64))
     gref = np.where(np.isneginf(x), 0.0, np.asarray(gref))
     # float32 sums over 40000 classes: ~1e-5 relative on each probability (~2.5e-5 here)
     ref.assert_close(g, gref, rtol=1e-4, atol=2e-9)
-    two = ce_int if kind == "int" else ce_soft
-    kw = {"label_smoothing": 0.1} if kind == "int" else {}
-    np.testing.assert_allclose(
-        np.asarray(got),
-        np.asarray(two(jnp.asarray(x), jnp.asarray(lab), reduction="none",
-                       implementation="two_pass", **kw)),
-        rtol=1e-6,
-    )  # fmt: skip
+    np.testing.assert_allclose(np.asarray(got), np.asarray(two_pass), rtol=1e-6)
+
+
+@jax.jit
+def _offset_run(x, labels, soft):
+    """jbce's value and gradient of both losses and the float64 reference's gradients: one
+    compiled program for every offset."""
+    x64, soft64 = x.astype(jnp.float64), soft.astype(jnp.float64)
+    return (
+        jax.value_and_grad(lambda a: ce_int(a, labels))(x),
+        jax.value_and_grad(lambda a: ce_soft(a, soft))(x),
+        jax.grad(lambda a: ref.ref_softmax_cross_entropy_with_integer_labels(a, labels, xp=jnp))(
+            x64
+        ),
+        jax.grad(lambda a: ref.ref_softmax_cross_entropy(a, soft64, xp=jnp))(x64),
+    )
 
 
 @pytest.mark.parametrize("offset", [0.0, 30.0, 100.0, -60.0, -90.0])
@@ -654,20 +713,14 @@ def test_one_pass_log_sum_exp_and_its_fallback_match_float64(offset):
     x = (rng.normal(size=(6, 50)) * 2 + offset).astype(np.float32)
     labels = rng.integers(0, 50, size=6)
     soft = rng.dirichlet(np.ones(50), size=6).astype(np.float32)
-    for f, r, lab in (
-        (ce_int, ref.ref_softmax_cross_entropy_with_integer_labels, labels),
-        (ce_soft, ref.ref_softmax_cross_entropy, soft),
+    (vi, gi), (vs, gs), gref_i, gref_s = _offset_run(
+        jnp.asarray(x), jnp.asarray(labels), jnp.asarray(soft)
+    )
+    for val, g, gref, r, lab in (
+        (vi, gi, gref_i, ref.ref_softmax_cross_entropy_with_integer_labels, labels),
+        (vs, gs, gref_s, ref.ref_softmax_cross_entropy, soft.astype(np.float64)),
     ):
-        val, g = jax.value_and_grad(lambda a, f=f, lab=lab: f(a, jnp.asarray(lab)))(jnp.asarray(x))
-        want = r(x.astype(np.float64), lab.astype(np.float64) if lab is soft else lab)
-        ref.assert_close(val, want, rtol=2e-6)
-        gref = jax.jit(
-            jax.grad(
-                lambda a, r=r, lab=lab: r(
-                    a, jnp.asarray(lab, a.dtype) if lab is soft else jnp.asarray(lab), xp=jnp
-                )
-            )
-        )(jnp.asarray(x, jnp.float64))
+        ref.assert_close(val, r(x.astype(np.float64), lab), rtol=2e-6)
         # float32 rounding of lse (~|lse| eps) moves every probability by that much
         ref.assert_close(g, np.asarray(gref), rtol=1e-5, atol=1e-6)
 
@@ -687,12 +740,16 @@ def test_hard_rows_match_float64_value_and_gradient(rows, labels, kw):
     # float64. A row with no class left is excluded from the mean, with zero gradient.
     x = np.asarray(rows, np.float32)
     t = np.asarray(labels)
-    v, g = jax.value_and_grad(lambda a: ce_int(a, jnp.asarray(t), **kw))(jnp.asarray(x))
     has = np.isfinite(x).any(axis=-1)
     r = ref.ref_softmax_cross_entropy_with_integer_labels
-    ref.assert_close(v, r(x[has].astype(np.float64), t[has], **kw), rtol=1e-6)
     sub = jnp.asarray(t[has])
-    gref = jax.grad(lambda a: r(a, sub, xp=jnp, **kw))(jnp.asarray(x[has], jnp.float64))
+    (v, g), gref = jax.jit(  # one compiled program: jbce's and the reference's derivatives
+        lambda a, kept: (
+            jax.value_and_grad(lambda b: ce_int(b, jnp.asarray(t), **kw))(a),
+            jax.grad(lambda b: r(b, sub, xp=jnp, **kw))(kept),
+        )
+    )(jnp.asarray(x), jnp.asarray(x[has], jnp.float64))
+    ref.assert_close(v, r(x[has].astype(np.float64), t[has], **kw), rtol=1e-6)
     gref = np.where(np.isneginf(x[has]), 0.0, np.asarray(gref))
     np.testing.assert_allclose(np.asarray(g)[has], gref, rtol=1e-5, atol=1e-7)
     assert np.all(np.asarray(g)[~has] == 0) and np.all(np.isfinite(np.asarray(g)))
@@ -714,8 +771,9 @@ def test_vmapped_value_and_grad_equal_each_members_own_call(kind):
         f = lambda a, b: ce_soft(a, b)
     vag = jax.value_and_grad(f)
     v, g = jax.jit(jax.vmap(vag))(jnp.asarray(x), lab)
+    one = jax.jit(vag)  # each member's own call: one compiled program for the three
     for i in range(3):
-        vi, gi = vag(jnp.asarray(x[i]), lab[i])
+        vi, gi = one(jnp.asarray(x[i]), lab[i])
         ref.assert_close(v[i], np.asarray(vi), rtol=1e-6)
         np.testing.assert_allclose(np.asarray(g[i]), np.asarray(gi), rtol=1e-6, atol=1e-12)
     # the row with no class left is excluded from the mean, with integer and soft labels alike
@@ -740,11 +798,13 @@ def test_half_precision_computes_in_float32_and_returns_input_dtype_grads(dtype)
             ),
         ),
     ):
-        val, g = jax.value_and_grad(f)(xl)
-        assert val.dtype == jnp.float32 and g.dtype == dtype
         xf = jnp.asarray(xl, jnp.float64)
-        ref.assert_close(val, np.asarray(r(xf)), rtol=1e-6)
-        ref.assert_close(g, np.asarray(jax.grad(r)(xf)), rtol=2e-2, atol=2e-3)
+        (val, g), want, gref = jax.jit(
+            lambda a, b, f=f, r=r: (jax.value_and_grad(f)(a), r(b), jax.grad(r)(b))
+        )(xl, xf)
+        assert val.dtype == jnp.float32 and g.dtype == dtype
+        ref.assert_close(val, np.asarray(want), rtol=1e-6)
+        ref.assert_close(g, np.asarray(gref), rtol=2e-2, atol=2e-3)
 
 
 def test_empty_batch_and_rank1_logits():
@@ -766,13 +826,13 @@ def test_empty_batch_and_rank1_logits():
 def test_vmap_equals_per_row_calls():
     x, labels, soft, w, cw, *_ = _data(layout="torch_nc_d", seed=10, ignore=False)
     f = lambda a, b: ce_int(a, b, axis=0, class_weights=jnp.asarray(cw))
-    got = jax.vmap(f)(jnp.asarray(x), jnp.asarray(labels))
+    got = jax.jit(jax.vmap(f))(jnp.asarray(x), jnp.asarray(labels))
     want = [
         ref.ref_softmax_cross_entropy_with_integer_labels(x[i], labels[i], axis=0, class_weights=cw)
         for i in range(x.shape[0])
     ]
     ref.assert_close(got, np.asarray(want))
-    gs = jax.vmap(lambda a, b: ce_soft(a, b, axis=0))(jnp.asarray(x), jnp.asarray(soft))
+    gs = jax.jit(jax.vmap(lambda a, b: ce_soft(a, b, axis=0)))(jnp.asarray(x), jnp.asarray(soft))
     ref.assert_close(
         gs,
         np.asarray(
