@@ -587,8 +587,7 @@ def per_example_sum(f, kw):
 
 @pytest.mark.parametrize("name", EACH_LOSS)
 def test_loss_under_pmap_matches_unsharded(name):
-    case = loss_cases()[name]
-    f, args, kw, _ = case
+    f, args, kw, _ = loss_cases()[name]
     total = per_example_sum(f, kw)
     ref, rg = jax.jit(jax.value_and_grad(total))(*args)
     split = [a.reshape((N_DEV, -1) + a.shape[1:]) for a in args]
@@ -599,8 +598,7 @@ def test_loss_under_pmap_matches_unsharded(name):
 
 @pytest.mark.parametrize("name", EACH_LOSS)
 def test_loss_under_jit_with_batch_sharding_matches_unsharded(name):
-    case = loss_cases()[name]
-    f, args, kw, _ = case
+    f, args, kw, _ = loss_cases()[name]
     loss = (lambda *a: jnp.mean(f(*a))) if kw is None else partial(f, **kw)
     ref, rg = jax.jit(jax.value_and_grad(loss))(*args)
     sharded = [
@@ -616,10 +614,9 @@ def test_loss_under_jit_with_batch_sharding_matches_unsharded(name):
 
 @pytest.mark.parametrize("name", EACH_LOSS)
 def test_shard_map_psum_of_partial_sums_gives_global_mean(name):
-    case = loss_cases()[name]
     # Each shard returns (sum, count); psum of both gives the global "mean", with masked
     # and ignored terms counted globally. The mean of per-shard means does not.
-    f, args, kw, where = case
+    f, args, kw, where = loss_cases()[name]
     integer = "integer" in name or "linear" in name  # the ignored labels are the mask
     if kw is None:  # no reduction option: per-example values or a mean of equal shards
         loss = lambda *a: jnp.mean(f(*a))
@@ -668,18 +665,23 @@ def _with_mask(args, where):
     return (*args, mask)
 
 
+def _masked_case(name):
+    """(the loss taking its mask last, its arguments with the mask, kwargs, the case's
+    ``where``, the unsharded value and gradient)."""
+    f, args, kw, where = loss_cases()[name]
+    call = _masked_call(name, f, kw)
+    args = _with_mask(args, where)
+    return call, args, kw, where, jax.jit(jax.value_and_grad(call))(*args)
+
+
 @pytest.mark.parametrize("name", REDUCED_LOSSES)
 def test_batch_axis_name_gives_global_mean(name):
-    case = loss_cases()[name]
     # Shards hold unequal numbers of included terms (two hold none); with batch_axis_name
     # every shard returns the global mean, and the gradients are the unsharded ones under
     # shard_map (with and without check_vma). Under pmap, differentiated on each device,
     # psum transposes to psum: each device's gradient is N_DEV times its share, and the
     # pmean of the usual data-parallel step gives the unsharded gradient.
-    f, args, kw, where = case
-    call = _masked_call(name, f, kw)
-    args = _with_mask(args, where)
-    ref, rg = jax.jit(jax.value_and_grad(call))(*args)
+    call, args, kw, _, (ref, rg) = _masked_case(name)
     specs = tuple(P("data") for _ in args)
     for check_vma in (True, False):
         sm = jax.shard_map(
@@ -720,13 +722,9 @@ def _included_count(name, args, where):
 
 @pytest.mark.parametrize("name", REDUCED_LOSSES)
 def test_micro_batches_with_normalizer_add_up_to_full_batch(name):
-    case = loss_cases()[name]
     # Gradient accumulation: each micro-batch's loss with normalizer = the whole batch's
     # count; the losses and the gradients add up to the whole batch's mean and gradient.
-    f, args, kw, where = case
-    call = _masked_call(name, f, kw)
-    args = _with_mask(args, where)
-    ref, rg = jax.jit(jax.value_and_grad(call))(*args)
+    call, args, kw, where, (ref, rg) = _masked_case(name)
     parts = [tuple(a[lo:hi] for a in args) for lo, hi in MICRO]
     if kw is None:  # GAN losses take no normalizer: equal micro-batches, mean of means
         parts = [tuple(a[i::4] for a in args) for i in range(4)]
